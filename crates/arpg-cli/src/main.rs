@@ -1,0 +1,59 @@
+//! `arpg`: sample, encode and decode images with ARPG models.
+
+mod args;
+mod sample;
+mod tokens;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "arpg", version, about = "ARPG: autoregressive image generation with randomized parallel decoding")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample class-conditional images.
+    Sample(sample::SampleArgs),
+    /// Decode token grids (JSON) to images with the VQ tokenizer.
+    Decode(tokens::DecodeArgs),
+    /// Encode images to token grids (JSON) with the VQ tokenizer.
+    Encode(tokens::EncodeArgs),
+    /// Train an ARPG model on packed token data (the paper's recipe).
+    Train(train::TrainArgs),
+    /// Pack pre-tokenized data (paper or LlamaGen layout, or the UCI digits) into one file.
+    Pack(train::PackArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    // First Ctrl-C: finish the unit of work in hand, write what is done, stop. Second: exit.
+    let _ = ctrlc::set_handler(|| {
+        if arpg::util::interrupted() {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to abort)");
+        arpg::util::interrupt();
+    });
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sample(a) => sample::run(a),
+        Command::Decode(a) => tokens::decode(a),
+        Command::Encode(a) => tokens::encode(a),
+        Command::Train(a) => train::train(a),
+        Command::Pack(a) => train::pack(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    if arpg::util::interrupted() {
+        std::process::exit(130);
+    }
+}

@@ -1,0 +1,189 @@
+//! `arpg sample`: class-conditional sampling.
+
+use crate::args::{DeviceArgs, ModelArgs, VqArgs};
+use anyhow::{bail, Context, Result};
+use arpg::sampler::{self, decode, random_order, Request, SampleConfig, TokenFilter};
+use arpg::tokenizer::{image as img, tokens_io};
+use candle_core::Tensor;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use std::path::PathBuf;
+
+/// ImageNet classes shown when none are asked for (LlamaGen's demo classes).
+const DEMO_CLASSES: &[usize] = &[207, 360, 387, 974, 88, 979, 417, 279];
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub vq: VqArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Class ids, comma-separated (default: a few ImageNet demo classes, or every class of a
+    /// model with fewer than 1000).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<usize>,
+    /// Images per class.
+    #[arg(long, default_value_t = 1)]
+    pub per_class: usize,
+    /// Decoding steps (1..=tokens per image). Each step predicts many tokens in parallel.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Classifier-free guidance scale: 0 = unconditional, 1 = conditional only (no guidance).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    /// Guidance over the steps: constant, or linear from 1 to --cfg as tokens are decoded.
+    #[arg(long, default_value = "linear")]
+    pub cfg_schedule: String,
+    /// Masking schedule: arccos (paper default) or cosine.
+    #[arg(long, default_value = "arccos")]
+    pub schedule: String,
+    /// Softmax temperature; 0 = greedy (argmax).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed: the same seed gives the same images on the same device.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// JSON array of raster positions: the generation order for every image.
+    #[arg(long)]
+    pub order: Option<PathBuf>,
+    /// An independent random order per image (the reference shares one order per batch).
+    #[arg(long)]
+    pub order_per_sample: bool,
+    /// Images per forward batch (doubled internally when guidance is on).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Output folder: one PNG per image plus grid.png.
+    #[arg(long, default_value = "samples")]
+    pub out: PathBuf,
+    /// Also write the tokens (JSON array of per-image arrays, raster order). With this flag
+    /// and no --vq-weights, images are not decoded.
+    #[arg(long)]
+    pub tokens_out: Option<PathBuf>,
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let spec = a.model.spec(a.seed);
+    let mcfg = spec.config()?;
+    let classes: Vec<usize> = if !a.classes.is_empty() {
+        a.classes.clone()
+    } else if mcfg.num_classes == 1000 {
+        DEMO_CLASSES.to_vec()
+    } else {
+        (0..mcfg.num_classes).collect()
+    };
+    for &c in &classes {
+        if c >= mcfg.num_classes {
+            bail!("--classes: class id {c} is out of range for a model with {} classes (0..={})", mcfg.num_classes, mcfg.num_classes - 1);
+        }
+    }
+    if a.per_class == 0 || a.batch_size == 0 {
+        bail!("--per-class and --batch-size must be at least 1");
+    }
+    let sc = SampleConfig {
+        steps: a.steps,
+        cfg: a.cfg,
+        cfg_schedule: a.cfg_schedule.parse().context("--cfg-schedule")?,
+        schedule: a.schedule.parse().context("--schedule")?,
+        filter: TokenFilter { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+    };
+    sc.filter.validate()?;
+    if !(a.cfg >= 0.0 && a.cfg.is_finite()) {
+        bail!("--cfg {} must be >= 0", a.cfg);
+    }
+    let cells = mcfg.block_size;
+    sampler::token_counts(cells, sc.steps, sc.schedule)?;
+    let fixed_order = match &a.order {
+        Some(p) => Some(read_order(p, cells)?),
+        None => None,
+    };
+    if fixed_order.is_some() && a.order_per_sample {
+        bail!("--order and --order-per-sample are exclusive");
+    }
+
+    let (device, dtype) = a.device.resolve()?;
+    let model = spec.load(dtype, &device)?;
+    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some();
+    let vq = if want_images { Some(a.vq.spec(spec.random, a.seed).load(dtype, &device)?) } else { None };
+    let grid = mcfg.grid_size();
+
+    let all: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, a.per_class)).collect();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let positions: Vec<usize> = (0..cells).collect();
+    let pb = ProgressBar::new(all.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap(),
+    );
+    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(all.len());
+    let mut images = Vec::new();
+    let start = std::time::Instant::now();
+    for batch in all.chunks(a.batch_size) {
+        if arpg::util::interrupted() {
+            break;
+        }
+        let orders: Vec<Vec<usize>> = match &fixed_order {
+            Some(o) => vec![o.clone(); batch.len()],
+            None if a.order_per_sample => batch.iter().map(|_| random_order(&positions, &mut rng)).collect(),
+            None => vec![random_order(&positions, &mut rng); batch.len()],
+        };
+        let known = vec![vec![]; batch.len()];
+        let req = Request { classes: batch, known: &known, orders: &orders };
+        let toks = decode(&model, &req, &sc, &mut rng)?;
+        if let Some(vq) = &vq {
+            let flat: Vec<u32> = toks.concat();
+            let codes = Tensor::from_vec(flat, (batch.len(), cells), &device)?;
+            let pix = vq.decode(&codes, (grid, grid))?;
+            for (i, im) in img::tensor_to_images(&pix)?.into_iter().enumerate() {
+                let idx = tokens.len() + i;
+                let path = a.out.join(format!("{idx:06}_class{}.png", batch[i]));
+                img::save_png_atomic(&im, &path)?;
+                images.push(im);
+            }
+        }
+        tokens.extend(toks);
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    if !images.is_empty() {
+        let ncols = (images.len() as f64).sqrt().ceil() as usize;
+        img::save_png_atomic(&img::make_grid(&images, ncols, 2), &a.out.join("grid.png"))?;
+    }
+    if let Some(p) = &a.tokens_out {
+        tokens_io::write(p, &tokens)?;
+    }
+    eprintln!(
+        "{} images in {secs:.1}s ({:.2} images/s){}{}",
+        tokens.len(),
+        tokens.len() as f64 / secs,
+        if images.is_empty() { String::new() } else { format!(", PNGs in {}", a.out.display()) },
+        a.tokens_out.as_ref().map(|p| format!(", tokens in {}", p.display())).unwrap_or_default(),
+    );
+    Ok(())
+}
+
+fn read_order(path: &PathBuf, cells: usize) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --order {}", path.display()))?;
+    let order: Vec<usize> = serde_json::from_str(&text)
+        .with_context(|| format!("--order {}: expected a JSON array of raster positions", path.display()))?;
+    let mut seen = vec![false; cells];
+    for &p in &order {
+        if p >= cells || seen[p] {
+            bail!("--order {}: position {p} is out of range (0..{cells}) or repeated", path.display());
+        }
+        seen[p] = true;
+    }
+    if order.len() != cells {
+        bail!("--order {}: has {} positions, the model generates {cells}", path.display(), order.len());
+    }
+    Ok(order)
+}

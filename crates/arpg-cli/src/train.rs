@@ -1,0 +1,238 @@
+//! `arpg train`, `arpg pack` and `arpg plot`.
+
+use crate::args::DeviceArgs;
+use anyhow::{bail, Context, Result};
+use arpg::data::{self, layouts, PackWriter, Packed, Sample};
+use arpg::train::{scaled_lr, TrainConfig, Trainer};
+use arpg::ArpgConfig;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Packed training data (from `arpg pack`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model config JSON (reference keys), or use --model for a preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model preset (ARPG-L, ARPG-XL, ARPG-XXL) when no --config is given.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Output folder: checkpoint.safetensors (resumable), model.safetensors (inference
+    /// weights, official key layout), train.jsonl (log).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from this training checkpoint (same model config).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Total optimizer steps of the run (the schedule's length).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Stop after this step (the schedule still spans --steps); resume later with --resume.
+    #[arg(long)]
+    pub until: Option<usize>,
+    /// Samples per optimizer step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Micro-batches per step (gradient accumulation); must divide --batch-size.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate per 256 samples of batch (scaled by batch/256), as in the paper.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Take --lr as the absolute peak learning rate (no batch scaling).
+    #[arg(long)]
+    pub lr_absolute: bool,
+    /// Final learning rate of the cosine decay.
+    #[arg(long, default_value_t = 1e-5)]
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Keep an EMA of the weights with this decay (e.g. 0.9999); exported instead of the model.
+    #[arg(long)]
+    pub ema: Option<f64>,
+    /// Probability of replacing the class by the null class (for guidance).
+    #[arg(long, default_value_t = 0.1)]
+    pub class_dropout: f64,
+    /// Dropout on token embeddings, residuals and FFN outputs.
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Log every N steps (stdout and train.jsonl).
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Write the checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 500)]
+    pub ckpt_every: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let (device, dtype) = a.device.resolve()?;
+    let data = Packed::open(&a.data)?;
+    let tc = TrainConfig {
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: if a.lr_absolute { a.lr } else { scaled_lr(a.lr, a.batch_size) },
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        steps: a.steps,
+        weight_decay: a.weight_decay,
+        beta1: 0.9,
+        beta2: 0.95,
+        grad_clip: a.grad_clip,
+        ema_decay: a.ema,
+        class_dropout: a.class_dropout,
+        dropout: a.dropout,
+        seed: a.seed,
+    };
+    tc.validate()?;
+    let mut tr = match &a.resume {
+        Some(p) => {
+            let tr = Trainer::resume(p, Some(&tc), dtype, &device)?;
+            if let Some(c) = &a.config {
+                if ArpgConfig::from_json_file(c)? != tr.model_cfg {
+                    bail!("--config {} differs from the model config in --resume {}", c.display(), p.display());
+                }
+            }
+            tr
+        }
+        None => {
+            let cfg = match (&a.config, &a.model) {
+                (Some(c), _) => ArpgConfig::from_json_file(c)?,
+                (None, Some(m)) => ArpgConfig::preset(m)?,
+                (None, None) => bail!("give --config FILE.json or --model PRESET"),
+            };
+            Trainer::new(&cfg, &tc, dtype, &device)?
+        }
+    };
+    let mc = tr.model_cfg.clone();
+    if data.seq_len != mc.block_size {
+        bail!("--data {}: samples have {} tokens, the model's block_size is {}", a.data.display(), data.seq_len, mc.block_size);
+    }
+    if data.max_label() as usize >= mc.num_classes || data.max_token() as usize >= mc.vocab_size {
+        bail!(
+            "--data {}: labels up to {} / tokens up to {} do not fit num_classes {} / vocab_size {}",
+            a.data.display(),
+            data.max_label(),
+            data.max_token(),
+            mc.num_classes,
+            mc.vocab_size
+        );
+    }
+    let until = a.until.unwrap_or(a.steps).min(a.steps);
+    if tr.step >= until {
+        bail!("nothing to do: the checkpoint is at step {}, --until/--steps is {until}", tr.step);
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&mc)?)?;
+    let log_path = a.out.join("train.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    eprintln!(
+        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {}, peak lr {:.3e}",
+        tr.num_parameters(),
+        data.len(),
+        data.total_crops(),
+        tr.step,
+        a.steps,
+        a.batch_size,
+        tc.lr
+    );
+    let pb = ProgressBar::new(until as u64).with_position(tr.step as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}").unwrap(),
+    );
+    let ckpt = a.out.join("checkpoint.safetensors");
+    let mut window = (std::time::Instant::now(), 0usize);
+    while tr.step < until {
+        if arpg::util::interrupted() {
+            break;
+        }
+        let s = tr.train_step(&data)?;
+        window.1 += a.batch_size;
+        pb.set_position(s.step as u64);
+        pb.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
+        if s.step % a.log_every == 0 || s.step == until {
+            let ips = window.1 as f64 / window.0.elapsed().as_secs_f64();
+            window = (std::time::Instant::now(), 0);
+            let line = serde_json::json!({
+                "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
+                "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
+            });
+            writeln!(log, "{line}")?;
+            pb.println(line.to_string());
+        }
+        if s.step % a.ckpt_every == 0 && s.step < until {
+            tr.save(&ckpt)?;
+        }
+    }
+    pb.finish_and_clear();
+    tr.save(&ckpt)?;
+    arpg::checkpoint::save_safetensors_atomic(&tr.export_weights(), &a.out.join("model.safetensors"))?;
+    eprintln!(
+        "step {}: checkpoint {}, inference weights {}",
+        tr.step,
+        ckpt.display(),
+        a.out.join("model.safetensors").display()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// The paper's layout: ROOT/<class id>/*.npy, each (1, n_aug, L), (n_aug, L) or (L,).
+    #[arg(long, conflicts_with_all = ["llamagen", "digits"])]
+    pub paper: Option<PathBuf>,
+    /// LlamaGen's layout: ROOT/codes/*.npy with ROOT/labels/*.npy of the same names.
+    #[arg(long, conflicts_with_all = ["paper", "digits"])]
+    pub llamagen: Option<PathBuf>,
+    /// The UCI digits CSV (.csv.gz): packs its training split (--split test for the rest).
+    #[arg(long, conflicts_with_all = ["paper", "llamagen"])]
+    pub digits: Option<PathBuf>,
+    /// With --digits: train (4 of 5 digits) or test (every fifth).
+    #[arg(long, default_value = "train", value_parser = ["train", "test"])]
+    pub split: String,
+    /// Largest token id + 1 accepted (16384 for VQ-16).
+    #[arg(long, default_value_t = 16384)]
+    pub vocab_size: usize,
+    /// The packed file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn pack(a: PackArgs) -> Result<()> {
+    let samples: Vec<Sample> = if let Some(r) = &a.paper {
+        layouts::read_paper_layout(r, a.vocab_size)?
+    } else if let Some(r) = &a.llamagen {
+        layouts::read_llamagen_layout(r, a.vocab_size)?
+    } else if let Some(p) = &a.digits {
+        let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
+        let part = if a.split == "train" { train } else { test };
+        part.into_iter()
+            .map(|d| Sample { label: d.label, crops: vec![d.pixels.iter().map(|&v| v as u16).collect()] })
+            .collect()
+    } else {
+        bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz");
+    };
+    let mut w = PackWriter::new();
+    for s in &samples {
+        w.push(s)?;
+    }
+    w.write(&a.out)?;
+    eprintln!("packed {} samples into {}", w.len(), a.out.display());
+    Ok(())
+}

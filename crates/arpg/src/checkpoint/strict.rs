@@ -1,0 +1,136 @@
+//! A `VarBuilder` backend that checks a state dict strictly against what a model asks for:
+//! every missing key, shape mismatch and unexpected key is collected and reported at once.
+
+use super::StateDict;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// Buffers that checkpoints carry but models do not load.
+const IGNORED: &[&str] = &["freqs_cis", "quantize.codebook_used"];
+
+#[derive(Default)]
+struct Report {
+    used: BTreeSet<String>,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+}
+
+struct Strict {
+    tensors: HashMap<String, Tensor>,
+    report: Arc<Mutex<Report>>,
+}
+
+impl SimpleBackend for Strict {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut r = self.report.lock().unwrap();
+        match self.tensors.get(name) {
+            None => {
+                r.missing.push(format!("{name} {:?}", s.dims()));
+                // A placeholder lets construction go on so every problem is reported at once.
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some(t) if t.shape() != &s => {
+                r.mismatched.push(format!("{name}: checkpoint {:?}, model {:?}", t.dims(), s.dims()));
+                r.used.insert(name.to_string());
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some(t) => {
+                r.used.insert(name.to_string());
+                t.to_device(dev)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.tensors.get(name) {
+            Some(t) => {
+                self.report.lock().unwrap().used.insert(name.to_string());
+                t.to_device(dev)?.to_dtype(dtype)
+            }
+            None => candle_core::bail!("missing tensor {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Build a model from `sd` with `build`, failing with one message that lists every missing
+/// key, shape mismatch and unexpected key (buffers such as `freqs_cis` are ignored).
+pub fn build_strict<T>(
+    sd: &StateDict,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<T> {
+    let report = Arc::new(Mutex::new(Report::default()));
+    let backend = Strict { tensors: sd.tensors.clone(), report: report.clone() };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let model = build(vb)?;
+    let r = report.lock().unwrap();
+    let unexpected: Vec<&String> = sd
+        .tensors
+        .keys()
+        .filter(|k| !r.used.contains(*k) && !IGNORED.iter().any(|i| k.as_str() == *i || k.ends_with(&format!(".{i}"))))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if r.missing.is_empty() && r.mismatched.is_empty() && unexpected.is_empty() {
+        return Ok(model);
+    }
+    let mut msg = format!("checkpoint {} does not match the model:", sd.source.display());
+    let list = |msg: &mut String, title: &str, items: Vec<String>| {
+        if !items.is_empty() {
+            let n = items.len();
+            let shown: Vec<_> = items.into_iter().take(20).collect();
+            msg.push_str(&format!("\n  {title} ({n}): {}", shown.join(", ")));
+            if n > 20 {
+                msg.push_str(", ...");
+            }
+        }
+    };
+    list(&mut msg, "missing keys", r.missing.clone());
+    list(&mut msg, "shape mismatches", r.mismatched.clone());
+    list(&mut msg, "unexpected keys", unexpected.into_iter().cloned().collect());
+    msg.push_str("\n  (is --model / --config / --vq-config the configuration these weights were trained with?)");
+    bail!(msg)
+}
+
+/// A `VarBuilder` that makes freshly initialised tensors (normal(0, 0.02) for weight
+/// matrices, the init hint otherwise), deterministic in `seed`, for benchmarks and tests.
+pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    struct Random {
+        seed: u64,
+    }
+    impl SimpleBackend for Random {
+        fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            use rand::{Rng, SeedableRng};
+            use crate::util::normal;
+            // Seed per tensor name so the result does not depend on construction order.
+            let mut hash = self.seed ^ 0x9E37_79B9_7F4A_7C15;
+            for b in name.bytes() {
+                hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01B3);
+            }
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hash);
+            let n = s.elem_count();
+            let data: Vec<f32> = match h {
+                Init::Const(c) => vec![c as f32; n],
+                _ if s.rank() >= 2 => (0..n).map(|_| 0.02 * normal(&mut rng)).collect(),
+                _ => (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect(),
+            };
+            Tensor::from_vec(data, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("random init cannot provide {name} without a shape")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+    VarBuilder::from_backend(Box::new(Random { seed }), dtype, device.clone())
+}

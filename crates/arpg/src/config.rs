@@ -1,0 +1,303 @@
+//! Model and tokenizer configurations, with the paper's presets.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// ARPG transformer configuration. Field names are the reference `ModelArgs` keys, so a
+/// `--config FILE.json` written for the reference (or the fixtures' `arpg_config`) loads as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArpgConfig {
+    pub dim: usize,
+    /// Total layers: `n_layer / 2` self-attention plus `n_layer / 2` cross-attention blocks.
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub vocab_size: usize,
+    pub num_classes: usize,
+    /// Number of image tokens (a square grid).
+    pub block_size: usize,
+    #[serde(default = "default_multiple_of")]
+    pub multiple_of: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_rope_base")]
+    pub rope_base: f64,
+    #[serde(default)]
+    pub ffn_dim_multiplier: Option<f64>,
+    #[serde(default = "default_cls_token_num")]
+    pub cls_token_num: usize,
+}
+
+fn default_multiple_of() -> usize {
+    256
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_rope_base() -> f64 {
+    10000.0
+}
+fn default_cls_token_num() -> usize {
+    1
+}
+
+/// The official presets: name, (dim, n_layer, n_head), Hugging Face file.
+pub const PRESETS: &[(&str, usize, usize, usize, &str)] = &[
+    ("ARPG-L", 1024, 24, 16, "arpg_300m.pt"),
+    ("ARPG-XL", 1280, 36, 20, "arpg_700m.pt"),
+    ("ARPG-XXL", 1536, 48, 24, "arpg_1b.pt"),
+];
+
+impl ArpgConfig {
+    /// ImageNet 256x256 model with the reference defaults.
+    pub fn imagenet(dim: usize, n_layer: usize, n_head: usize) -> Self {
+        Self {
+            dim,
+            n_layer,
+            n_head,
+            vocab_size: 16384,
+            num_classes: 1000,
+            block_size: 256,
+            multiple_of: 256,
+            norm_eps: 1e-5,
+            rope_base: 10000.0,
+            ffn_dim_multiplier: None,
+            cls_token_num: 1,
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        PRESETS
+            .iter()
+            .find(|p| p.0.eq_ignore_ascii_case(name))
+            .map(|p| Self::imagenet(p.1, p.2, p.3))
+            .with_context(|| {
+                let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
+                format!("unknown model preset {name:?}; known presets: {}", names.join(", "))
+            })
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("invalid model config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid model config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.dim == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
+            bail!("dim ({}) must be a positive multiple of n_head ({})", self.dim, self.n_head);
+        }
+        if self.head_dim() % 4 != 0 {
+            bail!("head_dim = dim / n_head = {} must be a multiple of 4 for 2D RoPE", self.head_dim());
+        }
+        if self.n_layer < 2 || self.n_layer % 2 != 0 {
+            bail!("n_layer ({}) must be even and >= 2 (half self-, half cross-attention)", self.n_layer);
+        }
+        let g = self.grid_size();
+        if self.block_size == 0 || g * g != self.block_size {
+            bail!("block_size ({}) must be a square number of tokens", self.block_size);
+        }
+        if self.vocab_size == 0 || self.num_classes == 0 {
+            bail!("vocab_size and num_classes must be positive");
+        }
+        if self.cls_token_num != 1 {
+            bail!("cls_token_num = {} is not supported: class-conditional ARPG uses 1", self.cls_token_num);
+        }
+        if self.multiple_of == 0 {
+            bail!("multiple_of must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_head
+    }
+    pub fn grid_size(&self) -> usize {
+        (self.block_size as f64).sqrt().round() as usize
+    }
+    /// SwiGLU hidden width, as the reference computes it.
+    pub fn ffn_hidden(&self) -> usize {
+        let mut h = 2 * (4 * self.dim) / 3;
+        if let Some(m) = self.ffn_dim_multiplier {
+            h = (m * h as f64) as usize;
+        }
+        h.div_ceil(self.multiple_of) * self.multiple_of
+    }
+    /// Rows of the shared embedding table: image tokens, mask, classes, null class, unused.
+    pub fn embedding_rows(&self) -> usize {
+        self.vocab_size + 1 + self.num_classes + 1 + 1
+    }
+    pub fn mask_token(&self) -> u32 {
+        self.vocab_size as u32
+    }
+    pub fn class_token(&self, class: usize) -> u32 {
+        (self.vocab_size + 1 + class) as u32
+    }
+    pub fn null_class_token(&self) -> u32 {
+        (self.vocab_size + self.num_classes + 1) as u32
+    }
+    pub fn self_layers(&self) -> usize {
+        self.n_layer / 2
+    }
+
+    /// Every parameter name and shape in the reference's state-dict layout.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, h) = (self.dim, self.ffn_hidden());
+        let mut v = vec![("embeddings.weight".to_string(), vec![self.embedding_rows(), d])];
+        let ffn = |p: &str, v: &mut Vec<(String, Vec<usize>)>| {
+            v.push((format!("{p}.ffn.w1.weight"), vec![h, d]));
+            v.push((format!("{p}.ffn.w2.weight"), vec![d, h]));
+            v.push((format!("{p}.ffn.w3.weight"), vec![h, d]));
+            v.push((format!("{p}.attn_norm.weight"), vec![d]));
+            v.push((format!("{p}.ffn_norm.weight"), vec![d]));
+        };
+        for i in 0..self.self_layers() {
+            let p = format!("layers.self_dec.{i}");
+            for w in ["to_q", "to_k", "to_v", "proj"] {
+                v.push((format!("{p}.attn.{w}.weight"), vec![d, d]));
+            }
+            ffn(&p, &mut v);
+        }
+        for i in 0..self.self_layers() {
+            let p = format!("layers.cross_dec.{i}");
+            for w in ["to_q", "proj"] {
+                v.push((format!("{p}.attn.{w}.weight"), vec![d, d]));
+            }
+            ffn(&p, &mut v);
+        }
+        v.push(("layers.norm.weight".into(), vec![d]));
+        v.push(("layers.to_k.weight".into(), vec![d, d]));
+        v.push(("layers.to_v.weight".into(), vec![d, d]));
+        v.push(("norm.weight".into(), vec![d]));
+        v.push(("head.weight".into(), vec![self.vocab_size, d]));
+        v
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+/// LlamaGen VQ tokenizer configuration (keys of the fixtures' `vq_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqConfig {
+    #[serde(default = "default_vq_ch")]
+    pub ch: usize,
+    #[serde(default = "default_vq_ch_mult")]
+    pub ch_mult: Vec<usize>,
+    #[serde(default = "default_vq_z")]
+    pub z_channels: usize,
+    #[serde(default = "default_vq_codebook")]
+    pub codebook_size: usize,
+    #[serde(default = "default_vq_embed")]
+    pub embed_dim: usize,
+    #[serde(default = "default_vq_res")]
+    pub num_res_blocks: usize,
+}
+
+fn default_vq_ch() -> usize {
+    128
+}
+fn default_vq_ch_mult() -> Vec<usize> {
+    vec![1, 1, 2, 2, 4]
+}
+fn default_vq_z() -> usize {
+    256
+}
+fn default_vq_codebook() -> usize {
+    16384
+}
+fn default_vq_embed() -> usize {
+    8
+}
+fn default_vq_res() -> usize {
+    2
+}
+
+impl Default for VqConfig {
+    /// The official VQ-16 (`vq_ds16_c2i.pt`).
+    fn default() -> Self {
+        Self {
+            ch: default_vq_ch(),
+            ch_mult: default_vq_ch_mult(),
+            z_channels: default_vq_z(),
+            codebook_size: default_vq_codebook(),
+            embed_dim: default_vq_embed(),
+            num_res_blocks: default_vq_res(),
+        }
+    }
+}
+
+impl VqConfig {
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read VQ config {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("invalid VQ config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid VQ config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
+            bail!("ch and ch_mult must be positive and non-empty");
+        }
+        for c in self.ch_mult.iter().map(|m| m * self.ch).chain([self.z_channels]) {
+            if c % 32 != 0 {
+                bail!("channel count {c} is not divisible by GroupNorm's 32 groups");
+            }
+        }
+        if self.codebook_size == 0 || self.embed_dim == 0 || self.num_res_blocks == 0 {
+            bail!("codebook_size, embed_dim and num_res_blocks must be positive");
+        }
+        Ok(())
+    }
+
+    /// Pixels per token side: 2^(levels - 1).
+    pub fn patch_size(&self) -> usize {
+        1 << (self.ch_mult.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_parameter_counts_match_the_official_checkpoints() {
+        // Counts from shared/fixtures/official_shapes.json.
+        assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().num_parameters(), 319_845_376);
+        assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().num_parameters(), 718_997_760);
+        assert_eq!(ArpgConfig::preset("ARPG-XXL").unwrap().num_parameters(), 1_302_449_664);
+        assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().ffn_hidden(), 2816);
+        assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().ffn_hidden(), 3584);
+        assert_eq!(ArpgConfig::preset("ARPG-XXL").unwrap().ffn_hidden(), 4096);
+    }
+
+    #[test]
+    fn unknown_preset_and_bad_configs_are_rejected() {
+        let e = ArpgConfig::preset("ARPG-Z").unwrap_err().to_string();
+        assert!(e.contains("ARPG-Z") && e.contains("ARPG-L"), "{e}");
+        let mut c = ArpgConfig::imagenet(64, 4, 4);
+        c.block_size = 60;
+        assert!(c.validate().unwrap_err().to_string().contains("square"));
+        c.block_size = 64;
+        c.n_layer = 3;
+        assert!(c.validate().unwrap_err().to_string().contains("even"));
+    }
+
+    #[test]
+    fn config_json_rejects_unknown_keys() {
+        let r: Result<ArpgConfig, _> = serde_json::from_str(
+            r#"{"dim":64,"n_layer":4,"n_head":4,"vocab_size":64,"num_classes":10,"block_size":64,"bogus":1}"#,
+        );
+        assert!(r.unwrap_err().to_string().contains("bogus"));
+    }
+}

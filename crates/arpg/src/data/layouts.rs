@@ -1,0 +1,114 @@
+//! Readers for the pre-tokenized layouts of the paper's code and of LlamaGen.
+
+use super::{npy, Sample};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Split an integer array of shape `(1, n_aug, L)`, `(n_aug, L)` or `(L,)` into crops.
+pub fn crops_from_npy(path: &Path, vocab_limit: usize) -> Result<Vec<Vec<u16>>> {
+    let a = npy::read(path)?;
+    let v = a.ints(path)?;
+    let (n, l) = match a.shape[..] {
+        [1, n, l] | [n, l] => (n, l),
+        [l] => (1, l),
+        _ => bail!("{}: shape {:?}, expected (1, n_aug, L), (n_aug, L) or (L,)", path.display(), a.shape),
+    };
+    if n == 0 || l == 0 {
+        bail!("{}: empty array", path.display());
+    }
+    if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= vocab_limit) {
+        bail!("{}: token {bad} is out of range (0..{vocab_limit})", path.display());
+    }
+    Ok(v.chunks_exact(l).map(|c| c.iter().map(|&x| x as u16).collect()).collect())
+}
+
+fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The paper's layout: `root/<class id>/<anything>.npy`.
+pub fn read_paper_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>> {
+    let mut classes: Vec<(u32, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            let id: u32 = name
+                .parse()
+                .with_context(|| format!("{}: class folders must be named by their class id", p.display()))?;
+            classes.push((id, p));
+        }
+    }
+    classes.sort();
+    if classes.is_empty() {
+        bail!("{}: no class folders", root.display());
+    }
+    let mut out = Vec::new();
+    for (label, dir) in classes {
+        for f in npy_files(&dir)? {
+            out.push(Sample { label, crops: crops_from_npy(&f, vocab_limit)? });
+        }
+    }
+    Ok(out)
+}
+
+/// LlamaGen's layout: `root/codes/<name>.npy` with `root/labels/<name>.npy` beside it.
+pub fn read_llamagen_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>> {
+    let codes = root.join("codes");
+    let labels = root.join("labels");
+    let mut out = Vec::new();
+    for f in npy_files(&codes)? {
+        let lp = labels.join(f.file_name().unwrap());
+        let l = npy::read(&lp).with_context(|| format!("no label for {}", f.display()))?;
+        let lv = l.ints(&lp)?;
+        if lv.len() != 1 || lv[0] < 0 {
+            bail!("{}: expected one non-negative label", lp.display());
+        }
+        out.push(Sample { label: lv[0] as u32, crops: crops_from_npy(&f, vocab_limit)? });
+    }
+    if out.is_empty() {
+        bail!("{}: no .npy files under codes/", root.display());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_i64(p: &Path, shape: &[usize], v: &[i64]) {
+        let body: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(p, npy::to_bytes("<i8", shape, &body)).unwrap();
+    }
+
+    #[test]
+    fn reads_both_layouts() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("paper");
+        std::fs::create_dir_all(r.join("5")).unwrap();
+        std::fs::create_dir_all(r.join("12")).unwrap();
+        write_i64(&r.join("5/a.npy"), &[1, 2, 4], &[0, 1, 2, 3, 4, 5, 6, 7]);
+        write_i64(&r.join("12/b.npy"), &[4], &[9, 9, 9, 9]);
+        let s = read_paper_layout(&r, 16).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0], Sample { label: 5, crops: vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]] });
+        assert_eq!(s[1].label, 12);
+        assert!(read_paper_layout(&r, 8).unwrap_err().to_string().contains("out of range"));
+
+        let l = d.path().join("llamagen");
+        std::fs::create_dir_all(l.join("codes")).unwrap();
+        std::fs::create_dir_all(l.join("labels")).unwrap();
+        write_i64(&l.join("codes/0.npy"), &[1, 1, 4], &[1, 2, 3, 4]);
+        write_i64(&l.join("labels/0.npy"), &[1], &[3]);
+        let s = read_llamagen_layout(&l, 16).unwrap();
+        assert_eq!(s, vec![Sample { label: 3, crops: vec![vec![1, 2, 3, 4]] }]);
+        write_i64(&l.join("codes/1.npy"), &[4], &[1, 2, 3, 4]);
+        assert!(read_llamagen_layout(&l, 16).unwrap_err().to_string().contains("no label"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Evaluation: how good are generated samples.
+
+pub mod digits;

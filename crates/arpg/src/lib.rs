@@ -1,0 +1,20 @@
+//! ARPG: autoregressive image generation with randomized parallel decoding.
+//!
+//! The pipeline, one module a stage:
+//! `tokenizer` (image <-> tokens) -> `model` (logits) -> `sampler` / `editor` (tokens)
+//! -> `train` (weights) -> `eval` (scores). `checkpoint` loads and saves weights in the
+//! reference's key layout; `config` holds the model and tokenizer configurations.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod model;
+pub mod sampler;
+pub mod tokenizer;
+pub mod train;
+pub mod util;
+pub mod zoo;
+
+pub use config::{ArpgConfig, VqConfig};

@@ -1,0 +1,114 @@
+//! The transformer's building blocks, each mirroring the reference's state-dict names.
+
+use anyhow::Result;
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// How a forward pass runs: inference may use fused kernels; training needs a backward
+/// through every op (candle's fused RMSNorm / softmax / RoPE have none) and applies dropout.
+pub struct Mode<'a> {
+    pub differentiable: bool,
+    pub dropout: Option<&'a mut dyn FnMut(&Tensor) -> Result<Tensor>>,
+}
+
+impl Mode<'_> {
+    pub fn inference() -> Mode<'static> {
+        Mode { differentiable: false, dropout: None }
+    }
+    pub fn drop(&mut self, x: Tensor) -> Result<Tensor> {
+        match self.dropout.as_mut() {
+            Some(f) => f(&x),
+            None => Ok(x),
+        }
+    }
+}
+
+pub fn linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    let w = vb.pp(name).get((out_dim, in_dim), "weight")?;
+    Ok(Linear::new(w, None))
+}
+
+/// RMSNorm computed in float32 then cast back, then scaled, as the reference does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: &VarBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.pp(name).get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        Ok(Self { weight, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        if !differentiable && dtype == DType::F32 {
+            let w = self.weight.to_dtype(DType::F32)?;
+            return Ok(candle_nn::ops::rms_norm(&x32.contiguous()?, &w, self.eps as f32)?);
+        }
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// SwiGLU: w2(silu(w1 x) * w3 x).
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: &VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: linear(vb, "w1", dim, hidden)?,
+            w2: linear(vb, "w2", hidden, dim)?,
+            w3: linear(vb, "w3", dim, hidden)?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let h = (candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?;
+        mode.drop(self.w2.forward(&h)?)
+    }
+}
+
+/// `[b, t, h*d]` -> `[b, h, t, d]`, contiguous.
+pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    Ok(x.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// `[b, h, t, d]` -> `[b, t, h*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// Scaled dot-product attention; softmax in float32. `mask` is an additive `[tq, tk]` bias.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, differentiable: bool) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    Ok(probs.to_dtype(dtype)?.matmul(v)?)
+}
+
+/// Additive causal mask `[t, t]`: query i sees keys 0..=i.
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, t), device)?)
+}

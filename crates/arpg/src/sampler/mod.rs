@@ -1,0 +1,178 @@
+//! Randomized parallel decoding with a KV cache: the paper's sampling algorithm.
+//!
+//! [`decode`] is the whole loop: prefill the class token (and any known tokens), then at each
+//! step predict a scheduled number of tokens at once, in a random order, each query carrying
+//! the position of the token it predicts; mix conditional and unconditional logits (CFG),
+//! filter and draw one token per query, and feed the drawn tokens back.
+
+pub mod filter;
+pub mod schedule;
+
+pub use filter::TokenFilter;
+pub use schedule::{token_counts, CfgSchedule, MaskSchedule};
+
+use crate::model::{Arpg, Positions};
+use anyhow::{bail, ensure, Result};
+use candle_core::Tensor;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+/// Sampling settings; defaults are the paper's (64 steps, arccos, CFG 4.0 linear).
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    pub steps: usize,
+    /// 0 = unconditional (null class only), 1 = conditional only, else guided.
+    pub cfg: f32,
+    pub cfg_schedule: CfgSchedule,
+    pub schedule: MaskSchedule,
+    pub filter: TokenFilter,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            steps: 64,
+            cfg: 4.0,
+            cfg_schedule: CfgSchedule::Linear,
+            schedule: MaskSchedule::Arccos,
+            filter: TokenFilter::default(),
+        }
+    }
+}
+
+/// What one decoding call works on: a batch of sequences on the model's current grid.
+pub struct Request<'a> {
+    /// Class id of each sequence.
+    pub classes: &'a [usize],
+    /// Tokens already known, per sequence, as (raster position, token); all sequences of a
+    /// batch must know the same number of tokens.
+    pub known: &'a [Vec<(usize, u32)>],
+    /// The generation order of the unknown positions, per sequence.
+    pub orders: &'a [Vec<usize>],
+}
+
+/// Which halves of the classifier-free-guidance batch run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Halves {
+    Cond,
+    Uncond,
+    Both,
+}
+
+/// A random order of `positions`, e.g. of `0..256`.
+pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
+    let mut o = positions.to_vec();
+    o.shuffle(rng);
+    o
+}
+
+/// Decode every unknown position of each sequence. Returns tokens in raster order over the
+/// model's grid; known tokens are returned unchanged.
+pub fn decode<R: Rng>(model: &Arpg, req: &Request, cfg: &SampleConfig, rng: &mut R) -> Result<Vec<Vec<u32>>> {
+    let mc = model.config();
+    let b = req.classes.len();
+    let cells = model.rope().rows() - mc.cls_token_num;
+    ensure!(b > 0, "empty batch");
+    ensure!(req.known.len() == b && req.orders.len() == b, "one known set and one order per sequence");
+    cfg.filter.validate()?;
+    if !cfg.cfg.is_finite() || cfg.cfg < 0.0 {
+        bail!("--cfg {} must be >= 0", cfg.cfg);
+    }
+    for &c in req.classes {
+        if c >= mc.num_classes {
+            bail!("class id {c} is out of range: the model has {} classes (0..={})", mc.num_classes, mc.num_classes - 1);
+        }
+    }
+    let n_known = req.known[0].len();
+    let n_unknown = cells - n_known;
+    for (s, (known, order)) in req.known.iter().zip(req.orders).enumerate() {
+        ensure!(known.len() == n_known, "every sequence of a batch must know the same number of tokens");
+        let mut seen = vec![false; cells];
+        for &(p, t) in known {
+            ensure!(p < cells && !seen[p], "known position {p} is out of range or repeated");
+            ensure!((t as usize) < mc.vocab_size, "known token {t} is out of range (vocab {})", mc.vocab_size);
+            seen[p] = true;
+        }
+        ensure!(order.len() == n_unknown, "sequence {s}: the order has {} positions, {n_unknown} are unknown", order.len());
+        for &p in order {
+            ensure!(p < cells && !seen[p], "sequence {s}: order position {p} is out of range, known or repeated");
+            seen[p] = true;
+        }
+    }
+    let counts = token_counts(n_unknown, cfg.steps, cfg.schedule)?;
+
+    let halves = if cfg.cfg == 0.0 {
+        Halves::Uncond
+    } else if cfg.cfg == 1.0 {
+        Halves::Cond
+    } else {
+        Halves::Both
+    };
+    let copies = if halves == Halves::Both { 2 } else { 1 };
+    let rows = b * copies;
+    let dev = model.device();
+
+    // Step 0 feeds the class token (row 0 of the RoPE table) and every known token.
+    let mut fed_ids: Vec<u32> = Vec::with_capacity(rows * (1 + n_known));
+    let mut fed_pos: Vec<u32> = Vec::with_capacity(rows * (1 + n_known));
+    for half in 0..copies {
+        let uncond = halves == Halves::Uncond || half == 1;
+        for s in 0..b {
+            fed_ids.push(if uncond { mc.null_class_token() } else { mc.class_token(req.classes[s]) });
+            fed_pos.push(0);
+            for &(p, t) in &req.known[s] {
+                fed_ids.push(t);
+                fed_pos.push((p + mc.cls_token_num) as u32);
+            }
+        }
+    }
+    let mut fed_len = 1 + n_known;
+    let mut cache = model.new_cache(rows, 1 + cells)?;
+    let mut out: Vec<Vec<u32>> = (0..b).map(|_| vec![u32::MAX; cells]).collect();
+    for (s, known) in req.known.iter().enumerate() {
+        for &(p, t) in known {
+            out[s][p] = t;
+        }
+    }
+
+    let mut done = 0usize;
+    for &n in &counts {
+        let targets: Vec<&[usize]> = req.orders.iter().map(|o| &o[done..done + n]).collect();
+        done += n;
+        let q_pos: Vec<u32> = (0..copies)
+            .flat_map(|_| targets.iter().flat_map(|t| t.iter().map(|&p| (p + mc.cls_token_num) as u32)))
+            .collect();
+        let ids = Tensor::from_vec(fed_ids, (rows, fed_len), dev)?;
+        let kpos = Tensor::from_vec(fed_pos, (rows, fed_len), dev)?;
+        let qpos = Tensor::from_vec(q_pos, (rows, n), dev)?;
+        let logits = model
+            .step(&mut cache, &ids, Positions { keys: &kpos, queries: &qpos })?
+            .expect("queries were given");
+        let logits = match halves {
+            Halves::Both => {
+                let w = match cfg.cfg_schedule {
+                    CfgSchedule::Constant => cfg.cfg as f64,
+                    CfgSchedule::Linear => 1.0 + (cfg.cfg as f64 - 1.0) * done as f64 / n_unknown as f64,
+                };
+                let c = logits.narrow(0, 0, b)?;
+                let u = logits.narrow(0, b, b)?;
+                (&u + ((c - &u)? * w)?)?
+            }
+            _ => logits,
+        };
+        let mut host = logits.to_vec3::<f32>()?;
+        let mut drawn = Vec::with_capacity(b * n);
+        for (s, row) in host.iter_mut().enumerate() {
+            for (j, l) in row.iter_mut().enumerate() {
+                let tok = cfg.filter.sample(l, rng);
+                out[s][targets[s][j]] = tok;
+                drawn.push((tok, targets[s][j]));
+            }
+        }
+        // The same drawn tokens are fed to both guidance halves.
+        fed_ids = (0..copies).flat_map(|_| drawn.iter().map(|d| d.0)).collect();
+        fed_pos = (0..copies).flat_map(|_| drawn.iter().map(|d| (d.1 + mc.cls_token_num) as u32)).collect();
+        fed_len = n;
+    }
+    Ok(out)
+}

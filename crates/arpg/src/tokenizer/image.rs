@@ -1,0 +1,494 @@
+//! Image helpers for the tokenizer: loading, the ADM/LlamaGen center crop, tensor conversion,
+//! grids, atomic PNG writes and `.npy` files for raw decoder output.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::imageops::FilterType;
+use image::ImageEncoder;
+/// Re-exported so callers can name the image type through this module.
+pub use image::RgbImage;
+use std::io::Write;
+use std::path::Path;
+
+/// Loads any PNG/JPEG as 8-bit RGB (format sniffed from the content, not the extension).
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("cannot decode image {}", path.display()))?
+        .to_rgb8();
+    ensure!(
+        img.width() > 0 && img.height() > 0,
+        "image {} is empty",
+        path.display()
+    );
+    Ok(img)
+}
+
+/// Halves both sides by averaging 2x2 blocks (PIL's BOX reduce for even sides; an odd last
+/// row/column is dropped, where PIL would spread it over the neighbouring output pixels).
+fn box_halve(img: &RgbImage) -> RgbImage {
+    let (w, h) = (img.width() / 2, img.height() / 2);
+    RgbImage::from_fn(w, h, |x, y| {
+        let mut px = [0u8; 3];
+        for (c, v) in px.iter_mut().enumerate() {
+            let s: u32 = [(0, 0), (1, 0), (0, 1), (1, 1)]
+                .iter()
+                .map(|&(dx, dy)| img.get_pixel(2 * x + dx, 2 * y + dy)[c] as u32)
+                .sum();
+            *v = ((s + 2) / 4) as u8;
+        }
+        image::Rgb(px)
+    })
+}
+
+/// ADM/LlamaGen `center_crop_arr`: halve with a box filter while the short side is at least
+/// `2 * size`, resize bicubically so the short side is `size` (each side `round(x * scale)`,
+/// Python's round-half-even), then crop the centre `size x size`.
+///
+/// The `image` crate's filters (CatmullRom for PIL's BICUBIC, a hand-rolled 2x2 box) differ
+/// slightly from PIL's fixed-point ones, so pixels can be off by a level or so.
+///
+/// Panics if `size` is 0 or the image is empty (`load_rgb` never returns an empty image).
+pub fn center_crop_resize(img: &RgbImage, size: usize) -> RgbImage {
+    assert!(size > 0, "center_crop_resize: size must be positive");
+    assert!(
+        img.width() > 0 && img.height() > 0,
+        "center_crop_resize: empty image"
+    );
+    let size32 = u32::try_from(size).expect("center_crop_resize: size too large");
+    let mut cur = img.clone();
+    while (cur.width().min(cur.height()) as usize) >= 2 * size {
+        cur = box_halve(&cur);
+    }
+    let scale = size as f64 / cur.width().min(cur.height()) as f64;
+    let nw = ((cur.width() as f64 * scale).round_ties_even() as u32).max(size32);
+    let nh = ((cur.height() as f64 * scale).round_ties_even() as u32).max(size32);
+    if (nw, nh) != cur.dimensions() {
+        cur = image::imageops::resize(&cur, nw, nh, FilterType::CatmullRom);
+    }
+    let crop_y = (nh - size32) / 2;
+    let crop_x = (nw - size32) / 2;
+    image::imageops::crop_imm(&cur, crop_x, crop_y, size32, size32).to_image()
+}
+
+/// [N, 3, H, W] f32 in [-1, 1]: pixel / 127.5 - 1 (bit-identical in f32 to the reference's
+/// ToTensor + Normalize(0.5, 0.5) for all 256 levels).
+pub fn images_to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
+    let first = imgs.first().context("images_to_tensor: no images")?;
+    let (w, h) = first.dimensions();
+    let (wu, hu) = (w as usize, h as usize);
+    let mut data = Vec::with_capacity(imgs.len() * 3 * hu * wu);
+    for (i, img) in imgs.iter().enumerate() {
+        if img.dimensions() != (w, h) {
+            bail!(
+                "images_to_tensor: image {i} is {}x{} but image 0 is {w}x{h} (all must be the same size)",
+                img.width(),
+                img.height()
+            );
+        }
+        let raw = img.as_raw();
+        for c in 0..3 {
+            data.extend(
+                raw.iter()
+                    .skip(c)
+                    .step_by(3)
+                    .map(|&p| p as f32 / 127.5 - 1.0),
+            );
+        }
+    }
+    Ok(Tensor::from_vec(data, (imgs.len(), 3, hu, wu), device)?)
+}
+
+/// From decoder output [N, 3, H, W] (any float dtype/device): pixel = clamp(127.5 x + 128, 0, 255)
+/// truncated to u8, as the reference's `.to(torch.uint8)` after the clamp.
+pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, c, h, w) = t.dims4().with_context(|| {
+        format!(
+            "tensor_to_images: expected [N, 3, H, W], got shape {:?}",
+            t.dims()
+        )
+    })?;
+    ensure!(c == 3, "tensor_to_images: expected 3 channels, got {c}");
+    let data = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let plane = h * w;
+    let to_u8 = |x: f32| (127.5 * x + 128.0).clamp(0.0, 255.0) as u8;
+    let imgs = (0..n)
+        .map(|i| {
+            let base = i * 3 * plane;
+            let mut raw = Vec::with_capacity(3 * plane);
+            for p in 0..plane {
+                for ch in 0..3 {
+                    raw.push(to_u8(data[base + ch * plane + p]));
+                }
+            }
+            RgbImage::from_raw(w as u32, h as u32, raw).expect("buffer size matches dimensions")
+        })
+        .collect();
+    Ok(imgs)
+}
+
+/// Tiles images row by row into `ncols` columns with `pad` black pixels around every cell
+/// (torchvision `make_grid` layout). Cells are sized to the largest image.
+pub fn make_grid(imgs: &[RgbImage], ncols: usize, pad: usize) -> RgbImage {
+    if imgs.is_empty() {
+        return RgbImage::new(0, 0);
+    }
+    let ncols = ncols.clamp(1, imgs.len());
+    let nrows = imgs.len().div_ceil(ncols);
+    let cw = imgs.iter().map(|i| i.width()).max().unwrap_or(0) as usize;
+    let ch = imgs.iter().map(|i| i.height()).max().unwrap_or(0) as usize;
+    let width = ncols * (cw + pad) + pad;
+    let height = nrows * (ch + pad) + pad;
+    let mut out = RgbImage::new(width as u32, height as u32);
+    for (i, img) in imgs.iter().enumerate() {
+        let x = pad + (i % ncols) * (cw + pad);
+        let y = pad + (i / ncols) * (ch + pad);
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+    }
+    out
+}
+
+/// Writes through a temporary file in the destination folder, then renames it into place, so
+/// readers never see a half-written file.
+fn write_atomic(
+    path: &Path,
+    what: &str,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| {
+        format!(
+            "cannot create a temporary file in {} for {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    {
+        let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
+        write(&mut buf).with_context(|| format!("cannot write {what} {}", path.display()))?;
+        buf.flush()
+            .with_context(|| format!("cannot write {what} {}", path.display()))?;
+    }
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move {what} into place at {}", path.display()))?;
+    Ok(())
+}
+
+pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+    write_atomic(path, "PNG", |w| {
+        image::codecs::png::PngEncoder::new(w).write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )?;
+        Ok(())
+    })
+}
+
+const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Writes an NPY v1.0 file ('<f4', C order) atomically.
+pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .context("write_npy_f32: shape too large")?;
+    ensure!(
+        count == data.len(),
+        "write_npy_f32 {}: shape {shape:?} holds {count} values but {} were given",
+        path.display(),
+        data.len()
+    );
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_str = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    // Pad with spaces so the data starts on a 64-byte boundary; the header ends with '\n'.
+    let unpadded = NPY_MAGIC.len() + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let hlen = u16::try_from(header.len())
+        .context("write_npy_f32: shape too long for an NPY v1.0 header")?;
+    write_atomic(path, "NPY file", |w| {
+        w.write_all(NPY_MAGIC)?;
+        w.write_all(&[1, 0])?;
+        w.write_all(&hlen.to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
+        let mut bytes = Vec::with_capacity(data.len() * 4);
+        for v in data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        w.write_all(&bytes)?;
+        Ok(())
+    })
+}
+
+/// The value text after `'key':` in an NPY header dict.
+fn npy_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let at = header.find(&format!("'{key}'"))?;
+    let rest = header[at + key.len() + 2..].trim_start();
+    Some(rest.strip_prefix(':')?.trim_start())
+}
+
+/// Reads an NPY file of '<f4' or '<f8' in C order (v1, v2 or v3 header); f64 is narrowed to f32.
+pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read NPY file {}", path.display()))?;
+    parse_npy_f32(&bytes).with_context(|| format!("invalid NPY file {}", path.display()))
+}
+
+fn parse_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+    ensure!(
+        bytes.len() >= 10 && bytes.starts_with(NPY_MAGIC),
+        "bad magic: not an NPY file"
+    );
+    let (hlen, hstart) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => {
+            ensure!(bytes.len() >= 12, "truncated header");
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
+        }
+        v => bail!("unsupported NPY version {v}.{}", bytes[7]),
+    };
+    let data_start = hstart + hlen;
+    ensure!(
+        bytes.len() >= data_start,
+        "truncated header ({} bytes, header needs {data_start})",
+        bytes.len()
+    );
+    let header = std::str::from_utf8(&bytes[hstart..data_start]).context("header is not text")?;
+
+    let descr = npy_field(header, "descr").context("header has no 'descr'")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|s| s.split('\'').next())
+        .context("header 'descr' is not a string")?;
+    let itemsize = match descr {
+        "<f4" => 4,
+        "<f8" => 8,
+        d => bail!("dtype {d:?} is not supported (only '<f4' and '<f8')"),
+    };
+    let fortran = npy_field(header, "fortran_order").context("header has no 'fortran_order'")?;
+    if fortran.starts_with("True") {
+        bail!("Fortran-order arrays are not supported (C order only)");
+    }
+    ensure!(
+        fortran.starts_with("False"),
+        "header 'fortran_order' is neither True nor False"
+    );
+    let shape_txt = npy_field(header, "shape").context("header has no 'shape'")?;
+    let shape_txt = shape_txt
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .context("header 'shape' is not a tuple")?;
+    let shape = shape_txt
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .with_context(|| format!("bad dimension {s:?} in 'shape'"))
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .context("shape too large")?;
+    let need = count.checked_mul(itemsize).context("shape too large")?;
+    let payload = &bytes[data_start..];
+    ensure!(
+        payload.len() == need,
+        "shape {shape:?} of {descr} needs {need} bytes of data but the file has {}{}",
+        payload.len(),
+        if payload.len() < need {
+            " (truncated)"
+        } else {
+            ""
+        }
+    );
+    let data = if itemsize == 4 {
+        payload
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        payload
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+            .collect()
+    };
+    Ok((shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trip_and_header_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write_npy_f32(&path, &[2, 3, 4], &data).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+        assert_eq!(bytes[10 + hlen - 1], b'\n');
+        assert_eq!(read_npy_f32(&path).unwrap(), (vec![2, 3, 4], data));
+
+        write_npy_f32(&path, &[5], &[1.0; 5]).unwrap();
+        assert_eq!(read_npy_f32(&path).unwrap().0, vec![5]);
+        write_npy_f32(&path, &[], &[7.0]).unwrap();
+        assert_eq!(read_npy_f32(&path).unwrap(), (vec![], vec![7.0]));
+        assert!(write_npy_f32(&path, &[2, 2], &[1.0; 3]).is_err());
+    }
+
+    #[test]
+    fn npy_reads_f64_and_rejects_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("y.npy");
+        // A hand-made '<f8' file, the way numpy writes one.
+        let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }".to_string();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = NPY_MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0]);
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&1.5f64.to_le_bytes());
+        bytes.extend_from_slice(&(-2.25f64).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_npy_f32(&path).unwrap(), (vec![2], vec![1.5, -2.25]));
+
+        // Truncated data.
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let e = format!("{:#}", read_npy_f32(&path).unwrap_err());
+        assert!(e.contains("truncated") && e.contains("y.npy"), "{e}");
+        // Bad magic.
+        let mut bad = bytes.clone();
+        bad[1] = b'X';
+        std::fs::write(&path, &bad).unwrap();
+        let e = format!("{:#}", read_npy_f32(&path).unwrap_err());
+        assert!(e.contains("magic") && e.contains("y.npy"), "{e}");
+        // Unsupported dtype and Fortran order.
+        let mut other = bytes.clone();
+        let at = other.windows(3).position(|w| w == b"<f8").unwrap();
+        other[at..at + 3].copy_from_slice(b"<i8");
+        std::fs::write(&path, &other).unwrap();
+        assert!(format!("{:#}", read_npy_f32(&path).unwrap_err()).contains("<i8"));
+        let mut fort = bytes.clone();
+        let at = fort.windows(5).position(|w| w == b"False").unwrap();
+        fort[at..at + 5].copy_from_slice(b"True ");
+        std::fs::write(&path, &fort).unwrap();
+        assert!(format!("{:#}", read_npy_f32(&path).unwrap_err()).contains("Fortran"));
+        // Missing file.
+        let e = format!(
+            "{:#}",
+            read_npy_f32(&dir.path().join("nope.npy")).unwrap_err()
+        );
+        assert!(e.contains("nope.npy"), "{e}");
+    }
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 7 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn center_crop_sizes_for_non_square_images() {
+        // Short side 300 < 512: only the bicubic resize (to 427x256) and the crop.
+        let out = center_crop_resize(&gradient(500, 300), 256);
+        assert_eq!(out.dimensions(), (256, 256));
+        // Short side 600 >= 512: one box halving (to 400x300 for 800x600) first.
+        let out = center_crop_resize(&gradient(600, 800), 256);
+        assert_eq!(out.dimensions(), (256, 256));
+        // Odd sizes, upscaling, and an already-square image of the right size is unchanged.
+        assert_eq!(
+            center_crop_resize(&gradient(33, 17), 64).dimensions(),
+            (64, 64)
+        );
+        let sq = gradient(64, 64);
+        assert_eq!(center_crop_resize(&sq, 64), sq);
+        // A 2x-wide exact image is box-halved to the same content as averaging 2x2 blocks.
+        let flat = RgbImage::from_pixel(512, 256, image::Rgb([10, 20, 30]));
+        let out = center_crop_resize(&flat, 128);
+        assert_eq!(out.dimensions(), (128, 128));
+        assert!(out.pixels().all(|p| p.0 == [10, 20, 30]));
+    }
+
+    #[test]
+    fn center_crop_takes_the_middle() {
+        // 4 columns of distinct colours, 2 tall: cropping to 2 keeps the middle two columns.
+        let img = RgbImage::from_fn(4, 2, |x, _| image::Rgb([x as u8 * 60, 0, 0]));
+        let out = center_crop_resize(&img, 2);
+        assert_eq!(out.dimensions(), (2, 2));
+        assert_eq!(out.get_pixel(0, 0).0[0], 60);
+        assert_eq!(out.get_pixel(1, 1).0[0], 120);
+    }
+
+    #[test]
+    fn tensor_image_round_trip() {
+        let imgs = vec![gradient(5, 3), gradient(5, 3)];
+        let t = images_to_tensor(&imgs, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[2, 3, 3, 5]);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
+        // pixel/127.5 - 1 maps back through 127.5 x + 128 to pixel + 0.5, truncated to pixel.
+        assert_eq!(tensor_to_images(&t).unwrap(), imgs);
+        assert_eq!(
+            tensor_to_images(&t.to_dtype(DType::BF16).unwrap())
+                .unwrap()
+                .len(),
+            2
+        );
+        // Clamping of out-of-range decoder output.
+        let t = Tensor::new(&[-2f32, 2.0, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 3, 1, 1))
+            .unwrap();
+        assert_eq!(
+            tensor_to_images(&t).unwrap()[0].get_pixel(0, 0).0,
+            [0, 255, 128]
+        );
+        assert!(images_to_tensor(&[gradient(5, 3), gradient(3, 5)], &Device::Cpu).is_err());
+        assert!(images_to_tensor(&[], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn grid_layout_and_atomic_png() {
+        let imgs = vec![gradient(4, 3); 5];
+        let g = make_grid(&imgs, 2, 1);
+        assert_eq!(g.dimensions(), (2 * 5 + 1, 3 * 4 + 1));
+        assert_eq!(g.get_pixel(1, 1), imgs[0].get_pixel(0, 0));
+        assert_eq!(g.get_pixel(0, 0).0, [0, 0, 0]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.png");
+        save_png_atomic(&g, &path).unwrap();
+        assert_eq!(load_rgb(&path).unwrap(), g);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,66 @@
+//! Image <-> token conversion: the LlamaGen VQ-16 tokenizer and image helpers.
+
+pub mod image;
+pub mod pixel;
+pub mod vq;
+pub mod tokens_io;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use ::image::RgbImage;
+
+/// The tokenizer paired with a model: the VQ-16 family for ImageNet models, or one token per
+/// grayscale pixel for the shipped digits model.
+pub enum ImageTokenizer {
+    Vq(vq::VqModel),
+    Pixel,
+}
+
+impl ImageTokenizer {
+    /// Pixels per token side.
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Self::Vq(v) => v.config().patch_size(),
+            Self::Pixel => 1,
+        }
+    }
+
+    /// Images from raster-order token grids of `grid = (rows, cols)` tokens.
+    pub fn decode(&self, tokens: &[Vec<u32>], grid: (usize, usize), device: &Device) -> Result<Vec<RgbImage>> {
+        match self {
+            Self::Vq(vq) => {
+                let codes = Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
+                image::tensor_to_images(&vq.decode(&codes, grid)?)
+            }
+            Self::Pixel => tokens
+                .iter()
+                .map(|t| Ok(image_gray_to_rgb(&pixel::decode(t, grid.1, grid.0)?)))
+                .collect(),
+        }
+    }
+
+    /// Raster-order tokens of images whose sides are multiples of the patch size.
+    pub fn encode(&self, imgs: &[RgbImage], device: &Device) -> Result<Vec<Vec<u32>>> {
+        let p = self.patch_size() as u32;
+        for im in imgs {
+            if im.width() % p != 0 || im.height() % p != 0 {
+                bail!("image of {}x{} pixels is not a multiple of the {p}-pixel patch", im.width(), im.height());
+            }
+        }
+        match self {
+            Self::Vq(vq) => {
+                let x = image::images_to_tensor(imgs, device)?.to_dtype(vq_dtype(vq))?;
+                Ok(vq.encode(&x)?.to_dtype(candle_core::DType::U32)?.to_vec2()?)
+            }
+            Self::Pixel => Ok(imgs.iter().map(|im| pixel::encode(&::image::DynamicImage::ImageRgb8(im.clone()).to_luma8())).collect()),
+        }
+    }
+}
+
+fn vq_dtype(vq: &vq::VqModel) -> candle_core::DType {
+    vq.dtype()
+}
+
+fn image_gray_to_rgb(g: &::image::GrayImage) -> RgbImage {
+    ::image::DynamicImage::ImageLuma8(g.clone()).to_rgb8()
+}

@@ -1,0 +1,532 @@
+//! The LlamaGen VQ-16 tokenizer (VQGAN-style encoder/decoder with an l2-normalised codebook),
+//! as used by ARPG. The struct tree mirrors the reference state-dict key names, so weights load
+//! from any `VarBuilder` without a rename table.
+//!
+//! Numerics: convolutions and matmuls run in the weights' dtype; GroupNorm, the attention
+//! softmax and the quantiser's distances run in f32 so bf16/f16 weights stay close to f32.
+
+use crate::config::VqConfig;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+const GROUPS: usize = 32;
+const GN_EPS: f64 = 1e-6;
+/// `F.normalize`'s default eps.
+const L2_EPS: f64 = 1e-12;
+/// Rows of the quantiser's distance matrix computed at once (bounds memory at large batches).
+const QUANT_CHUNK_ELEMS: usize = 1 << 24;
+
+fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Conv2d> {
+    let weight = vb.get((cout, cin, k, k), "weight")?;
+    let bias = vb.get(cout, "bias")?;
+    let cfg = Conv2dConfig {
+        padding: pad,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(weight, Some(bias), cfg))
+}
+
+fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
+    conv(vb, cin, cout, 3, 1, 1)
+}
+
+fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
+    conv(vb, cin, cout, 1, 1, 0)
+}
+
+/// GroupNorm(32, eps 1e-6) computed entirely in f32 (statistics and affine), whatever the input dtype.
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl GroupNorm {
+    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        ensure!(
+            channels % GROUPS == 0,
+            "GroupNorm at {}: {channels} channels are not divisible by {GROUPS} groups",
+            vb.prefix()
+        );
+        let weight = vb
+            .get(channels, "weight")?
+            .to_dtype(DType::F32)?
+            .reshape((1, channels, 1, 1))?;
+        let bias = vb
+            .get(channels, "bias")?
+            .to_dtype(DType::F32)?
+            .reshape((1, channels, 1, 1))?;
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let xs = x
+            .to_dtype(DType::F32)?
+            .reshape((b, GROUPS, (c / GROUPS) * h * w))?;
+        let xs = xs.broadcast_sub(&xs.mean_keepdim(2)?)?;
+        let var = xs.sqr()?.mean_keepdim(2)?;
+        let xs = xs
+            .broadcast_div(&(var + GN_EPS)?.sqrt()?)?
+            .reshape((b, c, h, w))?;
+        let xs = xs.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
+        Ok(xs.to_dtype(x.dtype())?)
+    }
+}
+
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    nin_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        let nin_shortcut = if cin != cout {
+            Some(conv1(vb.pp("nin_shortcut"), cin, cout)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::new(vb.pp("norm1"), cin)?,
+            conv1: conv3(vb.pp("conv1"), cin, cout)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cout)?,
+            conv2: conv3(vb.pp("conv2"), cout, cout)?,
+            nin_shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let x = match &self.nin_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((x + h)?)
+    }
+}
+
+/// Single-head self-attention over the h*w positions.
+struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj_out: Conv2d,
+    scale: f64,
+}
+
+impl AttnBlock {
+    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), c)?,
+            q: conv1(vb.pp("q"), c, c)?,
+            k: conv1(vb.pp("k"), c, c)?,
+            v: conv1(vb.pp("v"), c, c)?,
+            proj_out: conv1(vb.pp("proj_out"), c, c)?,
+            scale: 1.0 / (c as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hn = self.norm.forward(x)?;
+        let q = self
+            .q
+            .forward(&hn)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
+        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?;
+        // [b, hw(query), hw(key)]; softmax in f32 so bf16/f16 weights do not lose the tail.
+        let att = q.matmul(&k)?.to_dtype(DType::F32)?;
+        let att = candle_nn::ops::softmax_last_dim(&(att * self.scale)?)?.to_dtype(x.dtype())?;
+        // out[b, c, i] = sum_j v[b, c, j] * att[b, i, j]
+        let out = v.matmul(&att.t()?.contiguous()?)?.reshape((b, c, h, w))?;
+        Ok((x + self.proj_out.forward(&out)?)?)
+    }
+}
+
+struct Level {
+    res: Vec<ResnetBlock>,
+    attn: Vec<AttnBlock>,
+    /// Downsample (encoder) or upsample (decoder) conv; `None` where the reference has none.
+    resample: Option<Conv2d>,
+}
+
+impl Level {
+    fn forward(&self, x: &Tensor, upsample: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, res) in self.res.iter().enumerate() {
+            h = res.forward(&h)?;
+            if let Some(attn) = self.attn.get(i) {
+                h = attn.forward(&h)?;
+            }
+        }
+        if let Some(conv) = &self.resample {
+            h = if upsample {
+                let (_, _, hh, ww) = h.dims4()?;
+                conv.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?
+            } else {
+                // torch convs pad symmetrically only, so the reference pads right/bottom by hand.
+                conv.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?
+            };
+        }
+        Ok(h)
+    }
+}
+
+struct Mid {
+    res0: ResnetBlock,
+    attn: AttnBlock,
+    res1: ResnetBlock,
+}
+
+impl Mid {
+    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Ok(Self {
+            res0: ResnetBlock::new(vb.pp("0"), c, c)?,
+            attn: AttnBlock::new(vb.pp("1"), c)?,
+            res1: ResnetBlock::new(vb.pp("2"), c, c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.res1
+            .forward(&self.attn.forward(&self.res0.forward(x)?)?)
+    }
+}
+
+struct Encoder {
+    conv_in: Conv2d,
+    levels: Vec<Level>,
+    mid: Mid,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        let n = cfg.ch_mult.len();
+        let conv_in = conv3(vb.pp("conv_in"), 3, cfg.ch)?;
+        let mut levels = Vec::with_capacity(n);
+        let mut block_in = cfg.ch;
+        for i in 0..n {
+            let vbl = vb.pp("conv_blocks").pp(i);
+            let block_out = cfg.ch * cfg.ch_mult[i];
+            let (mut res, mut attn) = (Vec::new(), Vec::new());
+            for j in 0..cfg.num_res_blocks {
+                res.push(ResnetBlock::new(vbl.pp("res").pp(j), block_in, block_out)?);
+                block_in = block_out;
+                if i == n - 1 {
+                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in)?);
+                }
+            }
+            let resample = if i != n - 1 {
+                Some(conv(
+                    vbl.pp("downsample").pp("conv"),
+                    block_in,
+                    block_in,
+                    3,
+                    2,
+                    0,
+                )?)
+            } else {
+                None
+            };
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            levels,
+            mid: Mid::new(vb.pp("mid"), block_in)?,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in)?,
+            conv_out: conv3(vb.pp("conv_out"), block_in, cfg.z_channels)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for level in &self.levels {
+            h = level.forward(&h, false)?;
+        }
+        let h = self.mid.forward(&h)?;
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+    }
+}
+
+struct Decoder {
+    conv_in: Conv2d,
+    mid: Mid,
+    /// In execution order: index 0 is the last (lowest-resolution) level, as in the reference.
+    levels: Vec<Level>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        let n = cfg.ch_mult.len();
+        let mut block_in = cfg.ch * cfg.ch_mult[n - 1];
+        let conv_in = conv3(vb.pp("conv_in"), cfg.z_channels, block_in)?;
+        let mid = Mid::new(vb.pp("mid"), block_in)?;
+        let mut levels = Vec::with_capacity(n);
+        for (i, i_level) in (0..n).rev().enumerate() {
+            let vbl = vb.pp("conv_blocks").pp(i);
+            let block_out = cfg.ch * cfg.ch_mult[i_level];
+            let (mut res, mut attn) = (Vec::new(), Vec::new());
+            for j in 0..cfg.num_res_blocks + 1 {
+                res.push(ResnetBlock::new(vbl.pp("res").pp(j), block_in, block_out)?);
+                block_in = block_out;
+                if i_level == n - 1 {
+                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in)?);
+                }
+            }
+            let resample = if i_level != 0 {
+                Some(conv3(vbl.pp("upsample").pp("conv"), block_in, block_in)?)
+            } else {
+                None
+            };
+            levels.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            mid,
+            levels,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in)?,
+            conv_out: conv3(vb.pp("conv_out"), block_in, 3)?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        for level in &self.levels {
+            h = level.forward(&h, true)?;
+        }
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+    }
+}
+
+/// Row-wise l2 normalisation like `F.normalize(x, dim=-1)`: x / max(|x|, 1e-12).
+fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(L2_EPS)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// The LlamaGen VQ tokenizer: images <-> codebook indices on a grid `patch_size` times smaller.
+pub struct VqModel {
+    cfg: VqConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Conv2d,
+    post_quant_conv: Conv2d,
+    /// l2-normalised codebook rows, f32 [codebook_size, embed_dim].
+    codebook: Tensor,
+    /// Squared norms of `codebook` rows, f32 [1, codebook_size] (kept to mirror the reference's distance).
+    codebook_sq: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl VqModel {
+    pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        ensure!(
+            !cfg.ch_mult.is_empty(),
+            "VQ config: ch_mult must not be empty"
+        );
+        ensure!(
+            cfg.ch > 0 && !cfg.ch_mult.contains(&0),
+            "VQ config: ch ({}) and ch_mult ({:?}) must be positive",
+            cfg.ch,
+            cfg.ch_mult
+        );
+        ensure!(
+            cfg.codebook_size > 0
+                && cfg.embed_dim > 0
+                && cfg.z_channels > 0
+                && cfg.num_res_blocks > 0,
+            "VQ config: codebook_size, embed_dim, z_channels and num_res_blocks must be positive"
+        );
+        ensure!(
+            cfg.codebook_size <= u32::MAX as usize,
+            "VQ config: codebook_size {} does not fit u32",
+            cfg.codebook_size
+        );
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let load = || -> Result<Self> {
+            let encoder = Encoder::new(cfg, vb.pp("encoder"))?;
+            let decoder = Decoder::new(cfg, vb.pp("decoder"))?;
+            let quant_conv = conv1(vb.pp("quant_conv"), cfg.z_channels, cfg.embed_dim)?;
+            let post_quant_conv = conv1(vb.pp("post_quant_conv"), cfg.embed_dim, cfg.z_channels)?;
+            let emb = vb
+                .pp("quantize")
+                .pp("embedding")
+                .get((cfg.codebook_size, cfg.embed_dim), "weight")?;
+            let codebook = l2_normalize(&emb.to_dtype(DType::F32)?)?;
+            let codebook_sq = codebook.sqr()?.sum(1)?.unsqueeze(0)?;
+            Ok(Self {
+                cfg: cfg.clone(),
+                encoder,
+                decoder,
+                quant_conv,
+                post_quant_conv,
+                codebook,
+                codebook_sq,
+                dtype,
+                device: device.clone(),
+            })
+        };
+        load()
+            .context("cannot build the VQ tokenizer from its weights (wrong config or checkpoint?)")
+    }
+
+    pub fn config(&self) -> &VqConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// images: [N, 3, H, W] in [-1, 1] (any float dtype), H and W multiples of patch_size. Returns u32 indices [N, (H/p)*(W/p)] in raster order.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let p = self.cfg.patch_size();
+        let (n, c, h, w) = images.dims4().with_context(|| {
+            format!(
+                "VQ encode: expected images [N, 3, H, W], got shape {:?}",
+                images.dims()
+            )
+        })?;
+        ensure!(
+            c == 3,
+            "VQ encode: expected 3 image channels, got {c} (shape {:?})",
+            images.dims()
+        );
+        ensure!(n > 0, "VQ encode: empty batch");
+        if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+            bail!("VQ encode: image size {h}x{w} (HxW) is not a positive multiple of the patch size {p}");
+        }
+        ensure!(
+            images.dtype().is_float(),
+            "VQ encode: images must be a float tensor, got {:?}",
+            images.dtype()
+        );
+        let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let z = self.quant_conv.forward(&self.encoder.forward(&x)?)?;
+        let (_, d, gh, gw) = z.dims4()?;
+        let z = z
+            .to_dtype(DType::F32)?
+            .permute((0, 2, 3, 1))?
+            .reshape((n * gh * gw, d))?;
+        let idx = self.nearest_codes(&l2_normalize(&z)?)?;
+        Ok(idx.reshape((n, gh * gw))?)
+    }
+
+    /// Index of the nearest codebook row for each row of `z` ([M, embed_dim] f32, normalised):
+    /// argmin of |z|^2 + |e|^2 - 2 z.e as the reference computes it, first index on ties.
+    fn nearest_codes(&self, z: &Tensor) -> Result<Tensor> {
+        let (m, _) = z.dims2()?;
+        let k = self.cfg.codebook_size;
+        let rows = (QUANT_CHUNK_ELEMS / k).max(1);
+        let cb_t = self.codebook.t()?.contiguous()?;
+        let iota = Tensor::arange(0u32, k as u32, &self.device)?.unsqueeze(0)?;
+        let none = Tensor::new(&[k as u32], &self.device)?.unsqueeze(0)?;
+        let mut out = Vec::with_capacity(m.div_ceil(rows));
+        for start in (0..m).step_by(rows) {
+            let len = rows.min(m - start);
+            let zc = z.narrow(0, start, len)?;
+            let zsq = zc.sqr()?.sum_keepdim(1)?;
+            let dist = zsq
+                .broadcast_add(&self.codebook_sq)?
+                .broadcast_sub(&(zc.matmul(&cb_t)? * 2.0)?)?;
+            // Explicit first-minimum: the CUDA argmin reduction does not promise torch's tie rule.
+            let is_min = dist.broadcast_eq(&dist.min_keepdim(1)?)?;
+            let idx =
+                is_min.where_cond(&iota.broadcast_as((len, k))?, &none.broadcast_as((len, k))?)?;
+            out.push(idx.min(1)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// codes: [N, h*w] u32 (or i64) raster order on a grid of `grid = (h, w)` tokens. Returns the decoder's raw f32 output [N, 3, h*p, w*p] (no clamping).
+    pub fn decode(&self, codes: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let (n, l) = codes.dims2().with_context(|| {
+            format!(
+                "VQ decode: expected codes [N, h*w], got shape {:?}",
+                codes.dims()
+            )
+        })?;
+        let (gh, gw) = grid;
+        ensure!(
+            gh > 0 && gw > 0,
+            "VQ decode: grid {gh}x{gw} must be non-empty"
+        );
+        ensure!(
+            l == gh * gw,
+            "VQ decode: {l} codes per image do not fill a {gh}x{gw} grid ({} tokens)",
+            gh * gw
+        );
+        ensure!(n > 0, "VQ decode: empty batch");
+        let ids = self.checked_ids(codes)?;
+        let ids = Tensor::from_vec(ids, n * l, &self.device)?;
+        let zq = self.codebook.index_select(&ids, 0)?;
+        let zq = zq
+            .reshape((n, gh, gw, self.cfg.embed_dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let zq = zq.to_dtype(self.dtype)?;
+        let out = self.decoder.forward(&self.post_quant_conv.forward(&zq)?)?;
+        Ok(out.to_dtype(DType::F32)?)
+    }
+
+    /// Reads the ids on the host and checks them against the codebook size.
+    fn checked_ids(&self, codes: &Tensor) -> Result<Vec<u32>> {
+        let k = self.cfg.codebook_size;
+        let l = codes.dim(1)?;
+        let flat = codes.flatten_all()?.to_device(&Device::Cpu)?;
+        let vals: Vec<i64> = match codes.dtype() {
+            DType::U32 => flat.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+            DType::I64 => flat.to_vec1::<i64>()?,
+            DType::U8 => flat.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
+            other => bail!("VQ decode: codes must be u32 or i64, got {other:?}"),
+        };
+        vals.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if v < 0 || v as u64 >= k as u64 {
+                    bail!(
+                        "VQ decode: code id {v} (image {}, token {}) is out of range: the codebook has {k} entries",
+                        i / l,
+                        i % l
+                    );
+                }
+                Ok(v as u32)
+            })
+            .collect()
+    }
+}

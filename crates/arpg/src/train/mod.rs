@@ -1,0 +1,378 @@
+//! Training: teacher forcing in a random order per sample (the paper's recipe).
+//!
+//! Each sample draws a permutation `o` of its positions; the model reads
+//! `[class, t_o0 .. t_o(L-2)]` and its queries predict `[t_o0 .. t_o(L-1)]`, with causal masks
+//! in both passes. Class labels drop to the null class with probability 0.1; dropout on token
+//! embeddings, residuals and FFN outputs. AdamW, warmup + cosine, grad-norm clipping, EMA.
+
+pub mod optim;
+
+use crate::config::ArpgConfig;
+use crate::data::Packed;
+use crate::model::{Arpg, Mode, Positions};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use optim::{clip_grad_norm, lr_at, AdamW};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The recipe's knobs; defaults are the paper's where the paper has one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// Samples per optimizer step (per process), over all accumulation micro-batches.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Peak learning rate (already scaled: see `scaled_lr`).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub ema_decay: Option<f64>,
+    pub class_dropout: f64,
+    /// Dropout on token embeddings, residuals (after proj) and FFN outputs.
+    pub dropout: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            grad_accum: 1,
+            lr: 1e-4,
+            min_lr: 1e-5,
+            warmup_steps: 0,
+            steps: 1000,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            ema_decay: None,
+            class_dropout: 0.1,
+            dropout: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// The paper's rule: the learning rate is given per 256 samples of global batch.
+pub fn scaled_lr(lr_per_256: f64, global_batch: usize) -> f64 {
+    lr_per_256 * global_batch as f64 / 256.0
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be at least 1");
+        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
+        ensure!(
+            self.batch_size % self.grad_accum == 0,
+            "--batch-size {} must be a multiple of --grad-accum {}",
+            self.batch_size,
+            self.grad_accum
+        );
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be positive");
+        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
+        ensure!((0.0..=1.0).contains(&self.class_dropout), "--class-dropout must be in [0, 1]");
+        if let Some(d) = self.ema_decay {
+            ensure!((0.0..1.0).contains(&d), "--ema decay must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// Statistics of one optimizer step.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Serves every parameter as its f32 master `Var`, cast to the compute dtype (a differentiable
+/// op, so gradients reach the master weights: bf16 autocast with f32 masters).
+struct MasterWeights {
+    vars: HashMap<String, Var>,
+}
+
+impl SimpleBackend for MasterWeights {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        let v = self.vars.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+        if v.shape() != &s {
+            candle_core::bail!("parameter {name}: {:?} vs {:?}", v.shape(), s);
+        }
+        v.as_tensor().to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        self.vars[name].as_tensor().to_dtype(dtype)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
+    }
+}
+
+pub struct Trainer {
+    pub model_cfg: ArpgConfig,
+    pub cfg: TrainConfig,
+    names: Vec<String>,
+    params: Vec<Var>,
+    opt: AdamW,
+    ema: Option<Vec<Tensor>>,
+    pub step: usize,
+    rng: ChaCha8Rng,
+    /// Compute dtype of the forward/backward pass; masters and optimizer state stay f32.
+    pub dtype: DType,
+    device: Device,
+    perm_cache: Option<(usize, Vec<usize>)>,
+}
+
+impl Trainer {
+    /// Fresh weights initialised as the reference does: normal(0, 0.02) for linears and the
+    /// embedding table, ones for norms, zeros for the output head.
+    pub fn new(model_cfg: &ArpgConfig, cfg: &TrainConfig, dtype: DType, device: &Device) -> Result<Self> {
+        model_cfg.validate()?;
+        cfg.validate()?;
+        let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xA5A5_0000);
+        let mut names = Vec::new();
+        let mut params = Vec::new();
+        for (name, shape) in model_cfg.parameter_shapes() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name == "head.weight" {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| 0.02 * crate::util::normal(&mut init_rng)).collect()
+            };
+            params.push(Var::from_vec(data, shape, device)?);
+            names.push(name);
+        }
+        let opt = AdamW::new(&params, cfg.beta1, cfg.beta2, cfg.weight_decay)?;
+        let ema = match cfg.ema_decay {
+            Some(_) => Some(params.iter().map(|p| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?),
+            None => None,
+        };
+        if !device.is_cpu() {
+            device.set_seed(cfg.seed)?;
+        }
+        Ok(Self {
+            model_cfg: model_cfg.clone(),
+            cfg: cfg.clone(),
+            names,
+            params,
+            opt,
+            ema,
+            step: 0,
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            dtype,
+            device: device.clone(),
+            perm_cache: None,
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.elem_count()).sum()
+    }
+
+    /// The model as it is now, in the compute dtype, sharing the master weights.
+    pub fn model(&self) -> Result<Arpg> {
+        let vars = self.names.iter().cloned().zip(self.params.iter().cloned()).collect();
+        let vb = VarBuilder::from_backend(Box::new(MasterWeights { vars }), self.dtype, self.device.clone());
+        Arpg::new(&self.model_cfg, vb)
+    }
+
+    /// Sample indices of micro-batch `micro` (counted over the whole run): epochs are
+    /// permutations seeded by (seed, epoch), so resuming needs only the step count.
+    fn batch_indices(&mut self, micro: usize, size: usize, n: usize) -> Vec<usize> {
+        (0..size)
+            .map(|k| {
+                let pos = micro * size + k;
+                let epoch = pos / n;
+                if self.perm_cache.as_ref().map(|c| c.0) != Some(epoch) {
+                    let mut r = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64));
+                    let mut p: Vec<usize> = (0..n).collect();
+                    rand::seq::SliceRandom::shuffle(&mut p[..], &mut r);
+                    self.perm_cache = Some((epoch, p));
+                }
+                self.perm_cache.as_ref().unwrap().1[pos % n]
+            })
+            .collect()
+    }
+
+    /// One optimizer step over `cfg.batch_size` samples of `data`.
+    pub fn train_step(&mut self, data: &Packed) -> Result<StepStats> {
+        let mc = self.model_cfg.clone();
+        let l = mc.block_size;
+        ensure!(data.seq_len == l, "{}: samples have {} tokens, the model {l}", data.path.display(), data.seq_len);
+        let micro_size = self.cfg.batch_size / self.cfg.grad_accum;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let mut loss_sum = 0.0;
+        for j in 0..self.cfg.grad_accum {
+            let micro = self.step * self.cfg.grad_accum + j;
+            let idx = self.batch_indices(micro, micro_size, data.len());
+            let (toks, kpos, qpos, targets) = self.make_batch(data, &idx)?;
+            let model = self.model()?;
+            let p = self.cfg.dropout;
+            let dev = self.device.clone();
+            let rng = &mut self.rng;
+            let mut drop = |x: &Tensor| -> Result<Tensor> { dropout(x, p, rng, &dev) };
+            let mut mode = Mode { differentiable: true, dropout: if p > 0.0 { Some(&mut drop) } else { None } };
+            let logits = model.forward(&toks, Positions { keys: &kpos, queries: &qpos }, &mut mode)?;
+            let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let g = (loss / self.cfg.grad_accum as f64)?.backward()?;
+            for (i, p) in self.params.iter().enumerate() {
+                let gi = g.get(p).with_context(|| format!("parameter {} received no gradient", self.names[i]))?;
+                grads[i] = Some(match grads[i].take() {
+                    Some(acc) => (acc + gi)?,
+                    None => gi.clone(),
+                });
+            }
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.unwrap()).collect();
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+        let lr = lr_at(self.step, self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr, self.cfg.min_lr);
+        if !grad_norm.is_finite() {
+            bail!("step {}: the gradient norm is {grad_norm} (diverged); lower --lr", self.step);
+        }
+        self.opt.step(&self.params, &grads, lr)?;
+        if let (Some(ema), Some(d)) = (self.ema.as_mut(), self.cfg.ema_decay) {
+            for (e, p) in ema.iter_mut().zip(&self.params) {
+                *e = ((&*e * d)? + (p.as_tensor() * (1.0 - d))?)?;
+            }
+        }
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss: loss_sum / self.cfg.grad_accum as f64, lr, grad_norm })
+    }
+
+    /// Inputs, positions and targets of a teacher-forced batch in random orders.
+    fn make_batch(&mut self, data: &Packed, idx: &[usize]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let mc = &self.model_cfg;
+        let l = mc.block_size;
+        let b = idx.len();
+        let (mut toks, mut kpos, mut qpos, mut tgt) =
+            (Vec::with_capacity(b * l), Vec::with_capacity(b * l), Vec::with_capacity(b * l), Vec::with_capacity(b * l));
+        for &i in idx {
+            let crop = self.rng.random_range(0..data.n_crops(i));
+            let t = data.tokens(i, crop);
+            let label = data.label(i) as usize;
+            ensure!(label < mc.num_classes, "{}: label {label} >= num_classes {}", data.path.display(), mc.num_classes);
+            let drop_class = self.rng.random::<f64>() < self.cfg.class_dropout;
+            toks.push(if drop_class { mc.null_class_token() } else { mc.class_token(label) });
+            kpos.push(0u32);
+            let mut order: Vec<usize> = (0..l).collect();
+            rand::seq::SliceRandom::shuffle(&mut order[..], &mut self.rng);
+            for (k, &p) in order.iter().enumerate() {
+                let tok = t[p] as u32;
+                ensure!((tok as usize) < mc.vocab_size, "{}: token {tok} >= vocab_size {}", data.path.display(), mc.vocab_size);
+                if k + 1 < l {
+                    toks.push(tok);
+                    kpos.push(p as u32 + 1);
+                }
+                qpos.push(p as u32 + 1);
+                tgt.push(tok);
+            }
+        }
+        let d = &self.device;
+        Ok((
+            Tensor::from_vec(toks, (b, l), d)?,
+            Tensor::from_vec(kpos, (b, l), d)?,
+            Tensor::from_vec(qpos, (b, l), d)?,
+            Tensor::from_vec(tgt, b * l, d)?,
+        ))
+    }
+
+    /// Inference weights in the official key layout: the EMA if kept, else the model.
+    pub fn export_weights(&self) -> HashMap<String, Tensor> {
+        let src: Vec<Tensor> = match &self.ema {
+            Some(e) => e.clone(),
+            None => self.params.iter().map(|p| p.as_tensor().clone()).collect(),
+        };
+        self.names.iter().cloned().zip(src).collect()
+    }
+
+    /// Everything needed to continue bit for bit: weights, EMA, optimizer moments, step,
+    /// RNG position and both configs. Written atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (i, n) in self.names.iter().enumerate() {
+            t.insert(format!("model.{n}"), self.params[i].as_tensor().clone());
+            t.insert(format!("optim.m.{n}"), self.opt.m[i].clone());
+            t.insert(format!("optim.v.{n}"), self.opt.v[i].clone());
+            if let Some(e) = &self.ema {
+                t.insert(format!("ema.{n}"), e[i].clone());
+            }
+        }
+        let meta: HashMap<String, String> = [
+            ("format", "arpg-train-v1".to_string()),
+            ("step", self.step.to_string()),
+            ("optim_t", self.opt.t.to_string()),
+            ("rng_word_pos", self.rng.get_word_pos().to_string()),
+            ("model_config", serde_json::to_string(&self.model_cfg)?),
+            ("train_config", serde_json::to_string(&self.cfg)?),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        crate::checkpoint::save_safetensors_with_metadata(&t, meta, path)
+    }
+
+    /// Continue from a checkpoint written by [`Trainer::save`]. `cfg` may change the schedule
+    /// length; the model configuration must match.
+    pub fn resume(path: &Path, cfg: Option<&TrainConfig>, dtype: DType, device: &Device) -> Result<Self> {
+        let (tensors, meta) = crate::checkpoint::load_safetensors_with_metadata(path)?;
+        let get = |k: &str| meta.get(k).with_context(|| format!("{}: not a training checkpoint (no {k})", path.display()));
+        let model_cfg: ArpgConfig = serde_json::from_str(get("model_config")?)?;
+        let saved: TrainConfig = serde_json::from_str(get("train_config")?)?;
+        let tc = cfg.cloned().unwrap_or(saved);
+        let mut tr = Self::new(&model_cfg, &tc, dtype, device)?;
+        let take = |k: String| -> Result<Tensor> {
+            Ok(tensors.get(&k).with_context(|| format!("{}: missing {k}", path.display()))?.to_device(device)?)
+        };
+        for i in 0..tr.names.len() {
+            let n = tr.names[i].clone();
+            tr.params[i].set(&take(format!("model.{n}"))?)?;
+            tr.opt.m[i] = take(format!("optim.m.{n}"))?;
+            tr.opt.v[i] = take(format!("optim.v.{n}"))?;
+            if let Some(e) = tr.ema.as_mut() {
+                e[i] = take(format!("ema.{n}")).or_else(|_| take(format!("model.{n}")))?;
+            }
+        }
+        tr.step = get("step")?.parse()?;
+        tr.opt.t = get("optim_t")?.parse()?;
+        tr.rng.set_word_pos(get("rng_word_pos")?.parse()?);
+        Ok(tr)
+    }
+
+    /// The master parameters, by name (for tests and export).
+    pub fn parameters(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.names.iter().zip(&self.params)
+    }
+}
+
+/// Inverted dropout. On the CPU the mask comes from our seeded generator, so runs (and
+/// resumed runs) repeat bit for bit; on GPUs it comes from the device's seeded generator.
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if device.is_cpu() {
+        let n = x.elem_count();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale }).collect();
+        let m = Tensor::from_vec(mask, x.shape(), device)?.to_dtype(x.dtype())?;
+        Ok((x * m)?)
+    } else {
+        Ok(candle_nn::ops::dropout(x, p as f32)?)
+    }
+}

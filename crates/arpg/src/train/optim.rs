@@ -1,0 +1,123 @@
+//! AdamW with decoupled weight decay on matrices only, the learning-rate schedule, and
+//! global gradient-norm clipping, as the paper's recipe uses them.
+
+use anyhow::Result;
+use candle_core::{Tensor, Var};
+
+/// Warmup from 0 to `peak` over `warmup` steps, then cosine down to `min` at `total`.
+pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64, min: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let t = ((step - warmup) as f64 / span as f64).min(1.0);
+    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// First and second moments, one pair per parameter.
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Steps taken (for bias correction).
+    pub t: usize,
+}
+
+impl AdamW {
+    pub fn new(params: &[Var], beta1: f64, beta2: f64, weight_decay: f64) -> Result<Self> {
+        let zeros = |p: &Var| p.zeros_like();
+        Ok(Self {
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+            m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            t: 0,
+        })
+    }
+
+    /// One update, in the order PyTorch's AdamW does it. Weight decay applies to tensors of
+    /// two or more dimensions only (matrices and embeddings, not norms).
+    pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let mut w = p.as_tensor().clone();
+            if self.weight_decay > 0.0 && p.rank() >= 2 {
+                w = (w * (1.0 - lr * self.weight_decay))?;
+            }
+            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
+            let w = (w - (m.div(&denom)? * (lr / bc1))?)?;
+            p.set(&w)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        assert!((lr_at(0, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 10, 100, 1.0, 0.1) - 1.0).abs() < 1e-12);
+        assert!((lr_at(10, 10, 100, 1.0, 0.1) - 1.0).abs() < 1e-12);
+        assert!((lr_at(100, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-12);
+        assert!(lr_at(55, 10, 100, 1.0, 0.1) < 0.6 && lr_at(55, 10, 100, 1.0, 0.1) > 0.5);
+    }
+
+    #[test]
+    fn adamw_matches_a_hand_computed_step_and_skips_decay_on_vectors() {
+        let dev = Device::Cpu;
+        let w = Var::from_vec(vec![1.0f32, -2.0], (1, 2), &dev).unwrap();
+        let b = Var::from_vec(vec![0.5f32], 1, &dev).unwrap();
+        let mut opt = AdamW::new(&[w.clone(), b.clone()], 0.9, 0.95, 0.1).unwrap();
+        let g = [Tensor::new(&[[0.2f32, -0.4]], &dev).unwrap(), Tensor::new(&[1.0f32], &dev).unwrap()];
+        opt.step(&[w.clone(), b.clone()], &g, 0.01).unwrap();
+        // First step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (eps aside).
+        let w1 = w.as_tensor().to_vec2::<f32>().unwrap();
+        assert!((w1[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{w1:?}");
+        assert!((w1[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{w1:?}");
+        let b1 = b.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((b1[0] - (0.5 - 0.01)).abs() < 1e-6, "{b1:?}");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let dev = Device::Cpu;
+        let mut g = vec![Tensor::new(&[3.0f32, 4.0], &dev).unwrap()];
+        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-9);
+        let v = g[0].to_vec1::<f32>().unwrap();
+        assert!((v[0] - 0.6).abs() < 1e-5 && (v[1] - 0.8).abs() < 1e-5);
+    }
+}
