@@ -6,19 +6,22 @@
 #   scripts/build-cuda.sh --nccl     # same with --features nccl (+ the NCCL wheel)
 #   scripts/build-cuda.sh -j 1       # cargo jobs (default 2); also caps parallel nvcc
 #   scripts/build-cuda.sh --setup-only   # install the toolchain + lib dir, no cargo build
-#   scripts/build-cuda.sh --probe    # build .bin/cuda-probe instead: a tiny crate outside the
-#                                    # workspace (candle only: curand, cuBLAS, kernels, bf16
-#                                    # matmul TFLOP/s) to check the toolchain and the link
-#                                    # even while the workspace does not compile
+#   scripts/build-cuda.sh --probe    # also link .bin/cuda-probe: a tiny candle program
+#                                    # (cuRAND, cuBLAS, PTX kernels, bf16 matmul TFLOP/s),
+#                                    # linked by rustc against target-cuda's candle rlibs,
+#                                    # so it works even while the workspace doesn't compile
 #
-# Result: .bin/arpg (stripped). Everything else lives in git-ignored folders:
+# Result: .bin/arpg (stripped, ~63 MB) and .bin/arpg.xz (~12 MB): the raw binary is too
+# close to the 64 MiB that may travel to the GPU machine, so carry the .xz and unpack it
+# there (the script prints the command). Everything else lives in git-ignored folders:
 #   .cuda/venv   Python venv with the pinned CUDA 13.0 wheels (nvcc, cudart, cublas, ...)
 #   .cuda/lib    libX.so symlinks + a stub libcuda.so.1 (link time only; the GPU
 #                machine's real driver is used at run time)
+#   .cuda/cargo-build.log   the last cargo output
 #   target-cuda  cargo target dir (kept apart from target/ so CPU builds stay warm)
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ORIG_ARGS=("$@")
 NCCL=0
@@ -164,36 +167,25 @@ if [ "$SETUP_ONLY" = 1 ]; then
   exit 0
 fi
 
-BIN=arpg
-CARGO_ARGS=(build --release -p arpg-cli --bin arpg --features "$FEATURE" -j "$JOBS")
-if [ "$PROBE" = 1 ]; then
-  # Same candle versions as the workspace (copied Cargo.lock) and the same target dir,
-  # so the probe reuses the workspace's compiled candle/cudarc/kernels.
-  BIN=cuda-probe
-  P="$CUDA_DIR/probe"
-  mkdir -p "$P/src"
-  cat > "$P/Cargo.toml.new" <<'TOML'
-[package]
-name = "cuda-probe"
-version = "0.0.0"
-edition = "2021"
-publish = false
+LOG="$CUDA_DIR/cargo-build.log"    # cargo's messages and rendered diagnostics
+JSON="$CUDA_DIR/cargo-build.json"  # cargo's JSON messages (artifacts, build-script link paths)
+build() {
+  step "cargo build --release -p arpg-cli --bin arpg --features $FEATURE -j $JOBS (CARGO_TARGET_DIR=target-cuda)"
+  local rc=0
+  { cargo build --release -p arpg-cli --bin arpg --features "$FEATURE" -j "$JOBS" \
+      --message-format=json-render-diagnostics 2>&1 1>"$JSON" | tee "$LOG"; } || rc=$?
+  return "$rc"
+}
 
-[workspace]
-
-[features]
-cuda = []
-nccl = ["candle-core/nccl"]
-
-[dependencies]
-candle-core = { version = "0.11.1", features = ["cuda"] }
-candle-nn = { version = "0.11.1", features = ["cuda"] }
-
-[profile.release]
-debug = false
-codegen-units = 16
-TOML
-  cat > "$P/src/main.rs.new" <<'RUST'
+# The probe: a small program linked by rustc against the candle rlibs that the workspace
+# build just produced (same features, nothing recompiled), with the build scripts' link
+# paths (libmoe.a of candle-kernels, the CUDA lib dir). It needs only the dependencies
+# to have compiled, not the workspace's own crates.
+build_probe() {
+  step "link .cuda/probe/main.rs against target-cuda's candle"
+  local P="$CUDA_DIR/probe"
+  mkdir -p "$P"
+  cat > "$P/main.rs" <<'RUST'
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -226,57 +218,110 @@ fn main() -> candle_core::Result<()> {
     Ok(())
 }
 RUST
-  for f in Cargo.toml src/main.rs; do
-    cmp -s "$P/$f.new" "$P/$f" && rm -f "$P/$f.new" || mv "$P/$f.new" "$P/$f"
-  done
-  cmp -s Cargo.lock "$P/Cargo.lock" || cp Cargo.lock "$P/Cargo.lock"
-  CARGO_ARGS=(build --release --manifest-path "$P/Cargo.toml" --features "$FEATURE" -j "$JOBS")
-fi
-
-LOG="$CUDA_DIR/cargo-build.log"
-build() {
-  step "cargo ${CARGO_ARGS[*]} (CARGO_TARGET_DIR=target-cuda)"
+  local args=()
+  mapfile -t args < <(python3 - "$JSON" <<'PY'
+import json, sys
+rlibs, paths = {}, []
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] in ("candle_core", "candle_nn"):
+        rlibs[m["target"]["name"]] = next(f for f in m["filenames"] if f.endswith(".rlib"))
+    elif m.get("reason") == "build-script-executed":
+        paths += [p for p in m["linked_paths"] if p not in paths]
+if len(rlibs) != 2:
+    sys.exit("candle_core/candle_nn were not built: see the cargo log")
+for name, rlib in sorted(rlibs.items()):
+    print("--extern"); print(f"{name}={rlib}")
+for p in paths:
+    print("-L"); print(p)
+PY
+  )
+  [ "${#args[@]}" -gt 0 ] || return 1
+  [ "$NCCL" = 1 ] && args+=(--cfg 'feature="nccl"')
   local rc=0
-  cargo "${CARGO_ARGS[@]}" 2>&1 | tee "$LOG" || rc=$?
+  rustc --edition 2021 -C opt-level=3 -C codegen-units=16 --crate-type bin --crate-name cuda_probe \
+    -o "$TARGET_DIR/release/cuda-probe" "$P/main.rs" -L "dependency=$TARGET_DIR/release/deps" \
+    "${args[@]}" 2>&1 | tee -a "$LOG" || rc=$?
   return "$rc"
 }
-if ! build; then
-  # A driver function missing from cudarc's list (or the NCCL library): add the
-  # undefined cu* symbols to the stub once and retry.
-  MISSING="$(grep -oE "undefined (reference to|symbol:?) \`?cu[A-Za-z0-9_]+" "$LOG" \
-             | grep -oE 'cu[A-Za-z0-9_]+$' | sort -u || true)"
+
+BUILD_OK=1
+build || BUILD_OK=0
+PROBE_OK=1
+if [ "$PROBE" = 1 ]; then build_probe || PROBE_OK=0; fi
+if [ "$BUILD_OK" = 0 ] || [ "$PROBE_OK" = 0 ]; then
+  # A driver function missing from cudarc's list: add the undefined cu* symbols to the
+  # stub once and retry.
+  MISSING="$(grep -oE "undefined (reference to|symbol:?) \`?cu[A-Z][A-Za-z0-9_]+" "$LOG" \
+             | grep -oE 'cu[A-Z][A-Za-z0-9_]+$' | sort -u || true)"
   if [ -n "$MISSING" ] && [ -z "${ARPG_STUB_RETRY:-}" ]; then
     echo "adding undefined driver symbols to the stub: $MISSING"
     printf '%s\n' $MISSING >> "$EXTRA_SYMS"
     ARPG_STUB_RETRY=1 exec "$0" "${ORIG_ARGS[@]}"
   fi
-  echo "cargo build failed (log: $LOG)" >&2
-  exit 1
 fi
+if [ "$BUILD_OK" = 0 ]; then
+  if grep -qE '^error.*could not compile `arpg(-cli)?`' "$LOG" \
+     && ! grep -qE '^error.*could not compile `(candle|cudarc)' "$LOG"; then
+    echo "cargo build failed in the workspace's own crates (log: $LOG); the CUDA" >&2
+    echo "dependencies are built in target-cuda (try --probe to check the toolchain)." >&2
+  else
+    echo "cargo build failed (log: $LOG)" >&2
+  fi
+  [ "$PROBE" = 1 ] && [ "$PROBE_OK" = 1 ] || exit 1
+fi
+[ "$PROBE_OK" = 1 ] || { echo "probe link failed (log: $LOG)" >&2; exit 1; }
 
 # ---------------------------------------------------------------- 4. result
-OUT="$ROOT/.bin/$BIN"
-step "copy + strip to .bin/$BIN"
-mkdir -p "$ROOT/.bin"
-cp -f "$TARGET_DIR/release/$BIN" "$OUT"
-echo "unstripped: $(du -h "$OUT" | cut -f1)"
-strip "$OUT"
-echo "stripped:   $(du -h "$OUT" | cut -f1)  ($(stat -c %s "$OUT") bytes)"
-echo
-echo "NEEDED:"
-readelf -d "$OUT" | awk '/NEEDED/ {print "  " $NF}' | tr -d '[]'
-echo "ldd (here, against .cuda/lib; on the GPU machine the same names come from"
-echo "     /usr/local/cuda/lib64 and the real driver from /usr/local/nvidia/lib64):"
-LD_LIBRARY_PATH="$LIB" ldd "$OUT" | sed 's/^/  /'
+# The stripped binary is ~63 MB, mostly candle-kernels' GGUF/MoE fatbins (libmoe.a,
+# registered by static constructors, so the linker keeps them): too close to the
+# 64 MiB that may travel to the GPU machine. xz makes it ~12 MB: carry the .xz.
+TRAVEL_LIMIT=$((64 * 1024 * 1024))
+WORKTREE_BYTES="$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)"
+publish() {
+  local bin="$1" src="$TARGET_DIR/release/$1" out="$ROOT/.bin/$1"
+  step "copy + strip + xz to .bin/$bin"
+  mkdir -p "$ROOT/.bin"
+  if [ ! -f "$out" ] || [ "$src" -nt "$out" ]; then
+    cp -f "$src" "$out"
+    echo "unstripped: $(du -h "$out" | cut -f1)"
+    strip "$out"
+  fi
+  if [ ! -f "$out.xz" ] || [ "$out" -nt "$out.xz" ]; then
+    xz -6 -T"$JOBS" -c "$out" > "$out.xz.tmp" && mv "$out.xz.tmp" "$out.xz"
+  fi
+  local raw xzb
+  raw=$(stat -c %s "$out"); xzb=$(stat -c %s "$out.xz")
+  printf 'stripped:   %s  (%d bytes)\nxz:         %s  (%d bytes)\n' \
+    "$(du -h "$out" | cut -f1)" "$raw" "$(du -h "$out.xz" | cut -f1)" "$xzb"
+  printf 'travel:     work tree %d MiB + .bin/%s.xz %d MiB = %d MiB (limit 64 MiB)\n' \
+    $((WORKTREE_BYTES >> 20)) "$bin" $((xzb >> 20)) $(((WORKTREE_BYTES + xzb) >> 20))
+  if [ $((WORKTREE_BYTES + raw)) -ge "$TRAVEL_LIMIT" ]; then
+    echo "            (the uncompressed binary would NOT fit: carry .bin/$bin.xz, not .bin)"
+  fi
+  echo
+  echo "NEEDED:"
+  readelf -d "$out" | awk '/NEEDED/ {print "  " $NF}' | tr -d '[]'
+  echo "ldd (here, against .cuda/lib; on the GPU machine the same names come from"
+  echo "     /usr/local/cuda/lib64 and the real driver from /usr/local/nvidia/lib64):"
+  LD_LIBRARY_PATH="$LIB" ldd "$out" | sed 's/^/  /'
+}
+BINS=()
+[ "$BUILD_OK" = 1 ] && BINS+=(arpg)
+[ "$PROBE" = 1 ] && BINS+=(cuda-probe)
+for b in "${BINS[@]}"; do publish "$b"; done
 
 step "done"
-cat <<EOF
-Run on the GPU machine (device tool, carry [".bin"]):
-  LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64 .bin/$BIN ...
-EOF
-if [ "$NCCL" = 1 ]; then
-  cat <<EOF
-With --nccl the binary also needs libnccl.so.2 there (PyTorch's wheel), e.g.:
-  LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:\$(python3 -c 'import nvidia.nccl as n; print(n.__path__[0])')/lib .bin/$BIN ...
-EOF
-fi
+LDP=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
+[ "$NCCL" = 1 ] && LDP="$LDP:\$(python3 -c 'import nvidia.nccl as n; print(n.__path__[0])')/lib"
+CARRY="$(printf '".bin/%s.xz", ' "${BINS[@]}")"
+echo "Run on the GPU machine: device tool with carry [${CARRY%, }] and"
+for b in "${BINS[@]}"; do
+  echo "  xz -dc .bin/$b.xz > .bin/$b && chmod +x .bin/$b"
+done
+echo "  LD_LIBRARY_PATH=$LDP .bin/${BINS[0]} ..."
+[ "$NCCL" = 1 ] && echo "(libnccl.so.2 comes from the GPU machine's PyTorch wheel nvidia-nccl-cu13)"
+[ "$BUILD_OK" = 1 ] || exit 1

@@ -3,8 +3,7 @@
 use crate::args::{DeviceArgs, ModelArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::sampler::{self, decode, random_order, Request, SampleConfig, TokenFilter};
-use arpg::tokenizer::{image as img, tokens_io};
-use candle_core::Tensor;
+use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -70,7 +69,18 @@ pub struct SampleArgs {
     pub tokens_out: Option<PathBuf>,
 }
 
-pub fn run(a: SampleArgs) -> Result<()> {
+pub fn run(mut a: SampleArgs) -> Result<()> {
+    let m = &a.model;
+    if m.model.is_none() && m.config.is_none() && m.weights.is_none() && m.init.is_none() {
+        // No model named: the official ARPG-L if its weights are cached, else the shipped
+        // digits model, so that a fresh offline machine still samples something real.
+        if arpg::zoo::official_weights_cached() {
+            a.model.model = Some("ARPG-L".into());
+        } else {
+            eprintln!("no --model given and no official weights in the HF cache: using the built-in digits model");
+            a.model.model = Some(arpg::zoo::DIGITS.into());
+        }
+    }
     let spec = a.model.spec(a.seed);
     let mcfg = spec.config()?;
     let classes: Vec<usize> = if !a.classes.is_empty() {
@@ -111,8 +121,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
 
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
-    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some();
-    let vq = if want_images { Some(a.vq.spec(spec.random, a.seed).load(dtype, &device)?) } else { None };
+    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || spec.is_digits();
+    let tokenizer = match () {
+        _ if !want_images => None,
+        _ if spec.is_digits() => Some(ImageTokenizer::Pixel),
+        _ => Some(ImageTokenizer::Vq(a.vq.spec(spec.random, a.seed).load(dtype, &device)?)),
+    };
     let grid = mcfg.grid_size();
 
     let all: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, a.per_class)).collect();
@@ -138,11 +152,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         let known = vec![vec![]; batch.len()];
         let req = Request { classes: batch, known: &known, orders: &orders };
         let toks = decode(&model, &req, &sc, &mut rng)?;
-        if let Some(vq) = &vq {
-            let flat: Vec<u32> = toks.concat();
-            let codes = Tensor::from_vec(flat, (batch.len(), cells), &device)?;
-            let pix = vq.decode(&codes, (grid, grid))?;
-            for (i, im) in img::tensor_to_images(&pix)?.into_iter().enumerate() {
+        if let Some(tk) = &tokenizer {
+            for (i, im) in tk.decode(&toks, (grid, grid), &device)?.into_iter().enumerate() {
                 let idx = tokens.len() + i;
                 let path = a.out.join(format!("{idx:06}_class{}.png", batch[i]));
                 img::save_png_atomic(&im, &path)?;
@@ -155,8 +166,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     if !images.is_empty() {
-        let ncols = (images.len() as f64).sqrt().ceil() as usize;
-        img::save_png_atomic(&img::make_grid(&images, ncols, 2), &a.out.join("grid.png"))?;
+        let ncols = if a.per_class > 1 { a.per_class } else { (images.len() as f64).sqrt().ceil() as usize };
+        let mut g = img::make_grid(&images, ncols, 2);
+        // Tiny images (the digits model's 8x8) are enlarged in the grid so they can be seen.
+        let side = images[0].width().max(1);
+        if side < 64 {
+            let k = 64 / side;
+            g = image::imageops::resize(&g, g.width() * k, g.height() * k, image::imageops::FilterType::Nearest);
+        }
+        img::save_png_atomic(&g, &a.out.join("grid.png"))?;
     }
     if let Some(p) = &a.tokens_out {
         tokens_io::write(p, &tokens)?;

@@ -174,7 +174,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
             });
             writeln!(log, "{line}")?;
-            pb.println(line.to_string());
+            if pb.is_hidden() {
+                println!("{line}");
+            } else {
+                pb.println(line.to_string());
+            }
         }
         if s.step % a.ckpt_every == 0 && s.step < until {
             tr.save(&ckpt)?;

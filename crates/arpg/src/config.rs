@@ -249,7 +249,7 @@ impl VqConfig {
         if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
             bail!("ch and ch_mult must be positive and non-empty");
         }
-        for c in self.ch_mult.iter().map(|m| m * self.ch).chain([self.z_channels]) {
+        for c in self.ch_mult.iter().map(|m| m * self.ch) {
             if c % 32 != 0 {
                 bail!("channel count {c} is not divisible by GroupNorm's 32 groups");
             }

@@ -178,6 +178,9 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(vq
         .encode(&Tensor::zeros((3, 8, 8), DType::F32, &dev).unwrap())
         .is_err());
+    let nan = Tensor::full(f32::NAN, (1, 3, 8, 8), &dev).unwrap();
+    let e = format!("{:#}", vq.encode(&nan).unwrap_err());
+    assert!(e.contains("NaN"), "{e}");
 
     // Weights that do not match the config are a load error.
     let mut cfg: VqConfig = serde_json::from_value(fx["vq_config"].clone()).unwrap();
@@ -193,11 +196,6 @@ fn half_precision_runs_close_to_f32() {
     let fx = fixture();
     let f32_model = model(&fx);
     let cfg = f32_model.config().clone();
-    let path = format!("{FIXTURES}a_vq.safetensors");
-    // SAFETY: the fixture file is not modified while mapped.
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::BF16, &Device::Cpu) }.unwrap();
-    let bf16 = VqModel::new(&cfg, vb).unwrap();
     let (shape, codes) = flatten(&fx["vq_decode"]["codes"]);
     let codes = Tensor::from_vec(
         codes.into_iter().map(|x| x as u32).collect::<Vec<_>>(),
@@ -205,29 +203,37 @@ fn half_precision_runs_close_to_f32() {
         &Device::Cpu,
     )
     .unwrap();
-    let a = bf16.decode(&codes, (4, 4)).unwrap();
-    assert_eq!(a.dtype(), DType::F32);
-    let b = f32_model.decode(&codes, (4, 4)).unwrap();
-    let err = (a - &b)
-        .unwrap()
+    let want = f32_model.decode(&codes, (4, 4)).unwrap();
+    let scale = want
         .abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        err / scale < 0.1,
-        "bf16 decode relative error {}",
-        err / scale
-    );
     let images = tensor_f32(&fx["vq_encode"]["image"]);
-    assert_eq!(bf16.encode(&images).unwrap().dims(), &[2, 16]);
+    for dtype in [DType::BF16, DType::F16] {
+        let path = format!("{FIXTURES}a_vq.safetensors");
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, &Device::Cpu) }.unwrap();
+        let vq = VqModel::new(&cfg, vb).unwrap();
+        let got = vq.decode(&codes, (4, 4)).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let err = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("vq decode {dtype:?}: relative error {:.3e}", err / scale);
+        assert!(
+            err / scale < 0.05,
+            "{dtype:?} decode relative error {}",
+            err / scale
+        );
+        assert_eq!(vq.encode(&images).unwrap().dims(), &[2, 16]);
+    }
 }

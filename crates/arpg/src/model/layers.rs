@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// How a forward pass runs: inference may use fused kernels; training needs a backward
 /// through every op (candle's fused RMSNorm / softmax / RoPE have none) and applies dropout.
@@ -23,9 +23,37 @@ impl Mode<'_> {
     }
 }
 
+/// A bias-free linear layer that folds leading dimensions into one GEMM (candle's `Linear`
+/// broadcasts the weight per batch instead, which is slower and has a costlier backward).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let last = dims[dims.len() - 1];
+        let rows = x.elem_count() / last;
+        let y = x.reshape((rows, last))?.matmul(&self.weight.t()?)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
 pub fn linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    let w = vb.pp(name).get((out_dim, in_dim), "weight")?;
-    Ok(Linear::new(w, None))
+    Ok(Linear { weight: vb.pp(name).get((out_dim, in_dim), "weight")? })
+}
+
+/// The precision of the parts the reference runs in float32 (norms, RoPE, softmax): float32,
+/// or float64 when the whole model runs in float64 (gradient checks).
+pub fn at_least_f32(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// RMSNorm computed in float32 then cast back, then scaled, as the reference does.
@@ -43,7 +71,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(at_least_f32(dtype))?;
         if !differentiable && dtype == DType::F32 {
             let w = self.weight.to_dtype(DType::F32)?;
             return Ok(candle_nn::ops::rms_norm(&x32.contiguous()?, &w, self.eps as f32)?);
@@ -92,9 +120,9 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, differentiable: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(at_least_f32(dtype))? * scale)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
     let probs = if differentiable {

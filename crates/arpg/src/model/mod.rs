@@ -15,8 +15,8 @@ pub use layers::Mode;
 use crate::config::ArpgConfig;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
-use layers::{attention, causal_mask, linear, merge_heads, split_heads, FeedForward, RmsNorm};
+use candle_nn::{Embedding, VarBuilder};
+use layers::{attention, causal_mask, linear, merge_heads, split_heads, FeedForward, Linear, RmsNorm};
 use rope::Rope;
 
 struct SelfBlock {
@@ -199,7 +199,7 @@ impl Arpg {
     }
 
     fn logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
-        Ok(self.head.forward(&self.norm.forward(q, diff)?)?.to_dtype(DType::F32)?)
+        Ok(self.head.forward(&self.norm.forward(q, diff)?)?.to_dtype(layers::at_least_f32(self.dtype))?)
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` content tokens.

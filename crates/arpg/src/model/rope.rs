@@ -2,7 +2,7 @@
 
 use crate::config::ArpgConfig;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// cos/sin tables of shape `[cls_token_num + grid_h * grid_w, head_dim / 2]`, float32.
 ///
@@ -67,7 +67,8 @@ impl Rope {
 /// (which has none).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(super::layers::at_least_f32(dtype))?;
+    let (cos, sin) = (&cos.to_dtype(x32.dtype())?, &sin.to_dtype(x32.dtype())?);
     let out = if differentiable {
         let (b, h, t, d) = x32.dims4()?;
         let xs = x32.reshape((b, h, t, d / 2, 2))?;

@@ -349,7 +349,7 @@ mod tests {
         write_npy_f32(&path, &[2, 3, 4], &data).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-        assert_eq!((10 + hlen) % 64, 0);
+        assert!((10 + hlen).is_multiple_of(64));
         assert_eq!(bytes[10 + hlen - 1], b'\n');
         assert_eq!(read_npy_f32(&path).unwrap(), (vec![2, 3, 4], data));
 
@@ -366,7 +366,7 @@ mod tests {
         let path = dir.path().join("y.npy");
         // A hand-made '<f8' file, the way numpy writes one.
         let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }".to_string();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');

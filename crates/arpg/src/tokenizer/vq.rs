@@ -17,6 +17,16 @@ const L2_EPS: f64 = 1e-12;
 /// Rows of the quantiser's distance matrix computed at once (bounds memory at large batches).
 const QUANT_CHUNK_ELEMS: usize = 1 << 24;
 
+/// The dtype the convs run in: the weights' dtype, except bf16 on CPU, where candle's conv
+/// has no bf16 kernel ("unsupported dtype BF16 for op matmul"), so those run in f32.
+fn compute_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -25,8 +35,9 @@ fn conv(
     stride: usize,
     pad: usize,
 ) -> Result<Conv2d> {
-    let weight = vb.get((cout, cin, k, k), "weight")?;
-    let bias = vb.get(cout, "bias")?;
+    let dt = compute_dtype(vb.device(), vb.dtype());
+    let weight = vb.get((cout, cin, k, k), "weight")?.to_dtype(dt)?;
+    let bias = vb.get(cout, "bias")?.to_dtype(dt)?;
     let cfg = Conv2dConfig {
         padding: pad,
         stride,
@@ -52,7 +63,7 @@ struct GroupNorm {
 impl GroupNorm {
     fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
         ensure!(
-            channels % GROUPS == 0,
+            channels.is_multiple_of(GROUPS),
             "GroupNorm at {}: {channels} channels are not divisible by {GROUPS} groups",
             vb.prefix()
         );
@@ -344,6 +355,7 @@ pub struct VqModel {
     codebook: Tensor,
     /// Squared norms of `codebook` rows, f32 [1, codebook_size] (kept to mirror the reference's distance).
     codebook_sq: Tensor,
+    /// Dtype the network runs in (see `compute_dtype`); inputs are converted to it.
     dtype: DType,
     device: Device,
 }
@@ -372,7 +384,7 @@ impl VqModel {
             "VQ config: codebook_size {} does not fit u32",
             cfg.codebook_size
         );
-        let dtype = vb.dtype();
+        let dtype = compute_dtype(vb.device(), vb.dtype());
         let device = vb.device().clone();
         let load = || -> Result<Self> {
             let encoder = Encoder::new(cfg, vb.pp("encoder"))?;
@@ -405,6 +417,7 @@ impl VqModel {
         &self.cfg
     }
 
+    /// The dtype the network computes in: the weights' dtype, or f32 for bf16 weights on CPU.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -428,7 +441,7 @@ impl VqModel {
             images.dims()
         );
         ensure!(n > 0, "VQ encode: empty batch");
-        if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             bail!("VQ encode: image size {h}x{w} (HxW) is not a positive multiple of the patch size {p}");
         }
         ensure!(
@@ -443,16 +456,21 @@ impl VqModel {
             .to_dtype(DType::F32)?
             .permute((0, 2, 3, 1))?
             .reshape((n * gh * gw, d))?;
-        let idx = self.nearest_codes(&l2_normalize(&z)?)?;
+        let rows = (QUANT_CHUNK_ELEMS / self.cfg.codebook_size).max(1);
+        let idx = self.nearest_codes(&l2_normalize(&z)?, rows)?;
+        // A NaN latent matches no row and comes out as `codebook_size`: refuse it here rather
+        // than hand out an invalid id.
+        if idx.max_all()?.to_scalar::<u32>()? as usize >= self.cfg.codebook_size {
+            bail!("VQ encode: the latent has NaN values (NaN/inf in the images or the weights?)");
+        }
         Ok(idx.reshape((n, gh * gw))?)
     }
 
     /// Index of the nearest codebook row for each row of `z` ([M, embed_dim] f32, normalised):
     /// argmin of |z|^2 + |e|^2 - 2 z.e as the reference computes it, first index on ties.
-    fn nearest_codes(&self, z: &Tensor) -> Result<Tensor> {
+    fn nearest_codes(&self, z: &Tensor, rows: usize) -> Result<Tensor> {
         let (m, _) = z.dims2()?;
         let k = self.cfg.codebook_size;
-        let rows = (QUANT_CHUNK_ELEMS / k).max(1);
         let cb_t = self.codebook.t()?.contiguous()?;
         let iota = Tensor::arange(0u32, k as u32, &self.device)?.unsqueeze(0)?;
         let none = Tensor::new(&[k as u32], &self.device)?.unsqueeze(0)?;
@@ -528,5 +546,161 @@ impl VqModel {
                 Ok(v as u32)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::var_builder::SimpleBackend;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Records every requested (name, shape) and hands out broadcast zeros (no allocation).
+    struct Recorder(Mutex<BTreeMap<String, Vec<usize>>>);
+
+    impl SimpleBackend for Recorder {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0
+                .lock()
+                .unwrap()
+                .insert(name.to_string(), s.dims().to_vec());
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("unexpected unchecked get of {name}")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn requests_exactly_the_official_vq16_keys_and_shapes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/official_shapes.json"
+        );
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let want: BTreeMap<String, Vec<usize>> = all["VQ-16"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.as_str() != "quantize.codebook_used")
+            .map(|(k, v)| (k.clone(), serde_json::from_value(v.clone()).unwrap()))
+            .collect();
+        let rec = std::sync::Arc::new(Recorder(Mutex::new(BTreeMap::new())));
+        struct Shared(std::sync::Arc<Recorder>);
+        impl SimpleBackend for Shared {
+            fn get(
+                &self,
+                s: candle_core::Shape,
+                n: &str,
+                h: candle_nn::Init,
+                d: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.0.get(s, n, h, d, dev)
+            }
+            fn get_unchecked(
+                &self,
+                n: &str,
+                d: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.0.get_unchecked(n, d, dev)
+            }
+            fn contains_tensor(&self, n: &str) -> bool {
+                self.0.contains_tensor(n)
+            }
+        }
+        let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+        let vq = VqModel::new(&VqConfig::default(), vb).unwrap();
+        assert_eq!(vq.config().patch_size(), 16);
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got, want);
+    }
+
+    fn tiny_model(codebook: &[f32], embed_dim: usize) -> VqModel {
+        let cfg = VqConfig {
+            ch: 32,
+            ch_mult: vec![1],
+            z_channels: 32,
+            codebook_size: codebook.len() / embed_dim,
+            embed_dim,
+            num_res_blocks: 1,
+        };
+        let mut map = std::collections::HashMap::new();
+        let emb =
+            Tensor::from_slice(codebook, (cfg.codebook_size, embed_dim), &Device::Cpu).unwrap();
+        map.insert("quantize.embedding.weight".to_string(), emb);
+        // Every other weight comes from the zeros fallback of a recording backend.
+        struct WithCodebook(std::collections::HashMap<String, Tensor>, Recorder);
+        impl SimpleBackend for WithCodebook {
+            fn get(
+                &self,
+                s: candle_core::Shape,
+                n: &str,
+                h: candle_nn::Init,
+                d: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                match self.0.get(n) {
+                    Some(t) => Ok(t.clone()),
+                    None => self.1.get(s, n, h, d, dev),
+                }
+            }
+            fn get_unchecked(
+                &self,
+                n: &str,
+                d: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.1.get_unchecked(n, d, dev)
+            }
+            fn contains_tensor(&self, _: &str) -> bool {
+                true
+            }
+        }
+        let backend = WithCodebook(map, Recorder(Mutex::new(BTreeMap::new())));
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        VqModel::new(&cfg, vb).unwrap()
+    }
+
+    #[test]
+    fn quantiser_picks_the_nearest_row_first_on_ties_across_chunks() {
+        // Rows 1 and 3 are the same direction (3 is a scaled copy): ties go to the first.
+        let cb = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 3.0, 0.6, 0.8];
+        let vq = tiny_model(&cb, 2);
+        let z = Tensor::new(
+            &[
+                [0.0f32, 2.0],
+                [-5.0, 0.1],
+                [0.7, 0.7],
+                [0.59, 0.81],
+                [1.0, -0.2],
+                [0.0, 0.0],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let z = l2_normalize(&z).unwrap();
+        for rows in [1, 2, 4, 100] {
+            let got = vq
+                .nearest_codes(&z, rows)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            // The zero vector stays zero after normalising: all rows tie, so index 0.
+            assert_eq!(got, vec![1, 2, 4, 4, 0, 0], "rows per chunk {rows}");
+        }
     }
 }

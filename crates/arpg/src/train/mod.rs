@@ -99,6 +99,15 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
+/// A teacher-forced batch: `[class, tokens in order]`, their RoPE rows, the rows the queries
+/// predict, and the flattened targets.
+pub struct Batch {
+    pub tokens: Tensor,
+    pub keys: Tensor,
+    pub queries: Tensor,
+    pub targets: Tensor,
+}
+
 /// Serves every parameter as its f32 master `Var`, cast to the compute dtype (a differentiable
 /// op, so gradients reach the master weights: bf16 autocast with f32 masters).
 struct MasterWeights {
@@ -220,15 +229,8 @@ impl Trainer {
         for j in 0..self.cfg.grad_accum {
             let micro = self.step * self.cfg.grad_accum + j;
             let idx = self.batch_indices(micro, micro_size, data.len());
-            let (toks, kpos, qpos, targets) = self.make_batch(data, &idx)?;
-            let model = self.model()?;
-            let p = self.cfg.dropout;
-            let dev = self.device.clone();
-            let rng = &mut self.rng;
-            let mut drop = |x: &Tensor| -> Result<Tensor> { dropout(x, p, rng, &dev) };
-            let mut mode = Mode { differentiable: true, dropout: if p > 0.0 { Some(&mut drop) } else { None } };
-            let logits = model.forward(&toks, Positions { keys: &kpos, queries: &qpos }, &mut mode)?;
-            let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets)?;
+            let batch = self.make_batch(data, &idx)?;
+            let loss = self.loss(&batch)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let g = (loss / self.cfg.grad_accum as f64)?.backward()?;
             for (i, p) in self.params.iter().enumerate() {
@@ -255,8 +257,21 @@ impl Trainer {
         Ok(StepStats { step: self.step, loss: loss_sum / self.cfg.grad_accum as f64, lr, grad_norm })
     }
 
-    /// Inputs, positions and targets of a teacher-forced batch in random orders.
-    fn make_batch(&mut self, data: &Packed, idx: &[usize]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// Mean cross entropy of a batch, with dropout as configured (a differentiable graph).
+    pub fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
+        let model = self.model()?;
+        let p = self.cfg.dropout;
+        let dev = self.device.clone();
+        let rng = &mut self.rng;
+        let mut drop = |x: &Tensor| -> Result<Tensor> { dropout(x, p, rng, &dev) };
+        let mut mode = Mode { differentiable: true, dropout: if p > 0.0 { Some(&mut drop) } else { None } };
+        let logits = model.forward(&batch.tokens, Positions { keys: &batch.keys, queries: &batch.queries }, &mut mode)?;
+        Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &batch.targets)?)
+    }
+
+    /// Inputs, positions and targets of a teacher-forced batch of samples `idx`, each in a
+    /// fresh random order (and with class dropout).
+    pub fn make_batch(&mut self, data: &Packed, idx: &[usize]) -> Result<Batch> {
         let mc = &self.model_cfg;
         let l = mc.block_size;
         let b = idx.len();
@@ -284,12 +299,12 @@ impl Trainer {
             }
         }
         let d = &self.device;
-        Ok((
-            Tensor::from_vec(toks, (b, l), d)?,
-            Tensor::from_vec(kpos, (b, l), d)?,
-            Tensor::from_vec(qpos, (b, l), d)?,
-            Tensor::from_vec(tgt, b * l, d)?,
-        ))
+        Ok(Batch {
+            tokens: Tensor::from_vec(toks, (b, l), d)?,
+            keys: Tensor::from_vec(kpos, (b, l), d)?,
+            queries: Tensor::from_vec(qpos, (b, l), d)?,
+            targets: Tensor::from_vec(tgt, b * l, d)?,
+        })
     }
 
     /// Inference weights in the official key layout: the EMA if kept, else the model.
