@@ -1,6 +1,7 @@
 //! Argument groups shared by several commands.
 
 use anyhow::Result;
+use arpg::tokenizer::ImageTokenizer;
 use arpg::zoo::{ModelSpec, VqSpec};
 use candle_core::{DType, Device};
 use clap::Args;
@@ -53,11 +54,50 @@ pub struct VqArgs {
     /// FoundationVision/LlamaGen on the hub.
     #[arg(long)]
     pub vq_weights: Option<PathBuf>,
+    /// Image tokenizer: vq, pixel (one token per grayscale pixel, 17 levels: the digits
+    /// model's), or auto (pixel for models with a 17-token vocabulary, else vq).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "vq", "pixel"])]
+    pub tokenizer: String,
 }
 
 impl VqArgs {
+    /// The tokenizer for a model with `vocab_size` image tokens.
+    pub fn tokenizer(
+        &self,
+        vocab_size: usize,
+        random: bool,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ImageTokenizer> {
+        let pixel = match self.tokenizer.as_str() {
+            "pixel" => true,
+            "vq" => false,
+            _ => vocab_size == arpg::tokenizer::pixel::LEVELS as usize,
+        };
+        if pixel {
+            if vocab_size != arpg::tokenizer::pixel::LEVELS as usize {
+                anyhow::bail!("--tokenizer pixel needs a model with 17 image tokens, this one has {vocab_size}");
+            }
+            return Ok(ImageTokenizer::Pixel);
+        }
+        let vq = self.spec(random, seed).load(dtype, device)?;
+        if vq.config().codebook_size != vocab_size {
+            anyhow::bail!(
+                "the VQ codebook has {} entries but the model {vocab_size} image tokens",
+                vq.config().codebook_size
+            );
+        }
+        Ok(ImageTokenizer::Vq(vq))
+    }
+
     pub fn spec(&self, random: bool, seed: u64) -> VqSpec {
-        VqSpec { config: self.vq_config.clone(), weights: self.vq_weights.clone(), random, seed }
+        VqSpec {
+            config: self.vq_config.clone(),
+            weights: self.vq_weights.clone(),
+            random,
+            seed,
+        }
     }
 }
 
@@ -73,6 +113,9 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn resolve(&self) -> Result<(Device, DType)> {
-        Ok((arpg::device::parse_device(&self.device)?, arpg::device::parse_dtype(&self.dtype)?))
+        Ok((
+            arpg::device::parse_device(&self.device)?,
+            arpg::device::parse_dtype(&self.dtype)?,
+        ))
     }
 }

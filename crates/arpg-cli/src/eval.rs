@@ -35,6 +35,10 @@ pub struct EvalDigitsArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
+    /// `sample`: draw --per-class digits of every class. `inpaint`: regenerate the lower half
+    /// of every held-out test digit conditioned on its own class.
+    #[arg(long, default_value = "sample", value_parser = ["sample", "inpaint"])]
+    pub task: String,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -57,17 +61,59 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
         cfg: a.cfg,
         cfg_schedule: a.cfg_schedule.parse()?,
         schedule: arpg::sampler::MaskSchedule::Arccos,
-        filter: TokenFilter { temperature: a.temperature, ..Default::default() },
+        filter: TokenFilter {
+            temperature: a.temperature,
+            ..Default::default()
+        },
     };
-    let classes: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, a.per_class)).collect();
+    let inpainting = a.task == "inpaint";
+    // Inpainting: the upper half (positions 0..32) is known, the lower half decoded.
+    let (classes, knowns): (Vec<usize>, Vec<Vec<(usize, u32)>>) = if inpainting {
+        test.iter()
+            .map(|d| {
+                (
+                    d.label as usize,
+                    (0..32).map(|p| (p, d.pixels[p] as u32)).collect(),
+                )
+            })
+            .unzip()
+    } else {
+        (0..10)
+            .flat_map(|c| std::iter::repeat_n((c, vec![]), a.per_class))
+            .unzip()
+    };
+    let sc = SampleConfig {
+        steps: if inpainting {
+            sc.steps.min(32)
+        } else {
+            sc.steps
+        },
+        ..sc
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let positions: Vec<usize> = (0..64).collect();
+    let positions: Vec<usize> = if inpainting {
+        (32..64).collect()
+    } else {
+        (0..64).collect()
+    };
     let pb = ProgressBar::new(classes.len() as u64);
     let mut samples = Vec::new();
-    for batch in classes.chunks(a.batch_size.max(1)) {
-        let orders: Vec<Vec<usize>> = batch.iter().map(|_| random_order(&positions, &mut rng)).collect();
-        let known = vec![vec![]; batch.len()];
-        let toks = decode(&model, &Request { classes: batch, known: &known, orders: &orders }, &sc, &mut rng)?;
+    let bs = a.batch_size.max(1);
+    for (batch, known) in classes.chunks(bs).zip(knowns.chunks(bs)) {
+        let orders: Vec<Vec<usize>> = batch
+            .iter()
+            .map(|_| random_order(&positions, &mut rng))
+            .collect();
+        let toks = decode(
+            &model,
+            &Request {
+                classes: batch,
+                known,
+                orders: &orders,
+            },
+            &sc,
+            &mut rng,
+        )?;
         for (c, t) in batch.iter().zip(toks) {
             let mut px = [0u8; 64];
             for (p, v) in px.iter_mut().zip(t) {

@@ -1,7 +1,10 @@
 //! `arpg`: sample, encode and decode images with ARPG models.
 
 mod args;
+mod bench;
+mod edit;
 mod eval;
+mod parity;
 mod sample;
 mod tokens;
 mod train;
@@ -14,7 +17,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "arpg", version, about = "ARPG: autoregressive image generation with randomized parallel decoding")]
+#[command(
+    name = "arpg",
+    version,
+    about = "ARPG: autoregressive image generation with randomized parallel decoding"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +39,14 @@ enum Command {
     Train(train::TrainArgs),
     /// Pack pre-tokenized data (paper or LlamaGen layout, or the UCI digits) into one file.
     Pack(train::PackArgs),
+    /// Regenerate the masked part of an image (zero-shot inpainting / class editing).
+    Inpaint(edit::InpaintArgs),
+    /// Extend an image beyond its borders (zero-shot outpainting).
+    Outpaint(edit::OutpaintArgs),
+    /// Time sampling (and VQ decoding, training) on random or real weights.
+    Bench(bench::BenchArgs),
+    /// Compare this build with the reference fixtures on a device and dtype.
+    CheckParity(parity::ParityArgs),
     /// Score a digits model: class accuracy by a k-NN judge and the copy rate.
     EvalDigits(eval::EvalDigitsArgs),
 }
@@ -51,7 +66,9 @@ fn main() {
         if arpg::util::interrupted() {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to abort)");
+        eprintln!(
+            "\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to abort)"
+        );
         arpg::util::interrupt();
     });
     let cli = Cli::parse();
@@ -62,6 +79,10 @@ fn main() {
         Command::Train(a) => train::train(a),
         Command::Pack(a) => train::pack(a),
         Command::EvalDigits(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::CheckParity(a) => parity::run(a),
+        Command::Inpaint(a) => edit::run_inpaint(a),
+        Command::Outpaint(a) => edit::run_outpaint(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,8 +2,9 @@
 
 use crate::args::{DeviceArgs, ModelArgs, VqArgs};
 use anyhow::{bail, Context, Result};
+use arpg::editor::{fill_canvas, Canvas};
 use arpg::sampler::{self, decode, random_order, Request, SampleConfig, TokenFilter};
-use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
+use arpg::tokenizer::{image as img, tokens_io};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -63,6 +64,10 @@ pub struct SampleArgs {
     /// Output folder: one PNG per image plus grid.png.
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
+    /// Token grid WxH larger than the model's (resolution expansion): filled by sliding a
+    /// model-sized window, each window conditioned on the tokens it overlaps.
+    #[arg(long, value_parser = parse_grid)]
+    pub grid: Option<(usize, usize)>,
     /// Also write the tokens (JSON array of per-image arrays, raster order). With this flag
     /// and no --vq-weights, images are not decoded.
     #[arg(long)]
@@ -92,7 +97,11 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     };
     for &c in &classes {
         if c >= mcfg.num_classes {
-            bail!("--classes: class id {c} is out of range for a model with {} classes (0..={})", mcfg.num_classes, mcfg.num_classes - 1);
+            bail!(
+                "--classes: class id {c} is out of range for a model with {} classes (0..={})",
+                mcfg.num_classes,
+                mcfg.num_classes - 1
+            );
         }
     }
     if a.per_class == 0 || a.batch_size == 0 {
@@ -103,7 +112,11 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         cfg: a.cfg,
         cfg_schedule: a.cfg_schedule.parse().context("--cfg-schedule")?,
         schedule: a.schedule.parse().context("--schedule")?,
-        filter: TokenFilter { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+        filter: TokenFilter {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        },
     };
     sc.filter.validate()?;
     if !(a.cfg >= 0.0 && a.cfg.is_finite()) {
@@ -121,21 +134,38 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
 
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
-    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || spec.is_digits();
-    let tokenizer = match () {
-        _ if !want_images => None,
-        _ if spec.is_digits() => Some(ImageTokenizer::Pixel),
-        _ => Some(ImageTokenizer::Vq(a.vq.spec(spec.random, a.seed).load(dtype, &device)?)),
+    let pixel = a.vq.tokenizer == "pixel" || (a.vq.tokenizer == "auto" && mcfg.vocab_size == 17);
+    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || pixel;
+    let tokenizer = match want_images {
+        true => Some(a.vq.tokenizer(mcfg.vocab_size, spec.random, a.seed, dtype, &device)?),
+        false => None,
     };
     let grid = mcfg.grid_size();
+    let canvas = a.grid.map(|(w, h)| (h, w)).unwrap_or((grid, grid));
+    if canvas.0 < grid || canvas.1 < grid {
+        bail!(
+            "--grid {}x{} is smaller than the model's {grid}x{grid} tokens",
+            canvas.1,
+            canvas.0
+        );
+    }
+    if canvas != (grid, grid) && (a.order.is_some() || a.order_per_sample) {
+        bail!("--order / --order-per-sample do not apply to --grid expansion (each window draws its own order)");
+    }
 
-    let all: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, a.per_class)).collect();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    let all: Vec<usize> = classes
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c, a.per_class))
+        .collect();
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create --out {}", a.out.display()))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let positions: Vec<usize> = (0..cells).collect();
     let pb = ProgressBar::new(all.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap(),
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap(),
     );
     let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(all.len());
     let mut images = Vec::new();
@@ -146,14 +176,33 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         }
         let orders: Vec<Vec<usize>> = match &fixed_order {
             Some(o) => vec![o.clone(); batch.len()],
-            None if a.order_per_sample => batch.iter().map(|_| random_order(&positions, &mut rng)).collect(),
+            None if a.order_per_sample => batch
+                .iter()
+                .map(|_| random_order(&positions, &mut rng))
+                .collect(),
             None => vec![random_order(&positions, &mut rng); batch.len()],
         };
-        let known = vec![vec![]; batch.len()];
-        let req = Request { classes: batch, known: &known, orders: &orders };
-        let toks = decode(&model, &req, &sc, &mut rng)?;
+        let toks = if canvas == (grid, grid) {
+            let known = vec![vec![]; batch.len()];
+            let req = Request {
+                classes: batch,
+                known: &known,
+                orders: &orders,
+            };
+            decode(&model, &req, &sc, &mut rng)?
+        } else {
+            let empty = Canvas::unknown(canvas.0, canvas.1);
+            batch
+                .iter()
+                .map(|&c| {
+                    Ok(fill_canvas(&model, &empty, c, &sc, &mut rng)?
+                        .tokens()
+                        .context("unfilled cell")?)
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         if let Some(tk) = &tokenizer {
-            for (i, im) in tk.decode(&toks, (grid, grid), &device)?.into_iter().enumerate() {
+            for (i, im) in tk.decode(&toks, canvas, &device)?.into_iter().enumerate() {
                 let idx = tokens.len() + i;
                 let path = a.out.join(format!("{idx:06}_class{}.png", batch[i]));
                 img::save_png_atomic(&im, &path)?;
@@ -166,13 +215,22 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     if !images.is_empty() {
-        let ncols = if a.per_class > 1 { a.per_class } else { (images.len() as f64).sqrt().ceil() as usize };
+        let ncols = if a.per_class > 1 {
+            a.per_class
+        } else {
+            (images.len() as f64).sqrt().ceil() as usize
+        };
         let mut g = img::make_grid(&images, ncols, 2);
         // Tiny images (the digits model's 8x8) are enlarged in the grid so they can be seen.
         let side = images[0].width().max(1);
         if side < 64 {
             let k = 64 / side;
-            g = image::imageops::resize(&g, g.width() * k, g.height() * k, image::imageops::FilterType::Nearest);
+            g = image::imageops::resize(
+                &g,
+                g.width() * k,
+                g.height() * k,
+                image::imageops::FilterType::Nearest,
+            );
         }
         img::save_png_atomic(&g, &a.out.join("grid.png"))?;
     }
@@ -183,25 +241,56 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         "{} images in {secs:.1}s ({:.2} images/s){}{}",
         tokens.len(),
         tokens.len() as f64 / secs,
-        if images.is_empty() { String::new() } else { format!(", PNGs in {}", a.out.display()) },
-        a.tokens_out.as_ref().map(|p| format!(", tokens in {}", p.display())).unwrap_or_default(),
+        if images.is_empty() {
+            String::new()
+        } else {
+            format!(", PNGs in {}", a.out.display())
+        },
+        a.tokens_out
+            .as_ref()
+            .map(|p| format!(", tokens in {}", p.display()))
+            .unwrap_or_default(),
     );
     Ok(())
 }
 
+fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?}: expected WxH, e.g. 32x16"))?;
+    let p = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: expected WxH, e.g. 32x16"))
+    };
+    Ok((p(w)?, p(h)?))
+}
+
 fn read_order(path: &PathBuf, cells: usize) -> Result<Vec<usize>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --order {}", path.display()))?;
-    let order: Vec<usize> = serde_json::from_str(&text)
-        .with_context(|| format!("--order {}: expected a JSON array of raster positions", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --order {}", path.display()))?;
+    let order: Vec<usize> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--order {}: expected a JSON array of raster positions",
+            path.display()
+        )
+    })?;
     let mut seen = vec![false; cells];
     for &p in &order {
         if p >= cells || seen[p] {
-            bail!("--order {}: position {p} is out of range (0..{cells}) or repeated", path.display());
+            bail!(
+                "--order {}: position {p} is out of range (0..{cells}) or repeated",
+                path.display()
+            );
         }
         seen[p] = true;
     }
     if order.len() != cells {
-        bail!("--order {}: has {} positions, the model generates {cells}", path.display(), order.len());
+        bail!(
+            "--order {}: has {} positions, the model generates {cells}",
+            path.display(),
+            order.len()
+        );
     }
     Ok(order)
 }

@@ -31,13 +31,19 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     let k = vq.config().codebook_size;
     for (i, t) in tokens.iter().enumerate() {
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= k) {
-            bail!("--tokens {}: grid {i} has token {bad}, but the codebook has {k} entries", a.tokens.display());
+            bail!(
+                "--tokens {}: grid {i} has token {bad}, but the codebook has {k} entries",
+                a.tokens.display()
+            );
         }
     }
     let n = tokens.len();
     let codes = Tensor::from_vec(tokens.concat(), (n, side * side), &device)?;
-    let pix = vq.decode(&codes, (side, side))?.to_dtype(candle_core::DType::F32)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    let pix = vq
+        .decode(&codes, (side, side))?
+        .to_dtype(candle_core::DType::F32)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create --out {}", a.out.display()))?;
     for (i, im) in img::tensor_to_images(&pix)?.iter().enumerate() {
         img::save_png_atomic(im, &a.out.join(format!("{i:06}.png")))?;
     }
@@ -76,7 +82,10 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         (Some(p), _) => {
             let (shape, data) = img::read_npy_f32(p)?;
             if shape.len() != 4 || shape[1] != 3 {
-                bail!("--raw-in {}: shape {shape:?}, expected N x 3 x H x W", p.display());
+                bail!(
+                    "--raw-in {}: shape {shape:?}, expected N x 3 x H x W",
+                    p.display()
+                );
             }
             Tensor::from_vec(data, shape, &device)?
         }
@@ -94,6 +103,10 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let idx = vq.encode(&x.to_dtype(dtype)?)?;
     let tokens: Vec<Vec<u32>> = idx.to_dtype(candle_core::DType::U32)?.to_vec2()?;
     tokens_io::write(&a.tokens_out, &tokens)?;
-    eprintln!("encoded {} images into {}", tokens.len(), a.tokens_out.display());
+    eprintln!(
+        "encoded {} images into {}",
+        tokens.len(),
+        a.tokens_out.display()
+    );
     Ok(())
 }

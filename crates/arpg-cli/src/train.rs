@@ -84,7 +84,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let tc = TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
-        lr: if a.lr_absolute { a.lr } else { scaled_lr(a.lr, a.batch_size) },
+        lr: if a.lr_absolute {
+            a.lr
+        } else {
+            scaled_lr(a.lr, a.batch_size)
+        },
         min_lr: a.min_lr,
         warmup_steps: a.warmup_steps,
         steps: a.steps,
@@ -103,7 +107,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
             let tr = Trainer::resume(p, Some(&tc), dtype, &device)?;
             if let Some(c) = &a.config {
                 if ArpgConfig::from_json_file(c)? != tr.model_cfg {
-                    bail!("--config {} differs from the model config in --resume {}", c.display(), p.display());
+                    bail!(
+                        "--config {} differs from the model config in --resume {}",
+                        c.display(),
+                        p.display()
+                    );
                 }
             }
             tr
@@ -119,7 +127,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let mc = tr.model_cfg.clone();
     if data.seq_len != mc.block_size {
-        bail!("--data {}: samples have {} tokens, the model's block_size is {}", a.data.display(), data.seq_len, mc.block_size);
+        bail!(
+            "--data {}: samples have {} tokens, the model's block_size is {}",
+            a.data.display(),
+            data.seq_len,
+            mc.block_size
+        );
     }
     if data.max_label() as usize >= mc.num_classes || data.max_token() as usize >= mc.vocab_size {
         bail!(
@@ -133,10 +146,17 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let until = a.until.unwrap_or(a.steps).min(a.steps);
     if tr.step >= until {
-        bail!("nothing to do: the checkpoint is at step {}, --until/--steps is {until}", tr.step);
+        bail!(
+            "nothing to do: the checkpoint is at step {}, --until/--steps is {until}",
+            tr.step
+        );
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
-    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&mc)?)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    std::fs::write(
+        a.out.join("config.json"),
+        serde_json::to_string_pretty(&mc)?,
+    )?;
     let log_path = a.out.join("train.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -153,9 +173,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
         a.batch_size,
         tc.lr
     );
-    let pb = ProgressBar::new(until as u64).with_position(tr.step as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}").unwrap(),
-    );
+    let pb = ProgressBar::new(until as u64)
+        .with_position(tr.step as u64)
+        .with_style(
+            ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap(),
+        );
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut window = (std::time::Instant::now(), 0usize);
     while tr.step < until {
@@ -186,7 +211,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     pb.finish_and_clear();
     tr.save(&ckpt)?;
-    arpg::checkpoint::save_safetensors_atomic(&tr.export_weights(), &a.out.join("model.safetensors"))?;
+    arpg::checkpoint::save_safetensors_atomic(
+        &tr.export_weights(),
+        &a.out.join("model.safetensors"),
+    )?;
     eprintln!(
         "step {}: checkpoint {}, inference weights {}",
         tr.step,
@@ -227,7 +255,10 @@ pub fn pack(a: PackArgs) -> Result<()> {
         let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
         let part = if a.split == "train" { train } else { test };
         part.into_iter()
-            .map(|d| Sample { label: d.label, crops: vec![d.pixels.iter().map(|&v| v as u16).collect()] })
+            .map(|d| Sample {
+                label: d.label,
+                crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
+            })
             .collect()
     } else {
         bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz");

@@ -74,7 +74,10 @@ impl ArpgConfig {
             .map(|p| Self::imagenet(p.1, p.2, p.3))
             .with_context(|| {
                 let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
-                format!("unknown model preset {name:?}; known presets: {}", names.join(", "))
+                format!(
+                    "unknown model preset {name:?}; known presets: {}",
+                    names.join(", ")
+                )
             })
     }
 
@@ -90,23 +93,39 @@ impl ArpgConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
-            bail!("dim ({}) must be a positive multiple of n_head ({})", self.dim, self.n_head);
+            bail!(
+                "dim ({}) must be a positive multiple of n_head ({})",
+                self.dim,
+                self.n_head
+            );
         }
         if self.head_dim() % 4 != 0 {
-            bail!("head_dim = dim / n_head = {} must be a multiple of 4 for 2D RoPE", self.head_dim());
+            bail!(
+                "head_dim = dim / n_head = {} must be a multiple of 4 for 2D RoPE",
+                self.head_dim()
+            );
         }
         if self.n_layer < 2 || self.n_layer % 2 != 0 {
-            bail!("n_layer ({}) must be even and >= 2 (half self-, half cross-attention)", self.n_layer);
+            bail!(
+                "n_layer ({}) must be even and >= 2 (half self-, half cross-attention)",
+                self.n_layer
+            );
         }
         let g = self.grid_size();
         if self.block_size == 0 || g * g != self.block_size {
-            bail!("block_size ({}) must be a square number of tokens", self.block_size);
+            bail!(
+                "block_size ({}) must be a square number of tokens",
+                self.block_size
+            );
         }
         if self.vocab_size == 0 || self.num_classes == 0 {
             bail!("vocab_size and num_classes must be positive");
         }
         if self.cls_token_num != 1 {
-            bail!("cls_token_num = {} is not supported: class-conditional ARPG uses 1", self.cls_token_num);
+            bail!(
+                "cls_token_num = {} is not supported: class-conditional ARPG uses 1",
+                self.cls_token_num
+            );
         }
         if self.multiple_of == 0 {
             bail!("multiple_of must be positive");
@@ -148,7 +167,10 @@ impl ArpgConfig {
     /// Every parameter name and shape in the reference's state-dict layout.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (d, h) = (self.dim, self.ffn_hidden());
-        let mut v = vec![("embeddings.weight".to_string(), vec![self.embedding_rows(), d])];
+        let mut v = vec![(
+            "embeddings.weight".to_string(),
+            vec![self.embedding_rows(), d],
+        )];
         let ffn = |p: &str, v: &mut Vec<(String, Vec<usize>)>| {
             v.push((format!("{p}.ffn.w1.weight"), vec![h, d]));
             v.push((format!("{p}.ffn.w2.weight"), vec![d, h]));
@@ -179,7 +201,10 @@ impl ArpgConfig {
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.parameter_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -273,9 +298,18 @@ mod tests {
     #[test]
     fn preset_parameter_counts_match_the_official_checkpoints() {
         // Counts from shared/fixtures/official_shapes.json.
-        assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().num_parameters(), 319_845_376);
-        assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().num_parameters(), 718_997_760);
-        assert_eq!(ArpgConfig::preset("ARPG-XXL").unwrap().num_parameters(), 1_302_449_664);
+        assert_eq!(
+            ArpgConfig::preset("ARPG-L").unwrap().num_parameters(),
+            319_845_376
+        );
+        assert_eq!(
+            ArpgConfig::preset("ARPG-XL").unwrap().num_parameters(),
+            718_997_760
+        );
+        assert_eq!(
+            ArpgConfig::preset("ARPG-XXL").unwrap().num_parameters(),
+            1_302_449_664
+        );
         assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().ffn_hidden(), 2816);
         assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().ffn_hidden(), 3584);
         assert_eq!(ArpgConfig::preset("ARPG-XXL").unwrap().ffn_hidden(), 4096);

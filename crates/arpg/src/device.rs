@@ -9,7 +9,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         _ if s == "cuda" || s.starts_with("cuda:") => {
             let n: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("--device {s:?}: bad GPU index"))?,
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("--device {s:?}: bad GPU index"))?,
                 None => 0,
             };
             Device::new_cuda(n).with_context(|| {

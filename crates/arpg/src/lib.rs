@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod editor;
 pub mod eval;
 pub mod model;
 pub mod sampler;

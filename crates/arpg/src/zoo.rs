@@ -25,8 +25,14 @@ pub struct ModelSpec {
 /// The name of the small digits model that ships inside the binary.
 pub const DIGITS: &str = "digits";
 
-const DIGITS_CONFIG: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/digits/config.json"));
-const DIGITS_WEIGHTS: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/digits/model.safetensors"));
+const DIGITS_CONFIG: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/digits/config.json"
+));
+const DIGITS_WEIGHTS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/digits/model.safetensors"
+));
 
 /// Configuration of the shipped digits model (8x8 pixel tokens, 17 levels, 10 classes).
 pub fn digits_config() -> ArpgConfig {
@@ -36,13 +42,23 @@ pub fn digits_config() -> ArpgConfig {
 /// Whether the official ARPG-L and VQ-16 checkpoints are already in the HF cache.
 pub fn official_weights_cached() -> bool {
     let cache = hf_hub::Cache::from_env();
-    cache.model(hub::ARPG_REPO.to_string()).get(PRESETS[0].4).is_some()
-        && cache.model(hub::VQ_REPO.to_string()).get(hub::VQ_FILE).is_some()
+    cache
+        .model(hub::ARPG_REPO.to_string())
+        .get(PRESETS[0].4)
+        .is_some()
+        && cache
+            .model(hub::VQ_REPO.to_string())
+            .get(hub::VQ_FILE)
+            .is_some()
 }
 
 impl ModelSpec {
     pub fn is_digits(&self) -> bool {
-        self.config.is_none() && self.model.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(DIGITS))
+        self.config.is_none()
+            && self
+                .model
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(DIGITS))
     }
 
     pub fn config(&self) -> Result<ArpgConfig> {
@@ -62,10 +78,17 @@ impl ModelSpec {
             }
             return Arpg::new(&cfg, random_var_builder(self.seed, dtype, device));
         }
-        let which = if self.ema { Weights::Ema } else { Weights::Model };
+        let which = if self.ema {
+            Weights::Ema
+        } else {
+            Weights::Model
+        };
         if self.is_digits() && self.weights.is_none() {
             let tensors = candle_core::safetensors::load_buffer(DIGITS_WEIGHTS, &Device::Cpu)?;
-            let sd = StateDict { tensors, source: PathBuf::from("<built-in digits model>") };
+            let sd = StateDict {
+                tensors,
+                source: PathBuf::from("<built-in digits model>"),
+            };
             return build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb));
         }
         let path = match (&self.weights, &self.config) {

@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/parity-a")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/parity-a"
+    ))
+    .join(name)
 }
 
 pub fn fixture_json() -> serde_json::Value {
@@ -30,7 +34,10 @@ pub fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) -> f32 {
     let mut worst = 0f32;
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!(x.is_finite(), "{what}[{i}] is not finite");
-        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
         worst = worst.max((x - y).abs());
     }
     let rel = worst / scale.max(1e-12);

@@ -17,34 +17,26 @@ fn load(file: &str) -> Arpg {
     build_strict(&sd, DType::F32, &Device::Cpu, |vb| Arpg::new(&config(), vb)).unwrap()
 }
 
-/// Inputs of the teacher-forced pass: class then tokens in the sample's order.
 fn teacher_inputs(cfg: &ArpgConfig, j: &serde_json::Value) -> (Tensor, Tensor, Tensor, Vec<u32>) {
-    let ids = flat_u32(&j["input_ids"]);
-    let classes = flat_u32(&j["classes"]);
-    let orders = flat_u32(&j["orders"]);
-    let (b, l) = (classes.len(), cfg.block_size);
-    let (mut toks, mut kpos, mut qpos, mut targets) = (vec![], vec![], vec![], vec![]);
-    for s in 0..b {
-        let o = &orders[s * l..(s + 1) * l];
-        toks.push(cfg.class_token(classes[s] as usize));
-        kpos.push(0u32);
-        for i in 0..l {
-            let p = o[i] as usize;
-            if i + 1 < l {
-                toks.push(ids[s * l + p]);
-                kpos.push(p as u32 + 1);
-            }
-            qpos.push(p as u32 + 1);
-            targets.push(ids[s * l + p]);
-        }
-    }
-    let dev = Device::Cpu;
-    (
-        Tensor::from_vec(toks, (b, l), &dev).unwrap(),
-        Tensor::from_vec(kpos, (b, l), &dev).unwrap(),
-        Tensor::from_vec(qpos, (b, l), &dev).unwrap(),
-        targets,
+    arpg::eval::parity::teacher_inputs(
+        cfg,
+        &flat_u32(&j["input_ids"]),
+        &flat_u32(&j["classes"]),
+        &flat_u32(&j["orders"]),
+        &Device::Cpu,
     )
+    .unwrap()
+}
+
+#[test]
+fn the_parity_report_used_on_gpus_agrees_on_the_cpu() {
+    let r = arpg::eval::parity::check(&fixture(""), DType::F32, &Device::Cpu).unwrap();
+    assert!(r.teacher_logits_rel_err < 1e-4, "{r:?}");
+    assert!(
+        (r.loss - r.reference_loss).abs() < 1e-4 * r.reference_loss,
+        "{r:?}"
+    );
+    assert_eq!(r.greedy_equal, vec![true, true]);
 }
 
 #[test]
@@ -54,8 +46,20 @@ fn teacher_forced_logits_and_loss_match_the_reference() {
     let j = &fixture_json()["teacher_forcing"];
     let (toks, kpos, qpos, targets) = teacher_inputs(&cfg, j);
     for differentiable in [true, false] {
-        let mut mode = Mode { differentiable, dropout: None };
-        let logits = model.forward(&toks, Positions { keys: &kpos, queries: &qpos }, &mut mode).unwrap();
+        let mut mode = Mode {
+            differentiable,
+            dropout: None,
+        };
+        let logits = model
+            .forward(
+                &toks,
+                Positions {
+                    keys: &kpos,
+                    queries: &qpos,
+                },
+                &mut mode,
+            )
+            .unwrap();
         let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let rel = assert_close(&got, &flat_f32(&j["logits"]), 1e-4, "teacher-forced logits");
         eprintln!("teacher-forced logits (differentiable={differentiable}): max rel err {rel:e}");
@@ -63,7 +67,10 @@ fn teacher_forced_logits_and_loss_match_the_reference() {
         let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &t).unwrap();
         let loss = loss.to_scalar::<f32>().unwrap();
         let want = j["loss"].as_f64().unwrap() as f32;
-        assert!((loss - want).abs() <= 1e-4 * want.abs(), "loss {loss} vs {want}");
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs(),
+            "loss {loss} vs {want}"
+        );
     }
 }
 
@@ -71,18 +78,31 @@ fn teacher_forced_logits_and_loss_match_the_reference() {
 fn greedy_decodes_match_the_reference_token_for_token() {
     let model = load("a_arpg.safetensors");
     for case in fixture_json()["generate"].as_array().unwrap() {
-        let classes: Vec<usize> = flat_u32(&case["classes"]).iter().map(|&c| c as usize).collect();
-        let order: Vec<usize> = flat_u32(&case["order"]).iter().map(|&p| p as usize).collect();
+        let classes: Vec<usize> = flat_u32(&case["classes"])
+            .iter()
+            .map(|&c| c as usize)
+            .collect();
+        let order: Vec<usize> = flat_u32(&case["order"])
+            .iter()
+            .map(|&p| p as usize)
+            .collect();
         let sc = SampleConfig {
             steps: case["steps"].as_u64().unwrap() as usize,
             cfg: case["cfg"].as_f64().unwrap() as f32,
             cfg_schedule: case["cfg_schedule"].as_str().unwrap().parse().unwrap(),
             schedule: case["sample_schedule"].as_str().unwrap().parse().unwrap(),
-            filter: TokenFilter { temperature: 0.0, ..Default::default() },
+            filter: TokenFilter {
+                temperature: 0.0,
+                ..Default::default()
+            },
         };
         let orders = vec![order.clone(); classes.len()];
         let known = vec![vec![]; classes.len()];
-        let req = Request { classes: &classes, known: &known, orders: &orders };
+        let req = Request {
+            classes: &classes,
+            known: &known,
+            orders: &orders,
+        };
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let got = decode(&model, &req, &sc, &mut rng).unwrap();
         let want = flat_u32(&case["tokens"]);
@@ -97,7 +117,14 @@ fn pt_and_safetensors_load_the_same_weights() {
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (k, t) in &a.tensors {
         let u = &b.tensors[k];
-        let diff = (t - u).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - u)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{k}");
     }
     // And the model built from the .pt decodes like the reference too.
@@ -108,22 +135,37 @@ fn pt_and_safetensors_load_the_same_weights() {
 fn strict_loading_lists_missing_unexpected_and_mismatched_keys() {
     let mut sd = StateDict::load(&fixture("a_arpg.safetensors"), Weights::Model).unwrap();
     sd.tensors.remove("head.weight");
-    sd.tensors.insert("bogus.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    sd.tensors.insert("norm.weight".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
-    sd.tensors.insert("freqs_cis".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+    sd.tensors.insert(
+        "bogus.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    sd.tensors.insert(
+        "norm.weight".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    sd.tensors.insert(
+        "freqs_cis".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = build_strict(&sd, DType::F32, &Device::Cpu, |vb| Arpg::new(&config(), vb))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("missing keys (1): head.weight"), "{err}");
     assert!(err.contains("unexpected keys (1): bogus.weight"), "{err}");
-    assert!(err.contains("norm.weight: checkpoint [7], model [64]"), "{err}");
+    assert!(
+        err.contains("norm.weight: checkpoint [7], model [64]"),
+        "{err}"
+    );
     assert!(!err.contains("freqs_cis"), "{err}");
 }
 
 #[test]
 fn ema_request_without_ema_weights_is_an_error() {
-    let err = format!("{:#}", StateDict::load(&fixture("a_arpg.pt"), Weights::Ema).unwrap_err());
+    let err = format!(
+        "{:#}",
+        StateDict::load(&fixture("a_arpg.pt"), Weights::Ema).unwrap_err()
+    );
     assert!(err.contains("a_arpg.pt") && err.contains("ema"), "{err}");
 }
 
@@ -139,6 +181,9 @@ fn corrupt_and_missing_checkpoints_are_reported_with_their_path() {
     std::fs::write(&q, b"not a checkpoint at all").unwrap();
     let err = format!("{:#}", StateDict::load(&q, Weights::Model).unwrap_err());
     assert!(err.contains("garbage.safetensors"), "{err}");
-    let err = format!("{:#}", StateDict::load(&dir.path().join("none.pt"), Weights::Model).unwrap_err());
+    let err = format!(
+        "{:#}",
+        StateDict::load(&dir.path().join("none.pt"), Weights::Model).unwrap_err()
+    );
     assert!(err.contains("none.pt"), "{err}");
 }

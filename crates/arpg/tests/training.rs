@@ -27,8 +27,14 @@ fn synthetic_pack(dir: &std::path::Path, n: usize) -> Packed {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut w = PackWriter::new();
     for i in 0..n {
-        let crops = (0..1 + i % 2).map(|_| (0..16).map(|_| rng.random_range(0..11u16)).collect()).collect();
-        w.push(&Sample { label: (i % 3) as u32, crops }).unwrap();
+        let crops = (0..1 + i % 2)
+            .map(|_| (0..16).map(|_| rng.random_range(0..11u16)).collect())
+            .collect();
+        w.push(&Sample {
+            label: (i % 3) as u32,
+            crops,
+        })
+        .unwrap();
     }
     let p = dir.join("syn.pack");
     w.write(&p).unwrap();
@@ -40,7 +46,8 @@ fn trainer(dtype: DType, tc: &TrainConfig) -> Trainer {
     let tr = Trainer::new(&tiny(), tc, dtype, &Device::Cpu).unwrap();
     for (name, v) in tr.parameters() {
         if name == "head.weight" {
-            v.set(&(Tensor::randn(0f32, 0.5, v.shape(), &Device::Cpu).unwrap())).unwrap();
+            v.set(&(Tensor::randn(0f32, 0.5, v.shape(), &Device::Cpu).unwrap()))
+                .unwrap();
         }
     }
     tr
@@ -50,14 +57,28 @@ fn trainer(dtype: DType, tc: &TrainConfig) -> Trainer {
 fn every_parameter_receives_a_gradient() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_pack(dir.path(), 12);
-    let tc = TrainConfig { class_dropout: 0.5, ..Default::default() };
+    let tc = TrainConfig {
+        class_dropout: 0.5,
+        ..Default::default()
+    };
     let mut tr = trainer(DType::F32, &tc);
     let batch = tr.make_batch(&data, &(0..12).collect::<Vec<_>>()).unwrap();
     let grads = tr.loss(&batch).unwrap().backward().unwrap();
     for (name, v) in tr.parameters() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("{name} received no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("{name} received no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: gradient norm {norm}"
+        );
     }
 }
 
@@ -65,17 +86,35 @@ fn every_parameter_receives_a_gradient() {
 fn gradients_match_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_pack(dir.path(), 4);
-    let tc = TrainConfig { dropout: 0.0, class_dropout: 0.0, ..Default::default() };
+    let tc = TrainConfig {
+        dropout: 0.0,
+        class_dropout: 0.0,
+        ..Default::default()
+    };
     // Float64 compute makes the central difference exact enough to compare.
     let mut tr = trainer(DType::F64, &tc);
     let batch = tr.make_batch(&data, &[0, 1, 2, 3]).unwrap();
     let grads = tr.loss(&batch).unwrap().backward().unwrap();
-    let params: Vec<_> = tr.parameters().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let params: Vec<_> = tr
+        .parameters()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut checked = 0;
     for (name, v) in &params {
-        let g = grads.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let orig = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let orig = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Two entries per tensor, including class and token rows of the embedding table.
         for _ in 0..2 {
             let i = if name == "embeddings.weight" {
@@ -88,13 +127,18 @@ fn gradients_match_finite_differences() {
             let mut at = |delta: f32| -> f64 {
                 let mut w = orig.clone();
                 w[i] += delta;
-                v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap()).unwrap();
+                v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 tr.loss(&batch).unwrap().to_scalar::<f64>().unwrap()
             };
             let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
-            v.set(&Tensor::from_vec(orig.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(orig.clone(), v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let an = g[i] as f64;
-            assert!((fd - an).abs() <= 2e-3 * an.abs().max(fd.abs()) + 2e-5, "{name}[{i}]: analytic {an}, finite difference {fd}");
+            assert!(
+                (fd - an).abs() <= 2e-3 * an.abs().max(fd.abs()) + 2e-5,
+                "{name}[{i}]: analytic {an}, finite difference {fd}"
+            );
             checked += 1;
         }
     }

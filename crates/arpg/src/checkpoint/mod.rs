@@ -40,9 +40,8 @@ impl StateDict {
             use std::io::Read;
             let mut f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
-            f.read_exact(&mut magic).with_context(|| {
-                format!("checkpoint {} is empty or truncated", path.display())
-            })?;
+            f.read_exact(&mut magic)
+                .with_context(|| format!("checkpoint {} is empty or truncated", path.display()))?;
         }
         let tensors = if &magic == b"PK\x03\x04" {
             load_pt(path, which)
@@ -53,14 +52,20 @@ impl StateDict {
         if tensors.is_empty() {
             bail!("checkpoint {} holds no tensors", path.display());
         }
-        Ok(Self { tensors: strip_wrappers(tensors), source: path.to_path_buf() })
+        Ok(Self {
+            tensors: strip_wrappers(tensors),
+            source: path.to_path_buf(),
+        })
     }
 }
 
 fn strip_wrappers(mut t: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     for p in WRAPPER_PREFIXES {
         if t.keys().all(|k| k.starts_with(p)) {
-            t = t.into_iter().map(|(k, v)| (k[p.len()..].to_string(), v)).collect();
+            t = t
+                .into_iter()
+                .map(|(k, v)| (k[p.len()..].to_string(), v))
+                .collect();
         }
     }
     t
@@ -107,7 +112,10 @@ fn load_pt(path: &Path, which: Weights) -> Result<HashMap<String, Tensor>> {
             }
             Some("ema")
         }
-        Weights::Model => MODEL_KEYS.iter().copied().find(|k| keys.iter().any(|x| x == k)),
+        Weights::Model => MODEL_KEYS
+            .iter()
+            .copied()
+            .find(|k| keys.iter().any(|x| x == k)),
     };
     let pth = candle_core::pickle::PthTensors::new(path, key)
         .context("cannot read the PyTorch pickle")?;
@@ -135,13 +143,19 @@ fn pt_top_level_keys(path: &Path) -> Result<Vec<String>> {
     let file = std::fs::File::open(path)?;
     let mut zip = zip_archive(file)?;
     let name = (0..zip.len())
-        .filter_map(|i| zip.by_index(i).ok().and_then(|f| f.name().ok().map(|n| n.to_string())))
+        .filter_map(|i| {
+            zip.by_index(i)
+                .ok()
+                .and_then(|f| f.name().ok().map(|n| n.to_string()))
+        })
         .find(|n| n.ends_with("data.pkl"))
         .context("not a PyTorch checkpoint: no data.pkl in the zip archive")?;
     let reader = zip.by_name(&name)?;
     let mut reader = std::io::BufReader::new(reader);
     let mut stack = Stack::empty();
-    stack.read_loop(&mut reader).context("corrupt pickle in data.pkl")?;
+    stack
+        .read_loop(&mut reader)
+        .context("corrupt pickle in data.pkl")?;
     let obj = stack.finalize().context("corrupt pickle in data.pkl")?;
     Ok(match obj {
         Object::Dict(kv) => kv
@@ -161,7 +175,10 @@ fn zip_archive(file: std::fs::File) -> Result<zip::ZipArchive<std::io::BufReader
 
 /// Save tensors as `.safetensors`, atomically (temporary file in the same folder, then rename).
 pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
@@ -172,13 +189,16 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
     candle_core::safetensors::save(&cpu, tmp.path())
         .with_context(|| format!("cannot write {}", path.display()))?;
     tmp.as_file().sync_all().ok();
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 /// Every tensor in `dtype`, e.g. to store a bf16 copy.
 pub fn cast_all(t: &HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?))).collect()
+    t.iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+        .collect()
 }
 
 /// Save tensors with string metadata as `.safetensors`, atomically.
@@ -191,13 +211,16 @@ pub fn save_safetensors_with_metadata(
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .with_context(|| format!("cannot serialise {}", path.display()))?;
+    let bytes =
+        safetensors::tensor::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+            .with_context(|| format!("cannot serialise {}", path.display()))?;
     crate::util::write_atomic(path, &bytes)
 }
 
 /// Load all tensors of a `.safetensors` file with its string metadata.
-pub fn load_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+pub fn load_safetensors_with_metadata(
+    path: &Path,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;

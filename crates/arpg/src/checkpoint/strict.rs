@@ -25,7 +25,14 @@ struct Strict {
 }
 
 impl SimpleBackend for Strict {
-    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut r = self.report.lock().unwrap();
         match self.tensors.get(name) {
             None => {
@@ -34,7 +41,11 @@ impl SimpleBackend for Strict {
                 Tensor::zeros(s, dtype, dev)
             }
             Some(t) if t.shape() != &s => {
-                r.mismatched.push(format!("{name}: checkpoint {:?}, model {:?}", t.dims(), s.dims()));
+                r.mismatched.push(format!(
+                    "{name}: checkpoint {:?}, model {:?}",
+                    t.dims(),
+                    s.dims()
+                ));
                 r.used.insert(name.to_string());
                 Tensor::zeros(s, dtype, dev)
             }
@@ -69,21 +80,32 @@ pub fn build_strict<T>(
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
     let report = Arc::new(Mutex::new(Report::default()));
-    let backend = Strict { tensors: sd.tensors.clone(), report: report.clone() };
+    let backend = Strict {
+        tensors: sd.tensors.clone(),
+        report: report.clone(),
+    };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let model = build(vb)?;
     let r = report.lock().unwrap();
     let unexpected: Vec<&String> = sd
         .tensors
         .keys()
-        .filter(|k| !r.used.contains(*k) && !IGNORED.iter().any(|i| k.as_str() == *i || k.ends_with(&format!(".{i}"))))
+        .filter(|k| {
+            !r.used.contains(*k)
+                && !IGNORED
+                    .iter()
+                    .any(|i| k.as_str() == *i || k.ends_with(&format!(".{i}")))
+        })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
     if r.missing.is_empty() && r.mismatched.is_empty() && unexpected.is_empty() {
         return Ok(model);
     }
-    let mut msg = format!("checkpoint {} does not match the model:", sd.source.display());
+    let mut msg = format!(
+        "checkpoint {} does not match the model:",
+        sd.source.display()
+    );
     let list = |msg: &mut String, title: &str, items: Vec<String>| {
         if !items.is_empty() {
             let n = items.len();
@@ -96,7 +118,11 @@ pub fn build_strict<T>(
     };
     list(&mut msg, "missing keys", r.missing.clone());
     list(&mut msg, "shape mismatches", r.mismatched.clone());
-    list(&mut msg, "unexpected keys", unexpected.into_iter().cloned().collect());
+    list(
+        &mut msg,
+        "unexpected keys",
+        unexpected.into_iter().cloned().collect(),
+    );
     msg.push_str("\n  (is --model / --config / --vq-config the configuration these weights were trained with?)");
     bail!(msg)
 }
@@ -108,9 +134,16 @@ pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilde
         seed: u64,
     }
     impl SimpleBackend for Random {
-        fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            use rand::{Rng, SeedableRng};
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            h: Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             use crate::util::normal;
+            use rand::{Rng, SeedableRng};
             // Seed per tensor name so the result does not depend on construction order.
             let mut hash = self.seed ^ 0x9E37_79B9_7F4A_7C15;
             for b in name.bytes() {
@@ -123,7 +156,9 @@ pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilde
                 _ if s.rank() >= 2 => (0..n).map(|_| 0.02 * normal(&mut rng)).collect(),
                 _ => (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect(),
             };
-            Tensor::from_vec(data, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+            Tensor::from_vec(data, s, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(dev)
         }
         fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
             candle_core::bail!("random init cannot provide {name} without a shape")

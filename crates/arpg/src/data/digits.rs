@@ -19,20 +19,31 @@ pub fn load_csv_gz(path: &Path) -> Result<Vec<Digit>> {
         .read_to_string(&mut text)
         .with_context(|| format!("{}: not a gzip-compressed CSV", path.display()))?;
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let vals: Vec<u32> = line
             .split(',')
             .map(|v| v.trim().parse::<u32>())
             .collect::<std::result::Result<_, _>>()
             .with_context(|| format!("{}: line {} is not integers", path.display(), n + 1))?;
         if vals.len() != 65 || vals[..64].iter().any(|&v| v > 16) || vals[64] > 9 {
-            bail!("{}: line {}: expected 64 pixels in 0..=16 and a label in 0..=9", path.display(), n + 1);
+            bail!(
+                "{}: line {}: expected 64 pixels in 0..=16 and a label in 0..=9",
+                path.display(),
+                n + 1
+            );
         }
         let mut pixels = [0u8; 64];
         for (p, v) in pixels.iter_mut().zip(&vals) {
             *p = *v as u8;
         }
-        out.push(Digit { label: vals[64], pixels });
+        out.push(Digit {
+            label: vals[64],
+            pixels,
+        });
     }
     Ok(out)
 }
@@ -41,7 +52,11 @@ pub fn load_csv_gz(path: &Path) -> Result<Vec<Digit>> {
 pub fn split(all: &[Digit]) -> (Vec<Digit>, Vec<Digit>) {
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for (i, d) in all.iter().enumerate() {
-        if i % 5 == 0 { test.push(d.clone()) } else { train.push(d.clone()) }
+        if i % 5 == 0 {
+            test.push(d.clone())
+        } else {
+            train.push(d.clone())
+        }
     }
     (train, test)
 }

@@ -11,15 +11,24 @@ pub fn crops_from_npy(path: &Path, vocab_limit: usize) -> Result<Vec<Vec<u16>>> 
     let (n, l) = match a.shape[..] {
         [1, n, l] | [n, l] => (n, l),
         [l] => (1, l),
-        _ => bail!("{}: shape {:?}, expected (1, n_aug, L), (n_aug, L) or (L,)", path.display(), a.shape),
+        _ => bail!(
+            "{}: shape {:?}, expected (1, n_aug, L), (n_aug, L) or (L,)",
+            path.display(),
+            a.shape
+        ),
     };
     if n == 0 || l == 0 {
         bail!("{}: empty array", path.display());
     }
     if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= vocab_limit) {
-        bail!("{}: token {bad} is out of range (0..{vocab_limit})", path.display());
+        bail!(
+            "{}: token {bad} is out of range (0..{vocab_limit})",
+            path.display()
+        );
     }
-    Ok(v.chunks_exact(l).map(|c| c.iter().map(|&x| x as u16).collect()).collect())
+    Ok(v.chunks_exact(l)
+        .map(|c| c.iter().map(|&x| x as u16).collect())
+        .collect())
 }
 
 fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -39,9 +48,12 @@ pub fn read_paper_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>>
         let p = e?.path();
         if p.is_dir() {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
-            let id: u32 = name
-                .parse()
-                .with_context(|| format!("{}: class folders must be named by their class id", p.display()))?;
+            let id: u32 = name.parse().with_context(|| {
+                format!(
+                    "{}: class folders must be named by their class id",
+                    p.display()
+                )
+            })?;
             classes.push((id, p));
         }
     }
@@ -52,7 +64,10 @@ pub fn read_paper_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>>
     let mut out = Vec::new();
     for (label, dir) in classes {
         for f in npy_files(&dir)? {
-            out.push(Sample { label, crops: crops_from_npy(&f, vocab_limit)? });
+            out.push(Sample {
+                label,
+                crops: crops_from_npy(&f, vocab_limit)?,
+            });
         }
     }
     Ok(out)
@@ -70,7 +85,10 @@ pub fn read_llamagen_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sampl
         if lv.len() != 1 || lv[0] < 0 {
             bail!("{}: expected one non-negative label", lp.display());
         }
-        out.push(Sample { label: lv[0] as u32, crops: crops_from_npy(&f, vocab_limit)? });
+        out.push(Sample {
+            label: lv[0] as u32,
+            crops: crops_from_npy(&f, vocab_limit)?,
+        });
     }
     if out.is_empty() {
         bail!("{}: no .npy files under codes/", root.display());
@@ -97,9 +115,18 @@ mod tests {
         write_i64(&r.join("12/b.npy"), &[4], &[9, 9, 9, 9]);
         let s = read_paper_layout(&r, 16).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!(s[0], Sample { label: 5, crops: vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]] });
+        assert_eq!(
+            s[0],
+            Sample {
+                label: 5,
+                crops: vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+            }
+        );
         assert_eq!(s[1].label, 12);
-        assert!(read_paper_layout(&r, 8).unwrap_err().to_string().contains("out of range"));
+        assert!(read_paper_layout(&r, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
 
         let l = d.path().join("llamagen");
         std::fs::create_dir_all(l.join("codes")).unwrap();
@@ -107,8 +134,17 @@ mod tests {
         write_i64(&l.join("codes/0.npy"), &[1, 1, 4], &[1, 2, 3, 4]);
         write_i64(&l.join("labels/0.npy"), &[1], &[3]);
         let s = read_llamagen_layout(&l, 16).unwrap();
-        assert_eq!(s, vec![Sample { label: 3, crops: vec![vec![1, 2, 3, 4]] }]);
+        assert_eq!(
+            s,
+            vec![Sample {
+                label: 3,
+                crops: vec![vec![1, 2, 3, 4]]
+            }]
+        );
         write_i64(&l.join("codes/1.npy"), &[4], &[1, 2, 3, 4]);
-        assert!(read_llamagen_layout(&l, 16).unwrap_err().to_string().contains("no label"));
+        assert!(read_llamagen_layout(&l, 16)
+            .unwrap_err()
+            .to_string()
+            .contains("no label"));
     }
 }

@@ -27,7 +27,11 @@ impl Npy {
     pub fn ints(&self, path: &Path) -> Result<&[i64]> {
         match &self.data {
             NpyData::Int(v) => Ok(v),
-            NpyData::Float(_) => bail!("{}: expected integers, found dtype {}", path.display(), self.descr),
+            NpyData::Float(_) => bail!(
+                "{}: expected integers, found dtype {}",
+                path.display(),
+                self.descr
+            ),
         }
     }
     pub fn floats(&self) -> Vec<f32> {
@@ -52,13 +56,26 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
         2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into()?) as usize, 12),
         v => bail!("unsupported .npy version {v}"),
     };
-    let header = std::str::from_utf8(bytes.get(hstart..hstart + hlen).context("truncated header")?)?;
+    let header = std::str::from_utf8(
+        bytes
+            .get(hstart..hstart + hlen)
+            .context("truncated header")?,
+    )?;
     let field = |key: &str| -> Result<&str> {
-        let i = header.find(&format!("'{key}'")).with_context(|| format!("header lacks {key}"))?;
-        Ok(header[i + key.len() + 2..].trim_start().trim_start_matches(':').trim_start())
+        let i = header
+            .find(&format!("'{key}'"))
+            .with_context(|| format!("header lacks {key}"))?;
+        Ok(header[i + key.len() + 2..]
+            .trim_start()
+            .trim_start_matches(':')
+            .trim_start())
     };
     let descr = field("descr")?;
-    let descr = descr[1..].split('\'').next().context("bad descr")?.to_string();
+    let descr = descr[1..]
+        .split('\'')
+        .next()
+        .context("bad descr")?
+        .to_string();
     if field("fortran_order")?.starts_with("True") {
         bail!("Fortran-ordered arrays are not supported");
     }
@@ -72,26 +89,63 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
         .collect::<Result<_>>()?;
     let n: usize = shape.iter().product();
     let body = &bytes[hstart + hlen..];
-    let width: usize = descr[2..].parse().with_context(|| format!("unsupported dtype {descr}"))?;
+    let width: usize = descr[2..]
+        .parse()
+        .with_context(|| format!("unsupported dtype {descr}"))?;
     if descr.starts_with('>') {
         bail!("big-endian dtype {descr} is not supported");
     }
     if body.len() < n * width {
-        bail!("truncated data: {} bytes for {n} values of {descr}", body.len());
+        bail!(
+            "truncated data: {} bytes for {n} values of {descr}",
+            body.len()
+        );
     }
     let kind = descr.as_bytes()[1];
     let chunks = body[..n * width].chunks_exact(width);
     let data = match (kind, width) {
         (b'i', 1) => NpyData::Int(chunks.map(|c| c[0] as i8 as i64).collect()),
         (b'u', 1) | (b'b', 1) => NpyData::Int(chunks.map(|c| c[0] as i64).collect()),
-        (b'i', 2) => NpyData::Int(chunks.map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect()),
-        (b'u', 2) => NpyData::Int(chunks.map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect()),
-        (b'i', 4) => NpyData::Int(chunks.map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-        (b'u', 4) => NpyData::Int(chunks.map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-        (b'i', 8) => NpyData::Int(chunks.map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-        (b'u', 8) => NpyData::Int(chunks.map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-        (b'f', 4) => NpyData::Float(chunks.map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()),
-        (b'f', 8) => NpyData::Float(chunks.map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
+        (b'i', 2) => NpyData::Int(
+            chunks
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect(),
+        ),
+        (b'u', 2) => NpyData::Int(
+            chunks
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect(),
+        ),
+        (b'i', 4) => NpyData::Int(
+            chunks
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        (b'u', 4) => NpyData::Int(
+            chunks
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        (b'i', 8) => NpyData::Int(
+            chunks
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        (b'u', 8) => NpyData::Int(
+            chunks
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        (b'f', 4) => NpyData::Float(
+            chunks
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        ),
+        (b'f', 8) => NpyData::Float(
+            chunks
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
         _ => bail!("unsupported dtype {descr}"),
     };
     Ok(Npy { shape, descr, data })
@@ -101,9 +155,17 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
 pub fn to_bytes(descr: &str, shape: &[usize], body: &[u8]) -> Vec<u8> {
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
     // Pad so that the data starts on a 64-byte boundary, header ending in a newline.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
@@ -122,14 +184,23 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_truncation() {
-        let body: Vec<u8> = [1i64, -2, 300].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let body: Vec<u8> = [1i64, -2, 300]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let bytes = to_bytes("<i8", &[3], &body);
         assert_eq!(bytes.len() % 64, 24 % 64);
         let npy = parse(&bytes).unwrap();
         assert_eq!(npy.shape, vec![3]);
         assert!(matches!(npy.data, NpyData::Int(ref v) if v == &vec![1, -2, 300]));
-        assert!(parse(&bytes[..bytes.len() - 1]).unwrap_err().to_string().contains("truncated"));
-        assert!(parse(b"garbage!!!!!").unwrap_err().to_string().contains("magic"));
+        assert!(parse(&bytes[..bytes.len() - 1])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(parse(b"garbage!!!!!")
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         let f = to_bytes("<f4", &[1, 2], &[0, 0, 128, 63, 0, 0, 0, 64]);
         assert_eq!(parse(&f).unwrap().floats(), vec![1.0, 2.0]);
     }

@@ -31,18 +31,26 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn new() -> Self {
-        Self { offsets: vec![0], ..Default::default() }
+        Self {
+            offsets: vec![0],
+            ..Default::default()
+        }
     }
 
     pub fn push(&mut self, s: &Sample) -> Result<()> {
         ensure!(!s.crops.is_empty(), "a sample needs at least one crop");
         for c in &s.crops {
             let l = *self.seq_len.get_or_insert(c.len());
-            ensure!(c.len() == l && l > 0, "crop of {} tokens, expected {l}", c.len());
+            ensure!(
+                c.len() == l && l > 0,
+                "crop of {} tokens, expected {l}",
+                c.len()
+            );
             self.tokens.extend_from_slice(c);
         }
         self.labels.push(s.label);
-        self.offsets.push(self.offsets.last().unwrap() + s.crops.len() as u64);
+        self.offsets
+            .push(self.offsets.last().unwrap() + s.crops.len() as u64);
         Ok(())
     }
 
@@ -88,29 +96,52 @@ pub struct Packed {
 
 impl Packed {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open packed data {}", path.display()))?;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open packed data {}", path.display()))?;
         // Safety: the file is opened read-only; a concurrent writer would only replace it by rename.
-        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let err = |m: String| anyhow::anyhow!("packed data {} is corrupt or truncated: {m}", path.display());
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let err = |m: String| {
+            anyhow::anyhow!(
+                "packed data {} is corrupt or truncated: {m}",
+                path.display()
+            )
+        };
         if map.len() < HEADER || &map[..8] != MAGIC {
             return Err(err("not an arpg pack file (bad magic)".into()));
         }
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(map[o..o + 8].try_into().unwrap());
         if u32_at(8) != VERSION {
-            bail!("packed data {}: version {} is not supported (expected {VERSION})", path.display(), u32_at(8));
+            bail!(
+                "packed data {}: version {} is not supported (expected {VERSION})",
+                path.display(),
+                u32_at(8)
+            );
         }
         let seq_len = u32_at(12) as usize;
         let samples = u64_at(16) as usize;
         let crops = u64_at(24) as usize;
-        let want = HEADER as u128 + samples as u128 * 4 + (samples as u128 + 1) * 8 + crops as u128 * seq_len as u128 * 2;
+        let want = HEADER as u128
+            + samples as u128 * 4
+            + (samples as u128 + 1) * 8
+            + crops as u128 * seq_len as u128 * 2;
         if map.len() as u128 != want {
-            return Err(err(format!("{} bytes, the header promises {want}", map.len())));
+            return Err(err(format!(
+                "{} bytes, the header promises {want}",
+                map.len()
+            )));
         }
         if fnv1a(&map[HEADER..]) != u64_at(32) {
             return Err(err("checksum mismatch".into()));
         }
-        let p = Self { map, path: path.to_path_buf(), seq_len, samples, crops };
+        let p = Self {
+            map,
+            path: path.to_path_buf(),
+            seq_len,
+            samples,
+            crops,
+        };
         for i in 0..samples {
             let (a, b) = (p.offset(i), p.offset(i + 1));
             if b <= a || b as usize > crops {
@@ -174,9 +205,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.pack");
         let mut w = PackWriter::new();
-        w.push(&Sample { label: 3, crops: vec![vec![1, 2, 3, 4]] }).unwrap();
-        w.push(&Sample { label: 7, crops: vec![vec![5, 6, 7, 8], vec![9, 10, 11, 12]] }).unwrap();
-        assert!(w.push(&Sample { label: 1, crops: vec![vec![1, 2]] }).is_err());
+        w.push(&Sample {
+            label: 3,
+            crops: vec![vec![1, 2, 3, 4]],
+        })
+        .unwrap();
+        w.push(&Sample {
+            label: 7,
+            crops: vec![vec![5, 6, 7, 8], vec![9, 10, 11, 12]],
+        })
+        .unwrap();
+        assert!(w
+            .push(&Sample {
+                label: 1,
+                crops: vec![vec![1, 2]]
+            })
+            .is_err());
         w.write(&p).unwrap();
         let r = Packed::open(&p).unwrap();
         assert_eq!((r.len(), r.seq_len, r.total_crops()), (2, 4, 3));
@@ -190,6 +234,10 @@ mod tests {
         let mut flipped = bytes.clone();
         *flipped.last_mut().unwrap() ^= 1;
         std::fs::write(&q, &flipped).unwrap();
-        assert!(Packed::open(&q).err().unwrap().to_string().contains("checksum"));
+        assert!(Packed::open(&q)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("checksum"));
     }
 }

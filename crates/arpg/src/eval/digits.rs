@@ -20,7 +20,12 @@ impl KnnClassifier {
             .train
             .iter()
             .map(|t| {
-                let dist = t.pixels.iter().zip(pixels).map(|(&a, &b)| (a as i32 - b as i32).pow(2) as u32).sum();
+                let dist = t
+                    .pixels
+                    .iter()
+                    .zip(pixels)
+                    .map(|(&a, &b)| (a as i32 - b as i32).pow(2) as u32)
+                    .sum();
                 (dist, t.label)
             })
             .collect();
@@ -31,11 +36,18 @@ impl KnnClassifier {
         }
         let best = *votes.iter().max().unwrap();
         // Among tied labels, the one of the nearest neighbour.
-        d.iter().take(self.k).find(|(_, l)| votes[*l as usize] == best).unwrap().1
+        d.iter()
+            .take(self.k)
+            .find(|(_, l)| votes[*l as usize] == best)
+            .unwrap()
+            .1
     }
 
     pub fn accuracy(&self, digits: &[Digit]) -> f64 {
-        let ok = digits.iter().filter(|d| self.predict(&d.pixels) == d.label).count();
+        let ok = digits
+            .iter()
+            .filter(|d| self.predict(&d.pixels) == d.label)
+            .count();
         ok as f64 / digits.len().max(1) as f64
     }
 }
@@ -79,8 +91,18 @@ mod tests {
 
     #[test]
     fn knn_recognises_its_training_points_and_counts_copies() {
-        let mk = |label: u32, v: u8| Digit { label, pixels: [v; 64] };
-        let train = vec![mk(0, 0), mk(0, 1), mk(1, 15), mk(1, 16), mk(0, 2), mk(1, 14)];
+        let mk = |label: u32, v: u8| Digit {
+            label,
+            pixels: [v; 64],
+        };
+        let train = vec![
+            mk(0, 0),
+            mk(0, 1),
+            mk(1, 15),
+            mk(1, 16),
+            mk(0, 2),
+            mk(1, 14),
+        ];
         let knn = KnnClassifier::new(train.clone(), 3);
         assert_eq!(knn.predict(&[3; 64]), 0);
         assert_eq!(knn.predict(&[13; 64]), 1);

@@ -1,3 +1,4 @@
 //! Evaluation: how good are generated samples.
 
 pub mod digits;
+pub mod parity;

@@ -24,7 +24,10 @@ impl KvCache {
     ) -> Result<Self> {
         let shape = (batch, heads, capacity, head_dim);
         let pair = || -> Result<(Tensor, Tensor)> {
-            Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?))
+            Ok((
+                Tensor::zeros(shape, dtype, device)?,
+                Tensor::zeros(shape, dtype, device)?,
+            ))
         };
         Ok(Self {
             layers: (0..n_layers).map(|_| pair()).collect::<Result<_>>()?,
@@ -48,7 +51,12 @@ impl KvCache {
         self.len = 0;
     }
 
-    fn write(pair: &(Tensor, Tensor), at: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn write(
+        pair: &(Tensor, Tensor),
+        at: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let m = k.dim(2)?;
         pair.0.slice_set(&k.contiguous()?, 2, at)?;
         pair.1.slice_set(&v.contiguous()?, 2, at)?;

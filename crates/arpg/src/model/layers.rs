@@ -13,7 +13,10 @@ pub struct Mode<'a> {
 
 impl Mode<'_> {
     pub fn inference() -> Mode<'static> {
-        Mode { differentiable: false, dropout: None }
+        Mode {
+            differentiable: false,
+            dropout: None,
+        }
     }
     pub fn drop(&mut self, x: Tensor) -> Result<Tensor> {
         match self.dropout.as_mut() {
@@ -43,7 +46,9 @@ impl Module for Linear {
 }
 
 pub fn linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear { weight: vb.pp(name).get((out_dim, in_dim), "weight")? })
+    Ok(Linear {
+        weight: vb.pp(name).get((out_dim, in_dim), "weight")?,
+    })
 }
 
 /// The precision of the parts the reference runs in float32 (norms, RoPE, softmax): float32,
@@ -65,7 +70,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(vb: &VarBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.pp(name).get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let weight = vb
+            .pp(name)
+            .get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
         Ok(Self { weight, eps })
     }
 
@@ -74,10 +81,16 @@ impl RmsNorm {
         let x32 = x.to_dtype(at_least_f32(dtype))?;
         if !differentiable && dtype == DType::F32 {
             let w = self.weight.to_dtype(DType::F32)?;
-            return Ok(candle_nn::ops::rms_norm(&x32.contiguous()?, &w, self.eps as f32)?);
+            return Ok(candle_nn::ops::rms_norm(
+                &x32.contiguous()?,
+                &w,
+                self.eps as f32,
+            )?);
         }
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = x32
+            .broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
@@ -107,7 +120,9 @@ impl FeedForward {
 /// `[b, t, h*d]` -> `[b, h, t, d]`, contiguous.
 pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
-    Ok(x.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, t, n_head, c / n_head))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// `[b, h, t, d]` -> `[b, t, h*d]`.
@@ -117,7 +132,13 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention; softmax in float32. `mask` is an additive `[tq, tk]` bias.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, differentiable: bool) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)?.to_dtype(at_least_f32(dtype))? * scale)?;

@@ -16,7 +16,9 @@ use crate::config::ArpgConfig;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use layers::{attention, causal_mask, linear, merge_heads, split_heads, FeedForward, Linear, RmsNorm};
+use layers::{
+    attention, causal_mask, linear, merge_heads, split_heads, FeedForward, Linear, RmsNorm,
+};
 use rope::Rope;
 
 struct SelfBlock {
@@ -65,7 +67,9 @@ impl Arpg {
     pub fn new(cfg: &ArpgConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (d, hid, eps) = (cfg.dim, cfg.ffn_hidden(), cfg.norm_eps);
-        let emb = vb.pp("embeddings").get((cfg.embedding_rows(), d), "weight")?;
+        let emb = vb
+            .pp("embeddings")
+            .get((cfg.embedding_rows(), d), "weight")?;
         let l = vb.pp("layers");
         let mut self_dec = Vec::new();
         let mut cross_dec = Vec::new();
@@ -166,7 +170,13 @@ impl Arpg {
         self.logits(&q, diff)
     }
 
-    fn shared_kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, diff: bool) -> Result<(Tensor, Tensor)> {
+    fn shared_kv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        diff: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let h = self.cfg.n_head;
         let xn = self.kv_norm.forward(x, diff)?;
         let k = rope::apply(&split_heads(&self.to_k.forward(&xn)?, h)?, cos, sin, diff)?;
@@ -199,7 +209,10 @@ impl Arpg {
     }
 
     fn logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
-        Ok(self.head.forward(&self.norm.forward(q, diff)?)?.to_dtype(layers::at_least_f32(self.dtype))?)
+        Ok(self
+            .head
+            .forward(&self.norm.forward(q, diff)?)?
+            .to_dtype(layers::at_least_f32(self.dtype))?)
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` content tokens.
@@ -219,11 +232,20 @@ impl Arpg {
     /// pass 1, appending to `cache`, then runs `n` mask queries (rows `pos.queries [b, n]`)
     /// through pass 2 against every cached key. No mask inside a step. Returns float32
     /// logits `[b, n, vocab]`, or `None` when there are no queries (a prefill).
-    pub fn step(&self, cache: &mut KvCache, tokens: &Tensor, pos: Positions) -> Result<Option<Tensor>> {
+    pub fn step(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+    ) -> Result<Option<Tensor>> {
         let (b, m) = tokens.dims2()?;
         let n = pos.queries.dim(1)?;
         if cache.len() + m > cache.capacity() {
-            bail!("KV cache overflow: {} + {m} tokens > capacity {}", cache.len(), cache.capacity());
+            bail!(
+                "KV cache overflow: {} + {m} tokens > capacity {}",
+                cache.len(),
+                cache.capacity()
+            );
         }
         let mut mode = Mode::inference();
         let h = self.cfg.n_head;
@@ -237,7 +259,10 @@ impl Arpg {
             let (k, v) = cache.append_layer(i, &k, &v)?;
             let a = merge_heads(&attention(&q, &k, &v, None, false)?)?;
             x = (x + blk.proj.forward(&a)?)?;
-            x = (&x + blk.ffn.forward(&blk.ffn_norm.forward(&x, false)?, &mut mode)?)?;
+            x = (&x
+                + blk
+                    .ffn
+                    .forward(&blk.ffn_norm.forward(&x, false)?, &mut mode)?)?;
         }
         let (k, v) = self.shared_kv(&x, &kc, &ks, false)?;
         let (k, v) = cache.append_shared(&k, &v)?;

@@ -16,7 +16,11 @@ pub struct TokenFilter {
 
 impl Default for TokenFilter {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0 }
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -122,7 +126,11 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_k_largest_of_each_row() {
-        let f = TokenFilter { temperature: 1.0, top_k: 2, top_p: 1.0 };
+        let f = TokenFilter {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+        };
         assert_eq!(kept(&f, &[0.1, 3.0, -1.0, 2.0]), vec![1, 3]);
         assert_eq!(kept(&f, &[5.0, 3.0, 4.0, 2.0]), vec![0, 2]);
     }
@@ -131,7 +139,11 @@ mod tests {
     fn top_p_keeps_the_smallest_nucleus_per_row() {
         // probabilities 0.5, 0.3, 0.15, 0.05 (as logits of their logs)
         let row = [0.5f32.ln(), 0.15f32.ln(), 0.3f32.ln(), 0.05f32.ln()];
-        let f = TokenFilter { temperature: 1.0, top_k: 0, top_p: 0.7 };
+        let f = TokenFilter {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.7,
+        };
         assert_eq!(kept(&f, &row), vec![0, 2]);
         let f = TokenFilter { top_p: 0.45, ..f };
         assert_eq!(kept(&f, &row), vec![0]);
@@ -153,8 +165,14 @@ mod tests {
             counts[f.sample(&mut row.clone(), &mut rng) as usize] += 1;
         }
         let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / 20000.0).collect();
-        assert!((freq[0] - 0.7).abs() < 0.02 && (freq[2] - 0.1).abs() < 0.02, "{freq:?}");
-        let g = TokenFilter { temperature: 0.0, ..f };
+        assert!(
+            (freq[0] - 0.7).abs() < 0.02 && (freq[2] - 0.1).abs() < 0.02,
+            "{freq:?}"
+        );
+        let g = TokenFilter {
+            temperature: 0.0,
+            ..f
+        };
         assert_eq!(g.sample(&mut [1.0, 5.0, 5.0, 2.0], &mut rng), 1);
         let k1 = TokenFilter { top_k: 1, ..f };
         for _ in 0..100 {

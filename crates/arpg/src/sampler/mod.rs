@@ -68,34 +68,63 @@ pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
 
 /// Decode every unknown position of each sequence. Returns tokens in raster order over the
 /// model's grid; known tokens are returned unchanged.
-pub fn decode<R: Rng>(model: &Arpg, req: &Request, cfg: &SampleConfig, rng: &mut R) -> Result<Vec<Vec<u32>>> {
+pub fn decode<R: Rng>(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rng: &mut R,
+) -> Result<Vec<Vec<u32>>> {
     let mc = model.config();
     let b = req.classes.len();
     let cells = model.rope().rows() - mc.cls_token_num;
     ensure!(b > 0, "empty batch");
-    ensure!(req.known.len() == b && req.orders.len() == b, "one known set and one order per sequence");
+    ensure!(
+        req.known.len() == b && req.orders.len() == b,
+        "one known set and one order per sequence"
+    );
     cfg.filter.validate()?;
     if !cfg.cfg.is_finite() || cfg.cfg < 0.0 {
         bail!("--cfg {} must be >= 0", cfg.cfg);
     }
     for &c in req.classes {
         if c >= mc.num_classes {
-            bail!("class id {c} is out of range: the model has {} classes (0..={})", mc.num_classes, mc.num_classes - 1);
+            bail!(
+                "class id {c} is out of range: the model has {} classes (0..={})",
+                mc.num_classes,
+                mc.num_classes - 1
+            );
         }
     }
     let n_known = req.known[0].len();
     let n_unknown = cells - n_known;
     for (s, (known, order)) in req.known.iter().zip(req.orders).enumerate() {
-        ensure!(known.len() == n_known, "every sequence of a batch must know the same number of tokens");
+        ensure!(
+            known.len() == n_known,
+            "every sequence of a batch must know the same number of tokens"
+        );
         let mut seen = vec![false; cells];
         for &(p, t) in known {
-            ensure!(p < cells && !seen[p], "known position {p} is out of range or repeated");
-            ensure!((t as usize) < mc.vocab_size, "known token {t} is out of range (vocab {})", mc.vocab_size);
+            ensure!(
+                p < cells && !seen[p],
+                "known position {p} is out of range or repeated"
+            );
+            ensure!(
+                (t as usize) < mc.vocab_size,
+                "known token {t} is out of range (vocab {})",
+                mc.vocab_size
+            );
             seen[p] = true;
         }
-        ensure!(order.len() == n_unknown, "sequence {s}: the order has {} positions, {n_unknown} are unknown", order.len());
+        ensure!(
+            order.len() == n_unknown,
+            "sequence {s}: the order has {} positions, {n_unknown} are unknown",
+            order.len()
+        );
         for &p in order {
-            ensure!(p < cells && !seen[p], "sequence {s}: order position {p} is out of range, known or repeated");
+            ensure!(
+                p < cells && !seen[p],
+                "sequence {s}: order position {p} is out of range, known or repeated"
+            );
             seen[p] = true;
         }
     }
@@ -118,7 +147,11 @@ pub fn decode<R: Rng>(model: &Arpg, req: &Request, cfg: &SampleConfig, rng: &mut
     for half in 0..copies {
         let uncond = halves == Halves::Uncond || half == 1;
         for s in 0..b {
-            fed_ids.push(if uncond { mc.null_class_token() } else { mc.class_token(req.classes[s]) });
+            fed_ids.push(if uncond {
+                mc.null_class_token()
+            } else {
+                mc.class_token(req.classes[s])
+            });
             fed_pos.push(0);
             for &(p, t) in &req.known[s] {
                 fed_ids.push(t);
@@ -140,19 +173,32 @@ pub fn decode<R: Rng>(model: &Arpg, req: &Request, cfg: &SampleConfig, rng: &mut
         let targets: Vec<&[usize]> = req.orders.iter().map(|o| &o[done..done + n]).collect();
         done += n;
         let q_pos: Vec<u32> = (0..copies)
-            .flat_map(|_| targets.iter().flat_map(|t| t.iter().map(|&p| (p + mc.cls_token_num) as u32)))
+            .flat_map(|_| {
+                targets
+                    .iter()
+                    .flat_map(|t| t.iter().map(|&p| (p + mc.cls_token_num) as u32))
+            })
             .collect();
         let ids = Tensor::from_vec(fed_ids, (rows, fed_len), dev)?;
         let kpos = Tensor::from_vec(fed_pos, (rows, fed_len), dev)?;
         let qpos = Tensor::from_vec(q_pos, (rows, n), dev)?;
         let logits = model
-            .step(&mut cache, &ids, Positions { keys: &kpos, queries: &qpos })?
+            .step(
+                &mut cache,
+                &ids,
+                Positions {
+                    keys: &kpos,
+                    queries: &qpos,
+                },
+            )?
             .expect("queries were given");
         let logits = match halves {
             Halves::Both => {
                 let w = match cfg.cfg_schedule {
                     CfgSchedule::Constant => cfg.cfg as f64,
-                    CfgSchedule::Linear => 1.0 + (cfg.cfg as f64 - 1.0) * done as f64 / n_unknown as f64,
+                    CfgSchedule::Linear => {
+                        1.0 + (cfg.cfg as f64 - 1.0) * done as f64 / n_unknown as f64
+                    }
                 };
                 let c = logits.narrow(0, 0, b)?;
                 let u = logits.narrow(0, b, b)?;
@@ -170,8 +216,12 @@ pub fn decode<R: Rng>(model: &Arpg, req: &Request, cfg: &SampleConfig, rng: &mut
             }
         }
         // The same drawn tokens are fed to both guidance halves.
-        fed_ids = (0..copies).flat_map(|_| drawn.iter().map(|d| d.0)).collect();
-        fed_pos = (0..copies).flat_map(|_| drawn.iter().map(|d| (d.1 + mc.cls_token_num) as u32)).collect();
+        fed_ids = (0..copies)
+            .flat_map(|_| drawn.iter().map(|d| d.0))
+            .collect();
+        fed_pos = (0..copies)
+            .flat_map(|_| drawn.iter().map(|d| (d.1 + mc.cls_token_num) as u32))
+            .collect();
         fed_len = n;
     }
     Ok(out)

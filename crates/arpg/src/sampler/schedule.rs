@@ -62,8 +62,14 @@ pub fn token_counts(total: usize, steps: usize, schedule: MaskSchedule) -> Resul
             MaskSchedule::Cosine => (std::f64::consts::FRAC_PI_2 * t).cos(),
         };
         let remaining = total - pos;
-        let mask_len = ((total as f64 * ratio) as i64).min(remaining as i64 - 1).max(1) as usize;
-        let n = if s == steps - 1 { remaining } else { remaining.saturating_sub(mask_len) };
+        let mask_len = ((total as f64 * ratio) as i64)
+            .min(remaining as i64 - 1)
+            .max(1) as usize;
+        let n = if s == steps - 1 {
+            remaining
+        } else {
+            remaining.saturating_sub(mask_len)
+        };
         if n > 0 {
             counts.push(n);
         }
@@ -102,7 +108,10 @@ mod tests {
 
     #[test]
     fn impossible_step_counts_are_rejected() {
-        assert!(token_counts(64, 0, MaskSchedule::Arccos).unwrap_err().to_string().contains("--steps 0"));
+        assert!(token_counts(64, 0, MaskSchedule::Arccos)
+            .unwrap_err()
+            .to_string()
+            .contains("--steps 0"));
         assert!(token_counts(64, 65, MaskSchedule::Arccos).is_err());
         assert!(token_counts(64, 64, MaskSchedule::Arccos).is_ok());
     }

@@ -2,12 +2,12 @@
 
 pub mod image;
 pub mod pixel;
-pub mod vq;
 pub mod tokens_io;
+pub mod vq;
 
+use ::image::RgbImage;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use ::image::RgbImage;
 
 /// The tokenizer paired with a model: the VQ-16 family for ImageNet models, or one token per
 /// grayscale pixel for the shipped digits model.
@@ -26,10 +26,16 @@ impl ImageTokenizer {
     }
 
     /// Images from raster-order token grids of `grid = (rows, cols)` tokens.
-    pub fn decode(&self, tokens: &[Vec<u32>], grid: (usize, usize), device: &Device) -> Result<Vec<RgbImage>> {
+    pub fn decode(
+        &self,
+        tokens: &[Vec<u32>],
+        grid: (usize, usize),
+        device: &Device,
+    ) -> Result<Vec<RgbImage>> {
         match self {
             Self::Vq(vq) => {
-                let codes = Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
+                let codes =
+                    Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
                 image::tensor_to_images(&vq.decode(&codes, grid)?)
             }
             Self::Pixel => tokens
@@ -44,15 +50,25 @@ impl ImageTokenizer {
         let p = self.patch_size() as u32;
         for im in imgs {
             if im.width() % p != 0 || im.height() % p != 0 {
-                bail!("image of {}x{} pixels is not a multiple of the {p}-pixel patch", im.width(), im.height());
+                bail!(
+                    "image of {}x{} pixels is not a multiple of the {p}-pixel patch",
+                    im.width(),
+                    im.height()
+                );
             }
         }
         match self {
             Self::Vq(vq) => {
                 let x = image::images_to_tensor(imgs, device)?.to_dtype(vq_dtype(vq))?;
-                Ok(vq.encode(&x)?.to_dtype(candle_core::DType::U32)?.to_vec2()?)
+                Ok(vq
+                    .encode(&x)?
+                    .to_dtype(candle_core::DType::U32)?
+                    .to_vec2()?)
             }
-            Self::Pixel => Ok(imgs.iter().map(|im| pixel::encode(&::image::DynamicImage::ImageRgb8(im.clone()).to_luma8())).collect()),
+            Self::Pixel => Ok(imgs
+                .iter()
+                .map(|im| pixel::encode(&::image::DynamicImage::ImageRgb8(im.clone()).to_luma8()))
+                .collect()),
         }
     }
 }

@@ -27,7 +27,9 @@ pub fn decode(tokens: &[u32], w: usize, h: usize) -> Result<GrayImage> {
     if let Some(&t) = tokens.iter().find(|&&t| t >= LEVELS) {
         bail!("token {t} is not a pixel level (0..{LEVELS})");
     }
-    Ok(GrayImage::from_fn(w as u32, h as u32, |x, y| image::Luma([pixel_of(tokens[y as usize * w + x as usize])])))
+    Ok(GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([pixel_of(tokens[y as usize * w + x as usize])])
+    }))
 }
 
 #[cfg(test)]

@@ -10,9 +10,13 @@ pub fn write(path: &Path, tokens: &[Vec<u32>]) -> Result<()> {
 
 /// Read token grids; every grid must have the same, square length.
 pub fn read(path: &Path) -> Result<(Vec<Vec<u32>>, usize)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read tokens {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read tokens {}", path.display()))?;
     let tokens: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
-        format!("{}: expected a JSON array of arrays of token ids", path.display())
+        format!(
+            "{}: expected a JSON array of arrays of token ids",
+            path.display()
+        )
     })?;
     if tokens.is_empty() {
         bail!("{}: no token grids", path.display());
@@ -20,10 +24,17 @@ pub fn read(path: &Path) -> Result<(Vec<Vec<u32>>, usize)> {
     let n = tokens[0].len();
     let side = (n as f64).sqrt().round() as usize;
     if n == 0 || side * side != n {
-        bail!("{}: a grid has {n} tokens, not a square number", path.display());
+        bail!(
+            "{}: a grid has {n} tokens, not a square number",
+            path.display()
+        );
     }
     if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.len() != n) {
-        bail!("{}: grid {i} has {} tokens, grid 0 has {n}", path.display(), t.len());
+        bail!(
+            "{}: grid {i} has {} tokens, grid 0 has {n}",
+            path.display(),
+            t.len()
+        );
     }
     Ok((tokens, side))
 }

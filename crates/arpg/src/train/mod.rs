@@ -80,9 +80,18 @@ impl TrainConfig {
             self.batch_size,
             self.grad_accum
         );
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be positive");
-        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
-        ensure!((0.0..=1.0).contains(&self.class_dropout), "--class-dropout must be in [0, 1]");
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "--dropout must be in [0, 1)"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.class_dropout),
+            "--class-dropout must be in [0, 1]"
+        );
         if let Some(d) = self.ema_decay {
             ensure!((0.0..1.0).contains(&d), "--ema decay must be in [0, 1)");
         }
@@ -115,8 +124,18 @@ struct MasterWeights {
 }
 
 impl SimpleBackend for MasterWeights {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
-        let v = self.vars.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let v = self
+            .vars
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
         if v.shape() != &s {
             candle_core::bail!("parameter {name}: {:?} vs {:?}", v.shape(), s);
         }
@@ -148,7 +167,12 @@ pub struct Trainer {
 impl Trainer {
     /// Fresh weights initialised as the reference does: normal(0, 0.02) for linears and the
     /// embedding table, ones for norms, zeros for the output head.
-    pub fn new(model_cfg: &ArpgConfig, cfg: &TrainConfig, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        model_cfg: &ArpgConfig,
+        cfg: &TrainConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         model_cfg.validate()?;
         cfg.validate()?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xA5A5_0000);
@@ -161,14 +185,21 @@ impl Trainer {
             } else if name == "head.weight" {
                 vec![0.0; n]
             } else {
-                (0..n).map(|_| 0.02 * crate::util::normal(&mut init_rng)).collect()
+                (0..n)
+                    .map(|_| 0.02 * crate::util::normal(&mut init_rng))
+                    .collect()
             };
             params.push(Var::from_vec(data, shape, device)?);
             names.push(name);
         }
         let opt = AdamW::new(&params, cfg.beta1, cfg.beta2, cfg.weight_decay)?;
         let ema = match cfg.ema_decay {
-            Some(_) => Some(params.iter().map(|p| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?),
+            Some(_) => Some(
+                params
+                    .iter()
+                    .map(|p| p.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?,
+            ),
             None => None,
         };
         if !device.is_cpu() {
@@ -195,8 +226,17 @@ impl Trainer {
 
     /// The model as it is now, in the compute dtype, sharing the master weights.
     pub fn model(&self) -> Result<Arpg> {
-        let vars = self.names.iter().cloned().zip(self.params.iter().cloned()).collect();
-        let vb = VarBuilder::from_backend(Box::new(MasterWeights { vars }), self.dtype, self.device.clone());
+        let vars = self
+            .names
+            .iter()
+            .cloned()
+            .zip(self.params.iter().cloned())
+            .collect();
+        let vb = VarBuilder::from_backend(
+            Box::new(MasterWeights { vars }),
+            self.dtype,
+            self.device.clone(),
+        );
         Arpg::new(&self.model_cfg, vb)
     }
 
@@ -208,7 +248,12 @@ impl Trainer {
                 let pos = micro * size + k;
                 let epoch = pos / n;
                 if self.perm_cache.as_ref().map(|c| c.0) != Some(epoch) {
-                    let mut r = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64));
+                    let mut r = ChaCha8Rng::seed_from_u64(
+                        self.cfg
+                            .seed
+                            .wrapping_mul(0x9E37_79B9)
+                            .wrapping_add(epoch as u64),
+                    );
                     let mut p: Vec<usize> = (0..n).collect();
                     rand::seq::SliceRandom::shuffle(&mut p[..], &mut r);
                     self.perm_cache = Some((epoch, p));
@@ -222,7 +267,12 @@ impl Trainer {
     pub fn train_step(&mut self, data: &Packed) -> Result<StepStats> {
         let mc = self.model_cfg.clone();
         let l = mc.block_size;
-        ensure!(data.seq_len == l, "{}: samples have {} tokens, the model {l}", data.path.display(), data.seq_len);
+        ensure!(
+            data.seq_len == l,
+            "{}: samples have {} tokens, the model {l}",
+            data.path.display(),
+            data.seq_len
+        );
         let micro_size = self.cfg.batch_size / self.cfg.grad_accum;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let mut loss_sum = 0.0;
@@ -234,7 +284,9 @@ impl Trainer {
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let g = (loss / self.cfg.grad_accum as f64)?.backward()?;
             for (i, p) in self.params.iter().enumerate() {
-                let gi = g.get(p).with_context(|| format!("parameter {} received no gradient", self.names[i]))?;
+                let gi = g
+                    .get(p)
+                    .with_context(|| format!("parameter {} received no gradient", self.names[i]))?;
                 grads[i] = Some(match grads[i].take() {
                     Some(acc) => (acc + gi)?,
                     None => gi.clone(),
@@ -243,9 +295,18 @@ impl Trainer {
         }
         let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.unwrap()).collect();
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
-        let lr = lr_at(self.step, self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr, self.cfg.min_lr);
+        let lr = lr_at(
+            self.step,
+            self.cfg.warmup_steps,
+            self.cfg.steps,
+            self.cfg.lr,
+            self.cfg.min_lr,
+        );
         if !grad_norm.is_finite() {
-            bail!("step {}: the gradient norm is {grad_norm} (diverged); lower --lr", self.step);
+            bail!(
+                "step {}: the gradient norm is {grad_norm} (diverged); lower --lr",
+                self.step
+            );
         }
         self.opt.step(&self.params, &grads, lr)?;
         if let (Some(ema), Some(d)) = (self.ema.as_mut(), self.cfg.ema_decay) {
@@ -254,7 +315,12 @@ impl Trainer {
             }
         }
         self.step += 1;
-        Ok(StepStats { step: self.step, loss: loss_sum / self.cfg.grad_accum as f64, lr, grad_norm })
+        Ok(StepStats {
+            step: self.step,
+            loss: loss_sum / self.cfg.grad_accum as f64,
+            lr,
+            grad_norm,
+        })
     }
 
     /// Mean cross entropy of a batch, with dropout as configured (a differentiable graph).
@@ -264,9 +330,22 @@ impl Trainer {
         let dev = self.device.clone();
         let rng = &mut self.rng;
         let mut drop = |x: &Tensor| -> Result<Tensor> { dropout(x, p, rng, &dev) };
-        let mut mode = Mode { differentiable: true, dropout: if p > 0.0 { Some(&mut drop) } else { None } };
-        let logits = model.forward(&batch.tokens, Positions { keys: &batch.keys, queries: &batch.queries }, &mut mode)?;
-        Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &batch.targets)?)
+        let mut mode = Mode {
+            differentiable: true,
+            dropout: if p > 0.0 { Some(&mut drop) } else { None },
+        };
+        let logits = model.forward(
+            &batch.tokens,
+            Positions {
+                keys: &batch.keys,
+                queries: &batch.queries,
+            },
+            &mut mode,
+        )?;
+        Ok(candle_nn::loss::cross_entropy(
+            &logits.flatten_to(1)?,
+            &batch.targets,
+        )?)
     }
 
     /// Inputs, positions and targets of a teacher-forced batch of samples `idx`, each in a
@@ -275,21 +354,39 @@ impl Trainer {
         let mc = &self.model_cfg;
         let l = mc.block_size;
         let b = idx.len();
-        let (mut toks, mut kpos, mut qpos, mut tgt) =
-            (Vec::with_capacity(b * l), Vec::with_capacity(b * l), Vec::with_capacity(b * l), Vec::with_capacity(b * l));
+        let (mut toks, mut kpos, mut qpos, mut tgt) = (
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+        );
         for &i in idx {
             let crop = self.rng.random_range(0..data.n_crops(i));
             let t = data.tokens(i, crop);
             let label = data.label(i) as usize;
-            ensure!(label < mc.num_classes, "{}: label {label} >= num_classes {}", data.path.display(), mc.num_classes);
+            ensure!(
+                label < mc.num_classes,
+                "{}: label {label} >= num_classes {}",
+                data.path.display(),
+                mc.num_classes
+            );
             let drop_class = self.rng.random::<f64>() < self.cfg.class_dropout;
-            toks.push(if drop_class { mc.null_class_token() } else { mc.class_token(label) });
+            toks.push(if drop_class {
+                mc.null_class_token()
+            } else {
+                mc.class_token(label)
+            });
             kpos.push(0u32);
             let mut order: Vec<usize> = (0..l).collect();
             rand::seq::SliceRandom::shuffle(&mut order[..], &mut self.rng);
             for (k, &p) in order.iter().enumerate() {
                 let tok = t[p] as u32;
-                ensure!((tok as usize) < mc.vocab_size, "{}: token {tok} >= vocab_size {}", data.path.display(), mc.vocab_size);
+                ensure!(
+                    (tok as usize) < mc.vocab_size,
+                    "{}: token {tok} >= vocab_size {}",
+                    data.path.display(),
+                    mc.vocab_size
+                );
                 if k + 1 < l {
                     toks.push(tok);
                     kpos.push(p as u32 + 1);
@@ -344,15 +441,26 @@ impl Trainer {
 
     /// Continue from a checkpoint written by [`Trainer::save`]. `cfg` may change the schedule
     /// length; the model configuration must match.
-    pub fn resume(path: &Path, cfg: Option<&TrainConfig>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn resume(
+        path: &Path,
+        cfg: Option<&TrainConfig>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (tensors, meta) = crate::checkpoint::load_safetensors_with_metadata(path)?;
-        let get = |k: &str| meta.get(k).with_context(|| format!("{}: not a training checkpoint (no {k})", path.display()));
+        let get = |k: &str| {
+            meta.get(k)
+                .with_context(|| format!("{}: not a training checkpoint (no {k})", path.display()))
+        };
         let model_cfg: ArpgConfig = serde_json::from_str(get("model_config")?)?;
         let saved: TrainConfig = serde_json::from_str(get("train_config")?)?;
         let tc = cfg.cloned().unwrap_or(saved);
         let mut tr = Self::new(&model_cfg, &tc, dtype, device)?;
         let take = |k: String| -> Result<Tensor> {
-            Ok(tensors.get(&k).with_context(|| format!("{}: missing {k}", path.display()))?.to_device(device)?)
+            Ok(tensors
+                .get(&k)
+                .with_context(|| format!("{}: missing {k}", path.display()))?
+                .to_device(device)?)
         };
         for i in 0..tr.names.len() {
             let n = tr.names[i].clone();
@@ -384,7 +492,9 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng, device: &Device) -> Result<
     if device.is_cpu() {
         let n = x.elem_count();
         let scale = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale }).collect();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .collect();
         let m = Tensor::from_vec(mask, x.shape(), device)?.to_dtype(x.dtype())?;
         Ok((x * m)?)
     } else {

@@ -34,8 +34,14 @@ impl AdamW {
             beta2,
             eps: 1e-8,
             weight_decay,
-            m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            m: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
             t: 0,
         })
     }
@@ -67,7 +73,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
@@ -101,12 +111,21 @@ mod tests {
         let w = Var::from_vec(vec![1.0f32, -2.0], (1, 2), &dev).unwrap();
         let b = Var::from_vec(vec![0.5f32], 1, &dev).unwrap();
         let mut opt = AdamW::new(&[w.clone(), b.clone()], 0.9, 0.95, 0.1).unwrap();
-        let g = [Tensor::new(&[[0.2f32, -0.4]], &dev).unwrap(), Tensor::new(&[1.0f32], &dev).unwrap()];
+        let g = [
+            Tensor::new(&[[0.2f32, -0.4]], &dev).unwrap(),
+            Tensor::new(&[1.0f32], &dev).unwrap(),
+        ];
         opt.step(&[w.clone(), b.clone()], &g, 0.01).unwrap();
         // First step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (eps aside).
         let w1 = w.as_tensor().to_vec2::<f32>().unwrap();
-        assert!((w1[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{w1:?}");
-        assert!((w1[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{w1:?}");
+        assert!(
+            (w1[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
+            "{w1:?}"
+        );
+        assert!(
+            (w1[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6,
+            "{w1:?}"
+        );
         let b1 = b.as_tensor().to_vec1::<f32>().unwrap();
         assert!((b1[0] - (0.5 - 0.01)).abs() < 1e-6, "{b1:?}");
     }

@@ -1,0 +1,168 @@
+//! `arpg bench`: sampling (and optionally VQ decoding and training) throughput.
+
+use crate::args::{DeviceArgs, ModelArgs};
+use anyhow::{bail, Result};
+use arpg::data::{PackWriter, Packed, Sample};
+use arpg::sampler::{decode, random_order, Request, SampleConfig};
+use arpg::train::{TrainConfig, Trainer};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Guidance scale (not 0 or 1: both halves run, as in the paper's timing).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also time the VQ-16 decode of one batch (random weights unless --vq-weights).
+    #[arg(long)]
+    pub vq: bool,
+    /// Also time training steps (batch --batch-size, synthetic tokens).
+    #[arg(long)]
+    pub train: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn sync(d: &Device) -> Result<()> {
+    d.synchronize()?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut() -> Result<()>>(
+    dev: &Device,
+    warmup: usize,
+    repeats: usize,
+    mut f: F,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    sync(dev)?;
+    let mut t = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let s = Instant::now();
+        f()?;
+        sync(dev)?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let spec = a.model.spec(0);
+    let cfg = spec.config()?;
+    let (dev, dtype) = a.device.resolve()?;
+    let mut out = serde_json::json!({
+        "model": a.model.model.clone().unwrap_or_else(|| "config".into()),
+        "batch_size": a.batch_size, "steps": a.steps, "cfg": a.cfg,
+        "device": a.device.device, "dtype": a.device.dtype,
+    });
+    let model = spec.load(dtype, &dev)?;
+    let sc = SampleConfig {
+        steps: a.steps,
+        cfg: a.cfg,
+        ..Default::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let cells = cfg.block_size;
+    let positions: Vec<usize> = (0..cells).collect();
+    let mut last = Vec::new();
+    let secs = time(&dev, a.warmup, a.repeats, || {
+        let classes: Vec<usize> = (0..a.batch_size)
+            .map(|_| rng.random_range(0..cfg.num_classes))
+            .collect();
+        let orders = vec![random_order(&positions, &mut rng); a.batch_size];
+        let known = vec![vec![]; a.batch_size];
+        last = decode(
+            &model,
+            &Request {
+                classes: &classes,
+                known: &known,
+                orders: &orders,
+            },
+            &sc,
+            &mut rng,
+        )?;
+        Ok(())
+    })?;
+    out["sample_seconds"] = secs.into();
+    out["images_per_sec"] = (a.batch_size as f64 / secs).into();
+    out["ms_per_step"] = (secs * 1e3 / a.steps as f64).into();
+    drop(model);
+
+    if a.vq {
+        let vq = arpg::zoo::VqSpec {
+            random: true,
+            ..Default::default()
+        }
+        .load(dtype, &dev)?;
+        let g = cfg.grid_size();
+        let codes = Tensor::from_vec(last.concat(), (a.batch_size, cells), &dev)?;
+        let s = time(&dev, a.warmup, a.repeats, || {
+            vq.decode(&codes, (g, g))?;
+            Ok(())
+        })?;
+        out["vq_decode_seconds"] = s.into();
+        out["vq_decode_images_per_sec"] = (a.batch_size as f64 / s).into();
+    }
+
+    if a.train {
+        let dir = tempfile::tempdir()?;
+        let mut w = PackWriter::new();
+        for i in 0..a.batch_size * 4 {
+            let crop: Vec<u16> = (0..cells)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u16))
+                .collect();
+            w.push(&Sample {
+                label: (i % cfg.num_classes) as u32,
+                crops: vec![crop],
+            })?;
+        }
+        let p = dir.path().join("bench.pack");
+        w.write(&p)?;
+        let data = Packed::open(&p)?;
+        let tc = TrainConfig {
+            batch_size: a.batch_size,
+            steps: 1000,
+            lr: 1e-4,
+            ..Default::default()
+        };
+        let mut tr = Trainer::new(&cfg, &tc, dtype, &dev)?;
+        let s = time(&dev, a.warmup.max(1), a.repeats, || {
+            tr.train_step(&data)?;
+            Ok(())
+        })?;
+        out["train_step_seconds"] = s.into();
+        out["train_images_per_sec"] = (a.batch_size as f64 / s).into();
+    }
+
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}

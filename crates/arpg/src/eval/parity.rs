@@ -1,0 +1,156 @@
+//! Parity with the reference implementation on its fixtures (`tests/fixtures/parity-a`):
+//! used by the tests on the CPU and by `arpg check-parity` on any device and dtype.
+
+use crate::checkpoint::{build_strict, StateDict, Weights};
+use crate::config::ArpgConfig;
+use crate::model::{Arpg, Mode, Positions};
+use crate::sampler::{decode, Request, SampleConfig, TokenFilter};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::Path;
+
+pub fn flat_f32(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(flat_f32).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap_or(f64::NAN) as f32],
+        _ => vec![f32::NAN],
+    }
+}
+
+pub fn flat_u32(v: &Value) -> Vec<u32> {
+    flat_f32(v).into_iter().map(|x| x as u32).collect()
+}
+
+/// Inputs of a teacher-forced pass in the samples' orders: tokens `[class, t_o0 ..]`, key
+/// rows, query rows, and the targets `[t_o0 .. t_o(L-1)]`.
+pub fn teacher_inputs(
+    cfg: &ArpgConfig,
+    ids: &[u32],
+    classes: &[u32],
+    orders: &[u32],
+    dev: &Device,
+) -> Result<(Tensor, Tensor, Tensor, Vec<u32>)> {
+    let (b, l) = (classes.len(), cfg.block_size);
+    let (mut toks, mut kpos, mut qpos, mut targets) = (vec![], vec![], vec![], vec![]);
+    for s in 0..b {
+        toks.push(cfg.class_token(classes[s] as usize));
+        kpos.push(0u32);
+        for i in 0..l {
+            let p = orders[s * l + i] as usize;
+            if i + 1 < l {
+                toks.push(ids[s * l + p]);
+                kpos.push(p as u32 + 1);
+            }
+            qpos.push(p as u32 + 1);
+            targets.push(ids[s * l + p]);
+        }
+    }
+    Ok((
+        Tensor::from_vec(toks, (b, l), dev)?,
+        Tensor::from_vec(kpos, (b, l), dev)?,
+        Tensor::from_vec(qpos, (b, l), dev)?,
+        targets,
+    ))
+}
+
+#[derive(Debug, Serialize)]
+pub struct ParityReport {
+    pub device: String,
+    pub dtype: String,
+    /// max |logit - reference| / max |reference| of the teacher-forced pass.
+    pub teacher_logits_rel_err: f64,
+    pub loss: f64,
+    pub reference_loss: f64,
+    /// Per greedy case: tokens equal to the reference's.
+    pub greedy_equal: Vec<bool>,
+}
+
+/// Run the fixtures' teacher-forced pass and greedy decodes with the fixtures' weights.
+pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> {
+    let j: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("a.json"))
+            .with_context(|| format!("cannot read {}", dir.join("a.json").display()))?,
+    )?;
+    let cfg: ArpgConfig = serde_json::from_value(j["arpg_config"].clone())?;
+    let sd = StateDict::load(&dir.join("a_arpg.safetensors"), Weights::Model)?;
+    let model = build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb))?;
+    let t = &j["teacher_forcing"];
+    let (toks, kpos, qpos, targets) = teacher_inputs(
+        &cfg,
+        &flat_u32(&t["input_ids"]),
+        &flat_u32(&t["classes"]),
+        &flat_u32(&t["orders"]),
+        device,
+    )?;
+    let logits = model
+        .forward(
+            &toks,
+            Positions {
+                keys: &kpos,
+                queries: &qpos,
+            },
+            &mut Mode::inference(),
+        )?
+        .to_dtype(DType::F32)?;
+    let got = logits.flatten_all()?.to_vec1::<f32>()?;
+    let want = flat_f32(&t["logits"]);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    let tt = Tensor::from_vec(targets.clone(), targets.len(), device)?;
+    let loss =
+        candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tt)?.to_scalar::<f32>()? as f64;
+    let mut greedy_equal = Vec::new();
+    for case in j["generate"].as_array().context("no generate cases")? {
+        let classes: Vec<usize> = flat_u32(&case["classes"])
+            .iter()
+            .map(|&c| c as usize)
+            .collect();
+        let order: Vec<usize> = flat_u32(&case["order"])
+            .iter()
+            .map(|&p| p as usize)
+            .collect();
+        let sc = SampleConfig {
+            steps: case["steps"].as_u64().context("steps")? as usize,
+            cfg: case["cfg"].as_f64().context("cfg")? as f32,
+            cfg_schedule: case["cfg_schedule"]
+                .as_str()
+                .context("cfg_schedule")?
+                .parse()?,
+            schedule: case["sample_schedule"]
+                .as_str()
+                .context("sample_schedule")?
+                .parse()?,
+            filter: TokenFilter {
+                temperature: 0.0,
+                ..Default::default()
+            },
+        };
+        let orders = vec![order; classes.len()];
+        let known = vec![vec![]; classes.len()];
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let got = decode(
+            &model,
+            &Request {
+                classes: &classes,
+                known: &known,
+                orders: &orders,
+            },
+            &sc,
+            &mut rng,
+        )?;
+        greedy_equal.push(got.concat() == flat_u32(&case["tokens"]));
+    }
+    Ok(ParityReport {
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}"),
+        teacher_logits_rel_err: err / scale.max(1e-12),
+        loss,
+        reference_loss: t["loss"].as_f64().unwrap_or(f64::NAN),
+        greedy_equal,
+    })
+}
