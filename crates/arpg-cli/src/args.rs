@@ -88,7 +88,7 @@ impl VqArgs {
                 vq.config().codebook_size
             );
         }
-        Ok(ImageTokenizer::Vq(vq))
+        Ok(ImageTokenizer::Vq(Box::new(vq)))
     }
 
     pub fn spec(&self, random: bool, seed: u64) -> VqSpec {
@@ -117,5 +117,12 @@ impl DeviceArgs {
             arpg::device::parse_device(&self.device)?,
             arpg::device::parse_dtype(&self.dtype)?,
         ))
+    }
+
+    /// The device with its generator seeded, for sampling.
+    pub fn resolve_seeded(&self, seed: u64) -> Result<(Device, DType)> {
+        let (d, t) = self.resolve()?;
+        arpg::device::seed(&d, seed)?;
+        Ok((d, t))
     }
 }

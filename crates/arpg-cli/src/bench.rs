@@ -74,7 +74,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let spec = a.model.spec(0);
     let cfg = spec.config()?;
-    let (dev, dtype) = a.device.resolve()?;
+    let (dev, dtype) = a.device.resolve_seeded(0)?;
     let mut out = serde_json::json!({
         "model": a.model.model.clone().unwrap_or_else(|| "config".into()),
         "batch_size": a.batch_size, "steps": a.steps, "cfg": a.cfg,

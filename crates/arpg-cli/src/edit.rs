@@ -80,7 +80,7 @@ pub fn load(
         });
     }
     let spec = model.spec(seed);
-    let (dev, dtype) = device.resolve()?;
+    let (dev, dtype) = device.resolve_seeded(seed)?;
     let m = spec.load(dtype, &dev)?;
     let tk = vq.tokenizer(m.config().vocab_size, spec.random, seed, dtype, &dev)?;
     Ok((m, tk, dev))

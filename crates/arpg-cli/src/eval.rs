@@ -53,7 +53,7 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
     if cfg.vocab_size != 17 || cfg.num_classes != 10 || cfg.block_size != 64 {
         bail!("eval-digits needs a digits model (vocab 17, 10 classes, 64 tokens)");
     }
-    let (device, dtype) = a.device.resolve()?;
+    let (device, dtype) = a.device.resolve_seeded(a.seed)?;
     let model = spec.load(dtype, &device)?;
     let (train, test) = digits::split(&digits::load_csv_gz(&a.data).with_context(|| "--data")?);
     let sc = SampleConfig {

@@ -132,7 +132,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         bail!("--order and --order-per-sample are exclusive");
     }
 
-    let (device, dtype) = a.device.resolve()?;
+    let (device, dtype) = a.device.resolve_seeded(a.seed)?;
     let model = spec.load(dtype, &device)?;
     let pixel = a.vq.tokenizer == "pixel" || (a.vq.tokenizer == "auto" && mcfg.vocab_size == 17);
     let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || pixel;
@@ -195,9 +195,9 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             batch
                 .iter()
                 .map(|&c| {
-                    Ok(fill_canvas(&model, &empty, c, &sc, &mut rng)?
+                    fill_canvas(&model, &empty, c, &sc, &mut rng)?
                         .tokens()
-                        .context("unfilled cell")?)
+                        .context("unfilled cell")
                 })
                 .collect::<Result<Vec<_>>>()?
         };

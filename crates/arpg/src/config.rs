@@ -92,20 +92,20 @@ impl ArpgConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.dim == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
+        if self.dim == 0 || self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
             bail!(
                 "dim ({}) must be a positive multiple of n_head ({})",
                 self.dim,
                 self.n_head
             );
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             bail!(
                 "head_dim = dim / n_head = {} must be a multiple of 4 for 2D RoPE",
                 self.head_dim()
             );
         }
-        if self.n_layer < 2 || self.n_layer % 2 != 0 {
+        if self.n_layer < 2 || !self.n_layer.is_multiple_of(2) {
             bail!(
                 "n_layer ({}) must be even and >= 2 (half self-, half cross-attention)",
                 self.n_layer

@@ -35,3 +35,12 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         _ => bail!("--dtype {s:?}: expected f32, bf16 or f16"),
     }
 }
+
+/// Seed the device's own generator (GPU sampling draws there); the CPU path uses the
+/// caller's seeded generator instead.
+pub fn seed(device: &Device, seed: u64) -> Result<()> {
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+    }
+    Ok(())
+}

@@ -189,7 +189,7 @@ mod tests {
             .flat_map(|x| x.to_le_bytes())
             .collect();
         let bytes = to_bytes("<i8", &[3], &body);
-        assert_eq!(bytes.len() % 64, 24 % 64);
+        assert_eq!(bytes.len() % 64, 24);
         let npy = parse(&bytes).unwrap();
         assert_eq!(npy.shape, vec![3]);
         assert!(matches!(npy.data, NpyData::Int(ref v) if v == &vec![1, -2, 300]));

@@ -4,11 +4,14 @@ use anyhow::Result;
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+/// A dropout applied to activations (it owns its random generator).
+pub type Dropout<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
+
 /// How a forward pass runs: inference may use fused kernels; training needs a backward
 /// through every op (candle's fused RMSNorm / softmax / RoPE have none) and applies dropout.
 pub struct Mode<'a> {
     pub differentiable: bool,
-    pub dropout: Option<&'a mut dyn FnMut(&Tensor) -> Result<Tensor>>,
+    pub dropout: Option<&'a mut Dropout<'a>>,
 }
 
 impl Mode<'_> {
@@ -79,13 +82,14 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(at_least_f32(dtype))?;
-        if !differentiable && dtype == DType::F32 {
-            let w = self.weight.to_dtype(DType::F32)?;
-            return Ok(candle_nn::ops::rms_norm(
-                &x32.contiguous()?,
-                &w,
-                self.eps as f32,
-            )?);
+        if !differentiable {
+            // Fused kernel in float32; the weight is applied before rounding back, which is
+            // at least as accurate as the reference's round-then-scale.
+            let w = self.weight.to_dtype(x32.dtype())?;
+            return Ok(
+                candle_nn::ops::rms_norm(&x32.contiguous()?, &w, self.eps as f32)?
+                    .to_dtype(dtype)?,
+            );
         }
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x32

@@ -31,9 +31,8 @@ impl Rope {
         for i in 0..gh {
             for j in 0..gw {
                 let r = cfg.cls_token_num + i * gw + j;
-                for k in 0..quarter {
-                    for (slot, t) in [(k, i as f32 * freqs[k]), (quarter + k, j as f32 * freqs[k])]
-                    {
+                for (k, &f) in freqs.iter().enumerate() {
+                    for (slot, t) in [(k, i as f32 * f), (quarter + k, j as f32 * f)] {
                         cos[r * half + slot] = t.cos();
                         sin[r * half + slot] = t.sin();
                     }

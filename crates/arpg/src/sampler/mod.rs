@@ -59,6 +59,30 @@ enum Halves {
     Both,
 }
 
+/// Whether tokens are drawn on the device: on GPUs, unless top-k / top-p filtering is asked
+/// for (those sort each row, done on the host). On the CPU the host path is the device path
+/// and uses the seeded generator, so CPU runs repeat exactly.
+fn on_device(dev: &candle_core::Device, f: &TokenFilter) -> bool {
+    !dev.is_cpu() && f.top_k == 0 && f.top_p >= 1.0
+}
+
+/// One token per row by the Gumbel-max trick, `argmax(logits / T + G)`, which draws from
+/// `softmax(logits / T)` without leaving the device; `T = 0` is argmax.
+fn gumbel_max(logits: &Tensor, temperature: f32) -> Result<Tensor> {
+    let scores = if temperature == 0.0 {
+        logits.clone()
+    } else {
+        // Uniforms kept inside (0, 1): u = 1 would give an infinite Gumbel draw.
+        let u = Tensor::rand(0f32, 1f32, logits.shape(), logits.device())?
+            .clamp(1e-30f32, 1.0 - 6e-8)?;
+        let g = u.log()?.neg()?.log()?.neg()?;
+        ((logits / temperature.max(1e-5) as f64)? + g)?
+    };
+    Ok(scores
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(candle_core::DType::U32)?)
+}
+
 /// A random order of `positions`, e.g. of `0..256`.
 pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
     let mut o = positions.to_vec();
@@ -159,7 +183,6 @@ pub fn decode<R: Rng>(
             }
         }
     }
-    let mut fed_len = 1 + n_known;
     let mut cache = model.new_cache(rows, 1 + cells)?;
     let mut out: Vec<Vec<u32>> = (0..b).map(|_| vec![u32::MAX; cells]).collect();
     for (s, known) in req.known.iter().enumerate() {
@@ -167,21 +190,24 @@ pub fn decode<R: Rng>(
             out[s][p] = t;
         }
     }
+    // Every query's RoPE row is known from the orders: one upload for the whole decode, so
+    // the loop needs no host round trip on the device path.
+    let q_rows: Vec<u32> = (0..copies)
+        .flat_map(|_| {
+            req.orders
+                .iter()
+                .flat_map(|o| o.iter().map(|&p| (p + mc.cls_token_num) as u32))
+        })
+        .collect();
+    let q_rows = Tensor::from_vec(q_rows, (rows, n_unknown), dev)?;
+    let mut ids = Tensor::from_vec(fed_ids, (rows, 1 + n_known), dev)?;
+    let mut kpos = Tensor::from_vec(fed_pos, (rows, 1 + n_known), dev)?;
+    let device_draw = on_device(dev, &cfg.filter);
+    let mut drawn_on_device = Vec::new();
 
     let mut done = 0usize;
     for &n in &counts {
-        let targets: Vec<&[usize]> = req.orders.iter().map(|o| &o[done..done + n]).collect();
-        done += n;
-        let q_pos: Vec<u32> = (0..copies)
-            .flat_map(|_| {
-                targets
-                    .iter()
-                    .flat_map(|t| t.iter().map(|&p| (p + mc.cls_token_num) as u32))
-            })
-            .collect();
-        let ids = Tensor::from_vec(fed_ids, (rows, fed_len), dev)?;
-        let kpos = Tensor::from_vec(fed_pos, (rows, fed_len), dev)?;
-        let qpos = Tensor::from_vec(q_pos, (rows, n), dev)?;
+        let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
         let logits = model
             .step(
                 &mut cache,
@@ -192,12 +218,13 @@ pub fn decode<R: Rng>(
                 },
             )?
             .expect("queries were given");
+        let decoded = done + n;
         let logits = match halves {
             Halves::Both => {
                 let w = match cfg.cfg_schedule {
                     CfgSchedule::Constant => cfg.cfg as f64,
                     CfgSchedule::Linear => {
-                        1.0 + (cfg.cfg as f64 - 1.0) * done as f64 / n_unknown as f64
+                        1.0 + (cfg.cfg as f64 - 1.0) * decoded as f64 / n_unknown as f64
                     }
                 };
                 let c = logits.narrow(0, 0, b)?;
@@ -206,23 +233,73 @@ pub fn decode<R: Rng>(
             }
             _ => logits,
         };
-        let mut host = logits.to_vec3::<f32>()?;
-        let mut drawn = Vec::with_capacity(b * n);
-        for (s, row) in host.iter_mut().enumerate() {
-            for (j, l) in row.iter_mut().enumerate() {
-                let tok = cfg.filter.sample(l, rng);
-                out[s][targets[s][j]] = tok;
-                drawn.push((tok, targets[s][j]));
+        let picked = if device_draw {
+            let t = gumbel_max(&logits, cfg.filter.temperature)?;
+            drawn_on_device.push(t.clone());
+            t
+        } else {
+            let mut host = logits.to_vec3::<f32>()?;
+            let mut toks = Vec::with_capacity(b * n);
+            for (s, row) in host.iter_mut().enumerate() {
+                for (j, l) in row.iter_mut().enumerate() {
+                    let tok = cfg.filter.sample(l, rng);
+                    out[s][req.orders[s][done + j]] = tok;
+                    toks.push(tok);
+                }
+            }
+            Tensor::from_vec(toks, (b, n), dev)?
+        };
+        // The same drawn tokens are fed to both guidance halves.
+        ids = if copies == 2 {
+            Tensor::cat(&[&picked, &picked], 0)?
+        } else {
+            picked
+        };
+        kpos = qpos;
+        done = decoded;
+    }
+    if device_draw {
+        let all = Tensor::cat(&drawn_on_device, 1)?.to_vec2::<u32>()?;
+        for (s, row) in all.iter().enumerate() {
+            for (j, &tok) in row.iter().enumerate() {
+                out[s][req.orders[s][j]] = tok;
             }
         }
-        // The same drawn tokens are fed to both guidance halves.
-        fed_ids = (0..copies)
-            .flat_map(|_| drawn.iter().map(|d| d.0))
-            .collect();
-        fed_pos = (0..copies)
-            .flat_map(|_| drawn.iter().map(|d| (d.1 + mc.cls_token_num) as u32))
-            .collect();
-        fed_len = n;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gumbel_max_is_argmax_at_zero_temperature_and_samples_the_softmax_otherwise() {
+        let dev = Device::Cpu;
+        let l = Tensor::new(&[[[0.1f32, 2.0, -1.0], [3.0, 0.0, 0.0]]], &dev).unwrap();
+        assert_eq!(
+            gumbel_max(&l, 0.0).unwrap().to_vec2::<u32>().unwrap(),
+            vec![vec![1, 0]]
+        );
+        // 0.7 / 0.2 / 0.1 over many rows at once.
+        let p = [0.7f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
+        let rows = Tensor::new(&p, &dev)
+            .unwrap()
+            .broadcast_as((1, 20000, 3))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let t = gumbel_max(&rows, 1.0)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+            .concat();
+        let f0 = t.iter().filter(|&&x| x == 0).count() as f64 / t.len() as f64;
+        let f2 = t.iter().filter(|&&x| x == 2).count() as f64 / t.len() as f64;
+        assert!(
+            (f0 - 0.7).abs() < 0.02 && (f2 - 0.1).abs() < 0.02,
+            "{f0} {f2}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 /// The tokenizer paired with a model: the VQ-16 family for ImageNet models, or one token per
 /// grayscale pixel for the shipped digits model.
 pub enum ImageTokenizer {
-    Vq(vq::VqModel),
+    Vq(Box<vq::VqModel>),
     Pixel,
 }
 

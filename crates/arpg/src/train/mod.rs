@@ -75,7 +75,7 @@ impl TrainConfig {
         ensure!(self.batch_size > 0, "--batch-size must be at least 1");
         ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
         ensure!(
-            self.batch_size % self.grad_accum == 0,
+            self.batch_size.is_multiple_of(self.grad_accum),
             "--batch-size {} must be a multiple of --grad-accum {}",
             self.batch_size,
             self.grad_accum
