@@ -1,6 +1,7 @@
 //! Argument groups shared by several commands.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use arpg::sampler::{SampleConfig, TokenFilter};
 use arpg::tokenizer::ImageTokenizer;
 use arpg::zoo::{ModelSpec, VqSpec};
 use candle_core::{DType, Device};
@@ -124,5 +125,56 @@ impl DeviceArgs {
         let (d, t) = self.resolve()?;
         arpg::device::seed(&d, seed)?;
         Ok((d, t))
+    }
+}
+
+/// The decoding flags shared by `sample`, `inpaint` and `outpaint`; defaults are the paper's.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Decoding steps (1..=tokens per image). Each step predicts many tokens in parallel.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Classifier-free guidance scale: 0 = unconditional, 1 = conditional only (no guidance).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    /// Guidance over the steps: constant, or linear from 1 to --cfg as tokens are decoded.
+    #[arg(long, default_value = "linear")]
+    pub cfg_schedule: String,
+    /// Masking schedule: arccos (paper default) or cosine.
+    #[arg(long, default_value = "arccos")]
+    pub schedule: String,
+    /// Softmax temperature; 0 = greedy (argmax).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed: the same seed gives the same images on the same device.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler's settings, validated.
+    pub fn config(&self) -> Result<SampleConfig> {
+        let sc = SampleConfig {
+            steps: self.steps,
+            cfg: self.cfg,
+            cfg_schedule: self.cfg_schedule.parse().context("--cfg-schedule")?,
+            schedule: self.schedule.parse().context("--schedule")?,
+            filter: TokenFilter {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+            },
+        };
+        sc.filter.validate()?;
+        if !(self.cfg >= 0.0 && self.cfg.is_finite()) {
+            anyhow::bail!("--cfg {} must be >= 0", self.cfg);
+        }
+        Ok(sc)
     }
 }

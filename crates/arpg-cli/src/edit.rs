@@ -1,10 +1,10 @@
 //! `arpg inpaint` and `arpg outpaint`: zero-shot editing.
 
-use crate::args::{DeviceArgs, ModelArgs, VqArgs};
+use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, inpaint, token_mask, Canvas};
 use arpg::model::Arpg;
-use arpg::sampler::{SampleConfig, TokenFilter};
+use arpg::sampler::SampleConfig;
 use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
 use candle_core::Device;
 use clap::Args;
@@ -12,29 +12,14 @@ use image::RgbImage;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 
-/// Sampling flags shared by the editing commands.
+/// The editing commands' flags: the class, the decoding flags, and how many versions.
 #[derive(Args, Debug, Clone)]
 pub struct EditSampling {
     /// Class to condition on (another class than the image's = class-conditional editing).
     #[arg(long)]
     pub class: usize,
-    /// Decoding steps for a full window (fewer when fewer tokens are unknown).
-    #[arg(long, default_value_t = 64)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
-    #[arg(long, default_value = "linear")]
-    pub cfg_schedule: String,
-    #[arg(long, default_value = "arccos")]
-    pub schedule: String,
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub decoding: SamplingArgs,
     /// How many edited versions to make.
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -42,22 +27,10 @@ pub struct EditSampling {
 
 impl EditSampling {
     fn config(&self) -> Result<SampleConfig> {
-        let sc = SampleConfig {
-            steps: self.steps,
-            cfg: self.cfg,
-            cfg_schedule: self.cfg_schedule.parse().context("--cfg-schedule")?,
-            schedule: self.schedule.parse().context("--schedule")?,
-            filter: TokenFilter {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-            },
-        };
-        sc.filter.validate()?;
-        if self.steps == 0 || self.samples == 0 {
-            bail!("--steps and --samples must be at least 1");
+        if self.samples == 0 {
+            bail!("--samples must be at least 1");
         }
-        Ok(sc)
+        self.decoding.config()
     }
 }
 
@@ -140,7 +113,7 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
             src.height()
         );
     }
-    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.seed)?;
+    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
     check_class(&model, a.sampling.class)?;
     let g = model.config().grid_size();
     let size = g * tk.patch_size();
@@ -162,7 +135,7 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     }
     let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
     let canvas = Canvas::from_tokens(g, g, &tokens, &regen)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
     let out = inpaint(
         &model,
         &canvas,
@@ -221,7 +194,7 @@ pub struct OutpaintArgs {
 pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
     let sc = a.sampling.config()?;
     let src = img::load_rgb(&a.image)?;
-    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.seed)?;
+    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
     check_class(&model, a.sampling.class)?;
     let p = tk.patch_size();
     for (flag, v) in [
@@ -242,7 +215,7 @@ pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
     let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
     let base = Canvas::from_tokens(g, g, &tokens, &vec![false; g * g])?;
     let canvas = base.pad(a.top / p, a.bottom / p, a.left / p, a.right / p);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
     let mut all = Vec::new();
     for _ in 0..a.sampling.samples {
         let filled = fill_canvas(&model, &canvas, a.sampling.class, &sc, &mut rng)?;

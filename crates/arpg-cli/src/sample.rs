@@ -1,9 +1,9 @@
 //! `arpg sample`: class-conditional sampling.
 
-use crate::args::{DeviceArgs, ModelArgs, VqArgs};
+use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, Canvas};
-use arpg::sampler::{self, decode, random_order, Request, SampleConfig, TokenFilter};
+use arpg::sampler::{self, decode, random_order, Request};
 use arpg::tokenizer::{image as img, tokens_io};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -28,30 +28,8 @@ pub struct SampleArgs {
     /// Images per class.
     #[arg(long, default_value_t = 1)]
     pub per_class: usize,
-    /// Decoding steps (1..=tokens per image). Each step predicts many tokens in parallel.
-    #[arg(long, default_value_t = 64)]
-    pub steps: usize,
-    /// Classifier-free guidance scale: 0 = unconditional, 1 = conditional only (no guidance).
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
-    /// Guidance over the steps: constant, or linear from 1 to --cfg as tokens are decoded.
-    #[arg(long, default_value = "linear")]
-    pub cfg_schedule: String,
-    /// Masking schedule: arccos (paper default) or cosine.
-    #[arg(long, default_value = "arccos")]
-    pub schedule: String,
-    /// Softmax temperature; 0 = greedy (argmax).
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Random seed: the same seed gives the same images on the same device.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// JSON array of raster positions: the generation order for every image.
     #[arg(long)]
     pub order: Option<PathBuf>,
@@ -86,7 +64,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             a.model.model = Some(arpg::zoo::DIGITS.into());
         }
     }
-    let spec = a.model.spec(a.seed);
+    let spec = a.model.spec(a.sampling.seed);
     let mcfg = spec.config()?;
     let classes: Vec<usize> = if !a.classes.is_empty() {
         a.classes.clone()
@@ -107,21 +85,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     if a.per_class == 0 || a.batch_size == 0 {
         bail!("--per-class and --batch-size must be at least 1");
     }
-    let sc = SampleConfig {
-        steps: a.steps,
-        cfg: a.cfg,
-        cfg_schedule: a.cfg_schedule.parse().context("--cfg-schedule")?,
-        schedule: a.schedule.parse().context("--schedule")?,
-        filter: TokenFilter {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-        },
-    };
-    sc.filter.validate()?;
-    if !(a.cfg >= 0.0 && a.cfg.is_finite()) {
-        bail!("--cfg {} must be >= 0", a.cfg);
-    }
+    let sc = a.sampling.config()?;
     let cells = mcfg.block_size;
     sampler::token_counts(cells, sc.steps, sc.schedule)?;
     let fixed_order = match &a.order {
@@ -132,12 +96,18 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         bail!("--order and --order-per-sample are exclusive");
     }
 
-    let (device, dtype) = a.device.resolve_seeded(a.seed)?;
+    let (device, dtype) = a.device.resolve_seeded(a.sampling.seed)?;
     let model = spec.load(dtype, &device)?;
     let pixel = a.vq.tokenizer == "pixel" || (a.vq.tokenizer == "auto" && mcfg.vocab_size == 17);
     let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || pixel;
     let tokenizer = match want_images {
-        true => Some(a.vq.tokenizer(mcfg.vocab_size, spec.random, a.seed, dtype, &device)?),
+        true => Some(a.vq.tokenizer(
+            mcfg.vocab_size,
+            spec.random,
+            a.sampling.seed,
+            dtype,
+            &device,
+        )?),
         false => None,
     };
     let grid = mcfg.grid_size();
@@ -159,7 +129,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         .collect();
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create --out {}", a.out.display()))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.seed);
     let positions: Vec<usize> = (0..cells).collect();
     let pb = ProgressBar::new(all.len() as u64).with_style(
         ProgressStyle::with_template(

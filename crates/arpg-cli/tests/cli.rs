@@ -366,3 +366,41 @@ fn the_builtin_digits_model_samples_offline() {
     assert_eq!(read("a.json"), read("b.json"));
     assert_ne!(read("a.json"), read("c.json"));
 }
+
+#[test]
+fn offline_presets_name_the_file_and_the_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_arpg"))
+        .args([
+            "sample",
+            "--model",
+            "ARPG-L",
+            "--classes",
+            "1",
+            "--out",
+            d.path().join("o").to_str().unwrap(),
+        ])
+        .env("HF_HOME", d.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("arpg_300m.pt") && err.contains("--weights"),
+        "{err}"
+    );
+    let toks = write_json(d.path(), "t.json", &serde_json::json!([[1, 2, 3, 4]]));
+    let o = Command::new(env!("CARGO_BIN_EXE_arpg"))
+        .args(["decode", "--tokens", &toks])
+        .env("HF_HOME", d.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("vq_ds16_c2i.pt") && err.contains("--vq-weights"),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@
 //! Pass 1 (`self_dec`) runs causal self-attention over the content tokens (class token, then
 //! image tokens in generation order). Its output is normalised once and projected to ONE shared
 //! key/value set. Pass 2 (`cross_dec`) runs mask-token queries, each rotated with the position
-//! of the token it must predict, against that shared key/value set. See `docs/architecture.md`.
+//! of the token it must predict, against that shared key/value set.
 
 pub mod cache;
 pub mod layers;
