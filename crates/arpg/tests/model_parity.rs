@@ -150,3 +150,82 @@ fn corrupt_and_missing_checkpoints_are_reported_with_their_path() {
     );
     assert!(err.contains("none.pt"), "{err}");
 }
+
+#[test]
+fn half_precision_checkpoints_load_into_an_f32_model() {
+    let sd = StateDict::load(&fixture("a_arpg.safetensors"), Weights::Model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for dt in [DType::BF16, DType::F16] {
+        let p = dir.path().join(format!("{dt:?}.safetensors"));
+        arpg::checkpoint::save_safetensors_atomic(
+            &arpg::checkpoint::cast_all(&sd.tensors, dt).unwrap(),
+            &p,
+        )
+        .unwrap();
+        let half = StateDict::load(&p, Weights::Model).unwrap();
+        assert!(half.tensors.values().all(|t| t.dtype() == dt));
+        let model = build_strict(&half, DType::F32, &Device::Cpu, |vb| {
+            Arpg::new(&config(), vb)
+        })
+        .unwrap();
+        let j = &fixture_json()["teacher_forcing"];
+        let (toks, kpos, qpos, _) = teacher_inputs(&config(), j);
+        let logits = model
+            .forward(
+                &toks,
+                Positions {
+                    keys: &kpos,
+                    queries: &qpos,
+                },
+                &mut Mode::inference(),
+            )
+            .unwrap();
+        let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = flat_f32(&j["logits"]);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(err < 3e-2, "{dt:?} weights: relative error {err}");
+    }
+}
+
+#[test]
+fn cfg_one_and_zero_run_one_half_and_match_the_guided_formula() {
+    use arpg::sampler::{decode, CfgSchedule, Request, SampleConfig, TokenFilter};
+    let model = load("a_arpg.safetensors");
+    let classes = [2usize, 7];
+    let order: Vec<usize> = (0..64).rev().collect();
+    let orders = vec![order.clone(), order];
+    let known = vec![vec![], vec![]];
+    let run = |cfg: f32| {
+        let sc = SampleConfig {
+            steps: 8,
+            cfg,
+            cfg_schedule: CfgSchedule::Constant,
+            filter: TokenFilter {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        decode(
+            &model,
+            &Request {
+                classes: &classes,
+                known: &known,
+                orders: &orders,
+            },
+            &sc,
+            &mut rng,
+        )
+        .unwrap()
+    };
+    // cfg 1: the conditional half alone; cfg 0: the null class alone (the reference raises).
+    assert_eq!(run(1.0), run(1.0 + 1e-6));
+    assert_eq!(run(0.0), run(1e-6));
+    assert_ne!(run(0.0), run(1.0));
+}
