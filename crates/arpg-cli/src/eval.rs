@@ -25,7 +25,7 @@ pub struct EvalDigitsArgs {
     pub per_class: usize,
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 4.0)]
     pub cfg: f32,
     #[arg(long, default_value = "constant")]
     pub cfg_schedule: String,

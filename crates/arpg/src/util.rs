@@ -1,6 +1,7 @@
 //! Small shared helpers: random numbers, atomic writes, Ctrl-C.
 
 use anyhow::{Context, Result};
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,22 +12,49 @@ pub fn normal<R: rand::Rng>(rng: &mut R) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, then a rename,
-/// so an interrupted run never leaves a half-written file under the final name.
+/// Write `bytes` to `path` atomically (see [`write_atomic_with`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+    write_atomic_with(path, "file", |w| Ok(w.write_all(bytes)?))
+}
+
+/// Write `path` atomically: through a temporary file in the same folder, then a rename, so an
+/// interrupted run never leaves a half-written file under the final name. `what` names the
+/// kind of file in errors.
+pub fn write_atomic_with(
+    path: &Path,
+    what: &str,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| {
+        format!(
+            "cannot create a temporary file in {} for {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    {
+        let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
+        write(&mut buf).with_context(|| format!("cannot write {what} {}", path.display()))?;
+        buf.flush()
+            .with_context(|| format!("cannot write {what} {}", path.display()))?;
+    }
     tmp.as_file().sync_all().ok();
+    // Temporary files are created 0600; outputs should be readable like any other file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .ok();
+    }
     tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move {what} into place at {}", path.display()))?;
     Ok(())
 }
 

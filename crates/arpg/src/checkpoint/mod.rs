@@ -173,25 +173,9 @@ fn zip_archive(file: std::fs::File) -> Result<zip::ZipArchive<std::io::BufReader
     zip::ZipArchive::new(std::io::BufReader::new(file)).context("corrupt zip archive")
 }
 
-/// Save tensors as `.safetensors`, atomically (temporary file in the same folder, then rename).
+/// Save tensors as `.safetensors`, atomically.
 pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    let cpu: HashMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, tmp.path())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.as_file().sync_all().ok();
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    save_safetensors_with_metadata(tensors, HashMap::new(), path)
 }
 
 /// Every tensor in `dtype`, e.g. to store a bf16 copy.

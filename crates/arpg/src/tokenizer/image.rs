@@ -7,7 +7,6 @@ use image::imageops::FilterType;
 use image::ImageEncoder;
 /// Re-exported so callers can name the image type through this module.
 pub use image::RgbImage;
-use std::io::Write;
 use std::path::Path;
 
 /// Loads any PNG/JPEG as 8-bit RGB (format sniffed from the content, not the extension).
@@ -155,38 +154,8 @@ pub fn make_grid(imgs: &[RgbImage], ncols: usize, pad: usize) -> RgbImage {
     out
 }
 
-/// Writes through a temporary file in the destination folder, then renames it into place, so
-/// readers never see a half-written file.
-fn write_atomic(
-    path: &Path,
-    what: &str,
-    write: impl FnOnce(&mut dyn Write) -> Result<()>,
-) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| {
-        format!(
-            "cannot create a temporary file in {} for {}",
-            dir.display(),
-            path.display()
-        )
-    })?;
-    {
-        let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
-        write(&mut buf).with_context(|| format!("cannot write {what} {}", path.display()))?;
-        buf.flush()
-            .with_context(|| format!("cannot write {what} {}", path.display()))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot move {what} into place at {}", path.display()))?;
-    Ok(())
-}
-
 pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
-    write_atomic(path, "PNG", |w| {
+    crate::util::write_atomic_with(path, "PNG", |w| {
         image::codecs::png::PngEncoder::new(w).write_image(
             img.as_raw(),
             img.width(),
@@ -223,7 +192,7 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     header.push('\n');
     let hlen = u16::try_from(header.len())
         .context("write_npy_f32: shape too long for an NPY v1.0 header")?;
-    write_atomic(path, "NPY file", |w| {
+    crate::util::write_atomic_with(path, "NPY file", |w| {
         w.write_all(NPY_MAGIC)?;
         w.write_all(&[1, 0])?;
         w.write_all(&hlen.to_le_bytes())?;
