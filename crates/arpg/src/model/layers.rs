@@ -68,6 +68,8 @@ pub fn at_least_f32(dtype: DType) -> DType {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
+    /// The weight in float32 for the fused inference kernel (cast once, not every call).
+    weight32: Tensor,
     eps: f64,
 }
 
@@ -76,7 +78,12 @@ impl RmsNorm {
         let weight = vb
             .pp(name)
             .get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
-        Ok(Self { weight, eps })
+        let weight32 = weight.to_dtype(at_least_f32(weight.dtype()))?.detach();
+        Ok(Self {
+            weight,
+            weight32,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
@@ -135,7 +142,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
-/// Scaled dot-product attention; softmax in float32. `mask` is an additive `[tq, tk]` bias.
+/// Scaled dot-product attention; softmax accumulated in float32. `mask` is an additive
+/// `[tq, tk]` bias (training only).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -145,6 +153,13 @@ pub fn attention(
 ) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    if !differentiable && mask.is_none() {
+        // Inference: scale the (short) queries, and let the fused softmax kernel, which
+        // accumulates in float32, read half-precision scores directly: two casts fewer per
+        // layer and step.
+        let probs = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
+        return Ok(probs.matmul(v)?);
+    }
     let scores = (q.matmul(&k.t()?)?.to_dtype(at_least_f32(dtype))? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
