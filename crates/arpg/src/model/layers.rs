@@ -92,7 +92,7 @@ impl RmsNorm {
         if !differentiable {
             // Fused kernel in float32; the weight is applied before rounding back, which is
             // at least as accurate as the reference's round-then-scale.
-            let w = self.weight.to_dtype(x32.dtype())?;
+            let w = self.weight32.to_dtype(x32.dtype())?;
             return Ok(
                 candle_nn::ops::rms_norm(&x32.contiguous()?, &w, self.eps as f32)?
                     .to_dtype(dtype)?,
