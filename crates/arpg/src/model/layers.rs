@@ -109,55 +109,23 @@ impl RmsNorm {
 /// SwiGLU: w2(silu(w1 x) * w3 x).
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    /// w1 and w3 stacked: one GEMM instead of two.
-    w13: Linear,
+    w1: Linear,
     w2: Linear,
-    hidden: usize,
+    w3: Linear,
 }
 
 impl FeedForward {
     pub fn new(vb: &VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
         Ok(Self {
-            w13: stacked(&[
-                linear(vb, "w1", dim, hidden)?,
-                linear(vb, "w3", dim, hidden)?,
-            ])?,
+            w1: linear(vb, "w1", dim, hidden)?,
             w2: linear(vb, "w2", hidden, dim)?,
-            hidden,
+            w3: linear(vb, "w3", dim, hidden)?,
         })
     }
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let y = self.w13.forward(x)?;
-        let a = y.narrow(D::Minus1, 0, self.hidden)?;
-        let b = y.narrow(D::Minus1, self.hidden, self.hidden)?;
-        let h = (candle_nn::ops::silu(&a)? * b)?;
+        let h = (candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?;
         mode.drop(self.w2.forward(&h)?)
     }
-}
-
-/// Linear layers over the same input stacked into one (outputs concatenated), so a block
-/// issues one GEMM; the checkpoint keeps them apart, and gradients flow back through the
-/// concatenation to each.
-pub fn stacked(parts: &[Linear]) -> Result<Linear> {
-    let w: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
-    Ok(Linear {
-        weight: Tensor::cat(&w, 0)?,
-    })
-}
-
-/// Split `[b, t, parts * h * d]` (the output of stacked projections) into `parts` tensors of
-/// `[b, h, t, d]`, each contiguous, with one copy each.
-pub fn split_stacked_heads(x: &Tensor, parts: usize, n_head: usize) -> Result<Vec<Tensor>> {
-    let (b, t, c) = x.dims3()?;
-    let x = x.reshape((b, t, parts, n_head, c / parts / n_head))?;
-    (0..parts)
-        .map(|i| {
-            Ok(x.narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?)
-        })
-        .collect()
 }
 
 /// `[b, t, h*d]` -> `[b, h, t, d]`, contiguous.

@@ -17,14 +17,14 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use layers::{
-    attention, causal_mask, linear, merge_heads, split_heads, split_stacked_heads, stacked,
-    FeedForward, Linear, RmsNorm,
+    attention, causal_mask, linear, merge_heads, split_heads, FeedForward, Linear, RmsNorm,
 };
 use rope::Rope;
 
 struct SelfBlock {
-    /// to_q, to_k and to_v stacked.
-    qkv: Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
     proj: Linear,
     ffn: FeedForward,
     attn_norm: RmsNorm,
@@ -77,11 +77,9 @@ impl Arpg {
             let b = l.pp("self_dec").pp(i);
             let a = b.pp("attn");
             self_dec.push(SelfBlock {
-                qkv: stacked(&[
-                    linear(&a, "to_q", d, d)?,
-                    linear(&a, "to_k", d, d)?,
-                    linear(&a, "to_v", d, d)?,
-                ])?,
+                to_q: linear(&a, "to_q", d, d)?,
+                to_k: linear(&a, "to_k", d, d)?,
+                to_v: linear(&a, "to_v", d, d)?,
                 proj: linear(&a, "proj", d, d)?,
                 ffn: FeedForward::new(&b.pp("ffn"), d, hid)?,
                 attn_norm: RmsNorm::new(&b, "attn_norm", d, eps)?,
@@ -158,11 +156,9 @@ impl Arpg {
         let h = self.cfg.n_head;
         for blk in &self.self_dec {
             let xn = blk.attn_norm.forward(&x, diff)?;
-            let [q, k, v]: [Tensor; 3] = split_stacked_heads(&blk.qkv.forward(&xn)?, 3, h)?
-                .try_into()
-                .unwrap();
-            let q = rope::apply(&q, &kc, &ks, diff)?;
-            let k = rope::apply(&k, &kc, &ks, diff)?;
+            let q = rope::apply(&split_heads(&blk.to_q.forward(&xn)?, h)?, &kc, &ks, diff)?;
+            let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, diff)?;
+            let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
             let a = merge_heads(&attention(&q, &k, &v, Some(&mask), diff)?)?;
             x = (x + mode.drop(blk.proj.forward(&a)?)?)?;
             let f = blk.ffn.forward(&blk.ffn_norm.forward(&x, diff)?, mode)?;
@@ -257,11 +253,9 @@ impl Arpg {
         let (kc, ks) = self.rope.gather(pos.keys)?;
         for (i, blk) in self.self_dec.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x, false)?;
-            let [q, k, v]: [Tensor; 3] = split_stacked_heads(&blk.qkv.forward(&xn)?, 3, h)?
-                .try_into()
-                .unwrap();
-            let q = rope::apply(&q, &kc, &ks, false)?;
-            let k = rope::apply(&k, &kc, &ks, false)?;
+            let q = rope::apply(&split_heads(&blk.to_q.forward(&xn)?, h)?, &kc, &ks, false)?;
+            let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, false)?;
+            let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
             let (k, v) = cache.append_layer(i, &k, &v)?;
             let a = merge_heads(&attention(&q, &k, &v, None, false)?)?;
             x = (x + blk.proj.forward(&a)?)?;
