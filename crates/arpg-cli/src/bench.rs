@@ -3,7 +3,7 @@
 use crate::args::{DeviceArgs, ModelArgs};
 use anyhow::{bail, Result};
 use arpg::data::{PackWriter, Packed, Sample};
-use arpg::sampler::{decode, random_order, Request, SampleConfig};
+use arpg::sampler::{random_order, sample, SampleConfig};
 use arpg::train::{TrainConfig, Trainer};
 use candle_core::{Device, Tensor};
 use clap::Args;
@@ -95,17 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .map(|_| rng.random_range(0..cfg.num_classes))
             .collect();
         let orders = vec![random_order(&positions, &mut rng); a.batch_size];
-        let known = vec![vec![]; a.batch_size];
-        last = decode(
-            &model,
-            &Request {
-                classes: &classes,
-                known: &known,
-                orders: &orders,
-            },
-            &sc,
-            &mut rng,
-        )?;
+        last = sample(&model, &classes, &orders, &sc, &mut rng)?;
         Ok(())
     })?;
     out["sample_seconds"] = secs.into();

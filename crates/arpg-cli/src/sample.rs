@@ -3,7 +3,7 @@
 use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, Canvas};
-use arpg::sampler::{self, decode, random_order, Request};
+use arpg::sampler::{self, random_order};
 use arpg::tokenizer::{image as img, tokens_io};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -153,13 +153,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             None => vec![random_order(&positions, &mut rng); batch.len()],
         };
         let toks = if canvas == (grid, grid) {
-            let known = vec![vec![]; batch.len()];
-            let req = Request {
-                classes: batch,
-                known: &known,
-                orders: &orders,
-            };
-            decode(&model, &req, &sc, &mut rng)?
+            sampler::sample(&model, batch, &orders, &sc, &mut rng)?
         } else {
             let empty = Canvas::unknown(canvas.0, canvas.1);
             batch

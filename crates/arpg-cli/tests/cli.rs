@@ -299,69 +299,36 @@ fn bad_input_gets_a_clear_error() {
 fn the_builtin_digits_model_samples_offline() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("digits");
-    ok(&[
-        "sample",
-        "--model",
-        "digits",
-        "--classes",
-        "3,7",
-        "--per-class",
-        "2",
-        "--steps",
-        "8",
-        "--cfg",
-        "2",
-        "--seed",
-        "5",
-        "--out",
-        out.to_str().unwrap(),
-        "--tokens-out",
-        d.path().join("a.json").to_str().unwrap(),
-    ]);
+    let run = |seed: &str, tokens: &str| {
+        ok(&[
+            "sample",
+            "--model",
+            "digits",
+            "--classes",
+            "3,7",
+            "--per-class",
+            "2",
+            "--steps",
+            "8",
+            "--cfg",
+            "2",
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+            "--tokens-out",
+            d.path().join(tokens).to_str().unwrap(),
+        ])
+    };
+    run("5", "a.json");
     for f in ["000000_class3.png", "000003_class7.png", "grid.png"] {
         assert!(out.join(f).exists(), "{f}");
     }
     let img = image::open(out.join("000000_class3.png")).unwrap();
     assert_eq!((img.width(), img.height()), (8, 8));
     // Same seed, same tokens; another seed, other tokens.
-    ok(&[
-        "sample",
-        "--model",
-        "digits",
-        "--classes",
-        "3,7",
-        "--per-class",
-        "2",
-        "--steps",
-        "8",
-        "--cfg",
-        "2",
-        "--seed",
-        "5",
-        "--out",
-        out.to_str().unwrap(),
-        "--tokens-out",
-        d.path().join("b.json").to_str().unwrap(),
-    ]);
-    ok(&[
-        "sample",
-        "--model",
-        "digits",
-        "--classes",
-        "3,7",
-        "--per-class",
-        "2",
-        "--steps",
-        "8",
-        "--cfg",
-        "2",
-        "--seed",
-        "6",
-        "--out",
-        out.to_str().unwrap(),
-        "--tokens-out",
-        d.path().join("c.json").to_str().unwrap(),
-    ]);
+    run("5", "b.json");
+    run("6", "c.json");
     let read = |n: &str| std::fs::read_to_string(d.path().join(n)).unwrap();
     assert_eq!(read("a.json"), read("b.json"));
     assert_ne!(read("a.json"), read("c.json"));

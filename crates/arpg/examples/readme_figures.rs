@@ -4,7 +4,7 @@
 use anyhow::Result;
 use arpg::data::digits;
 use arpg::editor::{fill_canvas, inpaint, Canvas};
-use arpg::sampler::{decode, random_order, Request, SampleConfig, TokenFilter};
+use arpg::sampler::{random_order, sample, SampleConfig, TokenFilter};
 use arpg::tokenizer::{image::make_grid, pixel};
 use arpg::zoo::{ModelSpec, DIGITS};
 use candle_core::{DType, Device};
@@ -54,17 +54,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|_| random_order(&all, &mut rng))
         .collect();
-    let known = vec![vec![]; classes.len()];
-    let toks = decode(
-        &model,
-        &Request {
-            classes: &classes,
-            known: &known,
-            orders: &orders,
-        },
-        &sc,
-        &mut rng,
-    )?;
+    let toks = sample(&model, &classes, &orders, &sc, &mut rng)?;
     let imgs: Vec<RgbImage> = toks.iter().map(|t| rgb(t, 8, 8)).collect::<Result<_>>()?;
     save(&make_grid(&imgs, 8, 1), "samples.png")?;
 

@@ -4,7 +4,7 @@
 use crate::checkpoint::{build_strict, StateDict, Weights};
 use crate::config::ArpgConfig;
 use crate::model::{Arpg, Mode, Positions};
-use crate::sampler::{decode, Request, SampleConfig, TokenFilter};
+use crate::sampler::{sample, SampleConfig, TokenFilter};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -131,18 +131,8 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
             },
         };
         let orders = vec![order; classes.len()];
-        let known = vec![vec![]; classes.len()];
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        let got = decode(
-            &model,
-            &Request {
-                classes: &classes,
-                known: &known,
-                orders: &orders,
-            },
-            &sc,
-            &mut rng,
-        )?;
+        let got = sample(&model, &classes, &orders, &sc, &mut rng)?;
         greedy_equal.push(got.concat() == flat_u32(&case["tokens"]));
     }
     Ok(ParityReport {

@@ -90,6 +90,27 @@ pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
     o
 }
 
+/// Plain class-conditional sampling: every position unknown, one order per sequence.
+pub fn sample<R: Rng>(
+    model: &Arpg,
+    classes: &[usize],
+    orders: &[Vec<usize>],
+    cfg: &SampleConfig,
+    rng: &mut R,
+) -> Result<Vec<Vec<u32>>> {
+    let known = vec![vec![]; classes.len()];
+    decode(
+        model,
+        &Request {
+            classes,
+            known: &known,
+            orders,
+        },
+        cfg,
+        rng,
+    )
+}
+
 /// Decode every unknown position of each sequence. Returns tokens in raster order over the
 /// model's grid; known tokens are returned unchanged.
 pub fn decode<R: Rng>(
