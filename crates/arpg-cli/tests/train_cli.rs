@@ -1,0 +1,173 @@
+//! `arpg pack` / `arpg train` from the command line: Ctrl-C, resume, loading what was trained.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_arpg"))
+}
+
+fn tiny_config(dir: &Path) -> String {
+    let p = dir.join("tiny.json");
+    std::fs::write(&p, r#"{"dim":32,"n_layer":2,"n_head":2,"vocab_size":17,"num_classes":10,"block_size":64,"multiple_of":16}"#).unwrap();
+    p.to_string_lossy().to_string()
+}
+
+#[test]
+fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
+    let d = tempfile::tempdir().unwrap();
+    let csv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data/digits/digits.csv.gz"
+    );
+    let pack = d.path().join("d.pack");
+    assert!(bin()
+        .args(["pack", "--digits", csv, "--out", pack.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    let cfg = tiny_config(d.path());
+    let out = d.path().join("run");
+    let mut child = bin()
+        .args([
+            "train",
+            "--data",
+            pack.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "--batch-size",
+            "8",
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-3",
+            "--lr-absolute",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = out.join("train.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ckpt = out.join("checkpoint.safetensors");
+    let weights = out.join("model.safetensors");
+    assert!(ckpt.exists() && weights.exists());
+    // No temporary files left behind, and the weights load into `arpg sample`.
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.iter().all(|n| [
+            "checkpoint.safetensors",
+            "model.safetensors",
+            "train.jsonl",
+            "config.json"
+        ]
+        .contains(&n.as_str())),
+        "{names:?}"
+    );
+    let o = bin()
+        .args([
+            "sample",
+            "--config",
+            &cfg,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--classes",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            d.path().join("s").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Resume continues from the saved step to --until.
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    let o = bin()
+        .args([
+            "train",
+            "--data",
+            pack.to_str().unwrap(),
+            "--resume",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "--until",
+            &(lines + 2).to_string(),
+            "--batch-size",
+            "8",
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-3",
+            "--lr-absolute",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        last["step"].as_u64().unwrap() as usize >= lines + 2,
+        "{last}"
+    );
+    // A corrupt pack is reported with its path.
+    let bytes = std::fs::read(&pack).unwrap();
+    std::fs::write(&pack, &bytes[..bytes.len() - 3]).unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--data",
+            pack.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("d.pack") && err.contains("truncated"),
+        "{err}"
+    );
+}
