@@ -29,7 +29,7 @@ fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
         .success());
     let cfg = tiny_config(d.path());
     let out = d.path().join("run");
-    let mut child = bin()
+    let child = bin()
         .args([
             "train",
             "--data",
