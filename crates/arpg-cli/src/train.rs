@@ -271,3 +271,24 @@ pub fn pack(a: PackArgs) -> Result<()> {
     eprintln!("packed {} samples into {}", w.len(), a.out.display());
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A training log (train.jsonl written by `arpg train`).
+    pub log: PathBuf,
+    /// The PNG to write: loss, learning rate and gradient norm against the step.
+    #[arg(long, default_value = "loss.png")]
+    pub out: PathBuf,
+}
+
+pub fn plot(a: PlotArgs) -> Result<()> {
+    let curves = arpg::train::plot::read_log(&a.log)?;
+    let img = arpg::train::plot::draw(&curves);
+    arpg::tokenizer::image::save_png_atomic(&img, &a.out)?;
+    eprintln!(
+        "{} log lines plotted into {}",
+        curves.steps.len(),
+        a.out.display()
+    );
+    Ok(())
+}

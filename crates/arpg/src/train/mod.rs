@@ -6,6 +6,7 @@
 //! embeddings, residuals and FFN outputs. AdamW, warmup + cosine, grad-norm clipping, EMA.
 
 pub mod optim;
+pub mod plot;
 
 use crate::config::ArpgConfig;
 use crate::data::Packed;
