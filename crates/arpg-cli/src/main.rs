@@ -47,6 +47,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Compare this build with the reference fixtures on a device and dtype.
     CheckParity(parity::ParityArgs),
+    /// Encode a folder-per-class image tree into VQ codes (the paper's .npy layout), resumable.
+    Tokenize(train::TokenizeArgs),
     /// Draw the loss, learning-rate and gradient-norm curves of a training log.
     Plot(train::PlotArgs),
     /// Score a digits model: class accuracy by a k-NN judge and the copy rate.
@@ -81,6 +83,7 @@ fn main() {
         Command::Train(a) => train::train(a),
         Command::Pack(a) => train::pack(a),
         Command::Plot(a) => train::plot(a),
+        Command::Tokenize(a) => train::tokenize(a),
         Command::EvalDigits(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::CheckParity(a) => parity::run(a),

@@ -292,3 +292,66 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// Images in one folder per class: ROOT/<class>/<image>.{png,jpg,jpeg}.
+    pub image_root: PathBuf,
+    /// Output in the paper's layout: OUT/<class id>/<image stem>.npy, (1, n_aug, L) u16.
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub vq: crate::args::VqArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Side of the square crops (256 for VQ-16 models).
+    #[arg(long, default_value_t = 256)]
+    pub image_size: usize,
+    /// Ten crops (corners and centre of a 1.1x centre crop) and their mirrors, as LlamaGen's
+    /// code extraction; without it, the centre crop and its mirror.
+    #[arg(long)]
+    pub ten_crop: bool,
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    use arpg::data::tokenize::{augmentations, load, plan, write_codes};
+    let (device, dtype) = a.device.resolve()?;
+    let vq = a.vq.spec(false, 0).load(dtype, &device)?;
+    let p = vq.config().patch_size();
+    if a.image_size % p != 0 {
+        bail!(
+            "--image-size {} is not a multiple of the {p}-pixel patch",
+            a.image_size
+        );
+    }
+    let jobs = plan(&a.image_root, &a.out)?;
+    let todo: Vec<_> = jobs.iter().filter(|j| !j.2.exists()).collect();
+    eprintln!(
+        "{} images in {} classes; {} already encoded",
+        jobs.len(),
+        jobs.last().map(|j| j.0 + 1).unwrap_or(0),
+        jobs.len() - todo.len()
+    );
+    let pb = ProgressBar::new(todo.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
+    );
+    let tk = arpg::tokenizer::ImageTokenizer::Vq(Box::new(vq));
+    for (_, src, dst) in todo {
+        if arpg::util::interrupted() {
+            break;
+        }
+        let crops = augmentations(&load(src)?, a.image_size, a.ten_crop);
+        let codes = tk.encode(&crops, &device)?;
+        write_codes(dst, &codes)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "codes in {} (pack them with `arpg pack --paper {}`)",
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
+}

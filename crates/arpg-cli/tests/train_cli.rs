@@ -171,3 +171,75 @@ fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
         "{err}"
     );
 }
+
+#[test]
+fn tokenize_then_pack_a_folder_per_class_tree_resumably() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/parity-a"
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("a.json")).unwrap()).unwrap();
+    let vcfg = d.path().join("vq.json");
+    std::fs::write(&vcfg, j["vq_config"].to_string()).unwrap();
+    let root = d.path().join("images");
+    for (c, name) in [("cat", "a.png"), ("cat", "b.png"), ("dog", "c.jpg")] {
+        std::fs::create_dir_all(root.join(c)).unwrap();
+        let img = image::RgbImage::from_fn(20, 14, |x, y| {
+            image::Rgb([(x * 12) as u8, (y * 17) as u8, name.len() as u8 * 9])
+        });
+        img.save(root.join(c).join(name)).unwrap();
+    }
+    let out = d.path().join("codes");
+    let vq_weights = fx.join("a_vq.safetensors");
+    let args = [
+        "tokenize",
+        root.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--vq-config",
+        vcfg.to_str().unwrap(),
+        "--vq-weights",
+        vq_weights.to_str().unwrap(),
+        "--image-size",
+        "8",
+        "--ten-crop",
+    ];
+    let o = bin().args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = arpg::data::npy::read(&out.join("0/a.npy")).unwrap();
+    assert_eq!(a.shape, vec![1, 10, 16]);
+    assert!(out.join("1/c.npy").exists());
+    let mtime = std::fs::metadata(out.join("0/a.npy"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let o = bin().args(args).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3 already encoded"));
+    assert_eq!(
+        std::fs::metadata(out.join("0/a.npy"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+    let pack = d.path().join("codes.pack");
+    let o = bin()
+        .args([
+            "pack",
+            "--paper",
+            out.to_str().unwrap(),
+            "--vocab-size",
+            "64",
+            "--out",
+            pack.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = arpg::data::Packed::open(&pack).unwrap();
+    assert_eq!(
+        (p.len(), p.seq_len, p.total_crops(), p.label(2)),
+        (3, 16, 30, 1)
+    );
+}

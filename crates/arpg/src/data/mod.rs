@@ -5,6 +5,7 @@ pub mod digits;
 pub mod layouts;
 pub mod npy;
 pub mod pack;
+pub mod tokenize;
 
 pub use pack::{PackWriter, Packed};
 
