@@ -317,7 +317,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let (device, dtype) = a.device.resolve()?;
     let vq = a.vq.spec(false, 0).load(dtype, &device)?;
     let p = vq.config().patch_size();
-    if a.image_size % p != 0 {
+    if !a.image_size.is_multiple_of(p) {
         bail!(
             "--image-size {} is not a multiple of the {p}-pixel patch",
             a.image_size
