@@ -2,7 +2,8 @@
 
 mod common;
 use arpg::checkpoint::{build_strict, StateDict, Weights};
-use arpg::model::{Arpg, Mode, Positions};
+use arpg::eval::parity::teacher_forced_logits;
+use arpg::model::{Arpg, Mode};
 use arpg::ArpgConfig;
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -14,17 +15,6 @@ fn config() -> ArpgConfig {
 fn load(file: &str) -> Arpg {
     let sd = StateDict::load(&fixture(file), Weights::Model).unwrap();
     build_strict(&sd, DType::F32, &Device::Cpu, |vb| Arpg::new(&config(), vb)).unwrap()
-}
-
-fn teacher_inputs(cfg: &ArpgConfig, j: &serde_json::Value) -> (Tensor, Tensor, Tensor, Vec<u32>) {
-    arpg::eval::parity::teacher_inputs(
-        cfg,
-        &flat_u32(&j["input_ids"]),
-        &flat_u32(&j["classes"]),
-        &flat_u32(&j["orders"]),
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 #[test]
@@ -40,25 +30,14 @@ fn greedy_decodes_and_logits_match_the_reference_through_the_parity_report() {
 
 #[test]
 fn teacher_forced_logits_and_loss_match_the_reference() {
-    let cfg = config();
     let model = load("a_arpg.safetensors");
     let j = &fixture_json()["teacher_forcing"];
-    let (toks, kpos, qpos, targets) = teacher_inputs(&cfg, j);
     for differentiable in [true, false] {
         let mut mode = Mode {
             differentiable,
             dropout: None,
         };
-        let logits = model
-            .forward(
-                &toks,
-                Positions {
-                    keys: &kpos,
-                    queries: &qpos,
-                },
-                &mut mode,
-            )
-            .unwrap();
+        let (logits, targets) = teacher_forced_logits(&model, j, &mut mode).unwrap();
         let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let rel = assert_close(&got, &flat_f32(&j["logits"]), 1e-4, "teacher-forced logits");
         eprintln!("teacher-forced logits (differentiable={differentiable}): max rel err {rel:e}");
@@ -169,17 +148,7 @@ fn half_precision_checkpoints_load_into_an_f32_model() {
         })
         .unwrap();
         let j = &fixture_json()["teacher_forcing"];
-        let (toks, kpos, qpos, _) = teacher_inputs(&config(), j);
-        let logits = model
-            .forward(
-                &toks,
-                Positions {
-                    keys: &kpos,
-                    queries: &qpos,
-                },
-                &mut Mode::inference(),
-            )
-            .unwrap();
+        let (logits, _) = teacher_forced_logits(&model, j, &mut Mode::inference()).unwrap();
         let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = flat_f32(&j["logits"]);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));

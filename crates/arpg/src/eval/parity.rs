@@ -55,6 +55,31 @@ pub fn teacher_inputs(
     ))
 }
 
+/// The fixtures' teacher-forced pass (`t` = the `teacher_forcing` object) through `model`:
+/// float32 logits `[b, L, vocab]` in generation order, and the flattened targets.
+pub fn teacher_forced_logits(
+    model: &Arpg,
+    t: &Value,
+    mode: &mut Mode,
+) -> Result<(Tensor, Vec<u32>)> {
+    let (toks, kpos, qpos, targets) = teacher_inputs(
+        model.config(),
+        &flat_u32(&t["input_ids"]),
+        &flat_u32(&t["classes"]),
+        &flat_u32(&t["orders"]),
+        model.device(),
+    )?;
+    let logits = model.forward(
+        &toks,
+        Positions {
+            keys: &kpos,
+            queries: &qpos,
+        },
+        mode,
+    )?;
+    Ok((logits.to_dtype(DType::F32)?, targets))
+}
+
 #[derive(Debug, Serialize)]
 pub struct ParityReport {
     pub device: String,
@@ -77,23 +102,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
     let sd = StateDict::load(&dir.join("a_arpg.safetensors"), Weights::Model)?;
     let model = build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb))?;
     let t = &j["teacher_forcing"];
-    let (toks, kpos, qpos, targets) = teacher_inputs(
-        &cfg,
-        &flat_u32(&t["input_ids"]),
-        &flat_u32(&t["classes"]),
-        &flat_u32(&t["orders"]),
-        device,
-    )?;
-    let logits = model
-        .forward(
-            &toks,
-            Positions {
-                keys: &kpos,
-                queries: &qpos,
-            },
-            &mut Mode::inference(),
-        )?
-        .to_dtype(DType::F32)?;
+    let (logits, targets) = teacher_forced_logits(&model, t, &mut Mode::inference())?;
     let got = logits.flatten_all()?.to_vec1::<f32>()?;
     let want = flat_f32(&t["logits"]);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
