@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod edit;
 mod eval;
+mod launch;
 mod parity;
 mod sample;
 mod tokens;

@@ -1,6 +1,7 @@
 //! `arpg train`, `arpg pack` and `arpg plot`.
 
 use crate::args::DeviceArgs;
+use crate::launch;
 use anyhow::{bail, Context, Result};
 use arpg::data::{self, layouts, PackWriter, Packed, Sample};
 use arpg::train::{scaled_lr, TrainConfig, Trainer};
@@ -76,10 +77,35 @@ pub struct TrainArgs {
     pub ckpt_every: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Data-parallel over N GPUs of this machine: one process per GPU (cuda:0..N-1), NCCL
+    /// all-reduce, --batch-size stays the global batch. Across nodes, start one process per
+    /// GPU with a launcher's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    let (device, dtype) = a.device.resolve()?;
+    if launch::should_spawn(a.gpus)? {
+        return launch::spawn_workers(a.gpus);
+    }
+    let dist = launch::from_env()?.filter(|d| d.world_size > 1);
+    let (device, dtype) = match &dist {
+        Some(d) => {
+            if !cfg!(feature = "nccl") {
+                bail!(
+                    "multi-process training (WORLD_SIZE={}) needs a build with NCCL: \
+                     scripts/build-cuda.sh --nccl",
+                    d.world_size
+                );
+            }
+            (
+                arpg::device::parse_device(&launch::worker_device(d))?,
+                arpg::device::parse_dtype(&a.device.dtype)?,
+            )
+        }
+        None => a.device.resolve()?,
+    };
+    let main_rank = dist.as_ref().is_none_or(|d| d.rank == 0);
     let data = Packed::open(&a.data)?;
     let tc = TrainConfig {
         batch_size: a.batch_size,
@@ -125,6 +151,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
             Trainer::new(&cfg, &tc, dtype, &device)?
         }
     };
+    #[cfg(feature = "nccl")]
+    if let Some(d) = &dist {
+        let group = arpg::train::dist::NcclGroup::connect(d, &device)?;
+        tr.set_group(Box::new(group))?;
+    }
     let mc = tr.model_cfg.clone();
     if data.seq_len != mc.block_size {
         bail!(
@@ -151,11 +182,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
             tr.step
         );
     }
+    let world = tr.rank_and_world().1;
+    if !main_rank {
+        return train_loop_worker(&mut tr, &data, until);
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create --out {}", a.out.display()))?;
-    std::fs::write(
-        a.out.join("config.json"),
-        serde_json::to_string_pretty(&mc)?,
+    arpg::util::write_atomic(
+        &a.out.join("config.json"),
+        serde_json::to_string_pretty(&mc)?.as_bytes(),
     )?;
     let log_path = a.out.join("train.jsonl");
     let mut log = std::fs::OpenOptions::new()
@@ -164,7 +199,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     eprintln!(
-        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {}, peak lr {:.3e}",
+        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {world} process(es), peak lr {:.3e}",
         tr.num_parameters(),
         data.len(),
         data.total_crops(),
@@ -184,7 +219,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut window = (std::time::Instant::now(), 0usize);
     while tr.step < until {
-        if arpg::util::interrupted() {
+        if tr.any_rank(arpg::util::interrupted())? {
             break;
         }
         let s = tr.train_step(&data)?;
@@ -197,6 +232,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             let line = serde_json::json!({
                 "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
                 "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
+                "processes": world,
             });
             writeln!(log, "{line}")?;
             if pb.is_hidden() {
@@ -221,6 +257,17 @@ pub fn train(a: TrainArgs) -> Result<()> {
         ckpt.display(),
         a.out.join("model.safetensors").display()
     );
+    Ok(())
+}
+
+/// Ranks other than 0 step in lockstep with rank 0 and write nothing.
+fn train_loop_worker(tr: &mut Trainer, data: &Packed, until: usize) -> Result<()> {
+    while tr.step < until {
+        if tr.any_rank(arpg::util::interrupted())? {
+            break;
+        }
+        tr.train_step(data)?;
+    }
     Ok(())
 }
 

@@ -189,3 +189,129 @@ fn resuming_continues_bit_for_bit() {
     let l1 = full.train_step(&data).unwrap_or_else(|_| panic!()).loss;
     assert!(l1 < l0, "loss {l0} -> {l1}");
 }
+
+/// An in-process group of threads standing in for NCCL: each rank deposits its tensor,
+/// everyone sums in rank order.
+struct ThreadGroup {
+    rank: usize,
+    world: usize,
+    slots: std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<f32>>>>>,
+    barrier: std::sync::Arc<std::sync::Barrier>,
+}
+
+impl arpg::train::dist::Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> anyhow::Result<Tensor> {
+        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.slots.lock().unwrap()[self.rank] = Some(v);
+        self.barrier.wait();
+        let sum = {
+            let s = self.slots.lock().unwrap();
+            let mut acc = vec![0f32; t.elem_count()];
+            for v in s.iter() {
+                for (a, x) in acc.iter_mut().zip(v.as_ref().unwrap()) {
+                    *a += x;
+                }
+            }
+            acc
+        };
+        self.barrier.wait();
+        Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
+    }
+}
+
+#[test]
+fn two_ranks_train_like_one_process_at_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pack(dir.path(), 12);
+    // Dropout masks are per rank by design; everything else must agree.
+    let tc = TrainConfig {
+        batch_size: 8,
+        grad_accum: 2,
+        steps: 12,
+        lr: 3e-3,
+        warmup_steps: 2,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let mut single = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+    let single_losses: Vec<f64> = (0..12)
+        .map(|_| single.train_step(&data).unwrap().loss)
+        .collect();
+
+    let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (slots, barrier, tc) = (slots.clone(), barrier.clone(), tc.clone());
+            let path = data.path.clone();
+            std::thread::spawn(move || {
+                let data = Packed::open(&path).unwrap();
+                let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+                let g = ThreadGroup {
+                    rank,
+                    world: 2,
+                    slots,
+                    barrier,
+                };
+                tr.set_group(Box::new(g)).unwrap();
+                let losses: Vec<f64> = (0..12)
+                    .map(|_| tr.train_step(&data).unwrap().loss)
+                    .collect();
+                (losses, tr.export_weights())
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let want = single.export_weights();
+    for (rank, (losses, weights)) in results.iter().enumerate() {
+        for (s, (a, b)) in losses.iter().zip(&single_losses).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "rank {rank} step {s}: loss {a} vs {b}"
+            );
+        }
+        for (k, t) in &want {
+            let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = weights[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-4, "rank {rank} {k}: max difference {err}");
+        }
+    }
+    // Both ranks hold the same weights, bit for bit.
+    for (k, t) in &results[0].1 {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = results[1].1[k]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(x == y, "{k} differs between the ranks");
+    }
+}
+
+#[test]
+fn the_global_batch_must_split_over_the_ranks() {
+    let tc = TrainConfig {
+        batch_size: 6,
+        grad_accum: 2,
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+    let g = ThreadGroup {
+        rank: 0,
+        world: 2,
+        slots: Default::default(),
+        barrier: std::sync::Arc::new(std::sync::Barrier::new(1)),
+    };
+    let err = tr.set_group(Box::new(g)).unwrap_err().to_string();
+    assert!(err.contains("--batch-size 6"), "{err}");
+}

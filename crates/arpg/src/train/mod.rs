@@ -5,6 +5,7 @@
 //! in both passes. Class labels drop to the null class with probability 0.1; dropout on token
 //! embeddings, residuals and FFN outputs. AdamW, warmup + cosine, grad-norm clipping, EMA.
 
+pub mod dist;
 pub mod optim;
 pub mod plot;
 
@@ -15,6 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use dist::Collective;
 use optim::{clip_grad_norm, lr_at, AdamW};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,7 +27,7 @@ use std::path::Path;
 /// The recipe's knobs; defaults are the paper's where the paper has one.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
-    /// Samples per optimizer step (per process), over all accumulation micro-batches.
+    /// Samples per optimizer step over all processes and accumulation micro-batches.
     pub batch_size: usize,
     pub grad_accum: usize,
     /// Peak learning rate (already scaled: see `scaled_lr`).
@@ -118,6 +120,19 @@ pub struct Batch {
     pub targets: Tensor,
 }
 
+impl Batch {
+    /// Samples `start..start + len` (this rank's share of a global batch).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Batch> {
+        let l = self.tokens.dim(1)?;
+        Ok(Batch {
+            tokens: self.tokens.narrow(0, start, len)?,
+            keys: self.keys.narrow(0, start, len)?,
+            queries: self.queries.narrow(0, start, len)?,
+            targets: self.targets.narrow(0, start * l, len * l)?,
+        })
+    }
+}
+
 /// Serves every parameter as its f32 master `Var`, cast to the compute dtype (a differentiable
 /// op, so gradients reach the master weights: bf16 autocast with f32 masters).
 struct MasterWeights {
@@ -158,7 +173,11 @@ pub struct Trainer {
     opt: AdamW,
     ema: Option<Vec<Tensor>>,
     pub step: usize,
+    /// Batches: sample picks, crops, orders, class drops. Identical on every rank.
     rng: ChaCha8Rng,
+    /// Dropout masks on the CPU; a stream of its own per rank.
+    drop_rng: ChaCha8Rng,
+    group: Option<Box<dyn Collective>>,
     /// Compute dtype of the forward/backward pass; masters and optimizer state stay f32.
     pub dtype: DType,
     device: Device,
@@ -215,10 +234,52 @@ impl Trainer {
             ema,
             step: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            drop_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0D20_9D20),
+            group: None,
             dtype,
             device: device.clone(),
             perm_cache: None,
         })
+    }
+
+    /// Train data-parallel: this process becomes one rank of `group`. Weights stay equal on
+    /// all ranks because they start equal (same seed or checkpoint) and every rank applies
+    /// the same averaged gradient.
+    pub fn set_group(&mut self, group: Box<dyn Collective>) -> Result<()> {
+        let (rank, world) = (group.rank(), group.world_size());
+        ensure!(
+            self.cfg
+                .batch_size
+                .is_multiple_of(self.cfg.grad_accum * world),
+            "--batch-size {} must be a multiple of --grad-accum {} x {world} processes",
+            self.cfg.batch_size,
+            self.cfg.grad_accum
+        );
+        self.drop_rng.set_stream(rank as u64);
+        if !self.device.is_cpu() {
+            self.device
+                .set_seed(self.cfg.seed.wrapping_add(rank as u64 * 0x9E37_79B9))?;
+        }
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// (rank, world size); (0, 1) without a group.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
+    /// True on every rank if `flag` is true on any (to stop all ranks at the same step).
+    pub fn any_rank(&self, flag: bool) -> Result<bool> {
+        match &self.group {
+            Some(g) if g.world_size() > 1 => {
+                let t = Tensor::new(&[flag as u8 as f32], &self.device)?;
+                Ok(g.all_reduce_sum(&t)?.to_vec1::<f32>()?[0] > 0.0)
+            }
+            _ => Ok(flag),
+        }
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -274,15 +335,21 @@ impl Trainer {
             data.path.display(),
             data.seq_len
         );
+        let (rank, world) = self.rank_and_world();
         let micro_size = self.cfg.batch_size / self.cfg.grad_accum;
+        let local = micro_size / world;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(self.cfg.grad_accum);
         for j in 0..self.cfg.grad_accum {
             let micro = self.step * self.cfg.grad_accum + j;
             let idx = self.batch_indices(micro, micro_size, data.len());
-            let batch = self.make_batch(data, &idx)?;
+            // Every rank draws the whole global batch (cheap host work) and keeps its rows.
+            let mut batch = self.make_batch(data, &idx)?;
+            if world > 1 {
+                batch = batch.rows(rank * local, local)?;
+            }
             let loss = self.loss(&batch)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
             let g = (loss / self.cfg.grad_accum as f64)?.backward()?;
             for (i, p) in self.params.iter().enumerate() {
                 let gi = g
@@ -295,6 +362,24 @@ impl Trainer {
             }
         }
         let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.unwrap()).collect();
+        let mut losses = Tensor::cat(&losses, 0)?;
+        if let Some(g) = self.group.as_ref().filter(|g| g.world_size() > 1) {
+            // One collective for all gradients and the losses: the mean over ranks.
+            let mut flat: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.flatten_all())
+                .collect::<candle_core::Result<_>>()?;
+            flat.push(losses.clone());
+            let sum = (g.all_reduce_sum(&Tensor::cat(&flat, 0)?)? / world as f64)?;
+            let mut off = 0;
+            for gr in grads.iter_mut() {
+                let n = gr.elem_count();
+                *gr = sum.narrow(0, off, n)?.reshape(gr.shape())?;
+                off += n;
+            }
+            losses = sum.narrow(0, off, losses.elem_count())?;
+        }
+        let loss_sum: f64 = losses.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         let lr = lr_at(
             self.step,
@@ -329,7 +414,7 @@ impl Trainer {
         let model = self.model()?;
         let p = self.cfg.dropout;
         let dev = self.device.clone();
-        let rng = &mut self.rng;
+        let rng = &mut self.drop_rng;
         let mut drop = |x: &Tensor| -> Result<Tensor> { dropout(x, p, rng, &dev) };
         let mut mode = Mode {
             differentiable: true,
@@ -431,6 +516,10 @@ impl Trainer {
             ("step", self.step.to_string()),
             ("optim_t", self.opt.t.to_string()),
             ("rng_word_pos", self.rng.get_word_pos().to_string()),
+            (
+                "drop_rng_word_pos",
+                self.drop_rng.get_word_pos().to_string(),
+            ),
             ("model_config", serde_json::to_string(&self.model_cfg)?),
             ("train_config", serde_json::to_string(&self.cfg)?),
         ]
@@ -475,6 +564,7 @@ impl Trainer {
         tr.step = get("step")?.parse()?;
         tr.opt.t = get("optim_t")?.parse()?;
         tr.rng.set_word_pos(get("rng_word_pos")?.parse()?);
+        tr.drop_rng.set_word_pos(get("drop_rng_word_pos")?.parse()?);
         Ok(tr)
     }
 

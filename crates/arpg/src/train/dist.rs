@@ -1,0 +1,283 @@
+//! Data-parallel training: one process per GPU, gradients summed over NCCL.
+//!
+//! Every rank builds the same global batch from the same seeded generator and keeps its own
+//! slice of rows, so N ranks at global batch B see exactly the samples, orders and class
+//! drops of one process at batch B; the averaged gradient is the full batch's.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// Sums tensors over the processes of a data-parallel group.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The elementwise sum over all ranks of `t` (same shape and dtype on every rank).
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// Where the ranks of a run meet: the launcher variables of torchrun and friends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl DistEnv {
+    /// `None` when `WORLD_SIZE` is unset; an error naming the variable when one is malformed.
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let Some(world) = get("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let num = |k: &str, v: &str| -> Result<usize> {
+            v.trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("environment variable {k}={v:?} is not a number"))
+        };
+        let world_size = num("WORLD_SIZE", &world)?;
+        anyhow::ensure!(world_size >= 1, "WORLD_SIZE must be at least 1");
+        let rank = match get("RANK") {
+            Some(v) => num("RANK", &v)?,
+            None => anyhow::bail!("WORLD_SIZE is set but RANK is not"),
+        };
+        anyhow::ensure!(
+            rank < world_size,
+            "RANK={rank} is not below WORLD_SIZE={world_size}"
+        );
+        let local_rank = match get("LOCAL_RANK") {
+            Some(v) => num("LOCAL_RANK", &v)?,
+            None => rank,
+        };
+        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let master_port = match get("MASTER_PORT") {
+            Some(v) => {
+                let p = num("MASTER_PORT", &v)?;
+                u16::try_from(p)
+                    .map_err(|_| anyhow::anyhow!("MASTER_PORT={p} is not a port number"))?
+            }
+            None if world_size == 1 => 0,
+            None => anyhow::bail!("WORLD_SIZE={world_size} needs MASTER_PORT (and MASTER_ADDR)"),
+        };
+        Ok(Some(Self {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+        }))
+    }
+}
+
+/// Rank 0 serves `payload` to the other ranks over TCP at `addr:port`; the others fetch it
+/// (retrying while rank 0 starts). Used to hand out the NCCL unique id.
+pub fn exchange_bytes(env: &DistEnv, payload: Option<&[u8]>, len: usize) -> Result<Vec<u8>> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    if env.rank == 0 {
+        let payload = payload.context("rank 0 must provide the payload")?;
+        anyhow::ensure!(payload.len() == len, "payload of {} bytes", payload.len());
+        let listener = TcpListener::bind(&addr)
+            .with_context(|| format!("rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {addr}"))?;
+        for _ in 1..env.world_size {
+            let (mut s, _) = listener.accept()?;
+            s.write_all(payload)?;
+        }
+        Ok(payload.to_vec())
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            match TcpStream::connect(&addr) {
+                Ok(mut s) => {
+                    let mut buf = vec![0u8; len];
+                    s.read_exact(&mut buf)
+                        .with_context(|| format!("reading the group id from {addr}"))?;
+                    return Ok(buf);
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("rank {} waiting for {addr}: {e}", env.rank);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    anyhow::bail!("rank {} cannot reach rank 0 at {addr}: {e}", env.rank)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+pub use nccl::NcclGroup;
+
+#[cfg(feature = "nccl")]
+mod nccl {
+    use super::{exchange_bytes, Collective, DistEnv};
+    use anyhow::{Context, Result};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+    use std::sync::Arc;
+
+    /// An NCCL communicator on the device's own stream (so it orders with candle's kernels).
+    pub struct NcclGroup {
+        comm: Arc<SendComm>,
+        rank: usize,
+        world_size: usize,
+    }
+
+    struct SendComm(Comm);
+    // The communicator is used from the one thread that drives the device's stream.
+    unsafe impl Send for SendComm {}
+    unsafe impl Sync for SendComm {}
+
+    impl NcclGroup {
+        pub fn connect(env: &DistEnv, device: &Device) -> Result<Self> {
+            let cuda = device
+                .as_cuda_device()
+                .context("NCCL training needs a CUDA device")?;
+            let id = if env.rank == 0 {
+                let id = Id::new().map_err(|e| anyhow::anyhow!("ncclGetUniqueId: {e:?}"))?;
+                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+                exchange_bytes(env, Some(&bytes), 128)?;
+                id
+            } else {
+                let bytes = exchange_bytes(env, None, 128)?;
+                let mut internal = [0 as std::ffi::c_char; 128];
+                for (d, s) in internal.iter_mut().zip(bytes) {
+                    *d = s as std::ffi::c_char;
+                }
+                Id::uninit(internal)
+            };
+            let comm = Comm::from_rank(cuda.cuda_stream(), env.rank, env.world_size, id)
+                .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {}): {e:?}", env.rank))?;
+            Ok(Self {
+                comm: Arc::new(SendComm(comm)),
+                rank: env.rank,
+                world_size: env.world_size,
+            })
+        }
+    }
+
+    struct AllReduce(Arc<SendComm>);
+
+    impl CustomOp1 for AllReduce {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
+        }
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (start, end) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("all-reduce of a strided tensor".into()))?;
+            let dev = s.device().clone();
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            // Safety: NCCL writes every element of dst before anything reads it.
+            let mut dst = unsafe { dev.alloc::<f32>(end - start) }?;
+            self.0
+                 .0
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+
+    impl Collective for NcclGroup {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world_size
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            let x = t.to_dtype(DType::F32)?.contiguous()?;
+            Ok(x.apply_op1_no_bwd(&AllReduce(self.comm.clone()))?
+                .to_dtype(t.dtype())?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>> {
+        let m: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn launcher_variables() {
+        assert_eq!(env(&[]).unwrap(), None);
+        let e = env(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((e.rank, e.world_size, e.local_rank), (3, 4, 1));
+        assert_eq!((e.master_addr.as_str(), e.master_port), ("node0", 29500));
+        let err = |v: &[(&str, &str)]| env(v).unwrap_err().to_string();
+        assert!(err(&[("WORLD_SIZE", "two"), ("RANK", "0")]).contains("WORLD_SIZE"));
+        assert!(
+            err(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")]).contains("RANK=2")
+        );
+        assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0")]).contains("MASTER_PORT"));
+        assert!(err(&[("WORLD_SIZE", "2")]).contains("RANK"));
+        assert!(
+            err(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "70000")])
+                .contains("MASTER_PORT")
+        );
+    }
+
+    #[test]
+    fn rank0_hands_out_the_id() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mk = |rank| DistEnv {
+            rank,
+            world_size: 3,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let id: Vec<u8> = (0..128u8).collect();
+        let clients: Vec<_> = (1..3)
+            .map(|r| {
+                let e = mk(r);
+                std::thread::spawn(move || exchange_bytes(&e, None, 128).unwrap())
+            })
+            .collect();
+        let served = exchange_bytes(&mk(0), Some(&id), 128).unwrap();
+        assert_eq!(served, id);
+        for c in clients {
+            assert_eq!(c.join().unwrap(), id);
+        }
+    }
+}
