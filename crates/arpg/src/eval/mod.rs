@@ -1,4 +1,11 @@
 //! Evaluation: how good are generated samples.
+//!
+//! `digits` scores the digits model; `parity` is the reference-fixture report. The rest is
+//! ADM's ImageNet protocol: `inception` (the FID InceptionV3), `stats` (FID, sFID, IS,
+//! precision/recall), `npz` (ADM's `.npz` sample and reference batches).
 
 pub mod digits;
+pub mod inception;
+pub mod npz;
 pub mod parity;
+pub mod stats;

@@ -1,0 +1,450 @@
+//! The statistics of ADM's evaluator (guided-diffusion `evaluations/evaluator.py`): Fréchet
+//! distance between Gaussians fitted to Inception features (FID on `pool_3`, sFID on the
+//! spatial features), the Inception Score, and improved precision/recall with k-NN manifolds.
+//!
+//! Means and covariances are f64. Instead of `scipy.linalg.sqrtm(S1 @ S2)` (a Schur
+//! decomposition of a non-symmetric matrix) the trace of the square root is taken from the
+//! symmetric PSD matrix `sqrt(S1) S2 sqrt(S1)`, which has the same eigenvalues as `S1 S2`:
+//! `tr sqrt(S1 S2) = sum_i sqrt(lambda_i)`. No complex parts and no singular-product retry.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Mean and covariance of a set of feature vectors.
+#[derive(Debug, Clone)]
+pub struct Gaussian {
+    pub mu: Vec<f64>,
+    /// Row-major dim x dim.
+    pub sigma: Vec<f64>,
+}
+
+impl Gaussian {
+    pub fn dim(&self) -> usize {
+        self.mu.len()
+    }
+
+    /// Fit to `n` rows of `dim` features: the mean and the unbiased covariance (`np.cov`,
+    /// N - 1). The products run on `device` in f64.
+    pub fn fit(features: &[f32], dim: usize, device: &Device) -> Result<Self> {
+        let n = features.len() / dim.max(1);
+        ensure!(
+            dim > 0 && n * dim == features.len(),
+            "{} feature values do not divide into rows of {dim}",
+            features.len()
+        );
+        ensure!(
+            n >= 2,
+            "a covariance needs at least 2 feature vectors, got {n}"
+        );
+        let x = Tensor::from_slice(features, (n, dim), device)?.to_dtype(DType::F64)?;
+        let mu = x.mean(0)?;
+        let xc = x.broadcast_sub(&mu)?;
+        let sigma = (xc.t()?.matmul(&xc)? / (n as f64 - 1.0))?;
+        Ok(Self {
+            mu: mu.to_vec1()?,
+            sigma: sigma.flatten_all()?.to_vec1()?,
+        })
+    }
+
+    /// From given arrays (e.g. a reference batch's precomputed `mu` / `sigma`).
+    pub fn new(mu: Vec<f64>, sigma: Vec<f64>) -> Result<Self> {
+        let d = mu.len();
+        ensure!(
+            sigma.len() == d * d,
+            "sigma has {} values, expected {d} x {d} for a mean of {d}",
+            sigma.len()
+        );
+        Ok(Self { mu, sigma })
+    }
+}
+
+/// The Fréchet distance between two Gaussians:
+/// `|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)`.
+pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64> {
+    let d = a.dim();
+    ensure!(
+        b.dim() == d,
+        "the two sets of statistics have different dimensions ({d} and {})",
+        b.dim()
+    );
+    let diff: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y) * (x - y)).sum();
+    let tr = |s: &[f64]| (0..d).map(|i| s[i * d + i]).sum::<f64>();
+    Ok(diff + tr(&a.sigma) + tr(&b.sigma) - 2.0 * trace_sqrt_product(&a.sigma, &b.sigma, d)?)
+}
+
+/// `tr sqrt(S1 S2)` for symmetric PSD S1, S2: with S1 = V diag(l) V^T the matrix
+/// `diag(sqrt l) V^T S2 V diag(sqrt l)` is symmetric PSD with the eigenvalues of S1 S2.
+pub fn trace_sqrt_product(s1: &[f64], s2: &[f64], d: usize) -> Result<f64> {
+    let (l, vt) = symmetric_eigen(s1, d, true)?;
+    // vt holds the eigenvectors as rows; the products go through candle's f64 GEMM.
+    let cpu = Device::Cpu;
+    let vt_t = Tensor::from_slice(&vt, (d, d), &cpu)?;
+    let s2_t = Tensor::from_slice(s2, (d, d), &cpu)?;
+    let w = vt_t.matmul(&s2_t)?.matmul(&vt_t.t()?)?;
+    let sq: Vec<f64> = l.iter().map(|&x| x.max(0.0).sqrt()).collect();
+    let sq = Tensor::from_slice(&sq, d, &cpu)?;
+    let c = w
+        .broadcast_mul(&sq.unsqueeze(0)?)?
+        .broadcast_mul(&sq.unsqueeze(1)?)?;
+    let c: Vec<f64> = c.flatten_all()?.to_vec1()?;
+    // Symmetrise away rounding so that the tridiagonal reduction sees a symmetric matrix.
+    let mut c2 = c.clone();
+    for i in 0..d {
+        for j in 0..d {
+            c2[i * d + j] = 0.5 * (c[i * d + j] + c[j * d + i]);
+        }
+    }
+    let (ev, _) = symmetric_eigen(&c2, d, false)?;
+    // Tiny negative eigenvalues are rounding of zeros (rank-deficient covariances).
+    Ok(ev.iter().map(|&x| x.max(0.0).sqrt()).sum())
+}
+
+/// Eigen-decomposition of a symmetric matrix (row-major, d x d) by Householder reduction to
+/// tridiagonal form and the implicit QL algorithm (as in EISPACK tred2/tql2). Returns the
+/// eigenvalues and, if asked, the eigenvectors as the rows of a d x d matrix.
+pub fn symmetric_eigen(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+    ensure!(
+        a.len() == n * n,
+        "matrix has {} values, not {n} x {n}",
+        a.len()
+    );
+    if a.iter().any(|x| !x.is_finite()) {
+        bail!("matrix has non-finite entries");
+    }
+    if n == 0 {
+        return Ok((vec![], vec![]));
+    }
+    // `w` is V transposed (w[j*n+k] = V[k][j]), so that the inner loops run along rows.
+    let mut w = a.to_vec();
+    let mut d = vec![0.0; n];
+    let mut e = vec![0.0; n];
+    tred2(&mut w, &mut d, &mut e, n);
+    tql2(&mut w, &mut d, &mut e, n, vectors)?;
+    Ok((d, if vectors { w } else { vec![] }))
+}
+
+fn tred2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
+    // V[r][c] == w[c*n + r]. The input is symmetric, so w starts equal to V.
+    for j in 0..n {
+        d[j] = w[j * n + (n - 1)];
+    }
+    for i in (1..n).rev() {
+        let mut scale = 0.0;
+        let mut h = 0.0;
+        for &x in &d[..i] {
+            scale += x.abs();
+        }
+        if scale == 0.0 {
+            e[i] = d[i - 1];
+            for j in 0..i {
+                d[j] = w[j * n + (i - 1)];
+                w[j * n + i] = 0.0;
+                w[i * n + j] = 0.0;
+            }
+        } else {
+            for x in &mut d[..i] {
+                *x /= scale;
+                h += *x * *x;
+            }
+            let mut f = d[i - 1];
+            let mut g = h.sqrt();
+            if f > 0.0 {
+                g = -g;
+            }
+            e[i] = scale * g;
+            h -= f * g;
+            d[i - 1] = f - g;
+            e[..i].fill(0.0);
+            for j in 0..i {
+                f = d[j];
+                w[i * n + j] = f;
+                let row = &w[j * n..j * n + i];
+                g = e[j] + row[j] * f;
+                for k in j + 1..i {
+                    g += row[k] * d[k];
+                    e[k] += row[k] * f;
+                }
+                e[j] = g;
+            }
+            f = 0.0;
+            for j in 0..i {
+                e[j] /= h;
+                f += e[j] * d[j];
+            }
+            let hh = f / (h + h);
+            for j in 0..i {
+                e[j] -= hh * d[j];
+            }
+            for j in 0..i {
+                f = d[j];
+                g = e[j];
+                let row = &mut w[j * n..j * n + i];
+                for k in j..i {
+                    row[k] -= f * e[k] + g * d[k];
+                }
+                d[j] = w[j * n + (i - 1)];
+                w[j * n + i] = 0.0;
+            }
+        }
+        d[i] = h;
+    }
+    // Accumulate the transformations.
+    for i in 0..n - 1 {
+        w[i * n + (n - 1)] = w[i * n + i];
+        w[i * n + i] = 1.0;
+        let h = d[i + 1];
+        if h != 0.0 {
+            for k in 0..=i {
+                d[k] = w[(i + 1) * n + k] / h;
+            }
+            for j in 0..=i {
+                let mut g = 0.0;
+                for k in 0..=i {
+                    g += w[(i + 1) * n + k] * w[j * n + k];
+                }
+                for k in 0..=i {
+                    w[j * n + k] -= g * d[k];
+                }
+            }
+        }
+        for k in 0..=i {
+            w[(i + 1) * n + k] = 0.0;
+        }
+    }
+    for j in 0..n {
+        d[j] = w[j * n + (n - 1)];
+        w[j * n + (n - 1)] = 0.0;
+    }
+    w[(n - 1) * n + (n - 1)] = 1.0;
+    e[0] = 0.0;
+}
+
+fn tql2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) -> Result<()> {
+    for i in 1..n {
+        e[i - 1] = e[i];
+    }
+    e[n - 1] = 0.0;
+    let mut f = 0.0;
+    let mut tst1: f64 = 0.0;
+    let eps = f64::EPSILON;
+    for l in 0..n {
+        tst1 = tst1.max(d[l].abs() + e[l].abs());
+        let mut m = l;
+        while m < n - 1 && e[m].abs() > eps * tst1 {
+            m += 1;
+        }
+        if m > l {
+            let mut iter = 0;
+            loop {
+                iter += 1;
+                ensure!(iter <= 100, "eigenvalue iteration did not converge");
+                let mut g = d[l];
+                let mut p = (d[l + 1] - g) / (2.0 * e[l]);
+                let mut r = p.hypot(1.0);
+                if p < 0.0 {
+                    r = -r;
+                }
+                d[l] = e[l] / (p + r);
+                d[l + 1] = e[l] * (p + r);
+                let dl1 = d[l + 1];
+                let mut h = g - d[l];
+                for x in &mut d[l + 2..n] {
+                    *x -= h;
+                }
+                f += h;
+                p = d[m];
+                let mut c = 1.0;
+                let mut c2 = c;
+                let mut c3 = c;
+                let el1 = e[l + 1];
+                let mut s = 0.0;
+                let mut s2 = 0.0;
+                for i in (l..m).rev() {
+                    c3 = c2;
+                    c2 = c;
+                    s2 = s;
+                    g = c * e[i];
+                    h = c * p;
+                    r = p.hypot(e[i]);
+                    e[i + 1] = s * r;
+                    s = e[i] / r;
+                    c = p / r;
+                    p = c * d[i] - s * g;
+                    d[i + 1] = h + s * (c * g + s * d[i]);
+                    if vectors {
+                        // Rotate eigenvector columns i and i+1 (rows of w).
+                        let (lo, hi) = w.split_at_mut((i + 1) * n);
+                        let vi = &mut lo[i * n..];
+                        let vi1 = &mut hi[..n];
+                        for k in 0..n {
+                            let t = vi1[k];
+                            vi1[k] = s * vi[k] + c * t;
+                            vi[k] = c * vi[k] - s * t;
+                        }
+                    }
+                }
+                p = -s * s2 * c3 * el1 * e[l] / dl1;
+                e[l] = s * p;
+                d[l] = c * p;
+                if e[l].abs() <= eps * tst1 {
+                    break;
+                }
+            }
+        }
+        d[l] += f;
+        e[l] = 0.0;
+    }
+    Ok(())
+}
+
+/// How the Inception Score splits the samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsSplits {
+    /// Consecutive chunks of this many samples, the last one possibly shorter (ADM: 5000).
+    Size(usize),
+    /// This many near-equal consecutive parts (improved-GAN / torch-fidelity: 10).
+    Count(usize),
+}
+
+/// The Inception Score from classifier logits (`n` rows of `classes`): the mean over splits
+/// of `exp(E_x KL(p(y|x) || p(y)))`; also the standard deviation over splits.
+pub fn inception_score(logits: &[f32], classes: usize, splits: IsSplits) -> Result<(f64, f64)> {
+    let n = logits.len() / classes.max(1);
+    ensure!(
+        classes > 0 && n * classes == logits.len(),
+        "{} logits do not divide into rows of {classes}",
+        logits.len()
+    );
+    ensure!(n >= 1, "the Inception Score needs at least 1 sample");
+    // log-softmax in f64: log p stays finite where float32 softmax would underflow to 0.
+    let logp: Vec<f64> = logits
+        .chunks_exact(classes)
+        .flat_map(|row| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            row.iter().map(move |&x| x as f64 - lse)
+        })
+        .collect();
+    let bounds: Vec<(usize, usize)> = match splits {
+        IsSplits::Size(s) => {
+            ensure!(s >= 1, "the Inception Score split size must be at least 1");
+            (0..n).step_by(s).map(|a| (a, (a + s).min(n))).collect()
+        }
+        IsSplits::Count(k) => {
+            ensure!(
+                k >= 1 && k <= n,
+                "{k} Inception Score splits need at least {k} samples, got {n}"
+            );
+            (0..k).map(|i| (i * n / k, (i + 1) * n / k)).collect()
+        }
+    };
+    let scores: Vec<f64> = bounds
+        .iter()
+        .map(|&(a, b)| {
+            let part = &logp[a * classes..b * classes];
+            let m = (b - a) as f64;
+            let mut mean_p = vec![0.0; classes];
+            for row in part.chunks_exact(classes) {
+                for (acc, &lp) in mean_p.iter_mut().zip(row) {
+                    *acc += lp.exp() / m;
+                }
+            }
+            let log_mean: Vec<f64> = mean_p.iter().map(|x| x.ln()).collect();
+            let kl: f64 = part
+                .chunks_exact(classes)
+                .map(|row| {
+                    row.iter()
+                        .zip(&log_mean)
+                        .map(|(&lp, &lm)| lp.exp() * (lp - lm))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / m;
+            kl.exp()
+        })
+        .collect();
+    let k = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / k;
+    let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt();
+    Ok((mean, std))
+}
+
+/// Rows per block of pairwise distances (ADM uses 10000 x 10000 blocks).
+const PR_BLOCK: usize = 2048;
+
+/// Squared Euclidean distances `max(|u|^2 - 2 u.v + |v|^2, 0)` between the rows of `u` and
+/// `v`, in f32 (ADM's formula; ADM first tries float16 and falls back to float32).
+fn sq_distances(u: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let nu = u.sqr()?.sum_keepdim(1)?;
+    let nv = v.sqr()?.sum_keepdim(1)?.t()?;
+    let d = nu
+        .broadcast_sub(&(u.matmul(&v.t()?)? * 2.0)?)?
+        .broadcast_add(&nv)?;
+    Ok(d.relu()?)
+}
+
+/// The k-NN radius of every row of `x` (`n` x dim on its device): the squared distance to its
+/// k-th nearest neighbour, counting itself as the 0th (ADM's `manifold_radii`, k = 3).
+pub fn manifold_radii(x: &Tensor, k: usize) -> Result<Vec<f32>> {
+    let n = x.dim(0)?;
+    ensure!(
+        n > k,
+        "k-NN manifolds with k = {k} need at least {} feature vectors, got {n}",
+        k + 1
+    );
+    let mut radii = Vec::with_capacity(n);
+    for a in (0..n).step_by(PR_BLOCK) {
+        let b = (a + PR_BLOCK).min(n);
+        let d = sq_distances(&x.narrow(0, a, b - a)?, x)?;
+        let rows: Vec<Vec<f32>> = d.to_vec2()?;
+        for mut row in rows {
+            let (_, kth, _) = row.select_nth_unstable_by(k, f32::total_cmp);
+            radii.push(*kth);
+        }
+    }
+    Ok(radii)
+}
+
+/// Improved precision and recall (Kynkäänniemi et al. 2019) as ADM computes them: precision
+/// is the fraction of samples inside some reference point's k-NN ball, recall the fraction of
+/// reference points inside some sample's ball. `real` and `fake` are `n` x dim features.
+pub fn precision_recall(
+    real: &[f32],
+    fake: &[f32],
+    dim: usize,
+    k: usize,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    ensure!(
+        dim > 0 && real.len().is_multiple_of(dim) && fake.len().is_multiple_of(dim),
+        "feature arrays do not divide into rows of {dim}"
+    );
+    let (nr, nf) = (real.len() / dim, fake.len() / dim);
+    let xr = Tensor::from_slice(real, (nr, dim), device)?;
+    let xf = Tensor::from_slice(fake, (nf, dim), device)?;
+    let rr = manifold_radii(&xr, k)?;
+    let rf = manifold_radii(&xf, k)?;
+    let rr_t = Tensor::from_slice(&rr, (1, nr), device)?;
+    let rf_t = Tensor::from_slice(&rf, (nf, 1), device)?;
+    let mut fake_in = 0usize;
+    let mut real_in = Tensor::zeros(nr, DType::F32, device)?;
+    for a in (0..nf).step_by(PR_BLOCK) {
+        let b = (a + PR_BLOCK).min(nf);
+        let d = sq_distances(&xf.narrow(0, a, b - a)?, &xr)?;
+        // A sample is precise if it lies in some reference ball (d <= radius of that ref).
+        // (Comparisons give u8; reduce in f32, which every backend supports.)
+        let inside = d
+            .broadcast_le(&rr_t)?
+            .to_dtype(DType::F32)?
+            .max(D::Minus1)?;
+        fake_in += inside.sum_all()?.to_scalar::<f32>()? as usize;
+        // A reference point is recalled if it lies in some sample's ball.
+        let covered = d
+            .broadcast_le(&rf_t.narrow(0, a, b - a)?)?
+            .to_dtype(DType::F32)?
+            .max(0)?;
+        real_in = real_in.maximum(&covered)?;
+    }
+    let real_in = real_in.sum_all()?.to_scalar::<f32>()? as usize;
+    Ok((fake_in as f64 / nf as f64, real_in as f64 / nr as f64))
+}
