@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod edit;
 mod eval;
+mod fid;
 mod launch;
 mod parity;
 mod sample;
@@ -54,6 +55,10 @@ enum Command {
     Plot(train::PlotArgs),
     /// Score a digits model: class accuracy by a k-NN judge and the copy rate.
     EvalDigits(eval::EvalDigitsArgs),
+    /// Sample N images for FID (ADM's .npz), sharded over GPUs, resumable.
+    SampleFid(fid::SampleFidArgs),
+    /// FID, sFID, Inception Score, precision and recall of samples against a reference batch.
+    Eval(fid::EvalArgs),
 }
 
 fn main() {
@@ -86,6 +91,8 @@ fn main() {
         Command::Plot(a) => train::plot(a),
         Command::Tokenize(a) => train::tokenize(a),
         Command::EvalDigits(a) => eval::run(a),
+        Command::SampleFid(a) => fid::run_sample(a),
+        Command::Eval(a) => fid::run_eval(a),
         Command::Bench(a) => bench::run(a),
         Command::CheckParity(a) => parity::run(a),
         Command::Inpaint(a) => edit::run_inpaint(a),

@@ -256,31 +256,32 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Write an uncompressed `.npz` (what `np.savez` writes) atomically; zip64 so that arrays over
-/// 4 GB work.
+/// Write an uncompressed `.npz` (what `np.savez` writes) atomically: into a temporary file in
+/// the same folder, renamed into place when complete. Zip64, so arrays over 4 GB work.
 pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
-    crate::util::write_atomic_with(path, ".npz", |w| {
-        // ZipWriter needs Seek; spool through a temporary file next to the target.
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = tempfile::tempfile_in(dir)?;
-        let mut z = zip::ZipWriter::new(tmp);
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(CompressionMethod::Stored)
-            .large_file(true);
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut z = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, tmp));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Stored)
+        .large_file(true);
+    let result = (|| -> Result<()> {
         for mut e in entries {
             z.start_file(format!("{}.npy", e.name), opts)?;
-            let expect = e.shape.iter().product::<usize>()
-                * match e.descr.as_str() {
-                    "<f8" => 8,
-                    "<f4" => 4,
-                    _ => 1,
-                };
-            let header = npy::to_bytes(&e.descr, &e.shape, &[]);
-            z.write_all(&header)?;
-            let n = std::io::copy(&mut e.body, &mut z)?;
+            let width = match e.descr.as_str() {
+                "<f8" => 8,
+                "<f4" => 4,
+                _ => 1,
+            };
+            let expect = e.shape.iter().product::<usize>() * width;
+            z.write_all(&npy::to_bytes(&e.descr, &e.shape, &[]))?;
+            let n = std::io::copy(&mut e.body, &mut z)
+                .with_context(|| format!("cannot read the data of array `{}`", e.name))?;
             ensure!(
                 n as usize == expect,
                 "array `{}`: {n} bytes of data for shape {:?} ({expect} expected)",
@@ -288,9 +289,34 @@ pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
                 e.shape
             );
         }
-        let mut f = z.finish()?;
-        f.seek(SeekFrom::Start(0))?;
-        std::io::copy(&mut f, w)?;
         Ok(())
-    })
+    })();
+    result.with_context(|| format!("cannot write {}", path.display()))?;
+    let tmp = z
+        .finish()
+        .with_context(|| format!("cannot write {}", path.display()))?
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.as_file().sync_all().ok();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .ok();
+    }
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    Ok(())
+}
+
+/// The body of a C-order `.npy` file (after its header), with its dtype and shape.
+pub fn npy_body(path: &Path) -> Result<(String, Vec<usize>, BufReader<File>)> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let (descr, shape) =
+        read_header(&mut r).with_context(|| format!("{} is not a valid .npy", path.display()))?;
+    Ok((descr, shape, r))
 }

@@ -1,0 +1,572 @@
+//! `arpg sample-fid` (many samples, sharded over GPUs, resumable, ADM's `.npz`) and
+//! `arpg eval` (FID, sFID, IS, precision, recall as ADM's evaluator computes them).
+
+use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
+use crate::launch;
+use anyhow::{bail, ensure, Context, Result};
+use arpg::data::npy;
+use arpg::eval::inception::{self, InceptionV3, Preprocess};
+use arpg::eval::npz;
+use arpg::eval::stats::{self, Gaussian, IsSplits};
+use arpg::sampler::{self, random_order};
+use arpg::tokenizer::image as img;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct SampleFidArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub vq: VqArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Images in all (ADM's protocol: 50,000).
+    #[arg(long, default_value_t = 50_000)]
+    pub num_samples: usize,
+    /// Consecutive images per class: image i has class (i / per-class) mod the model's classes.
+    #[arg(long, default_value_t = 50)]
+    pub per_class: usize,
+    /// Images per forward batch (doubled internally when guidance is on).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Images per shard: the unit of work handed to a GPU, and of resuming after a crash.
+    /// Shards are seeded by their index, so the images do not depend on the number of GPUs.
+    #[arg(long, default_value_t = 500)]
+    pub shard_size: usize,
+    /// Output folder: shards/ (finished shards, kept across runs), images/ (PNGs) and
+    /// samples.npz (`arr_0`, uint8, N x H x W x 3, ADM's format).
+    #[arg(long, default_value = "fid-samples")]
+    pub out: PathBuf,
+    /// Do not write one PNG per image.
+    #[arg(long)]
+    pub no_png: bool,
+    /// Sample on N GPUs of this machine, one process each (cuda:0..N-1). Under an outside
+    /// launcher, RANK / WORLD_SIZE / LOCAL_RANK are read instead.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+}
+
+/// A deterministic seed per shard, so a shard's images do not depend on who samples it.
+fn shard_seed(seed: u64, shard: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (shard as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+fn shard_path(out: &Path, s: usize) -> PathBuf {
+    out.join("shards").join(format!("shard_{s:05}.npy"))
+}
+
+/// A finished shard: a readable `.npy` of `n` uint8 images; its (height, width).
+fn shard_done(out: &Path, s: usize, n: usize) -> Option<(usize, usize)> {
+    let (descr, shape, _) = npz::npy_body(&shard_path(out, s)).ok()?;
+    (descr == "|u1" && shape.len() == 4 && shape[0] == n && shape[3] == 3)
+        .then_some((shape[1], shape[2]))
+}
+
+pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
+    if launch::should_spawn(a.gpus)? {
+        launch::spawn_workers(a.gpus)?;
+        eprintln!(
+            "all ranks done; samples in {}",
+            a.out.join("samples.npz").display()
+        );
+        return Ok(());
+    }
+    let dist = launch::from_env()?.filter(|d| d.world_size > 1);
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
+    if let Some(d) = &dist {
+        // A worker takes the GPU of its local rank (a CPU run stays on the CPU, for tests).
+        if a.device.device.starts_with("cuda") {
+            a.device.device = launch::worker_device(d);
+        }
+    }
+    ensure!(a.num_samples >= 1, "--num-samples must be at least 1");
+    ensure!(
+        a.per_class >= 1 && a.batch_size >= 1 && a.shard_size >= 1,
+        "--per-class, --batch-size and --shard-size must be at least 1"
+    );
+    if a.model.model.is_none()
+        && a.model.config.is_none()
+        && a.model.weights.is_none()
+        && a.model.init.is_none()
+    {
+        bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
+    }
+    let spec = a.model.spec(a.sampling.seed);
+    let mcfg = spec.config()?;
+    let sc = a.sampling.config()?;
+    let cells = mcfg.block_size;
+    sampler::token_counts(cells, sc.steps, sc.schedule)?;
+    let n = a.num_samples;
+    let n_shards = n.div_ceil(a.shard_size);
+    let range = |s: usize| (s * a.shard_size, ((s + 1) * a.shard_size).min(n));
+
+    // Shards of another configuration must not be mixed in: the settings live beside them.
+    let meta = serde_json::json!({
+        "num_samples": n,
+        "per_class": a.per_class,
+        "shard_size": a.shard_size,
+        "seed": a.sampling.seed,
+        "model": format!("{:?}", a.model),
+        "vq": format!("{:?}", a.vq),
+        "dtype": a.device.dtype,
+        "sampling": format!("{:?}", a.sampling),
+    });
+    let meta_path = a.out.join("shards").join("meta.json");
+    match std::fs::read_to_string(&meta_path) {
+        Ok(text) => {
+            let old: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("corrupt {}", meta_path.display()))?;
+            if old != meta {
+                bail!(
+                    "--out {} holds shards of other settings ({}); use another --out or delete it.\n  theirs: {old}\n  ours:   {meta}",
+                    a.out.display(),
+                    meta_path.display()
+                );
+            }
+        }
+        Err(_) => {
+            arpg::util::write_atomic(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?
+        }
+    }
+
+    let pending: Vec<usize> = (0..n_shards)
+        .filter(|&s| {
+            let (b, e) = range(s);
+            shard_done(&a.out, s, e - b).is_none()
+        })
+        .collect();
+    let pending_images: usize = pending.iter().map(|&s| range(s).1 - range(s).0).sum();
+    let mine: Vec<usize> = pending
+        .iter()
+        .copied()
+        .filter(|s| s % world == rank)
+        .collect();
+    if rank == 0 && pending.len() < n_shards {
+        eprintln!(
+            "resuming: {} of {n_shards} shards already done in {}",
+            n_shards - pending.len(),
+            a.out.display()
+        );
+    }
+    let start = Instant::now();
+    if !mine.is_empty() {
+        sample_shards(&a, &mine, range, rank, world)?;
+    }
+    if arpg::util::interrupted() || rank != 0 {
+        return Ok(());
+    }
+    // Rank 0 waits for the others' shards, then assembles the archive.
+    let mut waited = false;
+    loop {
+        let missing = (0..n_shards)
+            .filter(|&s| shard_done(&a.out, s, range(s).1 - range(s).0).is_none())
+            .count();
+        if missing == 0 {
+            break;
+        }
+        if !waited {
+            eprintln!("waiting for {missing} shard(s) from the other ranks");
+            waited = true;
+        }
+        if arpg::util::interrupted() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let npz_path = a.out.join("samples.npz");
+    if pending_images > 0 || !npz_path.exists() {
+        assemble(&a.out, n_shards, range, &npz_path)?;
+    }
+    if pending_images > 0 {
+        eprintln!(
+            "{pending_images} images in {secs:.1}s ({:.2} images/s over {world} process{})",
+            pending_images as f64 / secs,
+            if world > 1 { "es" } else { "" }
+        );
+    }
+    eprintln!("{n} images in {}", npz_path.display());
+    Ok(())
+}
+
+fn sample_shards(
+    a: &SampleFidArgs,
+    mine: &[usize],
+    range: impl Fn(usize) -> (usize, usize),
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    let spec = a.model.spec(a.sampling.seed);
+    let mcfg = spec.config()?;
+    let sc = a.sampling.config()?;
+    let (device, dtype) = a.device.resolve()?;
+    let model = spec.load(dtype, &device)?;
+    let tk = a.vq.tokenizer(
+        mcfg.vocab_size,
+        spec.random,
+        a.sampling.seed,
+        dtype,
+        &device,
+    )?;
+    let grid = mcfg.grid_size();
+    let positions: Vec<usize> = (0..mcfg.block_size).collect();
+    let total: usize = mine.iter().map(|&s| range(s).1 - range(s).0).sum();
+    // One bar, on rank 0: several processes drawing on one terminal garble each other.
+    let pb = if rank == 0 {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+        )
+        .unwrap(),
+    );
+    if world > 1 {
+        pb.set_message(format!("(rank 0 of {world})"));
+    }
+    let start = Instant::now();
+    let mut made = 0usize;
+    for &s in mine {
+        let (b, e) = range(s);
+        let seed = shard_seed(a.sampling.seed, s);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        arpg::device::seed(&device, seed)?;
+        let classes: Vec<usize> = (b..e)
+            .map(|i| (i / a.per_class) % mcfg.num_classes)
+            .collect();
+        let mut bytes = Vec::new();
+        let mut hw = (0, 0);
+        for (bi, batch) in classes.chunks(a.batch_size).enumerate() {
+            if arpg::util::interrupted() {
+                pb.abandon();
+                eprintln!("interrupted: the unfinished shard {s} is dropped; rerun to resume");
+                return Ok(());
+            }
+            let orders = vec![random_order(&positions, &mut rng); batch.len()];
+            let toks = sampler::sample(&model, batch, &orders, &sc, &mut rng)?;
+            for (j, im) in tk
+                .decode(&toks, (grid, grid), &device)?
+                .into_iter()
+                .enumerate()
+            {
+                let idx = b + bi * a.batch_size + j;
+                if !a.no_png {
+                    let p = a
+                        .out
+                        .join("images")
+                        .join(format!("{idx:06}_class{}.png", batch[j]));
+                    img::save_png_atomic(&im, &p)?;
+                }
+                hw = (im.height() as usize, im.width() as usize);
+                bytes.extend_from_slice(im.as_raw());
+            }
+            pb.inc(batch.len() as u64);
+            made += batch.len();
+        }
+        // The shard file is the mark of a finished shard, so it is written last, atomically.
+        let body = npy::to_bytes("|u1", &[e - b, hw.0, hw.1, 3], &bytes);
+        arpg::util::write_atomic(&shard_path(&a.out, s), &body)?;
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "rank {rank}: {made} images in {secs:.1}s ({:.2} images/s)",
+        made as f64 / secs
+    );
+    Ok(())
+}
+
+/// Concatenate the shards' image data into `arr_0` of one `.npz`, streaming.
+fn assemble(
+    out: &Path,
+    n_shards: usize,
+    range: impl Fn(usize) -> (usize, usize),
+    npz_path: &Path,
+) -> Result<()> {
+    let mut hw = None;
+    let mut readers: Vec<Box<dyn Read>> = Vec::with_capacity(n_shards);
+    for s in 0..n_shards {
+        let p = shard_path(out, s);
+        let (_, shape, body) = npz::npy_body(&p)?;
+        let (b, e) = range(s);
+        ensure!(
+            shape.len() == 4 && shape[0] == e - b,
+            "{}: shape {shape:?}, expected {} images",
+            p.display(),
+            e - b
+        );
+        let this = (shape[1], shape[2]);
+        if *hw.get_or_insert(this) != this {
+            bail!(
+                "{}: images of {}x{}, the others are {}x{}",
+                p.display(),
+                this.0,
+                this.1,
+                hw.unwrap().0,
+                hw.unwrap().1
+            );
+        }
+        readers.push(Box::new(
+            body.take((e - b) as u64 * (this.0 * this.1 * 3) as u64),
+        ));
+    }
+    let (h, w) = hw.context("no shards")?;
+    let n = range(n_shards - 1).1;
+    let chain = readers
+        .into_iter()
+        .reduce(|x, y| Box::new(x.chain(y)))
+        .context("no shards")?;
+    npz::write(
+        npz_path,
+        vec![npz::Entry {
+            name: "arr_0".into(),
+            descr: "|u1".into(),
+            shape: vec![n, h, w, 3],
+            body: chain,
+        }],
+    )
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Samples: an `.npz` with `arr_0`, uint8 N x H x W x 3 (what `arpg sample-fid` writes).
+    #[arg(long)]
+    pub samples: PathBuf,
+    /// Reference batch, ADM's format: `arr_0` images and/or precomputed `mu`, `sigma`
+    /// (pool_3) and `mu_s`, `sigma_s` (spatial), which are used as given.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// The FID InceptionV3 weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or a
+    /// .safetensors conversion. `random`: deterministic synthetic weights, for tests only.
+    #[arg(long)]
+    pub inception: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Images per Inception forward.
+    #[arg(long, default_value_t = 50)]
+    pub batch_size: usize,
+    /// Input preparation: adm (the TF graph ADM's evaluator runs: TF's bilinear resize to
+    /// 299, (x - 128) / 128) or pytorch-fid (half-pixel bilinear resize, x / 127.5 - 1).
+    #[arg(long, default_value = "adm")]
+    pub preprocess: String,
+    /// Inception Score over consecutive chunks of this many samples (ADM: 5000; 50,000
+    /// samples give 10 splits).
+    #[arg(long, default_value_t = 5000)]
+    pub is_split_size: usize,
+    /// Inception Score over this many equal splits instead (improved-GAN style).
+    #[arg(long)]
+    pub is_splits: Option<usize>,
+    /// Also write the scores as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Features of every image of an `.npz`'s `arr_0`.
+struct Acts {
+    pool: Vec<f32>,
+    spatial: Vec<f32>,
+    logits: Vec<f32>,
+    n: usize,
+}
+
+fn activations(
+    net: &InceptionV3,
+    path: &Path,
+    what: &str,
+    batch: usize,
+    pre: Preprocess,
+) -> Result<Acts> {
+    let mut r = npz::ImageReader::open(path, "arr_0")?;
+    let pb = ProgressBar::new(r.n as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>8} {{bar:40}} {{pos}}/{{len}} images [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}}"
+        ))
+        .unwrap(),
+    );
+    let mut acts = Acts {
+        pool: Vec::with_capacity(r.n * inception::POOL_DIM),
+        spatial: Vec::with_capacity(r.n * inception::SPATIAL_DIM),
+        logits: Vec::with_capacity(r.n * inception::LOGIT_DIM),
+        n: r.n,
+    };
+    let (h, w) = (r.height, r.width);
+    while let Some((k, bytes)) = r.next_batch(batch)? {
+        if arpg::util::interrupted() {
+            bail!("interrupted");
+        }
+        let f = net
+            .forward_images(&bytes, k, h, w, pre)
+            .with_context(|| format!("Inception features of {}", path.display()))?;
+        acts.pool.extend(f.pool.flatten_all()?.to_vec1::<f32>()?);
+        acts.spatial
+            .extend(f.spatial.flatten_all()?.to_vec1::<f32>()?);
+        acts.logits
+            .extend(f.logits.flatten_all()?.to_vec1::<f32>()?);
+        pb.inc(k as u64);
+    }
+    pb.finish_and_clear();
+    Ok(acts)
+}
+
+/// A reference's precomputed statistics (`mu`/`sigma` or `mu_s`/`sigma_s`), if present.
+fn given_stats(
+    path: &Path,
+    names: &[String],
+    mu: &str,
+    sigma: &str,
+    dim: usize,
+) -> Result<Option<Gaussian>> {
+    let has = |k: &str| names.iter().any(|n| n == k);
+    match (has(mu), has(sigma)) {
+        (false, false) => Ok(None),
+        (true, true) => {
+            let (_, m) = npz::read_floats(path, mu, &[Some(dim)])?;
+            let (_, s) = npz::read_floats(path, sigma, &[Some(dim), Some(dim)])?;
+            Ok(Some(Gaussian::new(m, s)?))
+        }
+        _ => bail!(
+            "{}: has one of `{mu}` / `{sigma}` but not the other",
+            path.display()
+        ),
+    }
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    let pre: Preprocess = a.preprocess.parse().context("--preprocess")?;
+    let splits = match a.is_splits {
+        Some(k) => IsSplits::Count(k),
+        None => IsSplits::Size(a.is_split_size),
+    };
+    let device = arpg::device::parse_device(&a.device)?;
+    let sample_names = npz::names(&a.samples).context("--samples")?;
+    ensure!(
+        sample_names.iter().any(|n| n == "arr_0"),
+        "--samples {}: no `arr_0` image array (it has: {})",
+        a.samples.display(),
+        sample_names.join(", ")
+    );
+    let ref_names = npz::names(&a.reference).context("--ref")?;
+    // Check shapes and dtypes of both files before the long part.
+    let s_reader = npz::ImageReader::open(&a.samples, "arr_0").context("--samples")?;
+    let ref_images = ref_names.iter().any(|n| n == "arr_0");
+    let ref_reader = match ref_images {
+        true => Some(npz::ImageReader::open(&a.reference, "arr_0").context("--ref")?),
+        false => None,
+    };
+    let ref_pool = given_stats(&a.reference, &ref_names, "mu", "sigma", inception::POOL_DIM)
+        .context("--ref")?;
+    let ref_spatial = given_stats(
+        &a.reference,
+        &ref_names,
+        "mu_s",
+        "sigma_s",
+        inception::SPATIAL_DIM,
+    )
+    .context("--ref")?;
+    if !ref_images && (ref_pool.is_none() || ref_spatial.is_none()) {
+        bail!(
+            "--ref {}: needs `arr_0` images or all of `mu`, `sigma`, `mu_s`, `sigma_s` (it has: {})",
+            a.reference.display(),
+            ref_names.join(", ")
+        );
+    }
+    ensure!(
+        s_reader.n >= 2,
+        "--samples {}: {} image(s); FID needs at least 2 (ADM's protocol uses 50,000)",
+        a.samples.display(),
+        s_reader.n
+    );
+    if let Some(r) = &ref_reader {
+        if (r.height, r.width) != (s_reader.height, s_reader.width) {
+            eprintln!(
+                "note: samples are {}x{}, the reference {}x{}; both are resized to 299x299 by the network's \
+                 bilinear resize, as ADM's evaluator does",
+                s_reader.height, s_reader.width, r.height, r.width
+            );
+        }
+    }
+    drop((s_reader, ref_reader));
+
+    let net = if a.inception.as_os_str() == "random" {
+        eprintln!("warning: --inception random: synthetic weights, the scores are meaningless");
+        InceptionV3::synthetic(&device)?
+    } else {
+        InceptionV3::load(&a.inception, &device).context("--inception")?
+    };
+    let start = Instant::now();
+    let sample = activations(&net, &a.samples, "samples", a.batch_size, pre)?;
+    let reference = match ref_images {
+        true => Some(activations(&net, &a.reference, "ref", a.batch_size, pre)?),
+        false => None,
+    };
+    let stats_of = |acts: &Acts, spatial: bool| -> Result<Gaussian> {
+        match spatial {
+            false => Gaussian::fit(&acts.pool, inception::POOL_DIM, &device),
+            true => Gaussian::fit(&acts.spatial, inception::SPATIAL_DIM, &device),
+        }
+    };
+    let ref_pool = match (ref_pool, &reference) {
+        (Some(g), _) => g,
+        (None, Some(r)) => stats_of(r, false).context("--ref statistics")?,
+        (None, None) => unreachable!("checked above"),
+    };
+    let ref_spatial = match (ref_spatial, &reference) {
+        (Some(g), _) => g,
+        (None, Some(r)) => stats_of(r, true).context("--ref statistics")?,
+        (None, None) => unreachable!("checked above"),
+    };
+    let fid = stats::frechet_distance(&stats_of(&sample, false)?, &ref_pool)?;
+    let sfid = stats::frechet_distance(&stats_of(&sample, true)?, &ref_spatial)?;
+    let (is, is_std) = stats::inception_score(&sample.logits, inception::LOGIT_DIM, splits)
+        .context("Inception Score")?;
+    let pr = match &reference {
+        Some(r) => Some(
+            stats::precision_recall(&r.pool, &sample.pool, inception::POOL_DIM, 3, &device)
+                .context("precision/recall")?,
+        ),
+        None => {
+            eprintln!("note: the reference has no `arr_0` images: no precision / recall");
+            None
+        }
+    };
+    println!("Inception Score: {is:.4} (std over splits {is_std:.4})");
+    println!("FID: {fid:.4}");
+    println!("sFID: {sfid:.4}");
+    if let Some((p, r)) = pr {
+        println!("Precision: {p:.4}");
+        println!("Recall: {r:.4}");
+    }
+    eprintln!(
+        "{} samples{} in {:.1}s",
+        sample.n,
+        reference
+            .as_ref()
+            .map(|r| format!(" and {} reference images", r.n))
+            .unwrap_or_default(),
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(p) = &a.json {
+        let j = serde_json::json!({
+            "samples": a.samples, "reference": a.reference, "num_samples": sample.n,
+            "preprocess": a.preprocess,
+            "inception_score": is, "inception_score_std": is_std,
+            "fid": fid, "sfid": sfid,
+            "precision": pr.map(|x| x.0), "recall": pr.map(|x| x.1),
+        });
+        arpg::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
+            .with_context(|| format!("--json {}", p.display()))?;
+    }
+    Ok(())
+}
