@@ -45,6 +45,10 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 }
 
 fn close(a: f64, b: f64, tol: f64, what: &str) {
+    eprintln!(
+        "{what}: {a} vs {b}, relative difference {:e}",
+        (a - b).abs() / b.abs().max(1.0)
+    );
     assert!(
         (a - b).abs() <= tol * b.abs().max(1.0),
         "{what}: {a} vs {b} (tolerance {tol})"
@@ -79,6 +83,14 @@ fn gaussian_fit_and_frechet_distance_match_numpy_scipy() {
         floats64(&p, "fid_low_rank")[0],
         1e-6,
         "FID, rank-deficient",
+    );
+    // The same through the full d x d route (given statistics carry no low-rank factor).
+    let c_given = Gaussian::new(c.mu.clone(), c.sigma.clone()).unwrap();
+    close(
+        stats::frechet_distance(&c_given, &a).unwrap(),
+        floats64(&p, "fid_low_rank")[0],
+        1e-6,
+        "FID, rank-deficient, full route",
     );
     // Same statistics: zero distance.
     assert!(stats::frechet_distance(&a, &a).unwrap().abs() < 1e-9);
@@ -274,4 +286,32 @@ fn npz_round_trip_and_errors() {
     // Not a zip at all.
     std::fs::write(&p, b"not a zip").unwrap();
     assert!(err(npz::names(&p).unwrap_err()).contains("not an .npz"));
+}
+
+/// Real weights (not in the repository): `python3 scripts/fid_real_weights.py ...` writes them
+/// and the PyTorch features of the two photos under .ref/; then
+/// `cargo test -p arpg --test fid real_weights -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn real_weights_match_pytorch_on_photos() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ref");
+    let weights = std::env::var_os("ARPG_FID_WEIGHTS")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("pt_inception_fidhelper.pth"));
+    let feats = root.join("photos_features.npz");
+    let net = InceptionV3::load(&weights, &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut r = npz::ImageReader::open(&feats, "arr_0").unwrap();
+    let (h, w) = (r.height, r.width);
+    let (n, imgs) = r.next_batch(16).unwrap().unwrap();
+    for (pre, tag) in [(Preprocess::Adm, "adm"), (Preprocess::PytorchFid, "fid")] {
+        let f = net.forward_images(&imgs, n, h, w, pre).unwrap();
+        let pool: Vec<f32> = f.pool.flatten_all().unwrap().to_vec1().unwrap();
+        let spatial: Vec<f32> = f.spatial.flatten_all().unwrap().to_vec1().unwrap();
+        let errs = [
+            rel_err(&pool, &floats(&feats, &format!("pool_{tag}"))),
+            rel_err(&spatial, &floats(&feats, &format!("spatial_{tag}"))),
+        ];
+        eprintln!("{tag}: {n} photos {h}x{w}, max relative error pool_3 / spatial = {errs:?}");
+        assert!(errs.iter().all(|&e| e < 1e-4), "{tag}: {errs:?}");
+    }
 }

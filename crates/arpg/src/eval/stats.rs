@@ -16,6 +16,9 @@ pub struct Gaussian {
     pub mu: Vec<f64>,
     /// Row-major dim x dim.
     pub sigma: Vec<f64>,
+    /// For a fit to n <= dim vectors: sigma = A^T A with A the n x dim centred features over
+    /// sqrt(n - 1), so that tr sqrt(S1 S2) reduces to an n x n problem (few samples).
+    factor: Option<(usize, Vec<f64>)>,
 }
 
 impl Gaussian {
@@ -40,9 +43,14 @@ impl Gaussian {
         let mu = x.mean(0)?;
         let xc = x.broadcast_sub(&mu)?;
         let sigma = (xc.t()?.matmul(&xc)? / (n as f64 - 1.0))?;
+        let factor = match n <= dim {
+            true => Some((n, (xc / (n as f64 - 1.0).sqrt())?.flatten_all()?.to_vec1()?)),
+            false => None,
+        };
         Ok(Self {
             mu: mu.to_vec1()?,
             sigma: sigma.flatten_all()?.to_vec1()?,
+            factor,
         })
     }
 
@@ -54,7 +62,11 @@ impl Gaussian {
             "sigma has {} values, expected {d} x {d} for a mean of {d}",
             sigma.len()
         );
-        Ok(Self { mu, sigma })
+        Ok(Self {
+            mu,
+            sigma,
+            factor: None,
+        })
     }
 }
 
@@ -69,7 +81,39 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64> {
     );
     let diff: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y) * (x - y)).sum();
     let tr = |s: &[f64]| (0..d).map(|i| s[i * d + i]).sum::<f64>();
-    Ok(diff + tr(&a.sigma) + tr(&b.sigma) - 2.0 * trace_sqrt_product(&a.sigma, &b.sigma, d)?)
+    // tr sqrt(S1 S2) = tr sqrt(S2 S1): use whichever side has a low-rank factor.
+    let cross = match (&a.factor, &b.factor) {
+        (Some((n, f)), _) | (None, Some((n, f))) => {
+            let other = if a.factor.is_some() { b } else { a };
+            trace_sqrt_low_rank(f, *n, &other.sigma, d)?
+        }
+        (None, None) => trace_sqrt_product(&a.sigma, &b.sigma, d)?,
+    };
+    Ok(diff + tr(&a.sigma) + tr(&b.sigma) - 2.0 * cross)
+}
+
+/// `tr sqrt(A^T A S)` for A of `n` x d: the non-zero eigenvalues of A^T A S are those of the
+/// n x n symmetric PSD matrix `A S A^T`.
+fn trace_sqrt_low_rank(a: &[f64], n: usize, s: &[f64], d: usize) -> Result<f64> {
+    let cpu = Device::Cpu;
+    let a = Tensor::from_slice(a, (n, d), &cpu)?;
+    let s = Tensor::from_slice(s, (d, d), &cpu)?;
+    let m: Vec<f64> = a.matmul(&s)?.matmul(&a.t()?)?.flatten_all()?.to_vec1()?;
+    eigen_sqrt_trace(&m, n)
+}
+
+/// Sum of the square roots of the eigenvalues of a (nearly) symmetric PSD matrix.
+fn eigen_sqrt_trace(m: &[f64], n: usize) -> Result<f64> {
+    // Symmetrise away rounding so that the tridiagonal reduction sees a symmetric matrix.
+    let mut sym = m.to_vec();
+    for i in 0..n {
+        for j in 0..n {
+            sym[i * n + j] = 0.5 * (m[i * n + j] + m[j * n + i]);
+        }
+    }
+    let (ev, _) = symmetric_eigen(&sym, n, false)?;
+    // Tiny negative eigenvalues are rounding of zeros (rank-deficient covariances).
+    Ok(ev.iter().map(|&x| x.max(0.0).sqrt()).sum())
 }
 
 /// `tr sqrt(S1 S2)` for symmetric PSD S1, S2: with S1 = V diag(l) V^T the matrix
@@ -87,16 +131,7 @@ pub fn trace_sqrt_product(s1: &[f64], s2: &[f64], d: usize) -> Result<f64> {
         .broadcast_mul(&sq.unsqueeze(0)?)?
         .broadcast_mul(&sq.unsqueeze(1)?)?;
     let c: Vec<f64> = c.flatten_all()?.to_vec1()?;
-    // Symmetrise away rounding so that the tridiagonal reduction sees a symmetric matrix.
-    let mut c2 = c.clone();
-    for i in 0..d {
-        for j in 0..d {
-            c2[i * d + j] = 0.5 * (c[i * d + j] + c[j * d + i]);
-        }
-    }
-    let (ev, _) = symmetric_eigen(&c2, d, false)?;
-    // Tiny negative eigenvalues are rounding of zeros (rank-deficient covariances).
-    Ok(ev.iter().map(|&x| x.max(0.0).sqrt()).sum())
+    eigen_sqrt_trace(&c, d)
 }
 
 /// Eigen-decomposition of a symmetric matrix (row-major, d x d) by Householder reduction to
@@ -118,12 +153,12 @@ pub fn symmetric_eigen(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, 
     let mut w = a.to_vec();
     let mut d = vec![0.0; n];
     let mut e = vec![0.0; n];
-    tred2(&mut w, &mut d, &mut e, n);
+    tred2(&mut w, &mut d, &mut e, n, vectors);
     tql2(&mut w, &mut d, &mut e, n, vectors)?;
     Ok((d, if vectors { w } else { vec![] }))
 }
 
-fn tred2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
+fn tred2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) {
     // V[r][c] == w[c*n + r]. The input is symmetric, so w starts equal to V.
     for j in 0..n {
         d[j] = w[j * n + (n - 1)];
@@ -187,6 +222,14 @@ fn tred2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             }
         }
         d[i] = h;
+    }
+    if !vectors {
+        // Eigenvalues only: the tridiagonal's diagonal is on w's diagonal.
+        for j in 0..n {
+            d[j] = w[j * n + j];
+        }
+        e[0] = 0.0;
+        return;
     }
     // Accumulate the transformations.
     for i in 0..n - 1 {
