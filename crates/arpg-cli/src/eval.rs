@@ -31,6 +31,12 @@ pub struct EvalDigitsArgs {
     pub cfg_schedule: String,
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Keep only the k most likely pixel levels (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 100)]
@@ -63,7 +69,8 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
         schedule: arpg::sampler::MaskSchedule::Arccos,
         filter: TokenFilter {
             temperature: a.temperature,
-            ..Default::default()
+            top_k: a.top_k,
+            top_p: a.top_p,
         },
     };
     let inpainting = a.task == "inpaint";

@@ -232,7 +232,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             let line = serde_json::json!({
                 "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
                 "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
-                "processes": world,
+                "processes": world, "phases_ms": s.phases_ms,
             });
             writeln!(log, "{line}")?;
             if pb.is_hidden() {

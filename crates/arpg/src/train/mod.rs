@@ -109,6 +109,9 @@ pub struct StepStats {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// With `ARPG_PROFILE_STEPS` set: milliseconds in forward + backward, the gradient
+    /// all-reduce, and clipping + optimizer (the device is synchronised between phases).
+    pub phases_ms: Option<[f64; 3]>,
 }
 
 /// A teacher-forced batch: `[class, tokens in order]`, their RoPE rows, the rows the queries
@@ -340,6 +343,17 @@ impl Trainer {
         let local = micro_size / world;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let mut losses = Vec::with_capacity(self.cfg.grad_accum);
+        let profile = std::env::var_os("ARPG_PROFILE_STEPS").is_some();
+        let mut clock = std::time::Instant::now();
+        let mut phases = [0f64; 3];
+        let mut lap = |dev: &Device, k: usize| -> Result<()> {
+            if profile {
+                dev.synchronize()?;
+                phases[k] += clock.elapsed().as_secs_f64() * 1e3;
+                clock = std::time::Instant::now();
+            }
+            Ok(())
+        };
         for j in 0..self.cfg.grad_accum {
             let micro = self.step * self.cfg.grad_accum + j;
             let idx = self.batch_indices(micro, micro_size, data.len());
@@ -363,6 +377,7 @@ impl Trainer {
         }
         let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.unwrap()).collect();
         let mut losses = Tensor::cat(&losses, 0)?;
+        lap(&self.device, 0)?;
         if let Some(g) = self.group.as_ref().filter(|g| g.world_size() > 1) {
             // One collective for all gradients and the losses: the mean over ranks.
             let mut flat: Vec<Tensor> = grads
@@ -379,6 +394,7 @@ impl Trainer {
             }
             losses = sum.narrow(0, off, losses.elem_count())?;
         }
+        lap(&self.device, 1)?;
         let loss_sum: f64 = losses.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         let lr = lr_at(
@@ -400,12 +416,14 @@ impl Trainer {
                 *e = ((&*e * d)? + (p.as_tensor() * (1.0 - d))?)?;
             }
         }
+        lap(&self.device, 2)?;
         self.step += 1;
         Ok(StepStats {
             step: self.step,
             loss: loss_sum / self.cfg.grad_accum as f64,
             lr,
             grad_norm,
+            phases_ms: profile.then_some(phases),
         })
     }
 

@@ -71,14 +71,18 @@ impl AdamW {
 
 /// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+    // One host read for all tensors: a read per tensor would drain the GPU queue each time.
+    let parts: Vec<Tensor> = grads
+        .iter()
+        .map(|g| {
+            g.to_dtype(candle_core::DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .reshape(1)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let sq: f64 = Tensor::cat(&parts, 0)?.to_vec1::<f64>()?.iter().sum();
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
