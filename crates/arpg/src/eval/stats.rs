@@ -3,9 +3,10 @@
 //! spatial features), the Inception Score, and improved precision/recall with k-NN manifolds.
 //!
 //! Means and covariances are f64. Instead of `scipy.linalg.sqrtm(S1 @ S2)` (a Schur
-//! decomposition of a non-symmetric matrix) the trace of the square root is taken from the
-//! symmetric PSD matrix `sqrt(S1) S2 sqrt(S1)`, which has the same eigenvalues as `S1 S2`:
-//! `tr sqrt(S1 S2) = sum_i sqrt(lambda_i)`. No complex parts and no singular-product retry.
+//! decomposition of a non-symmetric matrix) the trace of the square root is taken from a
+//! symmetric PSD matrix with the same eigenvalues as `S1 S2` (`sqrt(S1) S2 sqrt(S1)`, formed
+//! through a Cholesky factor of S1): `tr sqrt(S1 S2) = sum_i sqrt(lambda_i)`. No complex parts
+//! and no singular-product retry.
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -116,22 +117,85 @@ fn eigen_sqrt_trace(m: &[f64], n: usize) -> Result<f64> {
     Ok(ev.iter().map(|&x| x.max(0.0).sqrt()).sum())
 }
 
-/// `tr sqrt(S1 S2)` for symmetric PSD S1, S2: with S1 = V diag(l) V^T the matrix
-/// `diag(sqrt l) V^T S2 V diag(sqrt l)` is symmetric PSD with the eigenvalues of S1 S2.
+/// `tr sqrt(S1 S2)` for symmetric PSD S1, S2. With a pivoted Cholesky factor S1 = P L L^T P^T
+/// (L of d x r, r the numerical rank) the eigenvalues of S1 S2 are those of the symmetric PSD
+/// r x r matrix `L^T (P^T S2 P) L`, of which only the eigenvalues are needed. (Eigenvectors of
+/// S1 for `sqrt(S1) S2 sqrt(S1)` would cost about 6x more at d = 2048.)
 pub fn trace_sqrt_product(s1: &[f64], s2: &[f64], d: usize) -> Result<f64> {
-    let (l, vt) = symmetric_eigen(s1, d, true)?;
-    // vt holds the eigenvectors as rows; the products go through candle's f64 GEMM.
+    let (l, perm, r) = pivoted_cholesky(s1, d)?;
+    if r == 0 {
+        return Ok(0.0);
+    }
+    let s2p: Vec<f64> = (0..d * d)
+        .map(|i| s2[perm[i / d] * d + perm[i % d]])
+        .collect();
     let cpu = Device::Cpu;
-    let vt_t = Tensor::from_slice(&vt, (d, d), &cpu)?;
-    let s2_t = Tensor::from_slice(s2, (d, d), &cpu)?;
-    let w = vt_t.matmul(&s2_t)?.matmul(&vt_t.t()?)?;
-    let sq: Vec<f64> = l.iter().map(|&x| x.max(0.0).sqrt()).collect();
-    let sq = Tensor::from_slice(&sq, d, &cpu)?;
-    let c = w
-        .broadcast_mul(&sq.unsqueeze(0)?)?
-        .broadcast_mul(&sq.unsqueeze(1)?)?;
-    let c: Vec<f64> = c.flatten_all()?.to_vec1()?;
-    eigen_sqrt_trace(&c, d)
+    let l = Tensor::from_vec(l, (d, d), &cpu)?.narrow(1, 0, r)?;
+    let s2p = Tensor::from_vec(s2p, (d, d), &cpu)?;
+    let m: Vec<f64> = l.t()?.matmul(&s2p.matmul(&l)?)?.flatten_all()?.to_vec1()?;
+    eigen_sqrt_trace(&m, r)
+}
+
+/// Cholesky factorisation of a symmetric PSD matrix with diagonal pivoting (as LAPACK's
+/// dpstrf): returns L (d x d row-major, columns past the rank are zero), the permutation (row
+/// i of L belongs to variable perm[i]) and the numerical rank, stopping where the remaining
+/// diagonal falls below d * eps * max diag.
+pub fn pivoted_cholesky(s: &[f64], d: usize) -> Result<(Vec<f64>, Vec<usize>, usize)> {
+    ensure!(
+        s.len() == d * d,
+        "matrix has {} values, not {d} x {d}",
+        s.len()
+    );
+    if s.iter().any(|x| !x.is_finite()) {
+        bail!("covariance has non-finite entries");
+    }
+    let mut a = s.to_vec();
+    let mut l = vec![0.0; d * d];
+    let mut perm: Vec<usize> = (0..d).collect();
+    let max_diag = (0..d).map(|i| a[i * d + i]).fold(0.0, f64::max);
+    let tol = d as f64 * f64::EPSILON * max_diag;
+    let mut rank = 0;
+    let mut col = vec![0.0; d];
+    for k in 0..d {
+        let p = (k..d)
+            .max_by(|&i, &j| a[i * d + i].total_cmp(&a[j * d + j]))
+            .unwrap_or(k);
+        if a[p * d + p] <= tol {
+            break;
+        }
+        if p != k {
+            // Symmetric swap of variables k and p in the trailing matrix and in L's rows.
+            for j in 0..d {
+                a.swap(k * d + j, p * d + j);
+            }
+            for i in 0..d {
+                a.swap(i * d + k, i * d + p);
+            }
+            for j in 0..k {
+                l.swap(k * d + j, p * d + j);
+            }
+            perm.swap(k, p);
+        }
+        let piv = a[k * d + k].sqrt();
+        l[k * d + k] = piv;
+        for i in k + 1..d {
+            col[i] = a[i * d + k] / piv;
+            l[i * d + k] = col[i];
+        }
+        // Schur complement of the trailing block (full rows: contiguous and simple).
+        for i in k + 1..d {
+            let ci = col[i];
+            if ci == 0.0 {
+                continue;
+            }
+            let row = &mut a[i * d + k + 1..i * d + d];
+            for (x, &cj) in row.iter_mut().zip(&col[k + 1..d]) {
+                *x -= ci * cj;
+            }
+        }
+        rank = k + 1;
+    }
+    Ok((l, perm, rank))
 }
 
 /// Eigen-decomposition of a symmetric matrix (row-major, d x d) by Householder reduction to
