@@ -71,7 +71,26 @@ fn shard_done(out: &Path, s: usize, n: usize) -> Option<(usize, usize)> {
 }
 
 pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
+    ensure!(a.num_samples >= 1, "--num-samples must be at least 1");
+    ensure!(
+        a.per_class >= 1 && a.batch_size >= 1 && a.shard_size >= 1,
+        "--per-class, --batch-size and --shard-size must be at least 1"
+    );
+    if a.model.model.is_none()
+        && a.model.config.is_none()
+        && a.model.weights.is_none()
+        && a.model.init.is_none()
+    {
+        bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
+    }
+    a.sampling.config()?;
     if launch::should_spawn(a.gpus)? {
+        if !a.device.device.starts_with("cuda") {
+            eprintln!(
+                "note: --gpus {} with --device {}: {} processes on the CPU (pass --device cuda for GPUs)",
+                a.gpus, a.device.device, a.gpus
+            );
+        }
         launch::spawn_workers(a.gpus)?;
         eprintln!(
             "all ranks done; samples in {}",
@@ -86,18 +105,6 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
         if a.device.device.starts_with("cuda") {
             a.device.device = launch::worker_device(d);
         }
-    }
-    ensure!(a.num_samples >= 1, "--num-samples must be at least 1");
-    ensure!(
-        a.per_class >= 1 && a.batch_size >= 1 && a.shard_size >= 1,
-        "--per-class, --batch-size and --shard-size must be at least 1"
-    );
-    if a.model.model.is_none()
-        && a.model.config.is_none()
-        && a.model.weights.is_none()
-        && a.model.init.is_none()
-    {
-        bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
     }
     let spec = a.model.spec(a.sampling.seed);
     let mcfg = spec.config()?;
