@@ -241,6 +241,51 @@ fn weights_load_from_legacy_and_zip_pth_strictly() {
 }
 
 #[test]
+fn weights_load_from_safetensors_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sd = InceptionV3::synthetic_state_dict().unwrap();
+    // 94 convolutions with BatchNorm (5 tensors each) and the classifier (2).
+    assert_eq!(sd.len(), 94 * 5 + 2);
+    let net = InceptionV3::synthetic(&Device::Cpu).unwrap();
+    let imgs = vec![100u8; 2 * 20 * 20 * 3];
+    let want: Vec<f32> = net
+        .forward_images(&imgs, 2, 20, 20, Preprocess::Adm)
+        .unwrap()
+        .pool
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let counter = candle_core::Tensor::new(&[5i64], &Device::Cpu).unwrap();
+    sd.insert("Mixed_5b.branch1x1.bn.num_batches_tracked".into(), counter);
+    let p = dir.path().join("inception.safetensors");
+    arpg::checkpoint::save_safetensors_atomic(&sd, &p).unwrap();
+    let loaded = InceptionV3::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"));
+    let got: Vec<f32> = loaded
+        .forward_images(&imgs, 2, 20, 20, Preprocess::Adm)
+        .unwrap()
+        .pool
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, want);
+    // A renamed tensor: the file, the missing key and the unexpected one, in one error.
+    let t = sd.remove("Mixed_7c.branch_pool.conv.weight").unwrap();
+    sd.insert("Mixed_7c.branch_pool.conv.weights".into(), t);
+    let bad = dir.path().join("bad.safetensors");
+    arpg::checkpoint::save_safetensors_atomic(&sd, &bad).unwrap();
+    let e = format!("{:#}", InceptionV3::load(&bad, &Device::Cpu).err().unwrap());
+    for want in [
+        "bad.safetensors",
+        "missing keys (1): Mixed_7c.branch_pool.conv.weight",
+        "Mixed_7c.branch_pool.conv.weights",
+    ] {
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
+}
+
+#[test]
 fn npz_round_trip_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.npz");

@@ -390,6 +390,20 @@ impl InceptionV3 {
         Self::new(vb)
     }
 
+    /// The synthetic weights as a state dict in pytorch-fid's key layout (every tensor the
+    /// network asks for), e.g. to test loading from files.
+    pub fn synthetic_state_dict() -> Result<HashMap<String, Tensor>> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let backend = Recording(seen.clone());
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        Self::new(vb)?;
+        let map = seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
+        Ok(map)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -657,6 +671,33 @@ pub fn synthetic_value(name: &str, shape: &[usize], j: usize) -> f32 {
 
 /// A `VarBuilder` backend that makes every tensor from [`synthetic_value`].
 struct Synthetic;
+
+/// [`Synthetic`], keeping what it handed out.
+struct Recording(std::sync::Arc<std::sync::Mutex<HashMap<String, Tensor>>>);
+
+impl SimpleBackend for Recording {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = Synthetic.get(s, name, h, dtype, dev)?;
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+    fn get_unchecked(&self, name: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Synthetic.get_unchecked(name, d, dev)
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
 
 impl SimpleBackend for Synthetic {
     fn get(
