@@ -6,6 +6,9 @@
 # The model is ARPG-L's body (24 layers, dim 1024) on the UCI digits (64 tokens, 17 levels,
 # 10 classes): real data with a falling loss, and enough work per step to measure scaling.
 set -uo pipefail
+export NCCL_NVLS_ENABLE=0                 # the device's rule: no NVLink multicast
+export ARPG_PROFILE_STEPS=${ARPG_PROFILE_STEPS:-1}   # phase timings in train.jsonl
+DROPOUT=${DROPOUT:-0}   # 0: the runs differ only by reduction order and GEMM shapes
 NCCL_LIB="$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(n.__path__[0], "lib"))' 2>/dev/null)"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:$NCCL_LIB
 OUT=${OUT:-/tmp/train-dp}; mkdir -p "$OUT"
@@ -15,7 +18,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 $A pack --digits data/digits/digits.csv.gz --vocab-size 17 --out /tmp/dtrain.pack
 printf '{"dim":1024,"n_layer":24,"n_head":16,"vocab_size":17,"num_classes":10,"block_size":64}\n' > /tmp/l-digits.json
 common=(--data /tmp/dtrain.pack --config /tmp/l-digits.json --steps "$STEPS" --batch-size 64
-        --lr 3e-4 --lr-absolute --min-lr 3e-5 --warmup-steps 20 --dtype bf16 --seed 1
+        --lr 3e-4 --lr-absolute --min-lr 3e-5 --warmup-steps 20 --dtype bf16 --seed 1 --dropout "$DROPOUT"
         --log-every 10 --ckpt-every 100000)
 for g in 1 2; do
   echo "== $g GPU(s)"
@@ -34,4 +37,8 @@ for a, b in zip(runs[1], runs[2]):
 for g in (1, 2):
     ips = [r["images_per_sec"] for r in runs[g][1:]]
     print(f"{g} GPU(s): {sum(ips)/len(ips):.1f} images/s (mean over logged windows after the first)")
+    ph = [r["phases_ms"] for r in runs[g][1:] if r.get("phases_ms")]
+    if ph:
+        m = [sum(p[k] for p in ph) / len(ph) for k in range(3)]
+        print(f"  per step (rank 0): forward+backward {m[0]:.1f} ms, all-reduce {m[1]:.1f} ms, clip+AdamW {m[2]:.1f} ms")
 PY

@@ -240,8 +240,12 @@ fn two_ranks_train_like_one_process_at_the_same_global_batch() {
         ..Default::default()
     };
     let mut single = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
-    let single_losses: Vec<f64> = (0..12)
-        .map(|_| single.train_step(&data).unwrap().loss)
+    // Loss and gradient norm (before clipping: AdamW and clipping would hide a wrong scale).
+    let single_losses: Vec<(f64, f64)> = (0..12)
+        .map(|_| {
+            let s = single.train_step(&data).unwrap();
+            (s.loss, s.grad_norm)
+        })
         .collect();
 
     let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
@@ -260,8 +264,11 @@ fn two_ranks_train_like_one_process_at_the_same_global_batch() {
                     barrier,
                 };
                 tr.set_group(Box::new(g)).unwrap();
-                let losses: Vec<f64> = (0..12)
-                    .map(|_| tr.train_step(&data).unwrap().loss)
+                let losses: Vec<(f64, f64)> = (0..12)
+                    .map(|_| {
+                        let s = tr.train_step(&data).unwrap();
+                        (s.loss, s.grad_norm)
+                    })
                     .collect();
                 (losses, tr.export_weights())
             })
@@ -272,8 +279,12 @@ fn two_ranks_train_like_one_process_at_the_same_global_batch() {
     for (rank, (losses, weights)) in results.iter().enumerate() {
         for (s, (a, b)) in losses.iter().zip(&single_losses).enumerate() {
             assert!(
-                (a - b).abs() < 1e-5,
-                "rank {rank} step {s}: loss {a} vs {b}"
+                (a.0 - b.0).abs() < 1e-5,
+                "rank {rank} step {s}: loss {a:?} vs {b:?}"
+            );
+            assert!(
+                (a.1 - b.1).abs() < 1e-5 * b.1,
+                "rank {rank} step {s}: grad norm {a:?} vs {b:?}"
             );
         }
         for (k, t) in &want {

@@ -364,7 +364,7 @@ impl Trainer {
             }
             let loss = self.loss(&batch)?;
             losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
-            let g = (loss / self.cfg.grad_accum as f64)?.backward()?;
+            let g = (loss / (self.cfg.grad_accum * world) as f64)?.backward()?;
             for (i, p) in self.params.iter().enumerate() {
                 let gi = g
                     .get(p)
@@ -379,20 +379,13 @@ impl Trainer {
         let mut losses = Tensor::cat(&losses, 0)?;
         lap(&self.device, 0)?;
         if let Some(g) = self.group.as_ref().filter(|g| g.world_size() > 1) {
-            // One collective for all gradients and the losses: the mean over ranks.
-            let mut flat: Vec<Tensor> = grads
-                .iter()
-                .map(|g| g.flatten_all())
-                .collect::<candle_core::Result<_>>()?;
-            flat.push(losses.clone());
-            let sum = (g.all_reduce_sum(&Tensor::cat(&flat, 0)?)? / world as f64)?;
-            let mut off = 0;
+            // Each rank's loss was already divided by the world size, so the sum is the mean.
+            // One collective per tensor: one flat buffer measured 2x slower on two H200s
+            // (170 vs 342 images/s: an extra copy, and clipping + AdamW on views of it).
             for gr in grads.iter_mut() {
-                let n = gr.elem_count();
-                *gr = sum.narrow(0, off, n)?.reshape(gr.shape())?;
-                off += n;
+                *gr = g.all_reduce_sum(gr)?;
             }
-            losses = sum.narrow(0, off, losses.elem_count())?;
+            losses = (g.all_reduce_sum(&losses)? / world as f64)?;
         }
         lap(&self.device, 1)?;
         let loss_sum: f64 = losses.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
