@@ -85,6 +85,12 @@ pub struct TrainArgs {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    if a.gpus > 1 && !cfg!(feature = "nccl") {
+        bail!(
+            "--gpus {} needs a build with NCCL: scripts/build-cuda.sh --nccl",
+            a.gpus
+        );
+    }
     if launch::should_spawn(a.gpus)? {
         return launch::spawn_workers(a.gpus);
     }

@@ -243,3 +243,48 @@ fn tokenize_then_pack_a_folder_per_class_tree_resumably() {
         (3, 16, 30, 1)
     );
 }
+
+#[test]
+fn multi_process_training_without_nccl_or_with_bad_launcher_variables_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let csv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data/digits/digits.csv.gz"
+    );
+    let pack = d.path().join("d.pack");
+    assert!(bin()
+        .args(["pack", "--digits", csv, "--out", pack.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    let cfg = tiny_config(d.path());
+    let out = d.path().join("run");
+    let train = |extra: &[&str], env: &[(&str, &str)]| {
+        let o = bin()
+            .args(["train", "--data", pack.to_str().unwrap(), "--config", &cfg])
+            .args(["--out", out.to_str().unwrap(), "--steps", "1"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    if !cfg!(feature = "nccl") {
+        let e = train(&["--gpus", "2"], &[]);
+        assert!(e.contains("--gpus 2") && e.contains("NCCL"), "{e}");
+        let e = train(
+            &[],
+            &[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "1")],
+        );
+        assert!(e.contains("WORLD_SIZE=2") && e.contains("NCCL"), "{e}");
+    }
+    let e = train(&["--gpus", "0"], &[]);
+    assert!(e.contains("--gpus"), "{e}");
+    let e = train(
+        &[],
+        &[("WORLD_SIZE", "2"), ("RANK", "5"), ("MASTER_PORT", "1")],
+    );
+    assert!(e.contains("RANK=5"), "{e}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}
