@@ -141,11 +141,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ..Default::default()
         };
         let mut tr = Trainer::new(&cfg, &tc, dtype, &dev)?;
+        let mut phases = None;
         let s = time(&dev, a.warmup.max(1), a.repeats, || {
-            tr.train_step(&data)?;
+            phases = tr.train_step(&data)?.phases_ms;
             Ok(())
         })?;
         out["train_step_seconds"] = s.into();
+        if let Some(p) = phases {
+            // With ARPG_PROFILE_STEPS set: forward+backward, all-reduce, clip+AdamW (ms).
+            out["train_phases_ms"] = serde_json::json!(p);
+        }
         out["train_images_per_sec"] = (a.batch_size as f64 / s).into();
     }
 
