@@ -6,6 +6,7 @@
 //! of the token it must predict, against that shared key/value set.
 
 pub mod cache;
+pub mod fused;
 pub mod layers;
 pub mod rope;
 

@@ -66,6 +66,11 @@ impl Rope {
 /// `differentiable` picks plain tensor ops (which have a backward) over candle's fused kernel
 /// (which has none).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if !differentiable {
+        if let Some(out) = super::fused::rope_i_bf16(x, cos, sin)? {
+            return Ok(out);
+        }
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(super::layers::at_least_f32(dtype))?;
     let (cos, sin) = (&cos.to_dtype(x32.dtype())?, &sin.to_dtype(x32.dtype())?);
