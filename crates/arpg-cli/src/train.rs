@@ -235,11 +235,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
         if s.step % a.log_every == 0 || s.step == until {
             let ips = window.1 as f64 / window.0.elapsed().as_secs_f64();
             window = (std::time::Instant::now(), 0);
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
                 "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
-                "processes": world, "phases_ms": s.phases_ms,
+                "processes": world,
             });
+            if let Some(p) = s.phases_ms {
+                line["phases_ms"] = serde_json::json!(p);
+            }
             writeln!(log, "{line}")?;
             if pb.is_hidden() {
                 println!("{line}");
