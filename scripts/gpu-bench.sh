@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call on the H200: GPU parity, then our sampler and the reference PyTorch sampler
 # timed in the same command on random weights, then one table.
-#   device run, carry [".bin/arpg.xz", ".ref", ".whl"]:  bash scripts/gpu-bench.sh [quick]
-# .bin/arpg.xz comes from scripts/build-cuda.sh; .ref/arpg.py is the paper's models/arpg.py
+#   device run, carry [".bin/arpg.xz", ".bin/ref", ".whl"]:  bash scripts/gpu-bench.sh [quick]
+# .bin/arpg.xz comes from scripts/build-cuda.sh; .bin/ref/arpg.py is the paper's models/arpg.py
 # (fetched, never committed); .whl holds the einops wheel the reference imports.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
@@ -30,6 +30,6 @@ for m in ARPG-L ARPG-XL ARPG-XXL; do
     echo "== ours $m $s"; peak timeout 400 $A bench --model $m --init random --batch-size 64 --steps $s --warmup 1 --repeats 3 --device cuda:0 --dtype bf16 --json $extra | tee -a "$OUT/ours.jsonl"; extra=""
   done
   echo "== reference $m"; t=""; [ $m = ARPG-L ] && t="--train"
-  peak timeout 400 python3 scripts/bench_reference.py --ref .ref --model $m --steps 64 32 $t | tee -a "$OUT/ref.jsonl"
+  peak timeout 400 python3 scripts/bench_reference.py --ref .bin/ref --model $m --steps 64 32 $t | tee -a "$OUT/ref.jsonl"
   echo "elapsed $(( $(date +%s) - t0 ))s"
 done
