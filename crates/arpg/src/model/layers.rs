@@ -175,7 +175,7 @@ pub fn attention(
         None => scores,
     };
     let probs = if differentiable {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
+        softmax_with_grad(&scores)?
     } else {
         candle_nn::ops::softmax_last_dim(&scores)?
     };
@@ -188,4 +188,68 @@ pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(data, (t, t), device)?)
+}
+
+/// Softmax over the last dimension with a backward. On the CPU (f32/f64) it is one pass
+/// forward and `y * (g - sum(g * y))` backward, instead of candle's five-op composite and its
+/// gradients (the training step's attention is dominated by these `[b, h, t, t]` passes).
+pub fn softmax_with_grad(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        Ok(x.contiguous()?.apply_op1(SoftmaxCpu)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+}
+
+struct SoftmaxCpu;
+
+impl candle_core::CustomOp1 for SoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "arpg-softmax-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        fn rows<T: num_traits::Float>(x: &[T], n: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(x.len());
+            for row in x.chunks(n) {
+                let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+                let start = out.len();
+                let mut sum = T::zero();
+                for &v in row {
+                    let e = (v - m).exp();
+                    sum = sum + e;
+                    out.push(e);
+                }
+                for e in &mut out[start..] {
+                    *e = *e / sum;
+                }
+            }
+            out
+        }
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: strided input".into()))?;
+        let n = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(rows(&v[a..b], n)),
+            CpuStorage::F64(v) => CpuStorage::F64(rows(&v[a..b], n)),
+            _ => candle_core::bail!("softmax: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * res)?))
+    }
 }
