@@ -25,24 +25,35 @@ pub fn write_atomic_with(
     what: &str,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| {
-        format!(
-            "cannot create a temporary file in {} for {}",
-            dir.display(),
-            path.display()
-        )
-    })?;
+    let mut tmp = temp_beside(path)?;
     {
         let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut buf).with_context(|| format!("cannot write {what} {}", path.display()))?;
         buf.flush()
             .with_context(|| format!("cannot write {what} {}", path.display()))?;
     }
+    persist_atomic(tmp, path, what)
+}
+
+/// A temporary file in `path`'s folder (created if needed), to be renamed over `path` by
+/// [`persist_atomic`] once complete.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    tempfile::NamedTempFile::new_in(dir).with_context(|| {
+        format!(
+            "cannot create a temporary file in {} for {}",
+            dir.display(),
+            path.display()
+        )
+    })
+}
+
+/// Sync `tmp`, make it readable like any other output, and rename it over `path`.
+pub fn persist_atomic(tmp: tempfile::NamedTempFile, path: &Path, what: &str) -> Result<()> {
     tmp.as_file().sync_all().ok();
     // Temporary files are created 0600; outputs should be readable like any other file.
     #[cfg(unix)]

@@ -259,13 +259,7 @@ impl<'a> Entry<'a> {
 /// Write an uncompressed `.npz` (what `np.savez` writes) atomically: into a temporary file in
 /// the same folder, renamed into place when complete. Zip64, so arrays over 4 GB work.
 pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let tmp = crate::util::temp_beside(path)?;
     let mut z = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, tmp));
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(CompressionMethod::Stored)
@@ -298,18 +292,7 @@ pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
         .into_inner()
         .map_err(|e| e.into_error())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.as_file().sync_all().ok();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .ok();
-    }
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    Ok(())
+    crate::util::persist_atomic(tmp, path, ".npz")
 }
 
 /// The body of a C-order `.npy` file (after its header), with its dtype and shape.
