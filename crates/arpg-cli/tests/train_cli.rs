@@ -14,19 +14,25 @@ fn tiny_config(dir: &Path) -> String {
     p.to_string_lossy().to_string()
 }
 
-#[test]
-fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
-    let d = tempfile::tempdir().unwrap();
+/// The training split of the repository's UCI digits, packed into `dir/d.pack`.
+fn digits_pack(dir: &Path) -> std::path::PathBuf {
     let csv = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../data/digits/digits.csv.gz"
     );
-    let pack = d.path().join("d.pack");
+    let pack = dir.join("d.pack");
     assert!(bin()
         .args(["pack", "--digits", csv, "--out", pack.to_str().unwrap()])
         .status()
         .unwrap()
         .success());
+    pack
+}
+
+#[test]
+fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
+    let d = tempfile::tempdir().unwrap();
+    let pack = digits_pack(d.path());
     let cfg = tiny_config(d.path());
     let out = d.path().join("run");
     let child = bin()
@@ -247,16 +253,7 @@ fn tokenize_then_pack_a_folder_per_class_tree_resumably() {
 #[test]
 fn multi_process_training_without_nccl_or_with_bad_launcher_variables_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    let csv = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../data/digits/digits.csv.gz"
-    );
-    let pack = d.path().join("d.pack");
-    assert!(bin()
-        .args(["pack", "--digits", csv, "--out", pack.to_str().unwrap()])
-        .status()
-        .unwrap()
-        .success());
+    let pack = digits_pack(d.path());
     let cfg = tiny_config(d.path());
     let out = d.path().join("run");
     let train = |extra: &[&str], env: &[(&str, &str)]| {
