@@ -29,6 +29,9 @@ for m in ARPG-L ARPG-XL ARPG-XXL; do
   for s in 64 32; do
     echo "== ours $m $s"; peak timeout 400 $A bench --model $m --init random --batch-size 64 --steps $s --warmup 1 --repeats 3 --device cuda:0 --dtype bf16 --json $extra | tee -a "$OUT/ours.jsonl"; extra=""
   done
+  if [ $m = ARPG-L ]; then  # the same without CUDA graphs: what the graphs buy
+    echo "== ours $m 64 eager"; peak timeout 400 $A bench --model $m --init random --batch-size 64 --steps 64 --warmup 1 --repeats 3 --device cuda:0 --dtype bf16 --json --no-cuda-graph | tee -a "$OUT/ours.jsonl"
+  fi
   echo "== reference $m"; t=""; [ $m = ARPG-L ] && t="--train"
   peak timeout 400 python3 scripts/bench_reference.py --ref .bin/ref --model $m --steps 64 32 $t | tee -a "$OUT/ref.jsonl"
   echo "elapsed $(( $(date +%s) - t0 ))s"

@@ -155,9 +155,18 @@ pub struct SamplingArgs {
     /// Random seed: the same seed gives the same images on the same device.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// On CUDA, decode every batch eagerly instead of capturing the first batch of each shape
+    /// as a CUDA graph and replaying it (same tokens, slower; for debugging).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
 }
 
 impl SamplingArgs {
+    /// The graph cache that a sampling run keeps across its batches.
+    pub fn graphs(&self) -> arpg::sampler::DecodeGraphs {
+        arpg::sampler::DecodeGraphs::new(!self.no_cuda_graph)
+    }
+
     /// The sampler's settings, validated.
     pub fn config(&self) -> Result<SampleConfig> {
         let sc = SampleConfig {

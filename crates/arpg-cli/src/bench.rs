@@ -3,7 +3,7 @@
 use crate::args::{DeviceArgs, ModelArgs};
 use anyhow::{bail, Result};
 use arpg::data::{PackWriter, Packed, Sample};
-use arpg::sampler::{random_order, sample, SampleConfig};
+use arpg::sampler::{random_order, sample, sample_with, DecodeGraphs, SampleConfig};
 use arpg::train::{TrainConfig, Trainer};
 use candle_core::{Device, Tensor};
 use clap::Args;
@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Decode eagerly on CUDA instead of replaying a captured CUDA graph.
+    #[arg(long)]
+    pub no_cuda_graph: bool,
 }
 
 fn sync(d: &Device) -> Result<()> {
@@ -90,17 +93,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cells = cfg.block_size;
     let positions: Vec<usize> = (0..cells).collect();
     let mut last = Vec::new();
-    let secs = time(&dev, a.warmup, a.repeats, || {
+    let mut graphs = DecodeGraphs::new(!a.no_cuda_graph);
+    let batch = |rng: &mut rand_chacha::ChaCha8Rng| {
         let classes: Vec<usize> = (0..a.batch_size)
             .map(|_| rng.random_range(0..cfg.num_classes))
             .collect();
-        let orders = vec![random_order(&positions, &mut rng); a.batch_size];
-        last = sample(&model, &classes, &orders, &sc, &mut rng)?;
+        let orders = vec![random_order(&positions, rng); a.batch_size];
+        (classes, orders)
+    };
+    arpg::device::reset_peak_memory(&dev)?;
+    let secs = time(&dev, a.warmup, a.repeats, || {
+        let (classes, orders) = batch(&mut rng);
+        last = sample_with(&model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
         Ok(())
     })?;
     out["sample_seconds"] = secs.into();
     out["images_per_sec"] = (a.batch_size as f64 / secs).into();
     out["ms_per_step"] = (secs * 1e3 / a.steps as f64).into();
+    out["cuda_graph_replays"] = graphs.replays().into();
+    if let Some(p) = arpg::device::peak_memory(&dev)? {
+        // Allocator level, weights included (as torch.cuda.max_memory_allocated).
+        out["peak_pool_gib"] = (p.pool as f64 / (1u64 << 30) as f64).into();
+        out["peak_graph_gib"] = (p.graphs as f64 / (1u64 << 30) as f64).into();
+    }
+    if graphs.replays() > 0 {
+        // A replay must draw what an eager decode draws from the same generator state.
+        let (classes, orders) = batch(&mut rng);
+        let eager = sample(&model, &classes, &orders, &sc, &mut rng.clone())?;
+        let replayed = sample_with(&model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
+        out["graph_equals_eager"] = (eager == replayed).into();
+    }
+    drop(graphs);
     drop(model);
 
     if a.vq {

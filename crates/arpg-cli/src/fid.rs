@@ -243,6 +243,7 @@ fn sample_shards(
     }
     let start = Instant::now();
     let mut made = 0usize;
+    let mut graphs = a.sampling.graphs();
     for &s in mine {
         let (b, e) = range(s);
         let seed = shard_seed(a.sampling.seed, s);
@@ -260,7 +261,7 @@ fn sample_shards(
                 return Ok(());
             }
             let orders = vec![random_order(&positions, &mut rng); batch.len()];
-            let toks = sampler::sample(&model, batch, &orders, &sc, &mut rng)?;
+            let toks = sampler::sample_with(&model, batch, &orders, &sc, &mut rng, &mut graphs)?;
             for (j, im) in tk
                 .decode(&toks, (grid, grid), &device)?
                 .into_iter()

@@ -140,6 +140,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(all.len());
     let mut images = Vec::new();
     let start = std::time::Instant::now();
+    let mut graphs = a.sampling.graphs();
     for batch in all.chunks(a.batch_size) {
         if arpg::util::interrupted() {
             break;
@@ -153,7 +154,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             None => vec![random_order(&positions, &mut rng); batch.len()],
         };
         let toks = if canvas == (grid, grid) {
-            sampler::sample(&model, batch, &orders, &sc, &mut rng)?
+            sampler::sample_with(&model, batch, &orders, &sc, &mut rng, &mut graphs)?
         } else {
             let empty = Canvas::unknown(canvas.0, canvas.1);
             batch

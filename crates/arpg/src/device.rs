@@ -44,3 +44,94 @@ pub fn seed(device: &Device, seed: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Allocator-level memory high-water marks of a CUDA device in bytes (what torch's
+/// `max_memory_allocated` is to PyTorch): `pool` is the stream-ordered pool candle allocates
+/// from, `graphs` the memory CUDA graphs allocate while they run. Excludes the CUDA context
+/// and cuBLAS' workspace, which nvidia-smi counts.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PeakMemory {
+    pub pool: u64,
+    pub graphs: u64,
+}
+
+/// The high-water marks since the last [`reset_peak_memory`]; `None` off CUDA.
+pub fn peak_memory(device: &Device) -> Result<Option<PeakMemory>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let (pool, dev) = cuda_pool(d)?;
+        let (mut p, mut g) = (0u64, 0u64);
+        // Safety: both attributes are 64-bit values written through the pointers.
+        unsafe {
+            check(sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut p as *mut u64 as *mut _,
+            ))?;
+            check(sys::cuDeviceGetGraphMemAttribute(
+                dev,
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                &mut g as *mut u64 as *mut _,
+            ))?;
+        }
+        return Ok(Some(PeakMemory { pool: p, graphs: g }));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// Restart the high-water marks from the memory in use now.
+pub fn reset_peak_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        device.synchronize()?;
+        let (pool, dev) = cuda_pool(d)?;
+        let mut zero = 0u64;
+        // Safety: setting a high-water mark takes a 64-bit zero (reset to the current use).
+        unsafe {
+            check(sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut _,
+            ))?;
+            check(sys::cuDeviceSetGraphMemAttribute(
+                dev,
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut _,
+            ))?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_pool(
+    d: &candle_core::CudaDevice,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    candle_core::cuda_backend::cudarc::driver::sys::CUdevice,
+)> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread()
+        .map_err(|e| anyhow::anyhow!("binding the CUDA context: {e:?}"))?;
+    let dev = ctx.cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // Safety: writes one pool handle.
+    unsafe { check(sys::cuDeviceGetDefaultMemPool(&mut pool, dev))? };
+    Ok((pool, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn check(r: candle_core::cuda_backend::cudarc::driver::sys::CUresult) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        anyhow::bail!("CUDA memory statistics: {r:?}")
+    }
+}

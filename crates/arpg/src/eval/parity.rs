@@ -4,7 +4,7 @@
 use crate::checkpoint::{build_strict, StateDict, Weights};
 use crate::config::ArpgConfig;
 use crate::model::{Arpg, Mode, Positions};
-use crate::sampler::{sample, SampleConfig, TokenFilter};
+use crate::sampler::{sample, sample_with, DecodeGraphs, SampleConfig, TokenFilter};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -90,6 +90,10 @@ pub struct ParityReport {
     pub reference_loss: f64,
     /// Per greedy case: tokens equal to the reference's.
     pub greedy_equal: Vec<bool>,
+    /// The same through a [`DecodeGraphs`] cache, twice: equal both times.
+    pub greedy_equal_replayed: Vec<bool>,
+    /// Decodes replayed from a CUDA graph (0 off CUDA).
+    pub graph_replays: usize,
 }
 
 /// Run the fixtures' teacher-forced pass and greedy decodes with the fixtures' weights.
@@ -114,6 +118,8 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
     let loss =
         candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tt)?.to_scalar::<f32>()? as f64;
     let mut greedy_equal = Vec::new();
+    let mut greedy_equal_replayed = Vec::new();
+    let mut replays = 0;
     for case in j["generate"].as_array().context("no generate cases")? {
         let classes: Vec<usize> = flat_u32(&case["classes"])
             .iter()
@@ -142,7 +148,18 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         let orders = vec![order; classes.len()];
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let got = sample(&model, &classes, &orders, &sc, &mut rng)?;
-        greedy_equal.push(got.concat() == flat_u32(&case["tokens"]));
+        let want = flat_u32(&case["tokens"]);
+        greedy_equal.push(got.concat() == want);
+        // The same decode through a graph cache: the first call captures (on CUDA), the
+        // second replays the capture.
+        let mut graphs = DecodeGraphs::default();
+        let mut same = true;
+        for _ in 0..2 {
+            let g = sample_with(&model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
+            same &= g.concat() == want;
+        }
+        replays += graphs.replays();
+        greedy_equal_replayed.push(same);
     }
     Ok(ParityReport {
         device: format!("{device:?}"),
@@ -151,5 +168,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         loss,
         reference_loss: t["loss"].as_f64().unwrap_or(f64::NAN),
         greedy_equal,
+        greedy_equal_replayed,
+        graph_replays: replays,
     })
 }

@@ -27,12 +27,13 @@ pub fn rope_i_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tens
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape};
 
-    const PTX: &str = include_str!("kernels/fused.ptx");
+    /// Every kernel of `kernels/fused.cu`, loaded once per device as module `arpg_fused`.
+    pub(crate) const PTX: &str = include_str!("kernels/fused.ptx");
 
     pub struct RopeBf16;
 

@@ -61,6 +61,13 @@ pub struct Arpg {
     rope: Rope,
     dtype: DType,
     device: Device,
+    id: u64,
+}
+
+/// A fresh identity for a model's weights and tables (CUDA graphs hold their addresses).
+fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Arpg {
@@ -112,6 +119,7 @@ impl Arpg {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
+            id: next_id(),
         })
     }
 
@@ -127,10 +135,15 @@ impl Arpg {
     pub fn rope(&self) -> &Rope {
         &self.rope
     }
+    /// Unique per model instance and RoPE grid: what a captured decode graph was built from.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
 
     /// Use a RoPE table for another grid (resolution expansion); rows follow that grid's raster.
     pub fn set_grid(&mut self, grid: (usize, usize)) -> Result<()> {
         self.rope = Rope::new(&self.cfg, grid, &self.device)?;
+        self.id = next_id();
         Ok(())
     }
 
@@ -211,9 +224,13 @@ impl Arpg {
 
     fn logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
         Ok(self
-            .head
-            .forward(&self.norm.forward(q, diff)?)?
+            .head_logits(q, diff)?
             .to_dtype(layers::at_least_f32(self.dtype))?)
+    }
+
+    /// Logits in the compute dtype.
+    fn head_logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
+        Ok(self.head.forward(&self.norm.forward(q, diff)?)?)
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` content tokens.
@@ -238,6 +255,27 @@ impl Arpg {
         cache: &mut KvCache,
         tokens: &Tensor,
         pos: Positions,
+    ) -> Result<Option<Tensor>> {
+        self.step_inner(cache, tokens, pos, true)
+    }
+
+    /// [`Arpg::step`] with the logits left in the compute dtype (bf16 logits are a quarter of the
+    /// memory of f32 ones at the last, largest step, and widening them later is exact).
+    pub fn step_native_logits(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+    ) -> Result<Option<Tensor>> {
+        self.step_inner(cache, tokens, pos, false)
+    }
+
+    fn step_inner(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+        f32_logits: bool,
     ) -> Result<Option<Tensor>> {
         let (b, m) = tokens.dims2()?;
         let n = pos.queries.dim(1)?;
@@ -274,6 +312,10 @@ impl Arpg {
         let (qc, qs) = self.rope.gather(pos.queries)?;
         let q = self.mask_queries(b, n)?;
         let q = self.cross_pass(q, &k, &v, &qc, &qs, None, &mut mode)?;
-        Ok(Some(self.logits(&q, false)?))
+        Ok(Some(if f32_logits {
+            self.logits(&q, false)?
+        } else {
+            self.head_logits(&q, false)?
+        }))
     }
 }

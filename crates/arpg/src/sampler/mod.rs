@@ -5,15 +5,19 @@
 //! the position of the token it predicts; mix conditional and unconditional logits (CFG),
 //! filter and draw one token per query, and feed the drawn tokens back.
 
+pub mod draw;
 pub mod filter;
+pub mod graph;
 pub mod schedule;
 
+pub use draw::Draw;
 pub use filter::TokenFilter;
+pub use graph::DecodeGraphs;
 pub use schedule::{token_counts, CfgSchedule, MaskSchedule};
 
-use crate::model::{Arpg, Positions};
+use crate::model::{Arpg, KvCache, Positions};
 use anyhow::{bail, ensure, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -52,7 +56,7 @@ pub struct Request<'a> {
 }
 
 /// Which halves of the classifier-free-guidance batch run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Halves {
     Cond,
     Uncond,
@@ -64,23 +68,6 @@ enum Halves {
 /// and uses the seeded generator, so CPU runs repeat exactly.
 fn on_device(dev: &candle_core::Device, f: &TokenFilter) -> bool {
     !dev.is_cpu() && f.top_k == 0 && f.top_p >= 1.0
-}
-
-/// One token per row by the Gumbel-max trick, `argmax(logits / T + G)`, which draws from
-/// `softmax(logits / T)` without leaving the device; `T = 0` is argmax.
-fn gumbel_max(logits: &Tensor, temperature: f32) -> Result<Tensor> {
-    let scores = if temperature == 0.0 {
-        logits.clone()
-    } else {
-        // Uniforms kept inside (0, 1): u = 1 would give an infinite Gumbel draw.
-        let u = Tensor::rand(0f32, 1f32, logits.shape(), logits.device())?
-            .clamp(1e-30f32, 1.0 - 6e-8)?;
-        let g = u.log()?.neg()?.log()?.neg()?;
-        ((logits / temperature.max(1e-5) as f64)? + g)?
-    };
-    Ok(scores
-        .argmax(candle_core::D::Minus1)?
-        .to_dtype(candle_core::DType::U32)?)
 }
 
 /// A random order of `positions`, e.g. of `0..256`.
@@ -111,6 +98,25 @@ pub fn sample<R: Rng>(
     )
 }
 
+/// [`sample`] with CUDA graphs: the first batch of a shape runs eagerly and is captured, later
+/// ones replay the capture (see [`DecodeGraphs`]).
+pub fn sample_with<R: Rng>(
+    model: &Arpg,
+    classes: &[usize],
+    orders: &[Vec<usize>],
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: &mut DecodeGraphs,
+) -> Result<Vec<Vec<u32>>> {
+    let known = vec![vec![]; classes.len()];
+    let req = Request {
+        classes,
+        known: &known,
+        orders,
+    };
+    decode_with(model, &req, cfg, rng, Some(graphs))
+}
+
 /// Decode every unknown position of each sequence. Returns tokens in raster order over the
 /// model's grid; known tokens are returned unchanged.
 pub fn decode<R: Rng>(
@@ -118,6 +124,31 @@ pub fn decode<R: Rng>(
     req: &Request,
     cfg: &SampleConfig,
     rng: &mut R,
+) -> Result<Vec<Vec<u32>>> {
+    decode_with(model, req, cfg, rng, None)
+}
+
+/// [`decode`], replaying CUDA graphs from `graphs` where the device path allows.
+pub fn decode_with<R: Rng>(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+) -> Result<Vec<Vec<u32>>> {
+    let device_draw = on_device(model.device(), &cfg.filter);
+    decode_impl(model, req, cfg, rng, graphs, device_draw)
+}
+
+/// The loop on either path: `device_draw` draws on the device (the GPU path, also runnable on
+/// the CPU for tests), else logits come back to the host every step.
+fn decode_impl<R: Rng>(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+    device_draw: bool,
 ) -> Result<Vec<Vec<u32>>> {
     let mc = model.config();
     let b = req.classes.len();
@@ -204,7 +235,6 @@ pub fn decode<R: Rng>(
             }
         }
     }
-    let mut cache = model.new_cache(rows, 1 + cells)?;
     let mut out: Vec<Vec<u32>> = (0..b).map(|_| vec![u32::MAX; cells]).collect();
     for (s, known) in req.known.iter().enumerate() {
         for &(p, t) in known {
@@ -220,12 +250,69 @@ pub fn decode<R: Rng>(
                 .flat_map(|o| o.iter().map(|&p| (p + mc.cls_token_num) as u32))
         })
         .collect();
+    let guidance = |decoded: usize| match halves {
+        Halves::Both => Some(match cfg.cfg_schedule {
+            CfgSchedule::Constant => cfg.cfg as f64,
+            CfgSchedule::Linear => 1.0 + (cfg.cfg as f64 - 1.0) * decoded as f64 / n_unknown as f64,
+        }),
+        _ => None,
+    };
+
+    if device_draw {
+        ensure!(
+            cfg.filter.top_k == 0 && cfg.filter.top_p >= 1.0,
+            "top-k / top-p are drawn on the host"
+        );
+        let mut decoded = 0;
+        let draws = counts
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                decoded += n;
+                Draw {
+                    guidance: guidance(decoded).map(|w| w as f32),
+                    temperature: cfg.filter.temperature,
+                    salt: s as u32,
+                }
+            })
+            .collect();
+        let plan = Plan {
+            model_id: model.id(),
+            b,
+            copies,
+            n_known,
+            n_unknown,
+            counts,
+            draws,
+        };
+        let inputs = Inputs {
+            first_ids: fed_ids,
+            first_pos: fed_pos,
+            q_rows,
+            seed: rng.random::<i64>(),
+        };
+        let drawn = match graphs {
+            Some(g) => g.run(model, &plan, &inputs)?,
+            None => {
+                let mut buf = Buffers::new(model, &plan)?;
+                buf.load(&inputs)?;
+                device_loop(model, &plan, &mut buf)?;
+                buf.drawn.to_vec2::<u32>()?
+            }
+        };
+        for (s, row) in drawn.iter().enumerate() {
+            for (j, &tok) in row.iter().enumerate() {
+                out[s][req.orders[s][j]] = tok;
+            }
+        }
+        return Ok(out);
+    }
+
+    // The host path: logits come back every step and each token is drawn with `rng`.
+    let mut cache = model.new_cache(rows, cache_capacity(n_known, &counts))?;
     let q_rows = Tensor::from_vec(q_rows, (rows, n_unknown), dev)?;
     let mut ids = Tensor::from_vec(fed_ids, (rows, 1 + n_known), dev)?;
     let mut kpos = Tensor::from_vec(fed_pos, (rows, 1 + n_known), dev)?;
-    let device_draw = on_device(dev, &cfg.filter);
-    let mut drawn_on_device = Vec::new();
-
     let mut done = 0usize;
     for &n in &counts {
         let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
@@ -240,36 +327,24 @@ pub fn decode<R: Rng>(
             )?
             .expect("queries were given");
         let decoded = done + n;
-        let logits = match halves {
-            Halves::Both => {
-                let w = match cfg.cfg_schedule {
-                    CfgSchedule::Constant => cfg.cfg as f64,
-                    CfgSchedule::Linear => {
-                        1.0 + (cfg.cfg as f64 - 1.0) * decoded as f64 / n_unknown as f64
-                    }
-                };
+        let logits = match guidance(decoded) {
+            Some(w) => {
                 let c = logits.narrow(0, 0, b)?;
                 let u = logits.narrow(0, b, b)?;
                 (&u + ((c - &u)? * w)?)?
             }
-            _ => logits,
+            None => logits,
         };
-        let picked = if device_draw {
-            let t = gumbel_max(&logits, cfg.filter.temperature)?;
-            drawn_on_device.push(t.clone());
-            t
-        } else {
-            let mut host = logits.to_vec3::<f32>()?;
-            let mut toks = Vec::with_capacity(b * n);
-            for (s, row) in host.iter_mut().enumerate() {
-                for (j, l) in row.iter_mut().enumerate() {
-                    let tok = cfg.filter.sample(l, rng);
-                    out[s][req.orders[s][done + j]] = tok;
-                    toks.push(tok);
-                }
+        let mut host = logits.to_vec3::<f32>()?;
+        let mut toks = Vec::with_capacity(b * n);
+        for (s, row) in host.iter_mut().enumerate() {
+            for (j, l) in row.iter_mut().enumerate() {
+                let tok = cfg.filter.sample(l, rng);
+                out[s][req.orders[s][done + j]] = tok;
+                toks.push(tok);
             }
-            Tensor::from_vec(toks, (b, n), dev)?
-        };
+        }
+        let picked = Tensor::from_vec(toks, (b, n), dev)?;
         // The same drawn tokens are fed to both guidance halves.
         ids = if copies == 2 {
             Tensor::cat(&[&picked, &picked], 0)?
@@ -279,48 +354,222 @@ pub fn decode<R: Rng>(
         kpos = qpos;
         done = decoded;
     }
-    if device_draw {
-        let all = Tensor::cat(&drawn_on_device, 1)?.to_vec2::<u32>()?;
-        for (s, row) in all.iter().enumerate() {
-            for (j, &tok) in row.iter().enumerate() {
-                out[s][req.orders[s][j]] = tok;
-            }
-        }
-    }
     Ok(out)
+}
+
+/// Content tokens a decode feeds: the class token, the known tokens, and every drawn token but
+/// the last step's (never fed back, so never cached: the reference's cache is that long too).
+fn cache_capacity(n_known: usize, counts: &[usize]) -> usize {
+    1 + n_known + counts.iter().sum::<usize>() - counts.last().copied().unwrap_or(0)
+}
+
+/// A device decode's shapes and settings: everything a captured CUDA graph bakes in.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    model_id: u64,
+    b: usize,
+    copies: usize,
+    n_known: usize,
+    n_unknown: usize,
+    counts: Vec<usize>,
+    draws: Vec<Draw>,
+}
+
+impl Plan {
+    fn rows(&self) -> usize {
+        self.b * self.copies
+    }
+}
+
+/// What varies between decodes of one plan, uploaded before the loop runs.
+struct Inputs {
+    first_ids: Vec<u32>,
+    first_pos: Vec<u32>,
+    q_rows: Vec<u32>,
+    seed: i64,
+}
+
+/// The device memory the loop reads and writes, at fixed addresses so that a captured graph
+/// can replay it: inputs, the KV cache, and the drawn tokens `[b, n_unknown]` in order.
+struct Buffers {
+    cache: KvCache,
+    first_ids: Tensor,
+    first_pos: Tensor,
+    q_rows: Tensor,
+    seed: Tensor,
+    drawn: Tensor,
+}
+
+impl Buffers {
+    fn new(model: &Arpg, plan: &Plan) -> Result<Self> {
+        let dev = model.device();
+        let rows = plan.rows();
+        let first = (rows, 1 + plan.n_known);
+        Ok(Self {
+            cache: model.new_cache(rows, cache_capacity(plan.n_known, &plan.counts))?,
+            first_ids: Tensor::zeros(first, DType::U32, dev)?,
+            first_pos: Tensor::zeros(first, DType::U32, dev)?,
+            q_rows: Tensor::zeros((rows, plan.n_unknown), DType::U32, dev)?,
+            seed: Tensor::zeros(1, DType::I64, dev)?,
+            drawn: Tensor::zeros((plan.b, plan.n_unknown), DType::U32, dev)?,
+        })
+    }
+
+    /// Copy a decode's inputs into the buffers, in place.
+    fn load(&mut self, x: &Inputs) -> Result<()> {
+        let dev = self.seed.device().clone();
+        let put = |dst: &Tensor, v: &[u32]| -> Result<()> {
+            let src = Tensor::from_slice(v, dst.shape(), &dev)?;
+            Ok(dst.slice_set(&src, 0, 0)?)
+        };
+        put(&self.first_ids, &x.first_ids)?;
+        put(&self.first_pos, &x.first_pos)?;
+        put(&self.q_rows, &x.q_rows)?;
+        self.seed
+            .slice_set(&Tensor::from_slice(&[x.seed], 1, &dev)?, 0, 0)?;
+        Ok(())
+    }
+}
+
+/// The decoding loop on the device: no host round trip, every tensor it keeps lives in `buf`,
+/// so the same call runs eagerly or under CUDA graph capture.
+fn device_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers) -> Result<()> {
+    buf.cache.reset();
+    let mut ids = buf.first_ids.clone();
+    let mut kpos = buf.first_pos.clone();
+    let mut done = 0;
+    for (&n, &d) in plan.counts.iter().zip(&plan.draws) {
+        let qpos = buf.q_rows.narrow(1, done, n)?.contiguous()?;
+        let logits = model
+            .step_native_logits(
+                &mut buf.cache,
+                &ids,
+                Positions {
+                    keys: &kpos,
+                    queries: &qpos,
+                },
+            )?
+            .expect("queries were given");
+        let picked = draw::draw(&logits, &buf.seed, d)?;
+        buf.drawn.slice_set(&picked, 1, done)?;
+        // The same drawn tokens are fed to both guidance halves.
+        ids = if plan.copies == 2 {
+            Tensor::cat(&[&picked, &picked], 0)?
+        } else {
+            picked
+        };
+        kpos = qpos;
+        done += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::random_var_builder;
+    use crate::config::ArpgConfig;
     use candle_core::Device;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn tiny() -> Arpg {
+        let cfg = ArpgConfig {
+            dim: 32,
+            n_layer: 4,
+            n_head: 2,
+            vocab_size: 13,
+            num_classes: 3,
+            block_size: 16,
+            multiple_of: 16,
+            norm_eps: 1e-5,
+            rope_base: 10000.0,
+            ffn_dim_multiplier: None,
+            cls_token_num: 1,
+        };
+        Arpg::new(&cfg, random_var_builder(3, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    fn settings(temperature: f32, schedule: CfgSchedule) -> SampleConfig {
+        SampleConfig {
+            steps: 5,
+            cfg: 3.0,
+            cfg_schedule: schedule,
+            filter: TokenFilter {
+                temperature,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
 
     #[test]
-    fn gumbel_max_is_argmax_at_zero_temperature_and_samples_the_softmax_otherwise() {
-        let dev = Device::Cpu;
-        let l = Tensor::new(&[[[0.1f32, 2.0, -1.0], [3.0, 0.0, 0.0]]], &dev).unwrap();
-        assert_eq!(
-            gumbel_max(&l, 0.0).unwrap().to_vec2::<u32>().unwrap(),
-            vec![vec![1, 0]]
-        );
-        // 0.7 / 0.2 / 0.1 over many rows at once.
-        let p = [0.7f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
-        let rows = Tensor::new(&p, &dev)
-            .unwrap()
-            .broadcast_as((1, 20000, 3))
-            .unwrap()
-            .contiguous()
+    fn the_device_loop_decodes_greedily_as_the_host_loop_does_with_known_tokens_and_guidance() {
+        let m = tiny();
+        let mut r = ChaCha8Rng::seed_from_u64(1);
+        let known: Vec<Vec<(usize, u32)>> = vec![vec![(3, 5), (9, 1)], vec![(0, 12), (15, 2)]];
+        let orders: Vec<Vec<usize>> = known
+            .iter()
+            .map(|k| {
+                let free: Vec<usize> = (0..16)
+                    .filter(|p| k.iter().all(|&(q, _)| q != *p))
+                    .collect();
+                random_order(&free, &mut r)
+            })
+            .collect();
+        let req = Request {
+            classes: &[2, 0],
+            known: &known,
+            orders: &orders,
+        };
+        for schedule in [CfgSchedule::Constant, CfgSchedule::Linear] {
+            let sc = settings(0.0, schedule);
+            let host = decode_impl(&m, &req, &sc, &mut r, None, false).unwrap();
+            let dev = decode_impl(&m, &req, &sc, &mut r, None, true).unwrap();
+            assert_eq!(host, dev);
+            assert_eq!((dev[0][3], dev[0][9], dev[1][0], dev[1][15]), (5, 1, 12, 2));
+            assert!(dev.iter().flatten().all(|&t| t < 13));
+        }
+    }
+
+    #[test]
+    fn a_graph_cache_repeats_the_eager_draws_for_the_same_seed_and_reuses_its_buffers() {
+        let m = tiny();
+        let orders = vec![(0..16).rev().collect::<Vec<_>>(); 2];
+        let sc = settings(1.0, CfgSchedule::Linear);
+        let known = vec![vec![]; 2];
+        let req = Request {
+            classes: &[1, 2],
+            known: &known,
+            orders: &orders,
+        };
+        let mut graphs = DecodeGraphs::default();
+        let mut draws = Vec::new();
+        for seed in [7, 7, 8] {
+            let eager = decode_impl(
+                &m,
+                &req,
+                &sc,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                None,
+                true,
+            )
             .unwrap();
-        let t = gumbel_max(&rows, 1.0)
-            .unwrap()
-            .to_vec2::<u32>()
-            .unwrap()
-            .concat();
-        let f0 = t.iter().filter(|&&x| x == 0).count() as f64 / t.len() as f64;
-        let f2 = t.iter().filter(|&&x| x == 2).count() as f64 / t.len() as f64;
-        assert!(
-            (f0 - 0.7).abs() < 0.02 && (f2 - 0.1).abs() < 0.02,
-            "{f0} {f2}"
-        );
+            let cached = decode_impl(
+                &m,
+                &req,
+                &sc,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                Some(&mut graphs),
+                true,
+            )
+            .unwrap();
+            assert_eq!(eager, cached);
+            draws.push(cached);
+        }
+        assert_eq!(draws[0], draws[1]);
+        assert_ne!(draws[0], draws[2], "another seed, other tokens");
+        // No CUDA here: nothing captured, and nothing replayed.
+        assert_eq!((graphs.captures(), graphs.replays()), (0, 0));
     }
 }
