@@ -124,7 +124,8 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
         "model": format!("{:?}", a.model),
         "vq": format!("{:?}", a.vq),
         "dtype": a.device.dtype,
-        "sampling": format!("{:?}", a.sampling),
+        // Graphs or not, the tokens are the same: that flag must not block a resume.
+        "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
     });
     let meta_path = a.out.join("shards").join("meta.json");
     match std::fs::read_to_string(&meta_path) {

@@ -86,6 +86,8 @@ pub struct ParityReport {
     pub dtype: String,
     /// max |logit - reference| / max |reference| of the teacher-forced pass.
     pub teacher_logits_rel_err: f64,
+    /// ||logits - reference|| / ||reference|| (Frobenius norms) of the same pass.
+    pub teacher_logits_rel_l2: f64,
     pub loss: f64,
     pub reference_loss: f64,
     /// Per greedy case: tokens equal to the reference's.
@@ -114,6 +116,9 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         .iter()
         .zip(&want)
         .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    let (num, den) = got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (&a, &b)| {
+        (n + ((a - b) as f64).powi(2), d + (b as f64).powi(2))
+    });
     let tt = Tensor::from_vec(targets.clone(), targets.len(), device)?;
     let loss =
         candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tt)?.to_scalar::<f32>()? as f64;
@@ -165,6 +170,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         teacher_logits_rel_err: err / scale.max(1e-12),
+        teacher_logits_rel_l2: (num / den.max(1e-24)).sqrt(),
         loss,
         reference_loss: t["loss"].as_f64().unwrap_or(f64::NAN),
         greedy_equal,
