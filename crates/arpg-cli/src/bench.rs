@@ -139,6 +139,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         })?;
         out["vq_decode_seconds"] = s.into();
+        let prof = arpg::util::take_profile();
+        if !prof.is_empty() {
+            // With ARPG_PROFILE set: milliseconds and calls per part, over all timed runs.
+            out["vq_profile_ms"] = serde_json::json!(prof
+                .iter()
+                .map(|(k, (ms, n))| (k.to_string(), serde_json::json!([ms, n])))
+                .collect::<serde_json::Map<_, _>>());
+        }
         out["vq_decode_images_per_sec"] = (a.batch_size as f64 / s).into();
     }
 
@@ -164,12 +172,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ..Default::default()
         };
         let mut tr = Trainer::new(&cfg, &tc, dtype, &dev)?;
+        arpg::util::take_profile();
         let mut phases = None;
         let s = time(&dev, a.warmup.max(1), a.repeats, || {
             phases = tr.train_step(&data)?.phases_ms;
             Ok(())
         })?;
         out["train_step_seconds"] = s.into();
+        let prof = arpg::util::take_profile();
+        if !prof.is_empty() {
+            // With ARPG_PROFILE set: milliseconds and calls per part, over all timed steps.
+            out["train_profile_ms"] = serde_json::json!(prof
+                .iter()
+                .map(|(k, (ms, n))| (k.to_string(), serde_json::json!([ms, n])))
+                .collect::<serde_json::Map<_, _>>());
+        }
         if let Some(p) = phases {
             // With ARPG_PROFILE_STEPS set: forward+backward, all-reduce, clip+AdamW (ms).
             out["train_phases_ms"] = serde_json::json!(p);

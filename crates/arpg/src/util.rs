@@ -79,3 +79,35 @@ pub fn interrupt() {
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
+
+/// Opt-in timing by label (`ARPG_PROFILE=1`): synchronises the device around `f` and adds its
+/// wall time to `label`. Without the variable it only calls `f` (one cached lookup).
+pub fn timed<T>(
+    label: &'static str,
+    device: &candle_core::Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("ARPG_PROFILE").is_some()) {
+        return f();
+    }
+    device.synchronize()?;
+    let t = std::time::Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+    let e = p.entry(label).or_insert((0.0, 0));
+    e.0 += ms;
+    e.1 += 1;
+    Ok(out)
+}
+
+type Profile = std::collections::BTreeMap<&'static str, (f64, usize)>;
+static PROFILE: std::sync::Mutex<Profile> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The timings gathered by [`timed`] so far, `label -> (milliseconds, calls)`; clears them.
+pub fn take_profile() -> Profile {
+    std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
+}

@@ -26,6 +26,9 @@ fn greedy_decodes_and_logits_match_the_reference_through_the_parity_report() {
         "{r:?}"
     );
     assert_eq!(r.greedy_equal, vec![true, true]);
+    assert_eq!(r.greedy_equal_replayed, vec![true, true]);
+    assert!(r.teacher_logits_rel_l2 < 1e-4, "{r:?}");
+    assert!(r.vq_decode_rel_err < 1e-4 && r.vq_encode_equal, "{r:?}");
 }
 
 #[test]

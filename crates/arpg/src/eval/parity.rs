@@ -96,6 +96,17 @@ pub struct ParityReport {
     pub greedy_equal_replayed: Vec<bool>,
     /// Decodes replayed from a CUDA graph (0 off CUDA).
     pub graph_replays: usize,
+    /// VQ decode of the fixture codes: max |image - reference| / max |reference|.
+    pub vq_decode_rel_err: f64,
+    /// VQ encode of the fixture image: codes equal to the reference's.
+    pub vq_encode_equal: bool,
+    /// CUDA only: the fused GroupNorm kernel against the unfused ops, `[f32, bf16]` relative.
+    pub fused_group_norm_rel_diff: Option<[f64; 2]>,
+    /// CUDA only: the fused training softmax against the unfused ops, relative, as
+    /// `[f32 forward, f32 backward, bf16 forward, bf16 backward]`.
+    pub fused_attn_softmax_rel_diff: Option<[f64; 4]>,
+    /// CUDA only: the fused bf16 RoPE's gradient against the unfused ops', relative.
+    pub fused_rope_grad_rel_diff: Option<f64>,
 }
 
 /// Run the fixtures' teacher-forced pass and greedy decodes with the fixtures' weights.
@@ -116,9 +127,12 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         .iter()
         .zip(&want)
         .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-    let (num, den) = got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (&a, &b)| {
-        (n + ((a - b) as f64).powi(2), d + (b as f64).powi(2))
-    });
+    let (num, den) = got
+        .iter()
+        .zip(&want)
+        .fold((0f64, 0f64), |(n, d), (&a, &b)| {
+            (n + ((a - b) as f64).powi(2), d + (b as f64).powi(2))
+        });
     let tt = Tensor::from_vec(targets.clone(), targets.len(), device)?;
     let loss =
         candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tt)?.to_scalar::<f32>()? as f64;
@@ -166,6 +180,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         replays += graphs.replays();
         greedy_equal_replayed.push(same);
     }
+    let (vq_decode_rel_err, vq_encode_equal) = vq_check(dir, &j, dtype, device)?;
     Ok(ParityReport {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
@@ -176,5 +191,45 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         greedy_equal,
         greedy_equal_replayed,
         graph_replays: replays,
+        vq_decode_rel_err,
+        vq_encode_equal,
+        fused_group_norm_rel_diff: crate::tokenizer::vq::fused_group_norm_check(device)?,
+        fused_attn_softmax_rel_diff: crate::model::layers::fused_attn_softmax_check(device)?,
+        fused_rope_grad_rel_diff: crate::model::rope::fused_rope_grad_check(device)?,
     })
+}
+
+/// The fixtures' VQ decode (relative error) and encode (codes equal) on this device and dtype.
+fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64, bool)> {
+    use crate::config::VqConfig;
+    use crate::tokenizer::vq::VqModel;
+    let cfg: VqConfig = serde_json::from_value(j["vq_config"].clone()).context("vq_config")?;
+    let sd = StateDict::load(&dir.join("a_vq.safetensors"), Weights::Model)?;
+    let vq = build_strict(&sd, dtype, device, |vb| VqModel::new(&cfg, vb))?;
+    let case = &j["vq_decode"];
+    let codes = flat_u32(&case["codes"]);
+    let grid = (
+        case["grid"][0].as_u64().context("grid")? as usize,
+        case["grid"][1].as_u64().context("grid")? as usize,
+    );
+    let n = codes.len() / (grid.0 * grid.1);
+    let codes = Tensor::from_vec(codes, (n, grid.0 * grid.1), device)?;
+    let got = vq
+        .decode(&codes, grid)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = flat_f32(&case["image"]);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    let enc = &j["vq_encode"];
+    let img = flat_f32(&enc["image"]);
+    let n_img = flat_u32(&enc["indices"]).len() / (grid.0 * grid.1);
+    let side = ((img.len() / n_img / 3) as f64).sqrt() as usize;
+    let images = Tensor::from_vec(img, (n_img, 3, side, side), device)?;
+    let codes = vq.encode(&images)?.flatten_all()?.to_vec1::<u32>()?;
+    Ok((err / scale.max(1e-12), codes == flat_u32(&enc["indices"])))
 }

@@ -5,8 +5,9 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 /// Interleaved RoPE of bf16 `x [b, h, t, d]` by f32 `cos`/`sin [b, t, d/2]` in one kernel
-/// (the generic path is three: cast to f32, rotate, cast back; same arithmetic). `None` when it
-/// does not apply (not CUDA, not bf16, or a build without the `cuda` feature).
+/// (the generic path is three: cast to f32, rotate, cast back; same arithmetic), differentiable
+/// in `x`: the backward rotates the gradient by the opposite angles, one kernel too. `None` when
+/// it does not apply (not CUDA, not bf16, or a build without the `cuda` feature).
 pub fn rope_i_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
@@ -16,13 +17,81 @@ pub fn rope_i_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tens
             && cos.dtype() == DType::F32
             && sin.dtype() == DType::F32
             && x.rank() == 4
+            && enabled()
         {
             let x = x.contiguous()?;
             let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-            return Ok(Some(x.apply_op3_no_bwd(&cos, &sin, &cuda::RopeBf16)?));
+            return Ok(Some(x.apply_op3(&cos, &sin, cuda::RopeBf16)?));
         }
     }
     let _ = (x, cos, sin);
+    Ok(None)
+}
+
+/// False with `ARPG_NO_FUSED` set: every op takes the generic path (for A/B measurements).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("ARPG_NO_FUSED").is_none())
+}
+
+/// GroupNorm of NCHW `x` (f32 or bf16, on CUDA) with f32 `weight`/`bias [c]`, optionally
+/// followed by SiLU, in one kernel (the generic path is ten kernels over f32 copies; same
+/// arithmetic). `None` when it does not apply.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        if enabled()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && weight.dtype() == DType::F32
+            && bias.dtype() == DType::F32
+            && x.rank() == 4
+            && x.dim(1)? % groups == 0
+        {
+            let op = cuda::GroupNorm {
+                groups,
+                eps: eps as f32,
+                silu,
+            };
+            let (w, b) = (weight.flatten_all()?, bias.flatten_all()?);
+            return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&w, &b, &op)?));
+        }
+    }
+    let _ = (x, weight, bias, groups, eps, silu);
+    Ok(None)
+}
+
+/// Training attention's probabilities `softmax(scores * scale)` over the last dimension of
+/// `[b, h, tq, tk]` scores (f32 or bf16, on CUDA), keys after the query masked when `causal`,
+/// computed in f32 and rounded once to the scores' dtype; differentiable, with a backward of
+/// one kernel (`scale * p * (g - sum(p * g))` from the saved probabilities). The generic path
+/// is about six kernels forward and a dozen backward over f32 copies. `None` when it does not
+/// apply.
+pub fn attn_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        if enabled()
+            && scores.device().is_cuda()
+            && matches!(scores.dtype(), DType::F32 | DType::BF16)
+            && scores.rank() == 4
+        {
+            let op = cuda::AttnSoftmax {
+                scale: scale as f32,
+                causal,
+            };
+            return Ok(Some(scores.contiguous()?.apply_op1(op)?));
+        }
+    }
+    let _ = (scores, scale, causal);
     Ok(None)
 }
 
@@ -35,6 +104,7 @@ pub(crate) mod cuda {
     /// Every kernel of `kernels/fused.cu`, loaded once per device as module `arpg_fused`.
     pub(crate) const PTX: &str = include_str!("kernels/fused.ptx");
 
+    #[derive(Clone, Copy)]
     pub struct RopeBf16;
 
     fn err(e: impl std::fmt::Debug) -> candle_core::Error {
@@ -109,6 +179,256 @@ pub(crate) mod cuda {
             // Safety: argument types and count match the kernel's signature.
             unsafe { builder.launch(cfg) }.map_err(err)?;
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _x: &candle_core::Tensor,
+            cos: &candle_core::Tensor,
+            sin: &candle_core::Tensor,
+            _res: &candle_core::Tensor,
+            grad: &candle_core::Tensor,
+        ) -> candle_core::Result<(
+            Option<candle_core::Tensor>,
+            Option<candle_core::Tensor>,
+            Option<candle_core::Tensor>,
+        )> {
+            // A rotation's transpose is the rotation by the opposite angle.
+            let g = grad.to_dtype(candle_core::DType::BF16)?.contiguous()?;
+            let gx = g.apply_op3_no_bwd(cos, &sin.neg()?, self)?;
+            Ok((Some(gx), None, None))
+        }
+    }
+
+    pub struct GroupNorm {
+        pub groups: usize,
+        pub eps: f32,
+        pub silu: bool,
+    }
+
+    impl CustomOp3 for GroupNorm {
+        fn name(&self) -> &'static str {
+            "arpg-group-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused GroupNorm kernel is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use candle_core::DType;
+            let (n_img, c, h, wd) = xl.shape().dims4()?;
+            if wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+                candle_core::bail!("fused group norm: {c} channels, weight {:?}", wl.shape());
+            }
+            let off = |l: &Layout| {
+                l.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("fused group norm: strided input".into())
+                })
+            };
+            let (xo, wo, bo) = (off(xl)?, off(wl)?, off(bl)?);
+            let dev = x.device().clone();
+            let ws = w.as_cuda_slice::<f32>()?.slice(wo.0..wo.1);
+            let bs = b.as_cuda_slice::<f32>()?.slice(bo.0..bo.1);
+            let cpg = c / self.groups;
+            let (n, hw) = ((cpg * h * wd) as u32, (h * wd) as u32);
+            let (cpg_u, groups_u) = (cpg as u32, self.groups as u32);
+            let silu = self.silu as i32;
+            let cfg = LaunchConfig {
+                grid_dim: ((n_img * self.groups) as u32, 1, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let total = n_img * c * h * wd;
+            macro_rules! launch {
+                ($t:ty, $name:literal) => {{
+                    let xs = x.as_cuda_slice::<$t>()?.slice(xo.0..xo.1);
+                    // Safety: the kernel writes every element.
+                    let mut dst = unsafe { dev.alloc::<$t>(total) }?;
+                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
+                    let mut builder = func.builder();
+                    builder.arg(&xs);
+                    builder.arg(&ws);
+                    builder.arg(&bs);
+                    builder.arg(&mut dst);
+                    builder.arg(&n);
+                    builder.arg(&hw);
+                    builder.arg(&cpg_u);
+                    builder.arg(&groups_u);
+                    builder.arg(&self.eps);
+                    builder.arg(&silu);
+                    // Safety: argument types and count match the kernel's signature.
+                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    CudaStorage::wrap_cuda_slice(dst, dev)
+                }};
+            }
+            let out = match x.dtype() {
+                DType::F32 => launch!(f32, "group_norm_f32"),
+                DType::BF16 => launch!(half::bf16, "group_norm_bf16"),
+                dt => candle_core::bail!("fused group norm: {dt:?}"),
+            };
+            Ok((out, xl.shape().clone()))
+        }
+    }
+
+    fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided input")))
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct AttnSoftmax {
+        pub scale: f32,
+        pub causal: bool,
+    }
+
+    impl candle_core::CustomOp1 for AttnSoftmax {
+        fn name(&self) -> &'static str {
+            "arpg-attn-softmax"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused attention softmax is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use candle_core::DType;
+            let (b, h, tq, tk) = l.shape().dims4()?;
+            let (o0, o1) = contiguous(l, "fused attention softmax")?;
+            let dev = s.device().clone();
+            let rows = (b * h * tq) as u32;
+            let (tq_u, tk_u, causal) = (tq as u32, tk as u32, self.causal as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            macro_rules! launch {
+                ($t:ty, $name:literal) => {{
+                    let src = s.as_cuda_slice::<$t>()?.slice(o0..o1);
+                    // Safety: the kernel writes every element.
+                    let mut dst = unsafe { dev.alloc::<$t>(o1 - o0) }?;
+                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
+                    let mut builder = func.builder();
+                    builder.arg(&src);
+                    builder.arg(&mut dst);
+                    builder.arg(&rows);
+                    builder.arg(&tq_u);
+                    builder.arg(&tk_u);
+                    builder.arg(&self.scale);
+                    builder.arg(&causal);
+                    // Safety: argument types and count match the kernel's signature.
+                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    CudaStorage::wrap_cuda_slice(dst, dev)
+                }};
+            }
+            let out = match s.dtype() {
+                DType::F32 => launch!(f32, "attn_softmax_f32"),
+                DType::BF16 => launch!(half::bf16, "attn_softmax_bf16"),
+                dt => candle_core::bail!("fused attention softmax: {dt:?}"),
+            };
+            Ok((out, l.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _arg: &candle_core::Tensor,
+            res: &candle_core::Tensor,
+            grad: &candle_core::Tensor,
+        ) -> candle_core::Result<Option<candle_core::Tensor>> {
+            let grad = grad.to_dtype(res.dtype())?.contiguous()?;
+            Ok(Some(
+                res.apply_op2_no_bwd(&grad, &AttnSoftmaxBwd(self.scale))?,
+            ))
+        }
+    }
+
+    /// `scale * p * (g - sum(p * g))` per row, from probabilities `p` and their gradient `g`.
+    pub struct AttnSoftmaxBwd(pub f32);
+
+    impl candle_core::CustomOp2 for AttnSoftmaxBwd {
+        fn name(&self) -> &'static str {
+            "arpg-attn-softmax-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused attention softmax is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            p: &CudaStorage,
+            pl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use candle_core::DType;
+            if pl.shape() != gl.shape() {
+                candle_core::bail!("softmax backward: {:?} vs {:?}", pl.shape(), gl.shape());
+            }
+            let tk = *pl.dims().last().unwrap_or(&1);
+            let n = pl.shape().elem_count();
+            let (p0, p1) = contiguous(pl, "softmax backward")?;
+            let (g0, g1) = contiguous(gl, "softmax backward")?;
+            let dev = p.device().clone();
+            let rows = (n / tk.max(1)) as u32;
+            let tk_u = tk as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            macro_rules! launch {
+                ($t:ty, $name:literal) => {{
+                    let ps = p.as_cuda_slice::<$t>()?.slice(p0..p1);
+                    let gs = g.as_cuda_slice::<$t>()?.slice(g0..g1);
+                    // Safety: the kernel writes every element.
+                    let mut dst = unsafe { dev.alloc::<$t>(n) }?;
+                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
+                    let mut builder = func.builder();
+                    builder.arg(&ps);
+                    builder.arg(&gs);
+                    builder.arg(&mut dst);
+                    builder.arg(&rows);
+                    builder.arg(&tk_u);
+                    builder.arg(&self.0);
+                    // Safety: argument types and count match the kernel's signature.
+                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    CudaStorage::wrap_cuda_slice(dst, dev)
+                }};
+            }
+            let out = match p.dtype() {
+                DType::F32 => launch!(f32, "attn_softmax_bwd_f32"),
+                DType::BF16 => launch!(half::bf16, "attn_softmax_bwd_bf16"),
+                dt => candle_core::bail!("softmax backward: {dt:?}"),
+            };
+            Ok((out, pl.shape().clone()))
         }
     }
 }

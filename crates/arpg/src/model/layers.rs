@@ -87,6 +87,12 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        crate::util::timed("model.rms_norm", x.device(), || {
+            self.forward_inner(x, differentiable)
+        })
+    }
+
+    fn forward_inner(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         if !differentiable && x.device().is_cuda() && dtype == self.weight.dtype() {
             // candle's CUDA kernel reads half precision, accumulates and scales in float32 and
@@ -132,8 +138,12 @@ impl FeedForward {
         })
     }
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let h = (candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?;
-        mode.drop(self.w2.forward(&h)?)
+        let dev = x.device();
+        let h = crate::util::timed("model.ffn", dev, || {
+            Ok((candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?)
+        })?;
+        let out = crate::util::timed("model.ffn", dev, || Ok(self.w2.forward(&h)?))?;
+        mode.drop(out)
     }
 }
 
@@ -151,13 +161,24 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
-/// Scaled dot-product attention; softmax accumulated in float32. `mask` is an additive
-/// `[tq, tk]` bias (training only).
+/// Scaled dot-product attention; softmax accumulated in float32. `mask`: causal (training).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    mask: Option<&CausalMask>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    crate::util::timed("model.attention", q.device(), || {
+        attention_inner(q, k, v, mask, differentiable)
+    })
+}
+
+fn attention_inner(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&CausalMask>,
     differentiable: bool,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
@@ -169,9 +190,15 @@ pub fn attention(
         let probs = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
         return Ok(probs.matmul(v)?);
     }
+    if differentiable || mask.is_some() {
+        // One fused kernel each way on CUDA.
+        if let Some(p) = super::fused::attn_softmax(&q.matmul(&k.t()?)?, scale, mask.is_some())? {
+            return Ok(p.matmul(v)?);
+        }
+    }
     let scores = (q.matmul(&k.t()?)?.to_dtype(at_least_f32(dtype))? * scale)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        Some(m) => scores.broadcast_add(&m.0.to_dtype(scores.dtype())?)?,
         None => scores,
     };
     let probs = if differentiable {
@@ -182,12 +209,48 @@ pub fn attention(
     Ok(probs.to_dtype(dtype)?.matmul(v)?)
 }
 
-/// Additive causal mask `[t, t]`: query i sees keys 0..=i.
-pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+/// On CUDA: the fused training softmax against the generic ops (causal, random scores, a
+/// random linear loss), as max relative differences `[f32 forward, f32 backward, bf16
+/// forward, bf16 backward]`. `None` off CUDA or with fused kernels off.
+pub fn fused_attn_softmax_check(device: &candle_core::Device) -> Result<Option<[f64; 4]>> {
+    let (t, scale) = (19, 0.125);
+    let base = (Tensor::randn(0f32, 1.0, (2, 3, t, t), device)? * 8.0)?;
+    let w = Tensor::randn(0f32, 1.0, (2, 3, t, t), device)?;
+    let mask = causal_mask(t, device)?;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
+    };
+    let mut out = [0f64; 4];
+    for (k, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
+        let s = candle_core::Var::from_tensor(&base.to_dtype(dt)?)?;
+        let Some(fused) = super::fused::attn_softmax(s.as_tensor(), scale, true)? else {
+            return Ok(None);
+        };
+        let generic = {
+            let x = (s.as_tensor().to_dtype(DType::F32)? * scale)?.broadcast_add(&mask.0)?;
+            candle_nn::ops::softmax(&x, D::Minus1)?.to_dtype(dt)?
+        };
+        let grad = |p: &Tensor| -> Result<Tensor> {
+            let loss = (p.to_dtype(DType::F32)? * &w)?.sum_all()?;
+            Ok(loss.backward()?.get(&s).cloned().expect("a gradient"))
+        };
+        out[2 * k] = rel(&fused, &generic)?;
+        out[2 * k + 1] = rel(&grad(&fused)?, &grad(&generic)?)?;
+    }
+    Ok(Some(out))
+}
+
+/// The additive causal mask `[t, t]` (query i sees keys 0..=i), the only mask attention
+/// takes: fused kernels apply it by index.
+pub struct CausalMask(Tensor);
+
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<CausalMask> {
     let data: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Tensor::from_vec(data, (t, t), device)?)
+    Ok(CausalMask(Tensor::from_vec(data, (t, t), device)?))
 }
 
 /// Softmax over the last dimension with a backward. On the CPU (f32/f64) it is one pass

@@ -18,7 +18,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use layers::{
-    attention, causal_mask, linear, merge_heads, split_heads, FeedForward, Linear, RmsNorm,
+    attention, causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear,
+    RmsNorm,
 };
 use rope::Rope;
 
@@ -206,7 +207,7 @@ impl Arpg {
         v: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let diff = mode.differentiable;

@@ -63,14 +63,56 @@ impl Rope {
 /// Rotate interleaved channel pairs (2m, 2m+1) of `x: [b, h, t, d]` by the angles in
 /// `cos`/`sin: [b, t, d/2]`, in float32, returning `x`'s dtype.
 ///
-/// `differentiable` picks plain tensor ops (which have a backward) over candle's fused kernel
-/// (which has none).
+/// On CUDA in bf16, one fused kernel with its own backward. Otherwise `differentiable` picks
+/// plain tensor ops (which have a backward) over candle's fused kernel (which has none).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
-    if !differentiable {
-        if let Some(out) = super::fused::rope_i_bf16(x, cos, sin)? {
-            return Ok(out);
-        }
+    crate::util::timed("model.rope", x.device(), || {
+        apply_inner(x, cos, sin, differentiable)
+    })
+}
+
+fn apply_inner(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
+    // The fused kernel has its own backward.
+    if let Some(out) = super::fused::rope_i_bf16(x, cos, sin)? {
+        return Ok(out);
     }
+    generic(x, cos, sin, differentiable)
+}
+
+/// On CUDA: the gradient of a random linear loss through the fused bf16 RoPE against the
+/// generic ops', max relative difference. `None` off CUDA or with fused kernels off.
+pub fn fused_rope_grad_check(device: &Device) -> Result<Option<f64>> {
+    use candle_core::DType;
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let x = candle_core::Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (b, h, t, d), device)?.to_dtype(DType::BF16)?,
+    )?;
+    let ang = Tensor::randn(0f32, 2.0, (b, t, d / 2), device)?;
+    let (cos, sin) = (ang.cos()?, ang.sin()?);
+    let w = Tensor::randn(0f32, 1.0, (b, h, t, d), device)?;
+    let Some(fused) = super::fused::rope_i_bf16(x.as_tensor(), &cos, &sin)? else {
+        return Ok(None);
+    };
+    let grad = |y: &Tensor| -> Result<Tensor> {
+        let loss = (y.to_dtype(DType::F32)? * &w)?.sum_all()?;
+        Ok(loss
+            .backward()?
+            .get(&x)
+            .cloned()
+            .expect("a gradient")
+            .to_dtype(DType::F32)?)
+    };
+    let (gf, gg) = (
+        grad(&fused)?,
+        grad(&generic(x.as_tensor(), &cos, &sin, true)?)?,
+    );
+    let diff = (&gf - &gg)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(Some(
+        diff / (gg.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12),
+    ))
+}
+
+fn generic(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(super::layers::at_least_f32(dtype))?;
     let (cos, sin) = (&cos.to_dtype(x32.dtype())?, &sin.to_dtype(x32.dtype())?);

@@ -6,6 +6,7 @@
 //! softmax and the quantiser's distances run in f32 so bf16/f16 weights stay close to f32.
 
 use crate::config::VqConfig;
+use crate::util::timed;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
@@ -46,6 +47,16 @@ fn conv(
     Ok(Conv2d::new(weight, Some(bias), cfg))
 }
 
+/// A conv under the opt-in profiler (`util::timed`), labelled by kernel size.
+fn conv_t(c: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    let label = if c.weight().dim(3)? == 3 {
+        "vq.conv3x3"
+    } else {
+        "vq.conv1x1"
+    };
+    timed(label, x.device(), || Ok(c.forward(x)?))
+}
+
 fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
     conv(vb, cin, cout, 3, 1, 1)
 }
@@ -79,6 +90,37 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        timed("vq.group_norm", x.device(), || self.forward_inner(x))
+    }
+
+    /// GroupNorm then SiLU: one fused kernel on CUDA.
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        timed(
+            "vq.group_norm_silu",
+            x.device(),
+            || match crate::model::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                GROUPS,
+                GN_EPS,
+                true,
+            )? {
+                Some(y) => Ok(y),
+                None => Ok(self.forward_inner(x)?.silu()?),
+            },
+        )
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
+        match crate::model::fused::group_norm(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)? {
+            Some(y) => Ok(y),
+            None => self.generic(x),
+        }
+    }
+
+    /// The unfused path: tensor ops in f32.
+    fn generic(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let xs = x
             .to_dtype(DType::F32)?
@@ -91,6 +133,39 @@ impl GroupNorm {
         let xs = xs.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
         Ok(xs.to_dtype(x.dtype())?)
     }
+}
+
+/// On CUDA: the fused GroupNorm(+SiLU) kernel against the unfused tensor ops on random input,
+/// as `[f32, bf16]` max |fused - unfused| / max |unfused| (with SiLU: the larger of the two
+/// runs). `None` off CUDA or with fused kernels off.
+pub fn fused_group_norm_check(device: &Device) -> Result<Option<[f64; 2]>> {
+    let c = 64;
+    let x = (Tensor::randn(0f32, 1.0, (2, c, 9, 7), device)? * 3.0)?;
+    let gn = GroupNorm {
+        weight: Tensor::randn(1f32, 0.5, (1, c, 1, 1), device)?,
+        bias: Tensor::randn(0f32, 0.5, (1, c, 1, 1), device)?,
+    };
+    let mut out = [0f64; 2];
+    for (k, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
+        let x = x.to_dtype(dt)?;
+        for silu in [false, true] {
+            let Some(f) =
+                crate::model::fused::group_norm(&x, &gn.weight, &gn.bias, GROUPS, GN_EPS, silu)?
+            else {
+                return Ok(None);
+            };
+            let mut g = gn.generic(&x)?;
+            if silu {
+                // The fused kernel takes SiLU in f32 of the rounded norm and rounds once.
+                g = g.to_dtype(DType::F32)?.silu()?.to_dtype(dt)?;
+            }
+            let (f, g) = (f.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+            let diff = (f - &g)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let scale = g.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            out[k] = out[k].max(diff / scale.max(1e-12));
+        }
+    }
+    Ok(Some(out))
 }
 
 struct ResnetBlock {
@@ -118,13 +193,13 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = conv_t(&self.conv1, &self.norm1.forward_silu(x)?)?;
+        let h = conv_t(&self.conv2, &self.norm2.forward_silu(&h)?)?;
         let x = match &self.nin_shortcut {
-            Some(c) => c.forward(x)?,
+            Some(c) => conv_t(c, x)?,
             None => x.clone(),
         };
-        Ok((x + h)?)
+        timed("vq.residual_add", x.device(), || Ok((&x + &h)?))
     }
 }
 
@@ -151,6 +226,10 @@ impl AttnBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        timed("vq.attention_block", x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
         let q = self
@@ -189,7 +268,10 @@ impl Level {
         if let Some(conv) = &self.resample {
             h = if upsample {
                 let (_, _, hh, ww) = h.dims4()?;
-                conv.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?
+                let up = timed("vq.upsample", h.device(), || {
+                    Ok(h.upsample_nearest2d(hh * 2, ww * 2)?)
+                })?;
+                conv_t(conv, &up)?
             } else {
                 // torch convs pad symmetrically only, so the reference pads right/bottom by hand.
                 conv.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?
@@ -278,7 +360,7 @@ impl Encoder {
             h = level.forward(&h, false)?;
         }
         let h = self.mid.forward(&h)?;
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        conv_t(&self.conv_out, &self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -330,11 +412,11 @@ impl Decoder {
     }
 
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let mut h = self.mid.forward(&conv_t(&self.conv_in, z)?)?;
         for level in &self.levels {
             h = level.forward(&h, true)?;
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        conv_t(&self.conv_out, &self.norm_out.forward_silu(&h)?)
     }
 }
 

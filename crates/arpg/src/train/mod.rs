@@ -362,9 +362,12 @@ impl Trainer {
             if world > 1 {
                 batch = batch.rows(rank * local, local)?;
             }
-            let loss = self.loss(&batch)?;
+            let dev = self.device.clone();
+            let loss = crate::util::timed("train.forward", &dev, || self.loss(&batch))?;
             losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
-            let g = (loss / (self.cfg.grad_accum * world) as f64)?.backward()?;
+            let g = crate::util::timed("train.backward", &dev, || {
+                Ok((loss / (self.cfg.grad_accum * world) as f64)?.backward()?)
+            })?;
             for (i, p) in self.params.iter().enumerate() {
                 let gi = g
                     .get(p)

@@ -112,3 +112,135 @@ extern "C" __global__ void cfg_gumbel_argmax_bf16(
     unsigned int salt) {
     cfg_gumbel_argmax(logits, out, seed, rows, v, mix, w, temperature, noise, salt);
 }
+
+__device__ __forceinline__ void store_f32(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_f32(unsigned short *p, size_t i, float v) { p[i] = f2bf(v); }
+__device__ __forceinline__ float round_to(const float *, float v) { return v; }
+__device__ __forceinline__ float round_to(const unsigned short *, float v) { return bf2f(f2bf(v)); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ float block_sum(float v, float *red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (unsigned int k = 0; k < blockDim.x / 32; k++) t += red[k];
+    return t;
+}
+
+// GroupNorm of NCHW x (one block per (image, group): a group's channels are contiguous, n =
+// channels per group * h * w elements) with f32 statistics in two passes (mean, then mean
+// squared deviation) and an f32 affine, rounded to x's dtype; then, if silu, x * sigmoid(x)
+// of that rounded value in f32, rounded once. The unfused path is the same arithmetic in ten
+// kernels over f32 copies.
+template <typename T>
+__device__ void group_norm(
+    const T *x, const float *w, const float *b, T *y, unsigned int n, unsigned int hw,
+    unsigned int cpg, unsigned int groups, float eps, int silu) {
+    __shared__ float red[32];
+    size_t base = (size_t)blockIdx.x * n;
+    unsigned int c0 = (blockIdx.x % groups) * cpg;
+    float s = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) s += load_f32(x, base + i);
+    float mean = block_sum(s, red) / (float)n;
+    float q = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        float d = load_f32(x, base + i) - mean;
+        q += d * d;
+    }
+    float den = sqrtf(block_sum(q, red) / (float)n + eps);
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        unsigned int c = c0 + i / hw;
+        float v = __fadd_rn(__fmul_rn(__fdiv_rn(load_f32(x, base + i) - mean, den), w[c]), b[c]);
+        v = round_to(x, v);
+        if (silu) v = __fdiv_rn(v, 1.0f + expf(-v));
+        store_f32(y, base + i, v);
+    }
+}
+
+extern "C" __global__ void group_norm_f32(
+    const float *x, const float *w, const float *b, float *y, unsigned int n, unsigned int hw,
+    unsigned int cpg, unsigned int groups, float eps, int silu) {
+    group_norm(x, w, b, y, n, hw, cpg, groups, eps, silu);
+}
+
+extern "C" __global__ void group_norm_bf16(
+    const unsigned short *x, const float *w, const float *b, unsigned short *y, unsigned int n,
+    unsigned int hw, unsigned int cpg, unsigned int groups, float eps, int silu) {
+    group_norm(x, w, b, y, n, hw, cpg, groups, eps, silu);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Training attention: softmax over keys of scores * scale, keys after the query masked when
+// causal (query i of tq sees keys 0..=i), in f32, rounded once to the scores' dtype. One warp
+// per row of tk scores.
+template <typename T>
+__device__ void attn_softmax(
+    const T *s, T *p, unsigned int rows, unsigned int tq, unsigned int tk, float scale,
+    int causal) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    unsigned int i = r % tq;
+    unsigned int lim = causal ? min(i + 1, tk) : tk;
+    size_t base = (size_t)r * tk;
+    float m = -INFINITY;
+    for (unsigned int j = lane; j < lim; j += 32) m = fmaxf(m, __fmul_rn(load_f32(s, base + j), scale));
+    m = warp_max(m);
+    float sum = 0.0f;
+    for (unsigned int j = lane; j < lim; j += 32) sum += expf(__fmul_rn(load_f32(s, base + j), scale) - m);
+    sum = warp_sum(sum);
+    for (unsigned int j = lane; j < tk; j += 32) {
+        float v = j < lim ? __fdiv_rn(expf(__fmul_rn(load_f32(s, base + j), scale) - m), sum) : 0.0f;
+        store_f32(p, base + j, v);
+    }
+}
+
+// Its backward: grad_scores = scale * p * (g - sum_j p_j g_j), in f32, rounded once.
+template <typename T>
+__device__ void attn_softmax_bwd(
+    const T *p, const T *g, T *gs, unsigned int rows, unsigned int tk, float scale) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    size_t base = (size_t)r * tk;
+    float dot = 0.0f;
+    for (unsigned int j = lane; j < tk; j += 32) dot += load_f32(p, base + j) * load_f32(g, base + j);
+    dot = warp_sum(dot);
+    for (unsigned int j = lane; j < tk; j += 32) {
+        float pj = load_f32(p, base + j);
+        store_f32(gs, base + j, scale * pj * (load_f32(g, base + j) - dot));
+    }
+}
+
+extern "C" __global__ void attn_softmax_f32(
+    const float *s, float *p, unsigned int rows, unsigned int tq, unsigned int tk, float scale,
+    int causal) {
+    attn_softmax(s, p, rows, tq, tk, scale, causal);
+}
+
+extern "C" __global__ void attn_softmax_bf16(
+    const unsigned short *s, unsigned short *p, unsigned int rows, unsigned int tq,
+    unsigned int tk, float scale, int causal) {
+    attn_softmax(s, p, rows, tq, tk, scale, causal);
+}
+
+extern "C" __global__ void attn_softmax_bwd_f32(
+    const float *p, const float *g, float *gs, unsigned int rows, unsigned int tk, float scale) {
+    attn_softmax_bwd(p, g, gs, rows, tk, scale);
+}
+
+extern "C" __global__ void attn_softmax_bwd_bf16(
+    const unsigned short *p, const unsigned short *g, unsigned short *gs, unsigned int rows,
+    unsigned int tk, float scale) {
+    attn_softmax_bwd(p, g, gs, rows, tk, scale);
+}
