@@ -107,6 +107,9 @@ pub struct ParityReport {
     pub fused_attn_softmax_rel_diff: Option<[f64; 4]>,
     /// CUDA only: the fused bf16 RoPE's gradient against the unfused ops', relative.
     pub fused_rope_grad_rel_diff: Option<f64>,
+    /// CUDA only: the fused training RMSNorm against the unfused ops, relative, as
+    /// `[output, input gradient, weight gradient]`.
+    pub fused_rms_norm_rel_diff: Option<[f64; 3]>,
 }
 
 /// Run the fixtures' teacher-forced pass and greedy decodes with the fixtures' weights.
@@ -196,6 +199,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         fused_group_norm_rel_diff: crate::tokenizer::vq::fused_group_norm_check(device)?,
         fused_attn_softmax_rel_diff: crate::model::layers::fused_attn_softmax_check(device)?,
         fused_rope_grad_rel_diff: crate::model::rope::fused_rope_grad_check(device)?,
+        fused_rms_norm_rel_diff: crate::model::layers::fused_rms_norm_check(device)?,
     })
 }
 

@@ -95,6 +95,29 @@ pub fn attn_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Option<
     Ok(None)
 }
 
+/// Training RMSNorm of bf16 `x [.., d]` by bf16 `weight [d]` on CUDA: one kernel forward (the
+/// generic path's arithmetic: normalise in f32, round, scale, round) and three backward (the
+/// input's gradient; each row's scale; the weight's gradient summed per chunk of rows, then
+/// over the chunks, so no atomics and the same result every run). `None` when it does not
+/// apply.
+pub fn rms_norm_train(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        if enabled()
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && weight.dtype() == DType::BF16
+            && weight.rank() == 1
+        {
+            let op = cuda::RmsNormTrain { eps: eps as f32 };
+            return Ok(Some(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?));
+        }
+    }
+    let _ = (x, weight, eps);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
@@ -429,6 +452,260 @@ pub(crate) mod cuda {
                 dt => candle_core::bail!("softmax backward: {dt:?}"),
             };
             Ok((out, pl.shape().clone()))
+        }
+    }
+
+    type Bf16View<'a> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, half::bf16>;
+
+    fn bf16_view<'a>(
+        st: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<Bf16View<'a>> {
+        let (a, b) = contiguous(l, what)?;
+        Ok(st.as_cuda_slice::<half::bf16>()?.slice(a..b))
+    }
+
+    fn warp_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct RmsNormTrain {
+        pub eps: f32,
+    }
+
+    impl candle_core::CustomOp2 for RmsNormTrain {
+        fn name(&self) -> &'static str {
+            "arpg-rms-norm-train"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let d = *xl.dims().last().unwrap_or(&1);
+            if wl.shape().elem_count() != d {
+                candle_core::bail!(
+                    "fused rms norm: x {:?}, weight {:?}",
+                    xl.shape(),
+                    wl.shape()
+                );
+            }
+            let n = xl.shape().elem_count();
+            let (rows, d_u) = ((n / d) as u32, d as u32);
+            let dev = x.device().clone();
+            let (xs, ws) = (bf16_view(x, xl, "rms norm")?, bf16_view(w, wl, "rms norm")?);
+            // Safety: the kernel writes every element.
+            let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
+            let func = dev.get_or_load_custom_func("rms_norm_fwd_bf16", "arpg_fused", PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&xs);
+            builder.arg(&ws);
+            builder.arg(&mut dst);
+            builder.arg(&rows);
+            builder.arg(&d_u);
+            builder.arg(&self.eps);
+            // Safety: argument types and count match the kernel's signature.
+            unsafe { builder.launch(warp_rows(n / d)) }.map_err(err)?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            x: &candle_core::Tensor,
+            w: &candle_core::Tensor,
+            _res: &candle_core::Tensor,
+            grad: &candle_core::Tensor,
+        ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
+        {
+            let g = grad.to_dtype(candle_core::DType::BF16)?.contiguous()?;
+            let gx = x.apply_op3_no_bwd(w, &g, &RmsNormBwdX { eps: self.eps })?;
+            let dens = x.apply_op1_no_bwd(&RmsNormDens { eps: self.eps })?;
+            let part = x.apply_op3_no_bwd(&g, &dens, &RmsNormBwdW)?;
+            let gw = part.sum(0)?.to_dtype(w.dtype())?;
+            Ok((Some(gx), Some(gw)))
+        }
+    }
+
+    struct RmsNormBwdX {
+        eps: f32,
+    }
+
+    impl CustomOp3 for RmsNormBwdX {
+        fn name(&self) -> &'static str {
+            "arpg-rms-norm-bwd-x"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let d = *xl.dims().last().unwrap_or(&1);
+            let n = xl.shape().elem_count();
+            if gl.shape() != xl.shape() {
+                candle_core::bail!("rms norm backward: {:?} vs {:?}", gl.shape(), xl.shape());
+            }
+            let (rows, d_u) = ((n / d) as u32, d as u32);
+            let dev = x.device().clone();
+            let (xs, ws, gs) = (
+                bf16_view(x, xl, "rms norm backward")?,
+                bf16_view(w, wl, "rms norm backward")?,
+                bf16_view(g, gl, "rms norm backward")?,
+            );
+            // Safety: the kernel writes every element.
+            let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
+            let func = dev.get_or_load_custom_func("rms_norm_bwd_x_bf16", "arpg_fused", PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&xs);
+            builder.arg(&ws);
+            builder.arg(&gs);
+            builder.arg(&mut dst);
+            builder.arg(&rows);
+            builder.arg(&d_u);
+            builder.arg(&self.eps);
+            // Safety: argument types and count match the kernel's signature.
+            unsafe { builder.launch(warp_rows(n / d)) }.map_err(err)?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
+        }
+    }
+
+    struct RmsNormDens {
+        eps: f32,
+    }
+
+    impl candle_core::CustomOp1 for RmsNormDens {
+        fn name(&self) -> &'static str {
+            "arpg-rms-norm-dens"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let d = *xl.dims().last().unwrap_or(&1);
+            let rows = xl.shape().elem_count() / d;
+            let (rows_u, d_u) = (rows as u32, d as u32);
+            let dev = x.device().clone();
+            let xs = bf16_view(x, xl, "rms norm scales")?;
+            // Safety: the kernel writes one value per row.
+            let mut dst = unsafe { dev.alloc::<f32>(rows) }?;
+            let func = dev.get_or_load_custom_func("rms_norm_dens_bf16", "arpg_fused", PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&xs);
+            builder.arg(&mut dst);
+            builder.arg(&rows_u);
+            builder.arg(&d_u);
+            builder.arg(&self.eps);
+            // Safety: argument types and count match the kernel's signature.
+            unsafe { builder.launch(warp_rows(rows)) }.map_err(err)?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), Shape::from(rows)))
+        }
+    }
+
+    /// Rows per chunk of the weight gradient's first pass.
+    const RMS_CHUNK: usize = 256;
+
+    struct RmsNormBwdW;
+
+    impl CustomOp3 for RmsNormBwdW {
+        fn name(&self) -> &'static str {
+            "arpg-rms-norm-bwd-w"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm is CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+            dens: &CudaStorage,
+            dl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let d = *xl.dims().last().unwrap_or(&1);
+            let rows = xl.shape().elem_count() / d;
+            let chunks = rows.div_ceil(RMS_CHUNK).max(1);
+            let dev = x.device().clone();
+            let (xs, gs) = (
+                bf16_view(x, xl, "rms norm weight gradient")?,
+                bf16_view(g, gl, "rms norm weight gradient")?,
+            );
+            let (d0, d1) = contiguous(dl, "rms norm weight gradient")?;
+            let ds = dens.as_cuda_slice::<f32>()?.slice(d0..d1);
+            // Safety: the kernel writes every (chunk, column).
+            let mut dst = unsafe { dev.alloc::<f32>(chunks * d) }?;
+            let func = dev.get_or_load_custom_func("rms_norm_bwd_w_bf16", "arpg_fused", PTX)?;
+            let (rows_u, d_u, chunk_u) = (rows as u32, d as u32, RMS_CHUNK as u32);
+            let mut builder = func.builder();
+            builder.arg(&xs);
+            builder.arg(&gs);
+            builder.arg(&ds);
+            builder.arg(&mut dst);
+            builder.arg(&rows_u);
+            builder.arg(&d_u);
+            builder.arg(&chunk_u);
+            let cfg = LaunchConfig {
+                grid_dim: ((d as u32).div_ceil(32), chunks as u32, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            // Safety: argument types and count match the kernel's signature.
+            unsafe { builder.launch(cfg) }.map_err(err)?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(dst, dev),
+                Shape::from((chunks, d)),
+            ))
         }
     }
 }

@@ -103,6 +103,11 @@ impl RmsNorm {
                 self.eps as f32,
             )?);
         }
+        if differentiable {
+            if let Some(y) = super::fused::rms_norm_train(x, &self.weight, self.eps)? {
+                return Ok(y);
+            }
+        }
         let x32 = x.to_dtype(at_least_f32(dtype))?;
         if !differentiable {
             // Fused kernel in float32; the weight is applied before rounding back, which is
@@ -113,12 +118,56 @@ impl RmsNorm {
                     .to_dtype(dtype)?,
             );
         }
-        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32
-            .broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        rms_norm_generic(&x32, &self.weight, self.eps, dtype)
     }
+}
+
+/// The differentiable RMSNorm as tensor ops: normalise `x32` in f32, round to `dtype`, scale.
+fn rms_norm_generic(x32: &Tensor, weight: &Tensor, eps: f64, dtype: DType) -> Result<Tensor> {
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// On CUDA: the fused training RMSNorm (bf16) against the generic ops, max relative
+/// differences `[output, input gradient, weight gradient]` under a random linear loss. `None`
+/// off CUDA or with fused kernels off.
+pub fn fused_rms_norm_check(device: &candle_core::Device) -> Result<Option<[f64; 3]>> {
+    let (rows, d) = (300, 96);
+    let x = candle_core::Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (3, rows / 3, d), device)? * 2.0)?.to_dtype(DType::BF16)?,
+    )?;
+    let w = candle_core::Var::from_tensor(
+        &Tensor::randn(1f32, 0.3, d, device)?.to_dtype(DType::BF16)?,
+    )?;
+    let loss_w = Tensor::randn(0f32, 1.0, (3, rows / 3, d), device)?;
+    let Some(fused) = super::fused::rms_norm_train(x.as_tensor(), w.as_tensor(), 1e-5)? else {
+        return Ok(None);
+    };
+    let generic = rms_norm_generic(
+        &x.as_tensor().to_dtype(DType::F32)?,
+        w.as_tensor(),
+        1e-5,
+        DType::BF16,
+    )?;
+    let grads = |y: &Tensor| -> Result<(Tensor, Tensor)> {
+        let g = (y.to_dtype(DType::F32)? * &loss_w)?.sum_all()?.backward()?;
+        Ok((
+            g.get(&x).cloned().expect("x grad"),
+            g.get(&w).cloned().expect("w grad"),
+        ))
+    };
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
+    };
+    let ((fx, fw), (gx, gw)) = (grads(&fused)?, grads(&generic)?);
+    Ok(Some([
+        rel(&fused, &generic)?,
+        rel(&fx, &gx)?,
+        rel(&fw, &gw)?,
+    ]))
 }
 
 /// SwiGLU: w2(silu(w1 x) * w3 x).

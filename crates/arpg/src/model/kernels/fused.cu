@@ -244,3 +244,111 @@ extern "C" __global__ void attn_softmax_bwd_bf16(
     unsigned int tk, float scale) {
     attn_softmax_bwd(p, g, gs, rows, tk, scale);
 }
+
+// Training RMSNorm over rows of d: n = x / sqrt(mean(x^2) + eps) in f32, rounded to x's dtype,
+// then y = n * w rounded (the generic path's two roundings). One warp per row.
+template <typename T>
+__device__ void rms_norm_fwd(
+    const T *x, const T *w, T *y, unsigned int rows, unsigned int d, float eps) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    size_t base = (size_t)r * d;
+    float ss = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float v = load_f32(x, base + j);
+        ss += v * v;
+    }
+    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    for (unsigned int j = lane; j < d; j += 32) {
+        float n = round_to(x, __fdiv_rn(load_f32(x, base + j), den));
+        store_f32(y, base + j, n * load_f32(w, j));
+    }
+}
+
+// Its backward for x: with den = sqrt(mean(x^2) + eps), n = x / den and gn = g w,
+// gx = (gn - n mean(gn n)) / den, in f32, rounded once. One warp per row.
+template <typename T>
+__device__ void rms_norm_bwd_x(
+    const T *x, const T *w, const T *g, T *gx, unsigned int rows, unsigned int d, float eps) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    size_t base = (size_t)r * d;
+    float ss = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float v = load_f32(x, base + j);
+        ss += v * v;
+    }
+    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    float dot = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32)
+        dot += load_f32(g, base + j) * load_f32(w, j) * (load_f32(x, base + j) / den);
+    dot = warp_sum(dot) / (float)d;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float n = load_f32(x, base + j) / den;
+        store_f32(gx, base + j, (load_f32(g, base + j) * load_f32(w, j) - n * dot) / den);
+    }
+}
+
+// Each row's den = sqrt(mean(x^2) + eps), for the weight's gradient. One warp per row.
+template <typename T>
+__device__ void rms_norm_dens(const T *x, float *dens, unsigned int rows, unsigned int d, float eps) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    size_t base = (size_t)r * d;
+    float ss = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float v = load_f32(x, base + j);
+        ss += v * v;
+    }
+    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    if (lane == 0) dens[r] = den;
+}
+
+// Its backward for w, per chunk of rows: part[chunk][j] = sum over the chunk's rows of g * n
+// (n rounded as in the forward), in f32; the chunks are summed afterwards (no atomics, so
+// the result does not depend on scheduling). blockDim (32, 8), grid (d / 32, chunks).
+template <typename T>
+__device__ void rms_norm_bwd_w(
+    const T *x, const T *g, const float *dens, float *part, unsigned int rows, unsigned int d,
+    unsigned int rows_per_chunk) {
+    __shared__ float acc_s[8][33];
+    unsigned int j = blockIdx.x * 32 + threadIdx.x;
+    unsigned int r0 = blockIdx.y * rows_per_chunk;
+    unsigned int r1 = min(rows, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    if (j < d)
+        for (unsigned int r = r0 + threadIdx.y; r < r1; r += 8) {
+            size_t k = (size_t)r * d + j;
+            acc += load_f32(g, k) * round_to(x, __fdiv_rn(load_f32(x, k), dens[r]));
+        }
+    acc_s[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < d) {
+        float t = 0.0f;
+        for (int k = 0; k < 8; k++) t += acc_s[k][threadIdx.x];
+        part[(size_t)blockIdx.y * d + j] = t;
+    }
+}
+
+extern "C" __global__ void rms_norm_fwd_bf16(
+    const unsigned short *x, const unsigned short *w, unsigned short *y, unsigned int rows,
+    unsigned int d, float eps) {
+    rms_norm_fwd(x, w, y, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_bwd_x_bf16(
+    const unsigned short *x, const unsigned short *w, const unsigned short *g, unsigned short *gx,
+    unsigned int rows, unsigned int d, float eps) {
+    rms_norm_bwd_x(x, w, g, gx, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_dens_bf16(
+    const unsigned short *x, float *dens, unsigned int rows, unsigned int d, float eps) {
+    rms_norm_dens(x, dens, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_bwd_w_bf16(
+    const unsigned short *x, const unsigned short *g, const float *dens, float *part,
+    unsigned int rows, unsigned int d, unsigned int rows_per_chunk) {
+    rms_norm_bwd_w(x, g, dens, part, rows, d, rows_per_chunk);
+}
