@@ -48,9 +48,45 @@ pub struct Positions<'a> {
     pub queries: &'a Tensor,
 }
 
+/// Learned absolute positions (`abs_pos_embed`): one table row per RoPE row of the training
+/// grid, and the table row each RoPE row of the current grid reads.
+struct PosEmbed {
+    table: Tensor,
+    map: Tensor,
+}
+
+impl PosEmbed {
+    /// Which table row each RoPE row of `grid` reads: the class rows their own; the cells of
+    /// a larger (or smaller) grid those of the training grid centred in it, clamped to its
+    /// border.
+    fn map(cfg: &ArpgConfig, grid: (usize, usize), device: &Device) -> Result<Tensor> {
+        let g = cfg.grid_size() as i64;
+        let (gh, gw) = (grid.0 as i64, grid.1 as i64);
+        let (oi, oj) = ((gh - g).div_euclid(2), (gw - g).div_euclid(2));
+        let cls = cfg.cls_token_num as i64;
+        let mut m: Vec<u32> = (0..cls as u32).collect();
+        for i in 0..gh {
+            for j in 0..gw {
+                let (ti, tj) = ((i - oi).clamp(0, g - 1), (j - oj).clamp(0, g - 1));
+                m.push((cls + ti * g + tj) as u32);
+            }
+        }
+        let n = m.len();
+        Ok(Tensor::from_vec(m, n, device)?)
+    }
+
+    /// Embeddings `[b, l, dim]` of a `[b, l]` tensor of RoPE rows.
+    fn gather(&self, rows: &Tensor) -> Result<Tensor> {
+        let (b, l) = rows.dims2()?;
+        let idx = self.map.index_select(&rows.flatten_all()?, 0)?;
+        Ok(self.table.index_select(&idx, 0)?.reshape((b, l, ()))?)
+    }
+}
+
 pub struct Arpg {
     cfg: ArpgConfig,
     embeddings: Embedding,
+    pos: Option<PosEmbed>,
     self_dec: Vec<SelfBlock>,
     cross_dec: Vec<CrossBlock>,
     kv_norm: RmsNorm,
@@ -99,8 +135,19 @@ impl Arpg {
             });
         }
         let g = cfg.grid_size();
+        let pos = if cfg.abs_pos_embed {
+            Some(PosEmbed {
+                table: vb
+                    .pp("pos_embeddings")
+                    .get((cfg.cls_token_num + cfg.block_size, d), "weight")?,
+                map: PosEmbed::map(cfg, (g, g), vb.device())?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             embeddings: Embedding::new(emb, d),
+            pos,
             self_dec,
             cross_dec,
             kv_norm: RmsNorm::new(&l, "norm", d, eps)?,
@@ -131,26 +178,36 @@ impl Arpg {
     /// Use a RoPE table for another grid (resolution expansion); rows follow that grid's raster.
     pub fn set_grid(&mut self, grid: (usize, usize)) -> Result<()> {
         self.rope = Rope::new(&self.cfg, grid, &self.device)?;
+        if let Some(p) = self.pos.as_mut() {
+            p.map = PosEmbed::map(&self.cfg, grid, &self.device)?;
+        }
         Ok(())
     }
 
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.embeddings.forward(ids)?)
+    /// Token embeddings of `ids [b, l]` at RoPE rows `rows [b, l]` (plus their absolute
+    /// position embedding when the model has one).
+    fn embed(&self, ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let x = self.embeddings.forward(ids)?;
+        match &self.pos {
+            Some(p) => Ok((x + p.gather(rows)?)?),
+            None => Ok(x),
+        }
     }
 
-    fn mask_queries(&self, batch: usize, n: usize) -> Result<Tensor> {
-        let ids = Tensor::full(self.cfg.mask_token(), (batch, n), &self.device)?;
-        self.embed(&ids)
+    /// Mask-token queries for the cells at RoPE rows `rows [b, n]`.
+    fn mask_queries(&self, rows: &Tensor) -> Result<Tensor> {
+        let ids = Tensor::full(self.cfg.mask_token(), rows.dims2()?, &self.device)?;
+        self.embed(&ids, rows)
     }
 
     /// Teacher-forced forward (training path): `tokens [b, L]` = class token then image tokens
     /// in generation order; `pos.queries [b, L]` the rows of the tokens to predict. Causal
     /// masks in both passes. Returns float32 logits `[b, L, vocab]` in generation order.
     pub fn forward(&self, tokens: &Tensor, pos: Positions, mode: &mut Mode) -> Result<Tensor> {
-        let (b, l) = tokens.dims2()?;
+        let (_, l) = tokens.dims2()?;
         let diff = mode.differentiable;
         let mask = causal_mask(l, &self.device)?;
-        let mut x = self.embed(tokens)?;
+        let mut x = self.embed(tokens, pos.keys)?;
         x = mode.drop(x)?;
         let (kc, ks) = self.rope.gather(pos.keys)?;
         let (qc, qs) = self.rope.gather(pos.queries)?;
@@ -166,7 +223,7 @@ impl Arpg {
             x = (x + f)?;
         }
         let (k, v) = self.shared_kv(&x, &kc, &ks, diff)?;
-        let q = self.mask_queries(b, l)?;
+        let q = self.mask_queries(pos.queries)?;
         let q = self.cross_pass(q, &k, &v, &qc, &qs, Some(&mask), mode)?;
         self.logits(&q, diff)
     }
@@ -239,7 +296,7 @@ impl Arpg {
         tokens: &Tensor,
         pos: Positions,
     ) -> Result<Option<Tensor>> {
-        let (b, m) = tokens.dims2()?;
+        let (_, m) = tokens.dims2()?;
         let n = pos.queries.dim(1)?;
         if cache.len() + m > cache.capacity() {
             bail!(
@@ -250,7 +307,7 @@ impl Arpg {
         }
         let mut mode = Mode::inference();
         let h = self.cfg.n_head;
-        let mut x = self.embed(tokens)?;
+        let mut x = self.embed(tokens, pos.keys)?;
         let (kc, ks) = self.rope.gather(pos.keys)?;
         for (i, blk) in self.self_dec.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x, false)?;
@@ -272,8 +329,90 @@ impl Arpg {
             return Ok(None);
         }
         let (qc, qs) = self.rope.gather(pos.queries)?;
-        let q = self.mask_queries(b, n)?;
+        let q = self.mask_queries(pos.queries)?;
         let q = self.cross_pass(q, &k, &v, &qc, &qs, None, &mut mode)?;
         Ok(Some(self.logits(&q, false)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logits of the first decoding step (only the class token known) for queries at
+    /// raster cells 0 (a corner), 27 and 36 (the centre) of a random digits-sized model.
+    fn first_step_logits(abs_pos_embed: bool) -> Vec<Vec<f32>> {
+        let cfg = ArpgConfig {
+            abs_pos_embed,
+            ..crate::zoo::digits_config()
+        };
+        let dev = Device::Cpu;
+        let tr = crate::train::Trainer::new(&cfg, &Default::default(), DType::F32, &dev).unwrap();
+        // Training starts with a zero head; randomise it so that logits show the hidden state.
+        for (name, v) in tr.parameters() {
+            if name == "head.weight" {
+                v.set(&Tensor::randn(0f32, 0.5, v.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let model = tr.model().unwrap();
+        let mut cache = model.new_cache(1, 65).unwrap();
+        let ids = Tensor::new(&[[cfg.class_token(4)]], &dev).unwrap();
+        let keys = Tensor::new(&[[0u32]], &dev).unwrap();
+        let queries = Tensor::new(&[[1u32, 28, 37]], &dev).unwrap();
+        let pos = Positions {
+            keys: &keys,
+            queries: &queries,
+        };
+        model
+            .step(&mut cache, &ids, pos)
+            .unwrap()
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()[0]
+            .clone()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn only_the_absolute_position_embedding_tells_the_first_query_where_it_is() {
+        // RoPE alone: one key to attend to, so every cell gets the same prediction.
+        let l = first_step_logits(false);
+        assert!(max_diff(&l[0], &l[1]) < 1e-6 && max_diff(&l[0], &l[2]) < 1e-6);
+        let l = first_step_logits(true);
+        assert!(max_diff(&l[0], &l[1]) > 1e-4, "{l:?}");
+        assert!(max_diff(&l[1], &l[2]) > 1e-4, "{l:?}");
+    }
+
+    #[test]
+    fn a_larger_grid_reads_the_training_grid_centred_and_clamped() {
+        let cfg = ArpgConfig {
+            abs_pos_embed: true,
+            ..crate::zoo::digits_config()
+        };
+        let m = PosEmbed::map(&cfg, (8, 24), &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(m.len(), 1 + 8 * 24);
+        assert_eq!(m[0], 0);
+        // Row 2, columns 0, 8, 15, 23 of the 8x24 grid: clamped left, the digit's own
+        // columns 0 and 7, clamped right.
+        let at = |i: usize, j: usize| m[1 + i * 24 + j];
+        assert_eq!(at(2, 0), 1 + 2 * 8);
+        assert_eq!(at(2, 8), 1 + 2 * 8);
+        assert_eq!(at(2, 15), 1 + 2 * 8 + 7);
+        assert_eq!(at(2, 23), 1 + 2 * 8 + 7);
+        let same = PosEmbed::map(&cfg, (8, 8), &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(same, (0..65).collect::<Vec<u32>>());
     }
 }
