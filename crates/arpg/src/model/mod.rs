@@ -288,13 +288,37 @@ impl Arpg {
 
     /// One decoding step (inference path). Feeds `tokens [b, m]` (rows `pos.keys`) through
     /// pass 1, appending to `cache`, then runs `n` mask queries (rows `pos.queries [b, n]`)
-    /// through pass 2 against every cached key. No mask inside a step. Returns float32
-    /// logits `[b, n, vocab]`, or `None` when there are no queries (a prefill).
+    /// through pass 2 against every cached key. No mask inside a step (the reference's
+    /// parallel decoding: tokens drawn together see each other). Returns float32 logits
+    /// `[b, n, vocab]`, or `None` when there are no queries (a prefill).
     pub fn step(
         &self,
         cache: &mut KvCache,
         tokens: &Tensor,
         pos: Positions,
+    ) -> Result<Option<Tensor>> {
+        self.step_masked(cache, tokens, pos, false)
+    }
+
+    /// [`Arpg::step`] with a causal mask over the fed tokens, as in training: token `i` of
+    /// the step sees the cache and the step's tokens `0..=i`. For feeding a class token and
+    /// known tokens together, which training only ever saw in sequence (unmasked, the class
+    /// token would attend to all of them and its key/value would change with the image).
+    pub fn step_causal(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+    ) -> Result<Option<Tensor>> {
+        self.step_masked(cache, tokens, pos, true)
+    }
+
+    fn step_masked(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+        causal: bool,
     ) -> Result<Option<Tensor>> {
         let (_, m) = tokens.dims2()?;
         let n = pos.queries.dim(1)?;
@@ -307,6 +331,23 @@ impl Arpg {
         }
         let mut mode = Mode::inference();
         let h = self.cfg.n_head;
+        let mask = if causal && m > 1 {
+            let past = cache.len();
+            let data: Vec<f32> = (0..m)
+                .flat_map(|i| {
+                    (0..past + m).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Some(Tensor::from_vec(data, (m, past + m), &self.device)?)
+        } else {
+            None
+        };
         let mut x = self.embed(tokens, pos.keys)?;
         let (kc, ks) = self.rope.gather(pos.keys)?;
         for (i, blk) in self.self_dec.iter().enumerate() {
@@ -315,7 +356,7 @@ impl Arpg {
             let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, false)?;
             let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
             let (k, v) = cache.append_layer(i, &k, &v)?;
-            let a = merge_heads(&attention(&q, &k, &v, None, false)?)?;
+            let a = merge_heads(&attention(&q, &k, &v, mask.as_ref(), false)?)?;
             x = (x + blk.proj.forward(&a)?)?;
             x = (&x
                 + blk
@@ -339,23 +380,30 @@ impl Arpg {
 mod tests {
     use super::*;
 
-    /// Logits of the first decoding step (only the class token known) for queries at
-    /// raster cells 0 (a corner), 27 and 36 (the centre) of a random digits-sized model.
-    fn first_step_logits(abs_pos_embed: bool) -> Vec<Vec<f32>> {
+    /// A freshly initialised digits-sized model, its (zero-initialised) head randomised so
+    /// that logits show the hidden state.
+    fn random_model(abs_pos_embed: bool) -> Arpg {
         let cfg = ArpgConfig {
             abs_pos_embed,
             ..crate::zoo::digits_config()
         };
         let dev = Device::Cpu;
         let tr = crate::train::Trainer::new(&cfg, &Default::default(), DType::F32, &dev).unwrap();
-        // Training starts with a zero head; randomise it so that logits show the hidden state.
         for (name, v) in tr.parameters() {
             if name == "head.weight" {
                 v.set(&Tensor::randn(0f32, 0.5, v.shape(), &dev).unwrap())
                     .unwrap();
             }
         }
-        let model = tr.model().unwrap();
+        tr.model().unwrap()
+    }
+
+    /// Logits of the first decoding step (only the class token known) for queries at
+    /// raster cells 0 (a corner), 27 and 36 (the centre) of a random digits-sized model.
+    fn first_step_logits(abs_pos_embed: bool) -> Vec<Vec<f32>> {
+        let model = random_model(abs_pos_embed);
+        let cfg = model.config().clone();
+        let dev = Device::Cpu;
         let mut cache = model.new_cache(1, 65).unwrap();
         let ids = Tensor::new(&[[cfg.class_token(4)]], &dev).unwrap();
         let keys = Tensor::new(&[[0u32]], &dev).unwrap();
@@ -414,5 +462,54 @@ mod tests {
             .to_vec1::<u32>()
             .unwrap();
         assert_eq!(same, (0..65).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn a_causal_prefill_sees_what_the_training_forward_sees() {
+        let model = random_model(true);
+        let cfg = model.config().clone();
+        let dev = Device::Cpu;
+        // Class 4, then 11 tokens in a random order; the query after the first 10 predicts
+        // the 11th.
+        let cells = [5u32, 17, 40, 2, 33, 60, 12, 27, 8, 50, 45];
+        let mut toks = vec![cfg.class_token(4)];
+        toks.extend(cells[..10].iter().map(|&c| (c * 7) % 17));
+        let mut keys = vec![0u32];
+        keys.extend(cells[..10].iter().map(|&c| c + 1));
+        let queries: Vec<u32> = cells.iter().map(|&c| c + 1).collect();
+        let t = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, v.len()), &dev).unwrap();
+        let (toks, keys, queries) = (t(&toks), t(&keys), t(&queries));
+        let train = model
+            .forward(
+                &toks,
+                Positions {
+                    keys: &keys,
+                    queries: &queries,
+                },
+                &mut Mode::inference(),
+            )
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()[0][10]
+            .clone();
+        let last = queries.narrow(1, 10, 1).unwrap();
+        let prefill = |causal: bool| {
+            let mut cache = model.new_cache(1, 65).unwrap();
+            let pos = Positions {
+                keys: &keys.narrow(1, 0, 11).unwrap(),
+                queries: &last,
+            };
+            let ids = toks.narrow(1, 0, 11).unwrap();
+            let out = if causal {
+                model.step_causal(&mut cache, &ids, pos)
+            } else {
+                model.step(&mut cache, &ids, pos)
+            };
+            out.unwrap().unwrap().to_vec3::<f32>().unwrap()[0][0].clone()
+        };
+        let (causal, unmasked) = (prefill(true), prefill(false));
+        assert!(max_diff(&causal, &train) < 1e-4, "{causal:?} vs {train:?}");
+        // Unmasked, the class token and each known token also see the tokens after them.
+        assert!(max_diff(&unmasked, &train) > 1e-3, "{unmasked:?}");
     }
 }

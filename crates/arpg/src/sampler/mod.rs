@@ -229,16 +229,18 @@ pub fn decode<R: Rng>(
     let mut done = 0usize;
     for &n in &counts {
         let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
-        let logits = model
-            .step(
-                &mut cache,
-                &ids,
-                Positions {
-                    keys: &kpos,
-                    queries: &qpos,
-                },
-            )?
-            .expect("queries were given");
+        let positions = Positions {
+            keys: &kpos,
+            queries: &qpos,
+        };
+        // The first step feeds the class token and the known tokens together: in sequence,
+        // as training saw them. Later steps feed the tokens drawn together, unmasked.
+        let logits = if done == 0 {
+            model.step_causal(&mut cache, &ids, positions)?
+        } else {
+            model.step(&mut cache, &ids, positions)?
+        }
+        .expect("queries were given");
         let decoded = done + n;
         let logits = match halves {
             Halves::Both => {
