@@ -27,6 +27,13 @@ pub struct ArpgConfig {
     pub ffn_dim_multiplier: Option<f64>,
     #[serde(default = "default_cls_token_num")]
     pub cls_token_num: usize,
+    /// A learned absolute position embedding (`pos_embeddings.weight`, one row per RoPE row)
+    /// added to the content tokens and to the mask queries. Off (the reference, and the
+    /// official checkpoints), positions enter only through RoPE, i.e. only as offsets between
+    /// tokens: no prediction can depend on where its cell is on the grid (the first query,
+    /// with only the class token to attend to, predicts the same at every cell).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abs_pos_embed: bool,
 }
 
 fn default_multiple_of() -> usize {
@@ -64,6 +71,7 @@ impl ArpgConfig {
             rope_base: 10000.0,
             ffn_dim_multiplier: None,
             cls_token_num: 1,
+            abs_pos_embed: false,
         }
     }
 
@@ -197,6 +205,12 @@ impl ArpgConfig {
         v.push(("layers.to_v.weight".into(), vec![d, d]));
         v.push(("norm.weight".into(), vec![d]));
         v.push(("head.weight".into(), vec![self.vocab_size, d]));
+        if self.abs_pos_embed {
+            v.push((
+                "pos_embeddings.weight".into(),
+                vec![self.cls_token_num + self.block_size, d],
+            ));
+        }
         v
     }
 

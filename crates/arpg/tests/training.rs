@@ -20,6 +20,7 @@ fn tiny() -> ArpgConfig {
         rope_base: 10000.0,
         ffn_dim_multiplier: None,
         cls_token_num: 1,
+        abs_pos_embed: false,
     }
 }
 
@@ -41,9 +42,17 @@ fn synthetic_pack(dir: &std::path::Path, n: usize) -> Packed {
     Packed::open(&p).unwrap()
 }
 
+/// `tiny()` with a learned absolute position embedding.
+fn tiny_abs_pos() -> ArpgConfig {
+    ArpgConfig {
+        abs_pos_embed: true,
+        ..tiny()
+    }
+}
+
 /// A trainer whose zero-initialised head is randomised, so that gradients flow everywhere.
-fn trainer(dtype: DType, tc: &TrainConfig) -> Trainer {
-    let tr = Trainer::new(&tiny(), tc, dtype, &Device::Cpu).unwrap();
+fn trainer_for(cfg: &ArpgConfig, dtype: DType, tc: &TrainConfig) -> Trainer {
+    let tr = Trainer::new(cfg, tc, dtype, &Device::Cpu).unwrap();
     for (name, v) in tr.parameters() {
         if name == "head.weight" {
             v.set(&(Tensor::randn(0f32, 0.5, v.shape(), &Device::Cpu).unwrap()))
@@ -61,24 +70,31 @@ fn every_parameter_receives_a_gradient() {
         class_dropout: 0.5,
         ..Default::default()
     };
-    let mut tr = trainer(DType::F32, &tc);
-    let batch = tr.make_batch(&data, &(0..12).collect::<Vec<_>>()).unwrap();
-    let grads = tr.loss(&batch).unwrap().backward().unwrap();
-    for (name, v) in tr.parameters() {
-        let g = grads
-            .get(v)
-            .unwrap_or_else(|| panic!("{name} received no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm {norm}"
+    for cfg in [tiny(), tiny_abs_pos()] {
+        let mut tr = trainer_for(&cfg, DType::F32, &tc);
+        let names: Vec<&String> = tr.parameters().map(|p| p.0).collect();
+        assert_eq!(
+            names.iter().any(|n| *n == "pos_embeddings.weight"),
+            cfg.abs_pos_embed
         );
+        let batch = tr.make_batch(&data, &(0..12).collect::<Vec<_>>()).unwrap();
+        let grads = tr.loss(&batch).unwrap().backward().unwrap();
+        for (name, v) in tr.parameters() {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{name} received no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient norm {norm}"
+            );
+        }
     }
 }
 
@@ -92,57 +108,59 @@ fn gradients_match_finite_differences() {
         ..Default::default()
     };
     // Float64 compute makes the central difference exact enough to compare.
-    let mut tr = trainer(DType::F64, &tc);
-    let batch = tr.make_batch(&data, &[0, 1, 2, 3]).unwrap();
-    let grads = tr.loss(&batch).unwrap().backward().unwrap();
-    let params: Vec<_> = tr
-        .parameters()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut checked = 0;
-    for (name, v) in &params {
-        let g = grads
-            .get(v)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let orig = v
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        // Two entries per tensor, including class and token rows of the embedding table.
-        for _ in 0..2 {
-            let i = if name == "embeddings.weight" {
-                let row = [3usize, 11 + 1 + 1][rng.random_range(0..2)];
-                row * 32 + rng.random_range(0..32)
-            } else {
-                rng.random_range(0..orig.len())
-            };
-            let eps = 1e-3f32;
-            let mut at = |delta: f32| -> f64 {
-                let mut w = orig.clone();
-                w[i] += delta;
-                v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                tr.loss(&batch).unwrap().to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
-            v.set(&Tensor::from_vec(orig.clone(), v.shape(), &Device::Cpu).unwrap())
+    for cfg in [tiny(), tiny_abs_pos()] {
+        let mut tr = trainer_for(&cfg, DType::F64, &tc);
+        let batch = tr.make_batch(&data, &[0, 1, 2, 3]).unwrap();
+        let grads = tr.loss(&batch).unwrap().backward().unwrap();
+        let params: Vec<_> = tr
+            .parameters()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut checked = 0;
+        for (name, v) in &params {
+            let g = grads
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
                 .unwrap();
-            let an = g[i] as f64;
-            assert!(
-                (fd - an).abs() <= 2e-3 * an.abs().max(fd.abs()) + 2e-5,
-                "{name}[{i}]: analytic {an}, finite difference {fd}"
-            );
-            checked += 1;
+            let orig = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // Two entries per tensor, including class and token rows of the embedding table.
+            for _ in 0..2 {
+                let i = if name == "embeddings.weight" {
+                    let row = [3usize, 11 + 1 + 1][rng.random_range(0..2)];
+                    row * 32 + rng.random_range(0..32)
+                } else {
+                    rng.random_range(0..orig.len())
+                };
+                let eps = 1e-3f32;
+                let mut at = |delta: f32| -> f64 {
+                    let mut w = orig.clone();
+                    w[i] += delta;
+                    v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    tr.loss(&batch).unwrap().to_scalar::<f64>().unwrap()
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                v.set(&Tensor::from_vec(orig.clone(), v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let an = g[i] as f64;
+                assert!(
+                    (fd - an).abs() <= 2e-3 * an.abs().max(fd.abs()) + 2e-5,
+                    "{name}[{i}]: analytic {an}, finite difference {fd}"
+                );
+                checked += 1;
+            }
         }
+        assert!(checked >= 2 * params.len());
     }
-    assert!(checked >= 2 * params.len());
 }
 
 fn run(tr: &mut Trainer, data: &Packed, until: usize) {

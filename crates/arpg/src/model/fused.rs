@@ -69,13 +69,17 @@ pub fn group_norm(
     Ok(None)
 }
 
-/// Training attention's probabilities `softmax(scores * scale)` over the last dimension of
-/// `[b, h, tq, tk]` scores (f32 or bf16, on CUDA), keys after the query masked when `causal`,
+/// Attention probabilities `softmax(scores * scale)` over the last dimension of
+/// `[b, h, tq, tk]` scores (f32 or bf16, on CUDA), masked by `causal` when given,
 /// computed in f32 and rounded once to the scores' dtype; differentiable, with a backward of
 /// one kernel (`scale * p * (g - sum(p * g))` from the saved probabilities). The generic path
 /// is about six kernels forward and a dozen backward over f32 copies. `None` when it does not
 /// apply.
-pub fn attn_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Option<Tensor>> {
+pub fn attn_softmax(
+    scores: &Tensor,
+    scale: f64,
+    causal: Option<super::layers::CausalMask>,
+) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::DType;
@@ -84,9 +88,20 @@ pub fn attn_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Option<
             && matches!(scores.dtype(), DType::F32 | DType::BF16)
             && scores.rank() == 4
         {
+            if let Some(m) = causal {
+                let (tq, tk) = (scores.dim(2)?, scores.dim(3)?);
+                anyhow::ensure!(
+                    (m.tq, m.tk) == (tq, tk),
+                    "a {}x{} mask for {:?} scores",
+                    m.tq,
+                    m.tk,
+                    scores.shape()
+                );
+            }
             let op = cuda::AttnSoftmax {
                 scale: scale as f32,
-                causal,
+                causal: causal.is_some(),
+                offset: causal.map_or(0, |m| m.offset()) as u32,
             };
             return Ok(Some(scores.contiguous()?.apply_op1(op)?));
         }
@@ -319,6 +334,8 @@ pub(crate) mod cuda {
     pub struct AttnSoftmax {
         pub scale: f32,
         pub causal: bool,
+        /// Keys visible to every query before its own position (a decoding step's cache).
+        pub offset: u32,
     }
 
     impl candle_core::CustomOp1 for AttnSoftmax {
@@ -360,6 +377,7 @@ pub(crate) mod cuda {
                     builder.arg(&tk_u);
                     builder.arg(&self.scale);
                     builder.arg(&causal);
+                    builder.arg(&self.offset);
                     // Safety: argument types and count match the kernel's signature.
                     unsafe { builder.launch(cfg) }.map_err(err)?;
                     CudaStorage::wrap_cuda_slice(dst, dev)

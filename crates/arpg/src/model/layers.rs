@@ -1,6 +1,6 @@
 //! The transformer's building blocks, each mirroring the reference's state-dict names.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -241,13 +241,22 @@ fn attention_inner(
     }
     if differentiable || mask.is_some() {
         // One fused kernel each way on CUDA.
-        if let Some(p) = super::fused::attn_softmax(&q.matmul(&k.t()?)?, scale, mask.is_some())? {
+        if let Some(p) = super::fused::attn_softmax(&q.matmul(&k.t()?)?, scale, mask.copied())? {
             return Ok(p.matmul(v)?);
         }
     }
     let scores = (q.matmul(&k.t()?)?.to_dtype(at_least_f32(dtype))? * scale)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.0.to_dtype(scores.dtype())?)?,
+        Some(m) => {
+            ensure!(
+                (m.tq, m.tk) == (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?),
+                "a {}x{} mask for {:?} scores",
+                m.tq,
+                m.tk,
+                scores.shape()
+            );
+            scores.broadcast_add(&m.tensor(scores.device())?.to_dtype(scores.dtype())?)?
+        }
         None => scores,
     };
     let probs = if differentiable {
@@ -258,48 +267,76 @@ fn attention_inner(
     Ok(probs.to_dtype(dtype)?.matmul(v)?)
 }
 
-/// On CUDA: the fused training softmax against the generic ops (causal, random scores, a
-/// random linear loss), as max relative differences `[f32 forward, f32 backward, bf16
-/// forward, bf16 backward]`. `None` off CUDA or with fused kernels off.
+/// On CUDA: the fused attention softmax against the generic ops (causal masks, square as in
+/// training and 7 queries over 19 keys as in a decoding step; random scores; a random linear
+/// loss), as max relative differences `[f32 forward, f32 backward, bf16 forward, bf16
+/// backward]`. `None` off CUDA or with fused kernels off.
 pub fn fused_attn_softmax_check(device: &candle_core::Device) -> Result<Option<[f64; 4]>> {
-    let (t, scale) = (19, 0.125);
-    let base = (Tensor::randn(0f32, 1.0, (2, 3, t, t), device)? * 8.0)?;
-    let w = Tensor::randn(0f32, 1.0, (2, 3, t, t), device)?;
-    let mask = causal_mask(t, device)?;
+    let scale = 0.125;
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
         let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
     };
     let mut out = [0f64; 4];
-    for (k, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
-        let s = candle_core::Var::from_tensor(&base.to_dtype(dt)?)?;
-        let Some(fused) = super::fused::attn_softmax(s.as_tensor(), scale, true)? else {
-            return Ok(None);
-        };
-        let generic = {
-            let x = (s.as_tensor().to_dtype(DType::F32)? * scale)?.broadcast_add(&mask.0)?;
-            candle_nn::ops::softmax(&x, D::Minus1)?.to_dtype(dt)?
-        };
-        let grad = |p: &Tensor| -> Result<Tensor> {
-            let loss = (p.to_dtype(DType::F32)? * &w)?.sum_all()?;
-            Ok(loss.backward()?.get(&s).cloned().expect("a gradient"))
-        };
-        out[2 * k] = rel(&fused, &generic)?;
-        out[2 * k + 1] = rel(&grad(&fused)?, &grad(&generic)?)?;
+    for mask in [causal_mask(19), CausalMask::new(7, 19)] {
+        let shape = (2, 3, mask.tq, mask.tk);
+        let base = (Tensor::randn(0f32, 1.0, shape, device)? * 8.0)?;
+        let w = Tensor::randn(0f32, 1.0, shape, device)?;
+        for (k, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
+            let s = candle_core::Var::from_tensor(&base.to_dtype(dt)?)?;
+            let Some(fused) = super::fused::attn_softmax(s.as_tensor(), scale, Some(mask))? else {
+                return Ok(None);
+            };
+            let generic = {
+                let x = (s.as_tensor().to_dtype(DType::F32)? * scale)?
+                    .broadcast_add(&mask.tensor(device)?)?;
+                candle_nn::ops::softmax(&x, D::Minus1)?.to_dtype(dt)?
+            };
+            let grad = |p: &Tensor| -> Result<Tensor> {
+                let loss = (p.to_dtype(DType::F32)? * &w)?.sum_all()?;
+                Ok(loss.backward()?.get(&s).cloned().expect("a gradient"))
+            };
+            out[2 * k] = out[2 * k].max(rel(&fused, &generic)?);
+            out[2 * k + 1] = out[2 * k + 1].max(rel(&grad(&fused)?, &grad(&generic)?)?);
+        }
     }
     Ok(Some(out))
 }
 
-/// The additive causal mask `[t, t]` (query i sees keys 0..=i), the only mask attention
-/// takes: fused kernels apply it by index.
-pub struct CausalMask(Tensor);
+/// A causal mask over `tq` queries and `tk >= tq` keys, aligned at the end: query i sees keys
+/// `0..=i + tk - tq` (training: `tq == tk`; a decoding step: the cache, then its own tokens in
+/// order). The only mask attention takes; fused kernels apply it by index, the generic path
+/// builds the additive `[tq, tk]` tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CausalMask {
+    pub tq: usize,
+    pub tk: usize,
+}
 
-pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<CausalMask> {
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(CausalMask(Tensor::from_vec(data, (t, t), device)?))
+impl CausalMask {
+    pub fn new(tq: usize, tk: usize) -> Self {
+        Self { tq, tk }
+    }
+
+    /// Keys before the first query's own position, all visible.
+    pub fn offset(&self) -> usize {
+        self.tk.saturating_sub(self.tq)
+    }
+
+    /// The additive mask `[tq, tk]`: 0 where visible, -inf elsewhere.
+    pub fn tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let (tk, off) = (self.tk, self.offset());
+        let data: Vec<f32> = (0..self.tq)
+            .flat_map(|i| (0..tk).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Ok(Tensor::from_vec(data, (self.tq, tk), device)?)
+    }
+}
+
+/// The square causal mask of a training sequence of `t` tokens.
+pub fn causal_mask(t: usize) -> CausalMask {
+    CausalMask::new(t, t)
 }
 
 /// Softmax over the last dimension with a backward. On the CPU (f32/f64) it is one pass

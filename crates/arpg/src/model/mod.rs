@@ -49,9 +49,45 @@ pub struct Positions<'a> {
     pub queries: &'a Tensor,
 }
 
+/// Learned absolute positions (`abs_pos_embed`): one table row per RoPE row of the training
+/// grid, and the table row each RoPE row of the current grid reads.
+struct PosEmbed {
+    table: Tensor,
+    map: Tensor,
+}
+
+impl PosEmbed {
+    /// Which table row each RoPE row of `grid` reads: the class rows their own; the cells of
+    /// a larger (or smaller) grid those of the training grid centred in it, clamped to its
+    /// border.
+    fn map(cfg: &ArpgConfig, grid: (usize, usize), device: &Device) -> Result<Tensor> {
+        let g = cfg.grid_size() as i64;
+        let (gh, gw) = (grid.0 as i64, grid.1 as i64);
+        let (oi, oj) = ((gh - g).div_euclid(2), (gw - g).div_euclid(2));
+        let cls = cfg.cls_token_num as i64;
+        let mut m: Vec<u32> = (0..cls as u32).collect();
+        for i in 0..gh {
+            for j in 0..gw {
+                let (ti, tj) = ((i - oi).clamp(0, g - 1), (j - oj).clamp(0, g - 1));
+                m.push((cls + ti * g + tj) as u32);
+            }
+        }
+        let n = m.len();
+        Ok(Tensor::from_vec(m, n, device)?)
+    }
+
+    /// Embeddings `[b, l, dim]` of a `[b, l]` tensor of RoPE rows.
+    fn gather(&self, rows: &Tensor) -> Result<Tensor> {
+        let (b, l) = rows.dims2()?;
+        let idx = self.map.index_select(&rows.flatten_all()?, 0)?;
+        Ok(self.table.index_select(&idx, 0)?.reshape((b, l, ()))?)
+    }
+}
+
 pub struct Arpg {
     cfg: ArpgConfig,
     embeddings: Embedding,
+    pos: Option<PosEmbed>,
     self_dec: Vec<SelfBlock>,
     cross_dec: Vec<CrossBlock>,
     kv_norm: RmsNorm,
@@ -107,8 +143,19 @@ impl Arpg {
             });
         }
         let g = cfg.grid_size();
+        let pos = if cfg.abs_pos_embed {
+            Some(PosEmbed {
+                table: vb
+                    .pp("pos_embeddings")
+                    .get((cfg.cls_token_num + cfg.block_size, d), "weight")?,
+                map: PosEmbed::map(cfg, (g, g), vb.device())?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             embeddings: Embedding::new(emb, d),
+            pos,
             self_dec,
             cross_dec,
             kv_norm: RmsNorm::new(&l, "norm", d, eps)?,
@@ -144,27 +191,37 @@ impl Arpg {
     /// Use a RoPE table for another grid (resolution expansion); rows follow that grid's raster.
     pub fn set_grid(&mut self, grid: (usize, usize)) -> Result<()> {
         self.rope = Rope::new(&self.cfg, grid, &self.device)?;
+        if let Some(p) = self.pos.as_mut() {
+            p.map = PosEmbed::map(&self.cfg, grid, &self.device)?;
+        }
         self.id = next_id();
         Ok(())
     }
 
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.embeddings.forward(ids)?)
+    /// Token embeddings of `ids [b, l]` at RoPE rows `rows [b, l]` (plus their absolute
+    /// position embedding when the model has one).
+    fn embed(&self, ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let x = self.embeddings.forward(ids)?;
+        match &self.pos {
+            Some(p) => Ok((x + p.gather(rows)?)?),
+            None => Ok(x),
+        }
     }
 
-    fn mask_queries(&self, batch: usize, n: usize) -> Result<Tensor> {
-        let ids = Tensor::full(self.cfg.mask_token(), (batch, n), &self.device)?;
-        self.embed(&ids)
+    /// Mask-token queries for the cells at RoPE rows `rows [b, n]`.
+    fn mask_queries(&self, rows: &Tensor) -> Result<Tensor> {
+        let ids = Tensor::full(self.cfg.mask_token(), rows.dims2()?, &self.device)?;
+        self.embed(&ids, rows)
     }
 
     /// Teacher-forced forward (training path): `tokens [b, L]` = class token then image tokens
     /// in generation order; `pos.queries [b, L]` the rows of the tokens to predict. Causal
     /// masks in both passes. Returns float32 logits `[b, L, vocab]` in generation order.
     pub fn forward(&self, tokens: &Tensor, pos: Positions, mode: &mut Mode) -> Result<Tensor> {
-        let (b, l) = tokens.dims2()?;
+        let (_, l) = tokens.dims2()?;
         let diff = mode.differentiable;
-        let mask = causal_mask(l, &self.device)?;
-        let mut x = self.embed(tokens)?;
+        let mask = causal_mask(l);
+        let mut x = self.embed(tokens, pos.keys)?;
         x = mode.drop(x)?;
         let (kc, ks) = self.rope.gather(pos.keys)?;
         let (qc, qs) = self.rope.gather(pos.queries)?;
@@ -180,7 +237,7 @@ impl Arpg {
             x = (x + f)?;
         }
         let (k, v) = self.shared_kv(&x, &kc, &ks, diff)?;
-        let q = self.mask_queries(b, l)?;
+        let q = self.mask_queries(pos.queries)?;
         let q = self.cross_pass(q, &k, &v, &qc, &qs, Some(&mask), mode)?;
         self.logits(&q, diff)
     }
@@ -249,26 +306,42 @@ impl Arpg {
 
     /// One decoding step (inference path). Feeds `tokens [b, m]` (rows `pos.keys`) through
     /// pass 1, appending to `cache`, then runs `n` mask queries (rows `pos.queries [b, n]`)
-    /// through pass 2 against every cached key. No mask inside a step. Returns float32
-    /// logits `[b, n, vocab]`, or `None` when there are no queries (a prefill).
+    /// through pass 2 against every cached key. No mask inside a step (the reference's
+    /// parallel decoding: tokens drawn together see each other). Returns float32 logits
+    /// `[b, n, vocab]`, or `None` when there are no queries (a prefill).
     pub fn step(
         &self,
         cache: &mut KvCache,
         tokens: &Tensor,
         pos: Positions,
     ) -> Result<Option<Tensor>> {
-        self.step_inner(cache, tokens, pos, true)
+        self.step_inner(cache, tokens, pos, false, true)
     }
 
-    /// [`Arpg::step`] with the logits left in the compute dtype (bf16 logits are a quarter of the
-    /// memory of f32 ones at the last, largest step, and widening them later is exact).
-    pub fn step_native_logits(
+    /// [`Arpg::step`] with a causal mask over the fed tokens, as in training: token `i` of
+    /// the step sees the cache and the step's tokens `0..=i`. For feeding a class token and
+    /// known tokens together, which training only ever saw in sequence (unmasked, the class
+    /// token would attend to all of them and its key/value would change with the image).
+    pub fn step_causal(
         &self,
         cache: &mut KvCache,
         tokens: &Tensor,
         pos: Positions,
     ) -> Result<Option<Tensor>> {
-        self.step_inner(cache, tokens, pos, false)
+        self.step_inner(cache, tokens, pos, true, true)
+    }
+
+    /// [`Arpg::step`] (or [`Arpg::step_causal`]) with the logits left in the compute dtype
+    /// (bf16 logits are a quarter of the memory of f32 ones at the last, largest step, and
+    /// widening them later is exact).
+    pub fn step_native_logits(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: Positions,
+        causal: bool,
+    ) -> Result<Option<Tensor>> {
+        self.step_inner(cache, tokens, pos, causal, false)
     }
 
     fn step_inner(
@@ -276,9 +349,10 @@ impl Arpg {
         cache: &mut KvCache,
         tokens: &Tensor,
         pos: Positions,
+        causal: bool,
         f32_logits: bool,
     ) -> Result<Option<Tensor>> {
-        let (b, m) = tokens.dims2()?;
+        let (_, m) = tokens.dims2()?;
         let n = pos.queries.dim(1)?;
         if cache.len() + m > cache.capacity() {
             bail!(
@@ -289,7 +363,9 @@ impl Arpg {
         }
         let mut mode = Mode::inference();
         let h = self.cfg.n_head;
-        let mut x = self.embed(tokens)?;
+        // Query i of the step sees the cache and the step's tokens 0..=i.
+        let mask = (causal && m > 1).then(|| CausalMask::new(m, cache.len() + m));
+        let mut x = self.embed(tokens, pos.keys)?;
         let (kc, ks) = self.rope.gather(pos.keys)?;
         for (i, blk) in self.self_dec.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x, false)?;
@@ -297,7 +373,7 @@ impl Arpg {
             let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, false)?;
             let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
             let (k, v) = cache.append_layer(i, &k, &v)?;
-            let a = merge_heads(&attention(&q, &k, &v, None, false)?)?;
+            let a = merge_heads(&attention(&q, &k, &v, mask.as_ref(), false)?)?;
             x = (x + blk.proj.forward(&a)?)?;
             x = (&x
                 + blk
@@ -311,12 +387,184 @@ impl Arpg {
             return Ok(None);
         }
         let (qc, qs) = self.rope.gather(pos.queries)?;
-        let q = self.mask_queries(b, n)?;
+        let q = self.mask_queries(pos.queries)?;
         let q = self.cross_pass(q, &k, &v, &qc, &qs, None, &mut mode)?;
         Ok(Some(if f32_logits {
             self.logits(&q, false)?
         } else {
             self.head_logits(&q, false)?
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A freshly initialised digits-sized model, its (zero-initialised) head randomised so
+    /// that logits show the hidden state.
+    fn random_model(abs_pos_embed: bool) -> Arpg {
+        let cfg = ArpgConfig {
+            abs_pos_embed,
+            ..crate::zoo::digits_config()
+        };
+        let dev = Device::Cpu;
+        let tr = crate::train::Trainer::new(&cfg, &Default::default(), DType::F32, &dev).unwrap();
+        for (name, v) in tr.parameters() {
+            if name == "head.weight" {
+                v.set(&Tensor::randn(0f32, 0.5, v.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        tr.model().unwrap()
+    }
+
+    /// Logits of the first decoding step (only the class token known) for queries at
+    /// raster cells 0 (a corner), 27 and 36 (the centre) of a random digits-sized model.
+    fn first_step_logits(abs_pos_embed: bool) -> Vec<Vec<f32>> {
+        let model = random_model(abs_pos_embed);
+        let cfg = model.config().clone();
+        let dev = Device::Cpu;
+        let mut cache = model.new_cache(1, 65).unwrap();
+        let ids = Tensor::new(&[[cfg.class_token(4)]], &dev).unwrap();
+        let keys = Tensor::new(&[[0u32]], &dev).unwrap();
+        let queries = Tensor::new(&[[1u32, 28, 37]], &dev).unwrap();
+        let pos = Positions {
+            keys: &keys,
+            queries: &queries,
+        };
+        model
+            .step(&mut cache, &ids, pos)
+            .unwrap()
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()[0]
+            .clone()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn only_the_absolute_position_embedding_tells_the_first_query_where_it_is() {
+        // RoPE alone: one key to attend to, so every cell gets the same prediction.
+        let l = first_step_logits(false);
+        assert!(max_diff(&l[0], &l[1]) < 1e-6 && max_diff(&l[0], &l[2]) < 1e-6);
+        let l = first_step_logits(true);
+        assert!(max_diff(&l[0], &l[1]) > 1e-4, "{l:?}");
+        assert!(max_diff(&l[1], &l[2]) > 1e-4, "{l:?}");
+    }
+
+    #[test]
+    fn a_larger_grid_reads_the_training_grid_centred_and_clamped() {
+        let cfg = ArpgConfig {
+            abs_pos_embed: true,
+            ..crate::zoo::digits_config()
+        };
+        let m = PosEmbed::map(&cfg, (8, 24), &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(m.len(), 1 + 8 * 24);
+        assert_eq!(m[0], 0);
+        // Row 2, columns 0, 8, 15, 23 of the 8x24 grid: clamped left, the digit's own
+        // columns 0 and 7, clamped right.
+        let at = |i: usize, j: usize| m[1 + i * 24 + j];
+        assert_eq!(at(2, 0), 1 + 2 * 8);
+        assert_eq!(at(2, 8), 1 + 2 * 8);
+        assert_eq!(at(2, 15), 1 + 2 * 8 + 7);
+        assert_eq!(at(2, 23), 1 + 2 * 8 + 7);
+        let same = PosEmbed::map(&cfg, (8, 8), &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(same, (0..65).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn a_causal_prefill_sees_what_the_training_forward_sees() {
+        let model = random_model(true);
+        let cfg = model.config().clone();
+        let dev = Device::Cpu;
+        // Class 4, then 11 tokens in a random order; the query after the first 10 predicts
+        // the 11th.
+        let cells = [5u32, 17, 40, 2, 33, 60, 12, 27, 8, 50, 45];
+        let mut toks = vec![cfg.class_token(4)];
+        toks.extend(cells[..10].iter().map(|&c| (c * 7) % 17));
+        let mut keys = vec![0u32];
+        keys.extend(cells[..10].iter().map(|&c| c + 1));
+        let queries: Vec<u32> = cells.iter().map(|&c| c + 1).collect();
+        let t = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, v.len()), &dev).unwrap();
+        let (toks, keys, queries) = (t(&toks), t(&keys), t(&queries));
+        let train = model
+            .forward(
+                &toks,
+                Positions {
+                    keys: &keys,
+                    queries: &queries,
+                },
+                &mut Mode::inference(),
+            )
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()[0][10]
+            .clone();
+        let last = queries.narrow(1, 10, 1).unwrap();
+        let prefill = |causal: bool| {
+            let mut cache = model.new_cache(1, 65).unwrap();
+            let pos = Positions {
+                keys: &keys.narrow(1, 0, 11).unwrap(),
+                queries: &last,
+            };
+            let ids = toks.narrow(1, 0, 11).unwrap();
+            let out = if causal {
+                model.step_causal(&mut cache, &ids, pos)
+            } else {
+                model.step(&mut cache, &ids, pos)
+            };
+            out.unwrap().unwrap().to_vec3::<f32>().unwrap()[0][0].clone()
+        };
+        let (causal, unmasked) = (prefill(true), prefill(false));
+        assert!(max_diff(&causal, &train) < 1e-4, "{causal:?} vs {train:?}");
+        // Unmasked, the class token and each known token also see the tokens after them.
+        assert!(max_diff(&unmasked, &train) > 1e-3, "{unmasked:?}");
+    }
+    #[test]
+    fn the_shipped_digits_model_knows_a_corner_from_the_centre() {
+        // Cell 0 is blank (level 0) in every training digit, cell 27 in 14% of them (61% of the
+        // zeros, 2% of the ones). The first prediction (only the class known) must
+        // tell them apart, for every class.
+        let dev = Device::Cpu;
+        let model = crate::zoo::ModelSpec {
+            model: Some(crate::zoo::DIGITS.into()),
+            ..Default::default()
+        }
+        .load(DType::F32, &dev)
+        .unwrap();
+        let cfg = model.config().clone();
+        for c in 0..cfg.num_classes {
+            let mut cache = model.new_cache(1, 65).unwrap();
+            let ids = Tensor::new(&[[cfg.class_token(c)]], &dev).unwrap();
+            let keys = Tensor::new(&[[0u32]], &dev).unwrap();
+            let queries = Tensor::new(&[[1u32, 28]], &dev).unwrap();
+            let pos = Positions {
+                keys: &keys,
+                queries: &queries,
+            };
+            let logits = model.step(&mut cache, &ids, pos).unwrap().unwrap();
+            let p = candle_nn::ops::softmax_last_dim(&logits)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            let (corner, centre) = (p[0][0][0], p[0][1][0]);
+            assert!(
+                corner > 0.95 && centre < corner - 0.3,
+                "class {c}: P(blank) {corner} at the corner, {centre} at the centre"
+            );
+        }
     }
 }

@@ -316,16 +316,18 @@ fn decode_impl<R: Rng>(
     let mut done = 0usize;
     for &n in &counts {
         let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
-        let logits = model
-            .step(
-                &mut cache,
-                &ids,
-                Positions {
-                    keys: &kpos,
-                    queries: &qpos,
-                },
-            )?
-            .expect("queries were given");
+        let positions = Positions {
+            keys: &kpos,
+            queries: &qpos,
+        };
+        // The first step feeds the class token and the known tokens together: in sequence,
+        // as training saw them. Later steps feed the tokens drawn together, unmasked.
+        let logits = if done == 0 {
+            model.step_causal(&mut cache, &ids, positions)?
+        } else {
+            model.step(&mut cache, &ids, positions)?
+        }
+        .expect("queries were given");
         let decoded = done + n;
         let logits = match guidance(decoded) {
             Some(w) => {
@@ -440,6 +442,8 @@ fn device_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers) -> Result<()> {
     let mut done = 0;
     for (&n, &d) in plan.counts.iter().zip(&plan.draws) {
         let qpos = buf.q_rows.narrow(1, done, n)?.contiguous()?;
+        // The first step feeds the class token and the known tokens in sequence, as training
+        // saw them; later steps the tokens drawn together, unmasked (the reference's way).
         let logits = model
             .step_native_logits(
                 &mut buf.cache,
@@ -448,6 +452,7 @@ fn device_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers) -> Result<()> {
                     keys: &kpos,
                     queries: &qpos,
                 },
+                done == 0,
             )?
             .expect("queries were given");
         let picked = draw::draw(&logits, &buf.seed, d)?;
@@ -486,6 +491,7 @@ mod tests {
             rope_base: 10000.0,
             ffn_dim_multiplier: None,
             cls_token_num: 1,
+            abs_pos_embed: false,
         };
         Arpg::new(&cfg, random_var_builder(3, DType::F32, &Device::Cpu)).unwrap()
     }

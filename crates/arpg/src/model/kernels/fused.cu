@@ -182,17 +182,17 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Training attention: softmax over keys of scores * scale, keys after the query masked when
-// causal (query i of tq sees keys 0..=i), in f32, rounded once to the scores' dtype. One warp
+// Attention softmax over keys of scores * scale, keys after the query masked when causal
+// (query i of tq sees keys 0..=i + offset), in f32, rounded once to the scores' dtype. One warp
 // per row of tk scores.
 template <typename T>
 __device__ void attn_softmax(
     const T *s, T *p, unsigned int rows, unsigned int tq, unsigned int tk, float scale,
-    int causal) {
+    int causal, unsigned int offset) {
     unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     unsigned int i = r % tq;
-    unsigned int lim = causal ? min(i + 1, tk) : tk;
+    unsigned int lim = causal ? min(i + 1 + offset, tk) : tk;
     size_t base = (size_t)r * tk;
     float m = -INFINITY;
     for (unsigned int j = lane; j < lim; j += 32) m = fmaxf(m, __fmul_rn(load_f32(s, base + j), scale));
@@ -224,14 +224,14 @@ __device__ void attn_softmax_bwd(
 
 extern "C" __global__ void attn_softmax_f32(
     const float *s, float *p, unsigned int rows, unsigned int tq, unsigned int tk, float scale,
-    int causal) {
-    attn_softmax(s, p, rows, tq, tk, scale, causal);
+    int causal, unsigned int offset) {
+    attn_softmax(s, p, rows, tq, tk, scale, causal, offset);
 }
 
 extern "C" __global__ void attn_softmax_bf16(
     const unsigned short *s, unsigned short *p, unsigned int rows, unsigned int tq,
-    unsigned int tk, float scale, int causal) {
-    attn_softmax(s, p, rows, tq, tk, scale, causal);
+    unsigned int tk, float scale, int causal, unsigned int offset) {
+    attn_softmax(s, p, rows, tq, tk, scale, causal, offset);
 }
 
 extern "C" __global__ void attn_softmax_bwd_f32(
