@@ -142,29 +142,72 @@ pub(crate) mod cuda {
     /// Every kernel of `kernels/fused.cu`, loaded once per device as module `arpg_fused`.
     pub(crate) const PTX: &str = include_str!("kernels/fused.ptx");
 
+    /// A custom op's `name` and a `cpu_fwd` that refuses (`n` inputs): CUDA kernels only.
+    macro_rules! cuda_only {
+        (1, $name:literal) => {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!($name, ": CUDA only"))
+            }
+        };
+        (2, $name:literal) => {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!($name, ": CUDA only"))
+            }
+        };
+        (3, $name:literal) => {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!($name, ": CUDA only"))
+            }
+        };
+    }
+
+    /// Launch kernel `name` of [`PTX`] on `dev` with `cfg` and the arguments in order.
+    macro_rules! run_kernel {
+        ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+            let func = $dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
+            let mut builder = func.builder();
+            $(builder.arg($arg);)+
+            // Safety: every call site passes the kernel's arguments in its order and types.
+            unsafe { builder.launch($cfg) }.map_err(err)?;
+        }};
+    }
+
     #[derive(Clone, Copy)]
     pub struct RopeBf16;
 
     fn err(e: impl std::fmt::Debug) -> candle_core::Error {
-        candle_core::Error::Msg(format!("fused rope kernel: {e:?}"))
+        candle_core::Error::Msg(format!("fused kernel launch: {e:?}"))
     }
 
     impl CustomOp3 for RopeBf16 {
-        fn name(&self) -> &'static str {
-            "arpg-rope-i-bf16"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused bf16 RoPE kernel is CUDA only")
-        }
+        cuda_only!(3, "arpg-rope-i-bf16");
 
         fn cuda_fwd(
             &self,
@@ -198,24 +241,25 @@ pub(crate) mod cuda {
             let pairs = (n / 2) as u32;
             // Safety: the kernel writes every element.
             let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
-            let func = dev.get_or_load_custom_func("rope_i_bf16_f32", "arpg_fused", PTX)?;
             let (h, t, half_d) = (h as u32, t as u32, (d / 2) as u32);
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&cs);
-            builder.arg(&ss);
-            builder.arg(&mut dst);
-            builder.arg(&h);
-            builder.arg(&t);
-            builder.arg(&half_d);
-            builder.arg(&pairs);
             let cfg = LaunchConfig {
                 grid_dim: (pairs.div_ceil(256), 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // Safety: argument types and count match the kernel's signature.
-            unsafe { builder.launch(cfg) }.map_err(err)?;
+            run_kernel!(
+                dev,
+                "rope_i_bf16_f32",
+                cfg;
+                &xs,
+                &cs,
+                &ss,
+                &mut dst,
+                &h,
+                &t,
+                &half_d,
+                &pairs,
+            );
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
         }
 
@@ -245,21 +289,7 @@ pub(crate) mod cuda {
     }
 
     impl CustomOp3 for GroupNorm {
-        fn name(&self) -> &'static str {
-            "arpg-group-norm"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused GroupNorm kernel is CUDA only")
-        }
+        cuda_only!(3, "arpg-group-norm");
 
         fn cuda_fwd(
             &self,
@@ -299,20 +329,21 @@ pub(crate) mod cuda {
                     let xs = x.as_cuda_slice::<$t>()?.slice(xo.0..xo.1);
                     // Safety: the kernel writes every element.
                     let mut dst = unsafe { dev.alloc::<$t>(total) }?;
-                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
-                    let mut builder = func.builder();
-                    builder.arg(&xs);
-                    builder.arg(&ws);
-                    builder.arg(&bs);
-                    builder.arg(&mut dst);
-                    builder.arg(&n);
-                    builder.arg(&hw);
-                    builder.arg(&cpg_u);
-                    builder.arg(&groups_u);
-                    builder.arg(&self.eps);
-                    builder.arg(&silu);
-                    // Safety: argument types and count match the kernel's signature.
-                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    run_kernel!(
+                        dev,
+                        $name,
+                        cfg;
+                        &xs,
+                        &ws,
+                        &bs,
+                        &mut dst,
+                        &n,
+                        &hw,
+                        &cpg_u,
+                        &groups_u,
+                        &self.eps,
+                        &silu,
+                    );
                     CudaStorage::wrap_cuda_slice(dst, dev)
                 }};
             }
@@ -339,13 +370,7 @@ pub(crate) mod cuda {
     }
 
     impl candle_core::CustomOp1 for AttnSoftmax {
-        fn name(&self) -> &'static str {
-            "arpg-attn-softmax"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused attention softmax is CUDA only")
-        }
+        cuda_only!(1, "arpg-attn-softmax");
 
         fn cuda_fwd(
             &self,
@@ -368,18 +393,19 @@ pub(crate) mod cuda {
                     let src = s.as_cuda_slice::<$t>()?.slice(o0..o1);
                     // Safety: the kernel writes every element.
                     let mut dst = unsafe { dev.alloc::<$t>(o1 - o0) }?;
-                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
-                    let mut builder = func.builder();
-                    builder.arg(&src);
-                    builder.arg(&mut dst);
-                    builder.arg(&rows);
-                    builder.arg(&tq_u);
-                    builder.arg(&tk_u);
-                    builder.arg(&self.scale);
-                    builder.arg(&causal);
-                    builder.arg(&self.offset);
-                    // Safety: argument types and count match the kernel's signature.
-                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    run_kernel!(
+                        dev,
+                        $name,
+                        cfg;
+                        &src,
+                        &mut dst,
+                        &rows,
+                        &tq_u,
+                        &tk_u,
+                        &self.scale,
+                        &causal,
+                        &self.offset,
+                    );
                     CudaStorage::wrap_cuda_slice(dst, dev)
                 }};
             }
@@ -408,19 +434,7 @@ pub(crate) mod cuda {
     pub struct AttnSoftmaxBwd(pub f32);
 
     impl candle_core::CustomOp2 for AttnSoftmaxBwd {
-        fn name(&self) -> &'static str {
-            "arpg-attn-softmax-bwd"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused attention softmax is CUDA only")
-        }
+        cuda_only!(2, "arpg-attn-softmax-bwd");
 
         fn cuda_fwd(
             &self,
@@ -451,16 +465,17 @@ pub(crate) mod cuda {
                     let gs = g.as_cuda_slice::<$t>()?.slice(g0..g1);
                     // Safety: the kernel writes every element.
                     let mut dst = unsafe { dev.alloc::<$t>(n) }?;
-                    let func = dev.get_or_load_custom_func($name, "arpg_fused", PTX)?;
-                    let mut builder = func.builder();
-                    builder.arg(&ps);
-                    builder.arg(&gs);
-                    builder.arg(&mut dst);
-                    builder.arg(&rows);
-                    builder.arg(&tk_u);
-                    builder.arg(&self.0);
-                    // Safety: argument types and count match the kernel's signature.
-                    unsafe { builder.launch(cfg) }.map_err(err)?;
+                    run_kernel!(
+                        dev,
+                        $name,
+                        cfg;
+                        &ps,
+                        &gs,
+                        &mut dst,
+                        &rows,
+                        &tk_u,
+                        &self.0,
+                    );
                     CudaStorage::wrap_cuda_slice(dst, dev)
                 }};
             }
@@ -498,19 +513,7 @@ pub(crate) mod cuda {
     }
 
     impl candle_core::CustomOp2 for RmsNormTrain {
-        fn name(&self) -> &'static str {
-            "arpg-rms-norm-train"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused RMSNorm is CUDA only")
-        }
+        cuda_only!(2, "arpg-rms-norm-train");
 
         fn cuda_fwd(
             &self,
@@ -533,16 +536,17 @@ pub(crate) mod cuda {
             let (xs, ws) = (bf16_view(x, xl, "rms norm")?, bf16_view(w, wl, "rms norm")?);
             // Safety: the kernel writes every element.
             let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
-            let func = dev.get_or_load_custom_func("rms_norm_fwd_bf16", "arpg_fused", PTX)?;
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&ws);
-            builder.arg(&mut dst);
-            builder.arg(&rows);
-            builder.arg(&d_u);
-            builder.arg(&self.eps);
-            // Safety: argument types and count match the kernel's signature.
-            unsafe { builder.launch(warp_rows(n / d)) }.map_err(err)?;
+            run_kernel!(
+                dev,
+                "rms_norm_fwd_bf16",
+                warp_rows(n / d);
+                &xs,
+                &ws,
+                &mut dst,
+                &rows,
+                &d_u,
+                &self.eps,
+            );
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
         }
 
@@ -568,21 +572,7 @@ pub(crate) mod cuda {
     }
 
     impl CustomOp3 for RmsNormBwdX {
-        fn name(&self) -> &'static str {
-            "arpg-rms-norm-bwd-x"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused RMSNorm is CUDA only")
-        }
+        cuda_only!(3, "arpg-rms-norm-bwd-x");
 
         fn cuda_fwd(
             &self,
@@ -607,17 +597,18 @@ pub(crate) mod cuda {
             );
             // Safety: the kernel writes every element.
             let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
-            let func = dev.get_or_load_custom_func("rms_norm_bwd_x_bf16", "arpg_fused", PTX)?;
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&ws);
-            builder.arg(&gs);
-            builder.arg(&mut dst);
-            builder.arg(&rows);
-            builder.arg(&d_u);
-            builder.arg(&self.eps);
-            // Safety: argument types and count match the kernel's signature.
-            unsafe { builder.launch(warp_rows(n / d)) }.map_err(err)?;
+            run_kernel!(
+                dev,
+                "rms_norm_bwd_x_bf16",
+                warp_rows(n / d);
+                &xs,
+                &ws,
+                &gs,
+                &mut dst,
+                &rows,
+                &d_u,
+                &self.eps,
+            );
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), xl.shape().clone()))
         }
     }
@@ -627,13 +618,7 @@ pub(crate) mod cuda {
     }
 
     impl candle_core::CustomOp1 for RmsNormDens {
-        fn name(&self) -> &'static str {
-            "arpg-rms-norm-dens"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused RMSNorm is CUDA only")
-        }
+        cuda_only!(1, "arpg-rms-norm-dens");
 
         fn cuda_fwd(
             &self,
@@ -647,15 +632,16 @@ pub(crate) mod cuda {
             let xs = bf16_view(x, xl, "rms norm scales")?;
             // Safety: the kernel writes one value per row.
             let mut dst = unsafe { dev.alloc::<f32>(rows) }?;
-            let func = dev.get_or_load_custom_func("rms_norm_dens_bf16", "arpg_fused", PTX)?;
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&mut dst);
-            builder.arg(&rows_u);
-            builder.arg(&d_u);
-            builder.arg(&self.eps);
-            // Safety: argument types and count match the kernel's signature.
-            unsafe { builder.launch(warp_rows(rows)) }.map_err(err)?;
+            run_kernel!(
+                dev,
+                "rms_norm_dens_bf16",
+                warp_rows(rows);
+                &xs,
+                &mut dst,
+                &rows_u,
+                &d_u,
+                &self.eps,
+            );
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), Shape::from(rows)))
         }
     }
@@ -666,21 +652,7 @@ pub(crate) mod cuda {
     struct RmsNormBwdW;
 
     impl CustomOp3 for RmsNormBwdW {
-        fn name(&self) -> &'static str {
-            "arpg-rms-norm-bwd-w"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused RMSNorm is CUDA only")
-        }
+        cuda_only!(3, "arpg-rms-norm-bwd-w");
 
         fn cuda_fwd(
             &self,
@@ -703,23 +675,24 @@ pub(crate) mod cuda {
             let ds = dens.as_cuda_slice::<f32>()?.slice(d0..d1);
             // Safety: the kernel writes every (chunk, column).
             let mut dst = unsafe { dev.alloc::<f32>(chunks * d) }?;
-            let func = dev.get_or_load_custom_func("rms_norm_bwd_w_bf16", "arpg_fused", PTX)?;
             let (rows_u, d_u, chunk_u) = (rows as u32, d as u32, RMS_CHUNK as u32);
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&gs);
-            builder.arg(&ds);
-            builder.arg(&mut dst);
-            builder.arg(&rows_u);
-            builder.arg(&d_u);
-            builder.arg(&chunk_u);
             let cfg = LaunchConfig {
                 grid_dim: ((d as u32).div_ceil(32), chunks as u32, 1),
                 block_dim: (32, 8, 1),
                 shared_mem_bytes: 0,
             };
-            // Safety: argument types and count match the kernel's signature.
-            unsafe { builder.launch(cfg) }.map_err(err)?;
+            run_kernel!(
+                dev,
+                "rms_norm_bwd_w_bf16",
+                cfg;
+                &xs,
+                &gs,
+                &ds,
+                &mut dst,
+                &rows_u,
+                &d_u,
+                &chunk_u,
+            );
             Ok((
                 CudaStorage::wrap_cuda_slice(dst, dev),
                 Shape::from((chunks, d)),

@@ -245,6 +245,17 @@ extern "C" __global__ void attn_softmax_bwd_bf16(
     attn_softmax_bwd(p, g, gs, rows, tk, scale);
 }
 
+// sqrt(mean(x^2) + eps) of the row of d values at base, summed by one warp; every lane gets it.
+template <typename T>
+__device__ float row_rms_den(const T *x, size_t base, unsigned int d, float eps, unsigned int lane) {
+    float ss = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float v = load_f32(x, base + j);
+        ss += v * v;
+    }
+    return sqrtf(warp_sum(ss) / (float)d + eps);
+}
+
 // Training RMSNorm over rows of d: n = x / sqrt(mean(x^2) + eps) in f32, rounded to x's dtype,
 // then y = n * w rounded (the generic path's two roundings). One warp per row.
 template <typename T>
@@ -253,12 +264,7 @@ __device__ void rms_norm_fwd(
     unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     size_t base = (size_t)r * d;
-    float ss = 0.0f;
-    for (unsigned int j = lane; j < d; j += 32) {
-        float v = load_f32(x, base + j);
-        ss += v * v;
-    }
-    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    float den = row_rms_den(x, base, d, eps, lane);
     for (unsigned int j = lane; j < d; j += 32) {
         float n = round_to(x, __fdiv_rn(load_f32(x, base + j), den));
         store_f32(y, base + j, n * load_f32(w, j));
@@ -273,12 +279,7 @@ __device__ void rms_norm_bwd_x(
     unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     size_t base = (size_t)r * d;
-    float ss = 0.0f;
-    for (unsigned int j = lane; j < d; j += 32) {
-        float v = load_f32(x, base + j);
-        ss += v * v;
-    }
-    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    float den = row_rms_den(x, base, d, eps, lane);
     float dot = 0.0f;
     for (unsigned int j = lane; j < d; j += 32)
         dot += load_f32(g, base + j) * load_f32(w, j) * (load_f32(x, base + j) / den);
@@ -295,12 +296,7 @@ __device__ void rms_norm_dens(const T *x, float *dens, unsigned int rows, unsign
     unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     size_t base = (size_t)r * d;
-    float ss = 0.0f;
-    for (unsigned int j = lane; j < d; j += 32) {
-        float v = load_f32(x, base + j);
-        ss += v * v;
-    }
-    float den = sqrtf(warp_sum(ss) / (float)d + eps);
+    float den = row_rms_den(x, base, d, eps, lane);
     if (lane == 0) dens[r] = den;
 }
 
