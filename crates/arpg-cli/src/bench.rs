@@ -71,6 +71,18 @@ fn time<F: FnMut() -> Result<()>>(
     Ok(median(t))
 }
 
+/// With ARPG_PROFILE set: `{part: [milliseconds, calls]}` gathered since the last call, over
+/// all timed runs; `None` when nothing was gathered.
+fn profile_json() -> Option<serde_json::Value> {
+    let prof = arpg::util::take_profile();
+    (!prof.is_empty()).then(|| {
+        serde_json::json!(prof
+            .iter()
+            .map(|(k, (ms, n))| (k.to_string(), serde_json::json!([ms, n])))
+            .collect::<serde_json::Map<_, _>>())
+    })
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -139,13 +151,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         })?;
         out["vq_decode_seconds"] = s.into();
-        let prof = arpg::util::take_profile();
-        if !prof.is_empty() {
-            // With ARPG_PROFILE set: milliseconds and calls per part, over all timed runs.
-            out["vq_profile_ms"] = serde_json::json!(prof
-                .iter()
-                .map(|(k, (ms, n))| (k.to_string(), serde_json::json!([ms, n])))
-                .collect::<serde_json::Map<_, _>>());
+        if let Some(p) = profile_json() {
+            out["vq_profile_ms"] = p;
         }
         out["vq_decode_images_per_sec"] = (a.batch_size as f64 / s).into();
     }
@@ -179,13 +186,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         })?;
         out["train_step_seconds"] = s.into();
-        let prof = arpg::util::take_profile();
-        if !prof.is_empty() {
-            // With ARPG_PROFILE set: milliseconds and calls per part, over all timed steps.
-            out["train_profile_ms"] = serde_json::json!(prof
-                .iter()
-                .map(|(k, (ms, n))| (k.to_string(), serde_json::json!([ms, n])))
-                .collect::<serde_json::Map<_, _>>());
+        if let Some(p) = profile_json() {
+            out["train_profile_ms"] = p;
         }
         if let Some(p) = phases {
             // With ARPG_PROFILE_STEPS set: forward+backward, all-reduce, clip+AdamW (ms).

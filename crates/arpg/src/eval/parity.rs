@@ -125,11 +125,6 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
     let (logits, targets) = teacher_forced_logits(&model, t, &mut Mode::inference())?;
     let got = logits.flatten_all()?.to_vec1::<f32>()?;
     let want = flat_f32(&t["logits"]);
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-    let err = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
     let (num, den) = got
         .iter()
         .zip(&want)
@@ -187,7 +182,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
     Ok(ParityReport {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
-        teacher_logits_rel_err: err / scale.max(1e-12),
+        teacher_logits_rel_err: rel_max_err(&got, &want),
         teacher_logits_rel_l2: (num / den.max(1e-24)).sqrt(),
         loss,
         reference_loss: t["loss"].as_f64().unwrap_or(f64::NAN),
@@ -223,17 +218,22 @@ fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let want = flat_f32(&case["image"]);
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-    let err = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    let err = rel_max_err(&got, &flat_f32(&case["image"]));
     let enc = &j["vq_encode"];
     let img = flat_f32(&enc["image"]);
     let n_img = flat_u32(&enc["indices"]).len() / (grid.0 * grid.1);
     let side = ((img.len() / n_img / 3) as f64).sqrt() as usize;
     let images = Tensor::from_vec(img, (n_img, 3, side, side), device)?;
     let codes = vq.encode(&images)?.flatten_all()?.to_vec1::<u32>()?;
-    Ok((err / scale.max(1e-12), codes == flat_u32(&enc["indices"])))
+    Ok((err, codes == flat_u32(&enc["indices"])))
+}
+
+/// max |got - want| / max |want|.
+fn rel_max_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    err / scale.max(1e-12)
 }

@@ -28,6 +28,15 @@ pub fn rope_i_bf16(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tens
     Ok(None)
 }
 
+/// max |a - b| / max |b| over all elements, in f32: how the GPU self-checks compare a fused
+/// kernel's output (or gradient) `a` with the generic ops' `b`.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    use candle_core::DType;
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
+}
+
 /// False with `ARPG_NO_FUSED` set: every op takes the generic path (for A/B measurements).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -157,11 +157,7 @@ pub fn fused_rms_norm_check(device: &candle_core::Device) -> Result<Option<[f64;
             g.get(&w).cloned().expect("w grad"),
         ))
     };
-    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-        Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
-    };
+    let rel = super::fused::rel_diff;
     let ((fx, fw), (gx, gw)) = (grads(&fused)?, grads(&generic)?);
     Ok(Some([
         rel(&fused, &generic)?,
@@ -273,11 +269,7 @@ fn attention_inner(
 /// backward]`. `None` off CUDA or with fused kernels off.
 pub fn fused_attn_softmax_check(device: &candle_core::Device) -> Result<Option<[f64; 4]>> {
     let scale = 0.125;
-    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-        Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12))
-    };
+    let rel = super::fused::rel_diff;
     let mut out = [0f64; 4];
     for mask in [causal_mask(19), CausalMask::new(7, 19)] {
         let shape = (2, 3, mask.tq, mask.tk);

@@ -106,10 +106,7 @@ pub fn fused_rope_grad_check(device: &Device) -> Result<Option<f64>> {
         grad(&fused)?,
         grad(&generic(x.as_tensor(), &cos, &sin, true)?)?,
     );
-    let diff = (&gf - &gg)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    Ok(Some(
-        diff / (gg.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-12),
-    ))
+    Ok(Some(super::fused::rel_diff(&gf, &gg)?))
 }
 
 fn generic(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {

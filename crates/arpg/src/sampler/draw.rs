@@ -193,6 +193,16 @@ mod tests {
         Tensor::new(&[s], &Device::Cpu).unwrap()
     }
 
+    /// All drawn tokens, flattened.
+    fn tokens(l: &Tensor, seed: &Tensor, d: Draw) -> Vec<u32> {
+        draw(l, seed, d)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn zero_temperature_is_the_argmax_of_the_guided_logits_ties_to_the_lower_index() {
         // cond row, then uncond row: u + (c - u) * 3.
@@ -238,35 +248,15 @@ mod tests {
             temperature: t,
             salt: 7,
         };
-        let a = draw(&l, &seed(42), d)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap();
+        let a = tokens(&l, &seed(42), d);
         for (k, &pk) in p.iter().enumerate() {
             let f = a.iter().filter(|&&x| x == k as u32).count() as f64 / a.len() as f64;
             assert!((f - pk).abs() < 0.015, "token {k}: {f} vs {pk}");
         }
-        let again = draw(&l, &seed(42), d)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap();
+        let again = tokens(&l, &seed(42), d);
         assert_eq!(a, again, "same seed and salt, same draws");
-        let other_seed = draw(&l, &seed(43), d)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap();
-        let other_salt = draw(&l, &seed(42), Draw { salt: 8, ..d })
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap();
+        let other_seed = tokens(&l, &seed(43), d);
+        let other_salt = tokens(&l, &seed(42), Draw { salt: 8, ..d });
         for o in [other_seed, other_salt] {
             let same = a.iter().zip(&o).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
             // Independent draws agree with probability sum p^2 = 0.46.

@@ -159,10 +159,7 @@ pub fn fused_group_norm_check(device: &Device) -> Result<Option<[f64; 2]>> {
                 // The fused kernel takes SiLU in f32 of the rounded norm and rounds once.
                 g = g.to_dtype(DType::F32)?.silu()?.to_dtype(dt)?;
             }
-            let (f, g) = (f.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-            let diff = (f - &g)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-            let scale = g.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-            out[k] = out[k].max(diff / scale.max(1e-12));
+            out[k] = out[k].max(crate::model::fused::rel_diff(&f, &g)?);
         }
     }
     Ok(Some(out))
