@@ -121,9 +121,12 @@ done
 CUDARC_VER="$(awk '/^name = "cudarc"$/ {getline; gsub(/version = |"/, ""); print; exit}' Cargo.lock)"
 [ -n "$CUDARC_VER" ] || { echo "cudarc not found in Cargo.lock" >&2; exit 1; }
 CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
-find_cudarc() { ls -d "$CARGO_HOME"/registry/src/*/cudarc-"$CUDARC_VER" 2>/dev/null | head -1; }
+# cudarc is a CUDA-only dependency: on a fresh machine it is not yet in cargo's registry,
+# and under pipefail a failing `ls` would stop the script here (exit 2).
+find_cudarc() { { ls -d "$CARGO_HOME"/registry/src/*/cudarc-"$CUDARC_VER" 2>/dev/null || true; } | head -1; }
 CUDARC_SRC="$(find_cudarc)"
 if [ -z "$CUDARC_SRC" ]; then
+  echo "cudarc $CUDARC_VER not in cargo's registry yet: cargo fetch"
   cargo fetch -q
   CUDARC_SRC="$(find_cudarc)"
 fi
