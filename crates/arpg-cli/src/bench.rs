@@ -155,6 +155,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
             out["vq_profile_ms"] = p;
         }
         out["vq_decode_images_per_sec"] = (a.batch_size as f64 / s).into();
+        out["cudnn_version"] = arpg::kernels::cudnn::version().into();
+        if let Some(p) = arpg::device::peak_memory(&dev)? {
+            out["vq_peak_pool_gib"] = (p.pool as f64 / (1u64 << 30) as f64).into();
+        }
+        if dtype != candle_core::DType::F32 {
+            // The low-precision decode against f32 with the same weights: the decoder's
+            // output and the uint8 pixels that are stored.
+            let lo = vq.decode(&codes, (g, g))?;
+            drop(vq);
+            let vq32 = arpg::zoo::VqSpec {
+                random: true,
+                ..Default::default()
+            }
+            .load(candle_core::DType::F32, &dev)?;
+            let hi = vq32.decode(&codes, (g, g))?;
+            let diff = (&lo - &hi)?;
+            let l2 = |t: &Tensor| -> Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+            };
+            out["vq_lowp_max_abs_err"] = (diff.abs()?.max_all()?.to_scalar::<f32>()? as f64).into();
+            out["vq_lowp_rel_l2_err"] = (l2(&diff)? / l2(&hi)?).into();
+            let (pl, ph) = (
+                arpg::tokenizer::image::tensor_to_u8_nhwc(&lo)?,
+                arpg::tokenizer::image::tensor_to_u8_nhwc(&hi)?,
+            );
+            let (pl, ph) = (
+                pl.to_dtype(candle_core::DType::F32)?,
+                ph.to_dtype(candle_core::DType::F32)?,
+            );
+            let pd = (pl - ph)?.abs()?;
+            out["vq_lowp_pixels_max_diff"] = (pd.max_all()?.to_scalar::<f32>()? as f64).into();
+            out["vq_lowp_pixels_mean_abs_diff"] =
+                (pd.mean_all()?.to_scalar::<f32>()? as f64).into();
+        }
     }
 
     if a.train {

@@ -47,6 +47,10 @@ pub struct SampleFidArgs {
     /// Do not write one PNG per image.
     #[arg(long)]
     pub no_png: bool,
+    /// Decode tokens to pixels after each batch instead of on a second thread (and, on a GPU,
+    /// a second stream) while the next batch is sampled. The images are the same either way.
+    #[arg(long)]
+    pub no_overlap: bool,
     /// Sample on N GPUs of this machine, one process each (cuda:0..N-1). Under an outside
     /// launcher, RANK / WORLD_SIZE / LOCAL_RANK are read instead.
     #[arg(long, default_value_t = 1)]
@@ -217,12 +221,18 @@ fn sample_shards(
     let sc = a.sampling.config()?;
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
+    let overlap = !a.no_overlap;
+    // The VQ decoder works on its own stream, so that it overlaps with the token decoding.
+    let vq_device = match overlap {
+        true => arpg::device::second_stream(&device)?,
+        false => device.clone(),
+    };
     let tk = a.vq.tokenizer(
         mcfg.vocab_size,
         spec.random,
         a.sampling.seed,
         dtype,
-        &device,
+        &vq_device,
     )?;
     let grid = mcfg.grid_size();
     let positions: Vec<usize> = (0..mcfg.block_size).collect();
@@ -242,49 +252,83 @@ fn sample_shards(
     if world > 1 {
         pb.set_message(format!("(rank 0 of {world})"));
     }
-    let start = Instant::now();
-    let mut made = 0usize;
-    let mut graphs = a.sampling.graphs();
+    // Every batch of every shard, in order: (shard, index of its first image, classes).
+    let mut jobs = Vec::new();
     for &s in mine {
         let (b, e) = range(s);
-        let seed = shard_seed(a.sampling.seed, s);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        arpg::device::seed(&device, seed)?;
         let classes: Vec<usize> = (b..e)
             .map(|i| (i / a.per_class) % mcfg.num_classes)
             .collect();
-        let mut bytes = Vec::new();
-        let mut hw = (0, 0);
         for (bi, batch) in classes.chunks(a.batch_size).enumerate() {
-            if arpg::util::interrupted() {
-                pb.abandon();
-                eprintln!("interrupted: the unfinished shard {s} is dropped; rerun to resume");
-                return Ok(());
-            }
-            let orders = vec![random_order(&positions, &mut rng); batch.len()];
-            let toks = sampler::sample_with(&model, batch, &orders, &sc, &mut rng, &mut graphs)?;
-            for (j, im) in tk
-                .decode(&toks, (grid, grid), &device)?
-                .into_iter()
-                .enumerate()
-            {
-                let idx = b + bi * a.batch_size + j;
-                if !a.no_png {
-                    let p = a
-                        .out
-                        .join("images")
-                        .join(format!("{idx:06}_class{}.png", batch[j]));
-                    img::save_png_atomic(&im, &p)?;
-                }
-                hw = (im.height() as usize, im.width() as usize);
-                bytes.extend_from_slice(im.as_raw());
-            }
-            pb.inc(batch.len() as u64);
-            made += batch.len();
+            jobs.push((s, b + bi * a.batch_size, batch.to_vec()));
         }
-        // The shard file is the mark of a finished shard, so it is written last, atomically.
-        let body = npy::to_bytes("|u1", &[e - b, hw.0, hw.1, 3], &bytes);
-        arpg::util::write_atomic(&shard_path(&a.out, s), &body)?;
+    }
+    let start = Instant::now();
+    let mut graphs = a.sampling.graphs();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let produce = |i: usize| -> Result<Option<Vec<Vec<u32>>>> {
+        let Some((s, first, classes)) = jobs.get(i) else {
+            return Ok(None);
+        };
+        if arpg::util::interrupted() {
+            return Ok(None);
+        }
+        if *first == range(*s).0 {
+            // A shard's images depend on its seed alone, whoever samples it.
+            let seed = shard_seed(a.sampling.seed, *s);
+            rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            arpg::device::seed(&device, seed)?;
+        }
+        let orders = vec![random_order(&positions, &mut rng); classes.len()];
+        Ok(Some(sampler::sample_with(
+            &model,
+            classes,
+            &orders,
+            &sc,
+            &mut rng,
+            &mut graphs,
+        )?))
+    };
+    let decode = |toks: Vec<Vec<u32>>| tk.decode_u8(&toks, (grid, grid), &vq_device);
+    // PNG encoding off the sampling thread (the reference encodes on it, between batches).
+    let png_threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let pngs = (!a.no_png).then(|| img::PngWriter::new(png_threads));
+    let mut bytes = Vec::new();
+    let sink = |i: usize, px: img::Pixels| -> Result<()> {
+        let (s, first, classes) = &jobs[i];
+        if let Some(pngs) = &pngs {
+            for (j, class) in classes.iter().enumerate() {
+                let p = a
+                    .out
+                    .join("images")
+                    .join(format!("{:06}_class{class}.png", first + j));
+                pngs.submit(p, px.image(j))?;
+            }
+        }
+        bytes.extend_from_slice(&px.data);
+        pb.inc(classes.len() as u64);
+        let (b, e) = range(*s);
+        if first + classes.len() == e {
+            // The shard file is the mark of a finished shard, so it is written last,
+            // atomically, once the shard's PNGs are on disk.
+            if let Some(pngs) = &pngs {
+                pngs.flush()?;
+            }
+            let body = npy::to_bytes("|u1", &[e - b, px.h, px.w, 3], &bytes);
+            arpg::util::write_atomic(&shard_path(&a.out, *s), &body)?;
+            bytes.clear();
+        }
+        Ok(())
+    };
+    let done = arpg::pipeline::run(overlap, produce, decode, sink)?;
+    let made: usize = jobs[..done].iter().map(|j| j.2.len()).sum();
+    if done < jobs.len() {
+        pb.abandon();
+        eprintln!(
+            "interrupted: the unfinished shard {} is dropped; rerun to resume",
+            jobs[done].0
+        );
+        return Ok(());
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();

@@ -50,6 +50,28 @@ fn images(p: &Path) -> (usize, usize, usize, Vec<u8>) {
 }
 
 #[test]
+fn overlapped_and_sequential_pipelines_write_the_same_archive_and_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (over, seq) = (dir.path().join("over"), dir.path().join("seq"));
+    let (ok, err) = sample_fid(&over, &[]);
+    assert!(ok, "{err}");
+    let (ok, err) = sample_fid(&seq, &["--no-overlap"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        images(&over.join("samples.npz")),
+        images(&seq.join("samples.npz"))
+    );
+    for i in [0usize, 7, 8, 29] {
+        let name = format!("images/{i:06}_class{}.png", (i / 3) % 10);
+        assert_eq!(
+            std::fs::read(over.join(&name)).unwrap(),
+            std::fs::read(seq.join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn sample_fid_is_the_same_on_one_or_two_processes_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));

@@ -135,3 +135,14 @@ fn check(r: candle_core::cuda_backend::cudarc::driver::sys::CUresult) -> Result<
         anyhow::bail!("CUDA memory statistics: {r:?}")
     }
 }
+
+/// The same GPU on a stream of its own (for work that should overlap with `device`'s, such as
+/// the VQ decoder beside the token decoder); the CPU stays the CPU. Tensors move between the
+/// two with `to_device`, a device-to-device copy ordered by CUDA events.
+pub fn second_stream(device: &Device) -> Result<Device> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Device::new_cuda_with_stream(gpu_id)
+            .with_context(|| format!("cannot open a second stream on cuda:{gpu_id}")),
+        _ => Ok(device.clone()),
+    }
+}

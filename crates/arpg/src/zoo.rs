@@ -1,7 +1,9 @@
 //! Where models come from: a preset or config file, plus local weights, the official
 //! checkpoints on the hub, or a random initialisation.
 
-use crate::checkpoint::{build_strict, hub, random_var_builder, StateDict, Weights};
+use crate::checkpoint::{
+    build_strict, hub, random_var_builder, random_var_builder_dense, StateDict, Weights,
+};
 use crate::config::{ArpgConfig, VqConfig, PRESETS};
 use crate::model::Arpg;
 use crate::tokenizer::vq::VqModel;
@@ -134,7 +136,10 @@ impl VqSpec {
         let path = match &self.weights {
             Some(p) => p.clone(),
             None if self.random => {
-                return VqModel::new(&cfg, random_var_builder(self.seed ^ 0x5151, dtype, device))
+                return VqModel::new(
+                    &cfg,
+                    random_var_builder_dense(self.seed ^ 0x5151, dtype, device),
+                )
             }
             None => hub::fetch(hub::VQ_REPO, hub::VQ_FILE, "--vq-weights")?,
         };

@@ -4,7 +4,7 @@
 pub mod hub;
 mod strict;
 
-pub use strict::{build_strict, random_var_builder};
+pub use strict::{build_strict, random_var_builder, random_var_builder_dense};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

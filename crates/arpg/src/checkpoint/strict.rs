@@ -130,8 +130,20 @@ pub fn build_strict<T>(
 /// A `VarBuilder` that makes freshly initialised tensors (normal(0, 0.02) for weight
 /// matrices, the init hint otherwise), deterministic in `seed`, for benchmarks and tests.
 pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    random_backend(seed, false, dtype, device)
+}
+
+/// Like [`random_var_builder`], but every tensor is random whatever its init hint (1-D
+/// `*weight`s near 1, other 1-D tensors near 0): for networks such as the VQ tokenizer whose
+/// constructors ask for plain `get`s, which would otherwise all be zeros.
+pub fn random_var_builder_dense(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    random_backend(seed, true, dtype, device)
+}
+
+fn random_backend(seed: u64, dense: bool, dtype: DType, device: &Device) -> VarBuilder<'static> {
     struct Random {
         seed: u64,
+        dense: bool,
     }
     impl SimpleBackend for Random {
         fn get(
@@ -152,7 +164,13 @@ pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilde
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hash);
             let n = s.elem_count();
             let data: Vec<f32> = match h {
-                Init::Const(c) => vec![c as f32; n],
+                _ if self.dense && s.rank() < 2 => {
+                    let base = if name.ends_with("weight") { 1.0 } else { 0.0 };
+                    (0..n)
+                        .map(|_| base + rng.random_range(-0.1f32..0.1))
+                        .collect()
+                }
+                Init::Const(c) if !self.dense => vec![c as f32; n],
                 _ if s.rank() >= 2 => (0..n).map(|_| 0.02 * normal(&mut rng)).collect(),
                 _ => (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect(),
             };
@@ -167,5 +185,5 @@ pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilde
             true
         }
     }
-    VarBuilder::from_backend(Box::new(Random { seed }), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(Random { seed, dense }), dtype, device.clone())
 }

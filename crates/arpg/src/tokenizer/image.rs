@@ -104,33 +104,166 @@ pub fn images_to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
 /// From decoder output [N, 3, H, W] (any float dtype/device): pixel = clamp(127.5 x + 128, 0, 255)
 /// truncated to u8, as the reference's `.to(torch.uint8)` after the clamp.
 pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
-    let (n, c, h, w) = t.dims4().with_context(|| {
+    let (n, _, h, w) = t.dims4()?;
+    let raw = tensor_to_u8_nhwc(t)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let plane = 3 * h * w;
+    Ok((0..n)
+        .map(|i| {
+            let px = raw[i * plane..(i + 1) * plane].to_vec();
+            RgbImage::from_raw(w as u32, h as u32, px).expect("buffer size matches dimensions")
+        })
+        .collect())
+}
+
+/// Decoder output [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the tensor's own device, as
+/// the reference's `sample_c2i_ddp.py` converts it: `clamp(127.5 * x + 128, 0, 255)` truncated
+/// to uint8. On a GPU only the uint8 pixels cross to the host (a quarter of the f32 bytes).
+pub fn tensor_to_u8_nhwc(t: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = t.dims4().with_context(|| {
         format!(
             "tensor_to_images: expected [N, 3, H, W], got shape {:?}",
             t.dims()
         )
     })?;
     ensure!(c == 3, "tensor_to_images: expected 3 channels, got {c}");
-    let data = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let plane = h * w;
-    let to_u8 = |x: f32| (127.5 * x + 128.0).clamp(0.0, 255.0) as u8;
-    let imgs = (0..n)
-        .map(|i| {
-            let base = i * 3 * plane;
-            let mut raw = Vec::with_capacity(3 * plane);
-            for p in 0..plane {
-                for ch in 0..3 {
-                    raw.push(to_u8(data[base + ch * plane + p]));
-                }
-            }
-            RgbImage::from_raw(w as u32, h as u32, raw).expect("buffer size matches dimensions")
+    Ok(t.to_dtype(DType::F32)?
+        .affine(127.5, 128.0)?
+        .clamp(0f32, 255f32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .to_dtype(DType::U8)?)
+}
+
+/// A batch of RGB images as one uint8 buffer, N x H x W x 3 (ADM's `.npz` layout).
+pub struct Pixels {
+    pub data: Vec<u8>,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Pixels {
+    pub fn from_images(imgs: &[RgbImage]) -> Result<Self> {
+        let (w, h) = imgs.first().map_or((0, 0), |i| i.dimensions());
+        ensure!(
+            imgs.iter().all(|i| i.dimensions() == (w, h)),
+            "images of different sizes in one batch"
+        );
+        Ok(Self {
+            data: imgs
+                .iter()
+                .flat_map(|i| i.as_raw().iter().copied())
+                .collect(),
+            n: imgs.len(),
+            h: h as usize,
+            w: w as usize,
         })
-        .collect();
-    Ok(imgs)
+    }
+
+    /// Image `i` of the batch.
+    pub fn image(&self, i: usize) -> RgbImage {
+        let plane = self.h * self.w * 3;
+        RgbImage::from_raw(
+            self.w as u32,
+            self.h as u32,
+            self.data[i * plane..(i + 1) * plane].to_vec(),
+        )
+        .expect("buffer size matches dimensions")
+    }
+}
+
+/// PNG encoding and writing on background threads, so that the GPU does not wait for it.
+/// `flush` waits for everything submitted and reports the first error.
+pub struct PngWriter {
+    tx: Option<std::sync::mpsc::SyncSender<(std::path::PathBuf, RgbImage)>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    pending: std::sync::Arc<(std::sync::Mutex<PngState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct PngState {
+    queued: usize,
+    error: Option<String>,
+}
+
+impl PngWriter {
+    /// `threads` encoders (at least one); at most `4 * threads` images wait in the queue, so a
+    /// slow disk slows the producer instead of filling memory.
+    pub fn new(threads: usize) -> Self {
+        use std::sync::{Arc, Condvar, Mutex};
+        let threads = threads.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(std::path::PathBuf, RgbImage)>(4 * threads);
+        let rx = Arc::new(Mutex::new(rx));
+        let pending = Arc::new((Mutex::new(PngState::default()), Condvar::new()));
+        let workers = (0..threads)
+            .map(|_| {
+                let (rx, pending) = (rx.clone(), pending.clone());
+                std::thread::spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((path, img)) = job else { return };
+                    let r = save_png_atomic(&img, &path);
+                    let (m, cv) = &*pending;
+                    let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+                    st.queued -= 1;
+                    if let Err(e) = r {
+                        st.error.get_or_insert(format!("{e:#}"));
+                    }
+                    cv.notify_all();
+                })
+            })
+            .collect();
+        Self {
+            tx: Some(tx),
+            workers,
+            pending,
+        }
+    }
+
+    pub fn submit(&self, path: std::path::PathBuf, img: RgbImage) -> Result<()> {
+        if let Some(e) = &self
+            .pending
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .error
+        {
+            bail!("writing PNGs: {e}");
+        }
+        self.pending
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queued += 1;
+        self.tx
+            .as_ref()
+            .expect("sender lives until drop")
+            .send((path, img))
+            .map_err(|_| anyhow::anyhow!("PNG writer threads stopped"))
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        let (m, cv) = &*self.pending;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        while st.queued > 0 {
+            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        match &st.error {
+            Some(e) => bail!("writing PNGs: {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PngWriter {
+    fn drop(&mut self) {
+        self.tx.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 /// Tiles images row by row into `ncols` columns with `pad` black pixels around every cell

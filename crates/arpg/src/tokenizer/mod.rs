@@ -45,6 +45,27 @@ impl ImageTokenizer {
         }
     }
 
+    /// Like [`Self::decode`], but the batch as one uint8 NHWC buffer: on a GPU the conversion
+    /// runs on the device and only the pixels cross to the host (what `sample-fid` stores).
+    pub fn decode_u8(
+        &self,
+        tokens: &[Vec<u32>],
+        grid: (usize, usize),
+        device: &Device,
+    ) -> Result<image::Pixels> {
+        match self {
+            Self::Vq(vq) => {
+                let codes =
+                    Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
+                let u8s = image::tensor_to_u8_nhwc(&vq.decode(&codes, grid)?)?;
+                let (n, h, w, _) = u8s.dims4()?;
+                let data = u8s.flatten_all()?.to_vec1::<u8>()?;
+                Ok(image::Pixels { data, n, h, w })
+            }
+            Self::Pixel => image::Pixels::from_images(&self.decode(tokens, grid, device)?),
+        }
+    }
+
     /// Raster-order tokens of images whose sides are multiples of the patch size.
     pub fn encode(&self, imgs: &[RgbImage], device: &Device) -> Result<Vec<Vec<u32>>> {
         let p = self.patch_size() as u32;

@@ -28,6 +28,48 @@ fn compute_dtype(device: &Device, dtype: DType) -> DType {
     }
 }
 
+/// A convolution with bias: cuDNN on CUDA where it is loaded (`kernels::cudnn`), else candle's
+/// im2col + GEMM.
+struct Conv {
+    inner: Conv2d,
+    pad: usize,
+    stride: usize,
+}
+
+impl Conv {
+    fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = self.inner.bias().expect("VQ convs have a bias");
+        if let Some(y) =
+            crate::kernels::cudnn::conv2d(x, self.inner.weight(), bias, self.pad, self.stride)?
+        {
+            return Ok(y);
+        }
+        // candle's CUDA im2col indexes its buffer with 32-bit integers: past 2^31 elements
+        // (a 3x3 conv over 28 images of 256x256x128) it silently writes garbage, so split the
+        // batch below that.
+        let (n, cin, h, w) = x.dims4()?;
+        let k = self.inner.weight().dim(3)?;
+        let (oh, ow) = (
+            (h + 2 * self.pad - k) / self.stride + 1,
+            (w + 2 * self.pad - k) / self.stride + 1,
+        );
+        let per_image = (oh * ow * cin * k * k).max(1);
+        let chunk = ((i32::MAX as usize) / per_image).clamp(1, n.max(1));
+        if x.device().is_cpu() || chunk >= n {
+            return Ok(self.inner.forward(x)?);
+        }
+        let parts = (0..n)
+            .step_by(chunk)
+            .map(|s| Ok(self.inner.forward(&x.narrow(0, s, chunk.min(n - s))?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
 fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -35,7 +77,7 @@ fn conv(
     k: usize,
     stride: usize,
     pad: usize,
-) -> Result<Conv2d> {
+) -> Result<Conv> {
     let dt = compute_dtype(vb.device(), vb.dtype());
     let weight = vb.get((cout, cin, k, k), "weight")?.to_dtype(dt)?;
     let bias = vb.get(cout, "bias")?.to_dtype(dt)?;
@@ -44,24 +86,28 @@ fn conv(
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::new(weight, Some(bias), cfg))
+    Ok(Conv {
+        inner: Conv2d::new(weight, Some(bias), cfg),
+        pad,
+        stride,
+    })
 }
 
 /// A conv under the opt-in profiler (`util::timed`), labelled by kernel size.
-fn conv_t(c: &Conv2d, x: &Tensor) -> Result<Tensor> {
+fn conv_t(c: &Conv, x: &Tensor) -> Result<Tensor> {
     let label = if c.weight().dim(3)? == 3 {
         "vq.conv3x3"
     } else {
         "vq.conv1x1"
     };
-    timed(label, x.device(), || Ok(c.forward(x)?))
+    timed(label, x.device(), || c.forward(x))
 }
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
+fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv> {
     conv(vb, cin, cout, 3, 1, 1)
 }
 
-fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
+fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv> {
     conv(vb, cin, cout, 1, 1, 0)
 }
 
@@ -167,10 +213,10 @@ pub fn fused_group_norm_check(device: &Device) -> Result<Option<[f64; 2]>> {
 
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    nin_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -203,10 +249,10 @@ impl ResnetBlock {
 /// Single-head self-attention over the h*w positions.
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
     scale: f64,
 }
 
@@ -250,7 +296,7 @@ struct Level {
     res: Vec<ResnetBlock>,
     attn: Vec<AttnBlock>,
     /// Downsample (encoder) or upsample (decoder) conv; `None` where the reference has none.
-    resample: Option<Conv2d>,
+    resample: Option<Conv>,
 }
 
 impl Level {
@@ -300,11 +346,11 @@ impl Mid {
 }
 
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     levels: Vec<Level>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -362,12 +408,12 @@ impl Encoder {
 }
 
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid: Mid,
     /// In execution order: index 0 is the last (lowest-resolution) level, as in the reference.
     levels: Vec<Level>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -428,8 +474,8 @@ pub struct VqModel {
     cfg: VqConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Conv2d,
-    post_quant_conv: Conv2d,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
     /// l2-normalised codebook rows, f32 [codebook_size, embed_dim].
     codebook: Tensor,
     /// Squared norms of `codebook` rows, f32 [1, codebook_size] (kept to mirror the reference's distance).
