@@ -33,15 +33,24 @@ impl ImageTokenizer {
         device: &Device,
     ) -> Result<Vec<RgbImage>> {
         match self {
-            Self::Vq(vq) => {
+            Self::Vq(_) => {
                 let codes =
                     Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
-                image::tensor_to_images(&vq.decode(&codes, grid)?)
+                self.decode_tensor(&codes, grid)
             }
             Self::Pixel => tokens
                 .iter()
                 .map(|t| Ok(image_gray_to_rgb(&pixel::decode(t, grid.1, grid.0)?)))
                 .collect(),
+        }
+    }
+
+    /// [`ImageTokenizer::decode`] from tokens `[N, rows * cols]` (u32) already on the device,
+    /// as the sampler returns them: the VQ decoder takes them where they are.
+    pub fn decode_tensor(&self, tokens: &Tensor, grid: (usize, usize)) -> Result<Vec<RgbImage>> {
+        match self {
+            Self::Vq(vq) => image::tensor_to_images(&vq.decode(tokens, grid)?),
+            Self::Pixel => self.decode(&tokens.to_vec2::<u32>()?, grid, tokens.device()),
         }
     }
 
