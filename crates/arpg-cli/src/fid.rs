@@ -28,21 +28,22 @@ pub struct SampleFidArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Images in all (ADM's protocol: 50,000).
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, visible_alias = "num-fid-samples")]
     pub num_samples: usize,
     /// Consecutive images per class: image i has class (i / per-class) mod the model's classes.
     #[arg(long, default_value_t = 50)]
     pub per_class: usize,
-    /// Images per forward batch (doubled internally when guidance is on).
-    #[arg(long, default_value_t = 32)]
+    /// Images per forward batch of each process (doubled internally when guidance is on).
+    #[arg(long, default_value_t = 32, visible_alias = "per-proc-batch-size")]
     pub batch_size: usize,
     /// Images per shard: the unit of work handed to a GPU, and of resuming after a crash.
     /// Shards are seeded by their index, so the images do not depend on the number of GPUs.
     #[arg(long, default_value_t = 500)]
     pub shard_size: usize,
     /// Output folder: shards/ (finished shards, kept across runs), images/ (PNGs) and
-    /// samples.npz (`arr_0`, uint8, N x H x W x 3, ADM's format).
-    #[arg(long, default_value = "fid-samples")]
+    /// samples.npz (`arr_0`, uint8, N x H x W x 3, ADM's format). The reference's --sample-dir
+    /// is an alias (it nests a folder named after the settings inside; this writes here).
+    #[arg(long, default_value = "fid-samples", visible_alias = "sample-dir")]
     pub out: PathBuf,
     /// Do not write one PNG per image.
     #[arg(long)]
@@ -83,7 +84,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     {
         bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
     }
-    a.sampling.config()?;
+    a.sampling.config(&a.model.spec(a.sampling.seed))?;
     if launch::should_spawn(a.gpus)? {
         if !a.device.device.starts_with("cuda") {
             eprintln!(
@@ -108,7 +109,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     }
     let spec = a.model.spec(a.sampling.seed);
     let mcfg = spec.config()?;
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&spec)?;
     let cells = mcfg.block_size;
     sampler::token_counts(cells, sc.steps, sc.schedule)?;
     let n = a.num_samples;
@@ -214,7 +215,7 @@ fn sample_shards(
 ) -> Result<()> {
     let spec = a.model.spec(a.sampling.seed);
     let mcfg = spec.config()?;
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&spec)?;
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
     let tk = a.vq.tokenizer(
