@@ -84,7 +84,10 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     {
         bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
     }
-    a.sampling.config(&a.model.spec(a.sampling.seed))?;
+    // The sampler's checks, before any worker starts.
+    let spec = a.model.spec(a.sampling.seed);
+    let shape = sampler::DecodeShape::of_config(&spec.config()?);
+    sampler::validate_settings(shape, &a.sampling.config(&spec)?)?;
     if launch::should_spawn(a.gpus)? {
         if !a.device.device.starts_with("cuda") {
             eprintln!(
@@ -107,11 +110,6 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
             a.device.device = launch::worker_device(d);
         }
     }
-    let spec = a.model.spec(a.sampling.seed);
-    let mcfg = spec.config()?;
-    let sc = a.sampling.config(&spec)?;
-    let cells = mcfg.block_size;
-    sampler::token_counts(cells, sc.steps, sc.schedule)?;
     let n = a.num_samples;
     let n_shards = n.div_ceil(a.shard_size);
     let range = |s: usize| (s * a.shard_size, ((s + 1) * a.shard_size).min(n));
