@@ -2,7 +2,7 @@
 //!
 //! A [`Request`] (classes, known tokens, orders) and a [`SampleConfig`] are checked once, by
 //! [`Request::validate`], into a [`ValidRequest`]; [`generate`] runs it through the one loop
-//! ([`run_loop`]): prefill the class token (and any known tokens), then at each step predict a
+//! (`run_loop`): prefill the class token (and any known tokens), then at each step predict a
 //! scheduled number of tokens at once, in a random order, each query carrying the position of
 //! the token it predicts; mix conditional and unconditional logits (CFG), select one token per
 //! query (on the device, or filtered on the host), and feed the selected tokens back.
