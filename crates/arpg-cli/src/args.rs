@@ -1,9 +1,10 @@
 //! Argument groups shared by several commands.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use arpg::sampler::{SampleConfig, TokenFilter};
 use arpg::tokenizer::ImageTokenizer;
 use arpg::zoo::{ModelSpec, VqSpec};
+use arpg::ArpgConfig;
 use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 pub struct ModelArgs {
     /// Model preset: ARPG-L, ARPG-XL or ARPG-XXL. Without --weights the official checkpoint
     /// is fetched from the Hugging Face hub (hp-l33/ARPG) into the HF cache.
-    #[arg(long)]
+    #[arg(long, visible_alias = "gpt-model")]
     pub model: Option<String>,
     /// Model config JSON with the reference's keys (dim, n_layer, n_head, vocab_size,
     /// num_classes, block_size; optional multiple_of, norm_eps, rope_base, ffn_dim_multiplier,
@@ -21,7 +22,7 @@ pub struct ModelArgs {
     pub config: Option<PathBuf>,
     /// Checkpoint: PyTorch .pt (state dict at the top level or under model / state_dict /
     /// module) or .safetensors.
-    #[arg(long)]
+    #[arg(long, visible_alias = "gpt-ckpt")]
     pub weights: Option<PathBuf>,
     /// Take the checkpoint's EMA weights (`ema`).
     #[arg(long)]
@@ -53,12 +54,17 @@ pub struct VqArgs {
     pub vq_config: Option<PathBuf>,
     /// VQ tokenizer checkpoint (.pt or .safetensors). Default: vq_ds16_c2i.pt from
     /// FoundationVision/LlamaGen on the hub.
-    #[arg(long)]
+    #[arg(long, visible_alias = "vq-ckpt")]
     pub vq_weights: Option<PathBuf>,
     /// Image tokenizer: vq, pixel (one token per grayscale pixel, 17 levels: the digits
     /// model's), or auto (pixel for models with a 17-token vocabulary, else vq).
     #[arg(long, default_value = "auto", value_parser = ["auto", "vq", "pixel"])]
     pub tokenizer: String,
+    /// Precision of the VQ decoder: tf32 (f32 weights, TF32 tensor-core convolutions on a
+    /// GPU: what the paper's sample_c2i_ddp.py runs, and the fastest here), f32 (exact), bf16,
+    /// f16, or auto (tf32 on a GPU; on the CPU the model's --dtype, f32 for bf16).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tf32", "f32", "bf16", "f16"])]
+    pub vq_dtype: String,
 }
 
 impl VqArgs {
@@ -82,7 +88,15 @@ impl VqArgs {
             }
             return Ok(ImageTokenizer::Pixel);
         }
-        let vq = self.spec(random, seed).load(dtype, device)?;
+        let vq_dtype = match (self.vq_dtype.as_str(), device.is_cuda()) {
+            ("auto", true) | ("tf32", _) => {
+                arpg::kernels::cudnn::set_allow_tf32(true);
+                DType::F32
+            }
+            ("auto", false) => dtype,
+            (other, _) => arpg::device::parse_dtype(other)?,
+        };
+        let vq = self.spec(random, seed).load(vq_dtype, device)?;
         if vq.config().codebook_size != vocab_size {
             anyhow::bail!(
                 "the VQ codebook has {} entries but the model {vocab_size} image tokens",
@@ -107,8 +121,10 @@ pub struct DeviceArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute precision: f32, bf16 or f16 (logits and sampling are always f32).
-    #[arg(long, default_value = "f32")]
+    /// Compute precision: f32, bf16 or f16 (logits and sampling are always f32). The
+    /// reference's --precision / --mixed-precision names (none = f32, bf16, fp16) are accepted;
+    /// its default is bf16, ours f32.
+    #[arg(long, default_value = "f32", visible_aliases = ["precision", "mixed-precision"])]
     pub dtype: String,
 }
 
@@ -129,37 +145,48 @@ impl DeviceArgs {
 }
 
 /// The decoding flags shared by `sample`, `inpaint` and `outpaint`; defaults are the paper's.
+/// The reference's names (`sample_c2i_ddp.py`) are aliases with the same meaning.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Decoding steps (1..=tokens per image). Each step predicts many tokens in parallel.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, visible_alias = "step")]
     pub steps: usize,
     /// Classifier-free guidance scale: 0 = unconditional, 1 = conditional only (no guidance).
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
+    /// Default: the paper's scale for an official preset (ARPG-L 5.0 with arccos / 4.5 with
+    /// cosine, ARPG-XL 6.0, ARPG-XXL 7.5: the README model zoo and GETTING_STARTED.md), else
+    /// 4.0.
+    #[arg(long, visible_alias = "cfg-scale")]
+    pub cfg: Option<f32>,
     /// Guidance over the steps: constant, or linear from 1 to --cfg as tokens are decoded.
     #[arg(long, default_value = "linear")]
     pub cfg_schedule: String,
     /// Masking schedule: arccos (paper default) or cosine.
-    #[arg(long, default_value = "arccos")]
+    #[arg(long, default_value = "arccos", visible_alias = "sample-schedule")]
     pub schedule: String,
     /// Softmax temperature; 0 = greedy (argmax).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
+    /// Keep only the k most likely tokens (0 = off). Unlike the reference's script, which
+    /// parses --top-k / --top-p and never uses them, these take effect.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// Random seed: the same seed gives the same images on the same device.
-    #[arg(long, default_value_t = 0)]
+    /// Random seed: the same seed gives the same images on the same device (not the same
+    /// images as the reference's PyTorch generator).
+    #[arg(long, default_value_t = 0, visible_alias = "global-seed")]
     pub seed: u64,
     /// On CUDA, decode every batch eagerly instead of capturing the first batch of each shape
     /// as a CUDA graph and replaying it (same tokens, slower; for debugging).
     #[arg(long)]
     pub no_cuda_graph: bool,
+    #[command(flatten)]
+    pub reference: ReferenceSampleFlags,
 }
+
+/// Guidance scale when --cfg is not given and the model is no official preset.
+pub const DEFAULT_CFG: f32 = 4.0;
 
 impl SamplingArgs {
     /// The graph cache that a sampling run keeps across its batches.
@@ -167,23 +194,194 @@ impl SamplingArgs {
         arpg::sampler::DecodeGraphs::new(!self.no_cuda_graph)
     }
 
-    /// The sampler's settings, validated.
-    pub fn config(&self) -> Result<SampleConfig> {
-        let sc = SampleConfig {
+    /// The sampler's settings for the model of `spec`, as the flags give them; the library
+    /// checks them when the request is built.
+    pub fn config(&self, spec: &ModelSpec) -> Result<SampleConfig> {
+        let schedule = self.schedule.parse().context("--schedule")?;
+        let mcfg = spec.config()?;
+        self.reference.check(&mcfg)?;
+        let preset = spec
+            .config
+            .is_none()
+            .then_some(spec.model.as_deref())
+            .flatten();
+        Ok(SampleConfig {
             steps: self.steps,
-            cfg: self.cfg,
+            cfg: self
+                .cfg
+                .or_else(|| preset.and_then(|p| arpg::zoo::paper_cfg(p, schedule)))
+                .unwrap_or(DEFAULT_CFG),
             cfg_schedule: self.cfg_schedule.parse().context("--cfg-schedule")?,
-            schedule: self.schedule.parse().context("--schedule")?,
+            schedule,
             filter: TokenFilter {
                 temperature: self.temperature,
                 top_k: self.top_k,
                 top_p: self.top_p,
             },
-        };
-        sc.filter.validate()?;
-        if !(self.cfg >= 0.0 && self.cfg.is_finite()) {
-            anyhow::bail!("--cfg {} must be >= 0", self.cfg);
+        })
+    }
+}
+
+/// Flags of the reference's `sample_c2i_ddp.py` that this tool has no choice for: accepted so
+/// that its commands run as typed, when they ask for what the loaded model is; any other value
+/// is an error naming the flag.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReferenceSampleFlags {
+    #[arg(long, hide = true)]
+    pub vq_model: Option<String>,
+    #[arg(long, hide = true)]
+    pub gpt_type: Option<String>,
+    #[arg(long, hide = true)]
+    pub image_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub image_size_eval: Option<usize>,
+    #[arg(long, hide = true)]
+    pub downsample_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub codebook_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub codebook_embed_dim: Option<usize>,
+    #[arg(long, hide = true)]
+    pub num_classes: Option<usize>,
+    #[arg(long, hide = true)]
+    pub cls_token_num: Option<usize>,
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    pub cfg_interval: Option<f32>,
+    /// The reference's FSDP checkpoint layout (state dict at the top level): detected anyway.
+    #[arg(long, hide = true)]
+    pub from_fsdp: bool,
+    /// The reference compiles by default; CUDA graphs are our default (see --no-cuda-graph).
+    #[arg(long, hide = true)]
+    pub compile: bool,
+}
+
+impl ReferenceSampleFlags {
+    pub fn check(&self, m: &ArpgConfig) -> Result<()> {
+        let grid = m.grid_size();
+        let patch = self.downsample_size.unwrap_or(16);
+        let fixed: [(&str, Option<usize>, usize, &str); 6] = [
+            (
+                "--downsample-size",
+                self.downsample_size,
+                16,
+                "the VQ-16 tokenizer",
+            ),
+            (
+                "--image-size",
+                self.image_size,
+                grid * patch,
+                "the model's token grid times the patch",
+            ),
+            (
+                "--image-size-eval",
+                self.image_size_eval,
+                grid * patch,
+                "no resizing is done: resize the PNGs or the .npz",
+            ),
+            (
+                "--codebook-size",
+                self.codebook_size,
+                m.vocab_size,
+                "the model's vocab_size",
+            ),
+            (
+                "--num-classes",
+                self.num_classes,
+                m.num_classes,
+                "the model's num_classes",
+            ),
+            (
+                "--cls-token-num",
+                self.cls_token_num,
+                m.cls_token_num,
+                "the model's cls_token_num",
+            ),
+        ];
+        for (flag, got, want, why) in fixed {
+            if let Some(v) = got.filter(|&v| v != want) {
+                bail!("{flag} {v} is not supported: this run can only use {want} ({why})");
+            }
         }
-        Ok(sc)
+        let named = [
+            ("--vq-model", &self.vq_model, "VQ-16"),
+            ("--gpt-type", &self.gpt_type, "c2i"),
+        ];
+        for (flag, got, want) in named {
+            if let Some(v) = got.as_deref().filter(|v| *v != want) {
+                bail!("{flag} {v} is not supported: only {want}");
+            }
+        }
+        if let Some(v) = self.codebook_embed_dim.filter(|&v| v != 8) {
+            bail!("--codebook-embed-dim {v} is not supported: give the tokenizer's --vq-config instead");
+        }
+        if let Some(v) = self.cfg_interval.filter(|&v| v != -1.0) {
+            bail!("--cfg-interval {v} is not supported: the reference parses it and never uses it (only -1)");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        vq: VqArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    }
+
+    fn parse(args: &[&str]) -> Flags {
+        Flags::parse_from(std::iter::once("arpg").chain(args.iter().copied()))
+    }
+
+    fn cfg(args: &[&str]) -> f32 {
+        let f = parse(args);
+        f.sampling.config(&f.model.spec(0)).unwrap().cfg
+    }
+
+    #[test]
+    fn presets_get_the_papers_guidance_scale_unless_cfg_is_given() {
+        assert_eq!(cfg(&["--model", "ARPG-L"]), 5.0);
+        assert_eq!(
+            cfg(&["--gpt-model", "ARPG-L", "--sample-schedule", "cosine"]),
+            4.5
+        );
+        assert_eq!(cfg(&["--model", "arpg-xl"]), 6.0);
+        assert_eq!(cfg(&["--model", "ARPG-XXL", "--schedule", "cosine"]), 7.5);
+        assert_eq!(cfg(&["--model", "ARPG-XXL", "--cfg-scale", "2"]), 2.0);
+        assert_eq!(cfg(&["--model", "digits"]), DEFAULT_CFG);
+    }
+
+    #[test]
+    fn the_references_flag_names_set_our_fields() {
+        let f = parse(&[
+            "--gpt-model",
+            "ARPG-XL",
+            "--gpt-ckpt",
+            "arpg_700m.pt",
+            "--vq-ckpt",
+            "vq_ds16_c2i.pt",
+            "--step",
+            "32",
+            "--global-seed",
+            "7",
+            "--precision",
+            "none",
+        ]);
+        assert_eq!(f.model.model.as_deref(), Some("ARPG-XL"));
+        assert_eq!(f.model.weights, Some(PathBuf::from("arpg_700m.pt")));
+        assert_eq!(f.vq.vq_weights, Some(PathBuf::from("vq_ds16_c2i.pt")));
+        assert_eq!((f.sampling.steps, f.sampling.seed), (32, 7));
+        assert_eq!(f.device.resolve().unwrap().1, DType::F32);
+        let f = parse(&["--mixed-precision", "fp16"]);
+        assert_eq!(f.device.resolve().unwrap().1, DType::F16);
     }
 }

@@ -4,7 +4,7 @@ use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, inpaint, token_mask, Canvas};
 use arpg::model::Arpg;
-use arpg::sampler::SampleConfig;
+use arpg::sampler::{self, DecodeShape, Request, SampleConfig};
 use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
 use candle_core::Device;
 use clap::Args;
@@ -26,21 +26,31 @@ pub struct EditSampling {
 }
 
 impl EditSampling {
-    fn config(&self) -> Result<SampleConfig> {
+    /// The decoding settings for `model` (a default model filled in). The sampler checks them
+    /// and the class before any weights load.
+    fn config(&self, model: &mut ModelArgs) -> Result<SampleConfig> {
         if self.samples == 0 {
             bail!("--samples must be at least 1");
         }
-        self.decoding.config()
+        default_model(model);
+        let spec = model.spec(self.decoding.seed);
+        let sc = self.decoding.config(&spec)?;
+        let shape = DecodeShape::of_config(&spec.config()?);
+        sampler::validate_settings(shape, &sc)?;
+        let all: Vec<usize> = (0..shape.cells).collect();
+        Request {
+            classes: &[self.class],
+            known: &[vec![]],
+            orders: &[all],
+        }
+        .validate(shape, &sc)
+        .with_context(|| format!("--class {}", self.class))?;
+        Ok(sc)
     }
 }
 
-/// The model, its tokenizer and the device, from the shared flags.
-pub fn load(
-    model: &mut ModelArgs,
-    vq: &VqArgs,
-    device: &DeviceArgs,
-    seed: u64,
-) -> Result<(Arpg, ImageTokenizer, Device)> {
+/// No model named: the official ARPG-L if its weights are cached, else the shipped digits.
+fn default_model(model: &mut ModelArgs) {
     if model.model.is_none()
         && model.config.is_none()
         && model.weights.is_none()
@@ -52,22 +62,21 @@ pub fn load(
             arpg::zoo::DIGITS.into()
         });
     }
+}
+
+/// The model, its tokenizer and the device, from the shared flags.
+pub fn load(
+    model: &mut ModelArgs,
+    vq: &VqArgs,
+    device: &DeviceArgs,
+    seed: u64,
+) -> Result<(Arpg, ImageTokenizer, Device)> {
+    default_model(model);
     let spec = model.spec(seed);
     let (dev, dtype) = device.resolve_seeded(seed)?;
     let m = spec.load(dtype, &dev)?;
     let tk = vq.tokenizer(m.config().vocab_size, spec.random, seed, dtype, &dev)?;
     Ok((m, tk, dev))
-}
-
-fn check_class(model: &Arpg, class: usize) -> Result<()> {
-    let n = model.config().num_classes;
-    if class >= n {
-        bail!(
-            "--class {class} is out of range for a model with {n} classes (0..={})",
-            n - 1
-        );
-    }
-    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -99,7 +108,7 @@ pub struct InpaintArgs {
 }
 
 pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&mut a.model)?;
     let src = img::load_rgb(&a.image)?;
     let mask = img::load_rgb(&a.mask)?;
     if src.dimensions() != mask.dimensions() {
@@ -114,7 +123,6 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
         );
     }
     let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
-    check_class(&model, a.sampling.class)?;
     let g = model.config().grid_size();
     let size = g * tk.patch_size();
     let src = img::center_crop_resize(&src, size);
@@ -192,10 +200,9 @@ pub struct OutpaintArgs {
 }
 
 pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&mut a.model)?;
     let src = img::load_rgb(&a.image)?;
     let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
-    check_class(&model, a.sampling.class)?;
     let p = tk.patch_size();
     for (flag, v) in [
         ("--left", a.left),

@@ -28,21 +28,22 @@ pub struct SampleFidArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Images in all (ADM's protocol: 50,000).
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, visible_alias = "num-fid-samples")]
     pub num_samples: usize,
     /// Consecutive images per class: image i has class (i / per-class) mod the model's classes.
     #[arg(long, default_value_t = 50)]
     pub per_class: usize,
-    /// Images per forward batch (doubled internally when guidance is on).
-    #[arg(long, default_value_t = 32)]
+    /// Images per forward batch of each process (doubled internally when guidance is on).
+    #[arg(long, default_value_t = 32, visible_alias = "per-proc-batch-size")]
     pub batch_size: usize,
     /// Images per shard: the unit of work handed to a GPU, and of resuming after a crash.
     /// Shards are seeded by their index, so the images do not depend on the number of GPUs.
     #[arg(long, default_value_t = 500)]
     pub shard_size: usize,
     /// Output folder: shards/ (finished shards, kept across runs), images/ (PNGs) and
-    /// samples.npz (`arr_0`, uint8, N x H x W x 3, ADM's format).
-    #[arg(long, default_value = "fid-samples")]
+    /// samples.npz (`arr_0`, uint8, N x H x W x 3, ADM's format). The reference's --sample-dir
+    /// is an alias (it nests a folder named after the settings inside; this writes here).
+    #[arg(long, default_value = "fid-samples", visible_alias = "sample-dir")]
     pub out: PathBuf,
     /// Do not write one PNG per image.
     #[arg(long)]
@@ -87,7 +88,10 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     {
         bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
     }
-    a.sampling.config()?;
+    // The sampler's checks, before any worker starts.
+    let spec = a.model.spec(a.sampling.seed);
+    let shape = sampler::DecodeShape::of_config(&spec.config()?);
+    sampler::validate_settings(shape, &a.sampling.config(&spec)?)?;
     if launch::should_spawn(a.gpus)? {
         if !a.device.device.starts_with("cuda") {
             eprintln!(
@@ -110,11 +114,6 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
             a.device.device = launch::worker_device(d);
         }
     }
-    let spec = a.model.spec(a.sampling.seed);
-    let mcfg = spec.config()?;
-    let sc = a.sampling.config()?;
-    let cells = mcfg.block_size;
-    sampler::token_counts(cells, sc.steps, sc.schedule)?;
     let n = a.num_samples;
     let n_shards = n.div_ceil(a.shard_size);
     let range = |s: usize| (s * a.shard_size, ((s + 1) * a.shard_size).min(n));
@@ -218,9 +217,10 @@ fn sample_shards(
 ) -> Result<()> {
     let spec = a.model.spec(a.sampling.seed);
     let mcfg = spec.config()?;
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&spec)?;
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
+    let shape = sampler::DecodeShape::of(&model);
     let overlap = !a.no_overlap;
     // The VQ decoder works on its own stream, so that it overlaps with the token decoding.
     let vq_device = match overlap {
@@ -266,7 +266,7 @@ fn sample_shards(
     let start = Instant::now();
     let mut graphs = a.sampling.graphs();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let produce = |i: usize| -> Result<Option<Vec<Vec<u32>>>> {
+    let produce = |i: usize| -> Result<Option<candle_core::Tensor>> {
         let Some((s, first, classes)) = jobs.get(i) else {
             return Ok(None);
         };
@@ -280,16 +280,22 @@ fn sample_shards(
             arpg::device::seed(&device, seed)?;
         }
         let orders = vec![random_order(&positions, &mut rng); classes.len()];
-        Ok(Some(sampler::sample_with(
-            &model,
+        let known = vec![vec![]; classes.len()];
+        let req = sampler::Request {
             classes,
-            &orders,
-            &sc,
+            known: &known,
+            orders: &orders,
+        }
+        .validate(shape, &sc)?;
+        // The tokens stay on the device: the decoder thread takes them from there.
+        Ok(Some(sampler::generate(
+            &model,
+            &req,
             &mut rng,
-            &mut graphs,
+            Some(&mut graphs),
         )?))
     };
-    let decode = |toks: Vec<Vec<u32>>| tk.decode_u8(&toks, (grid, grid), &vq_device);
+    let decode = |toks: candle_core::Tensor| tk.decode_u8(&toks, (grid, grid));
     // PNG encoding off the sampling thread (the reference encodes on it, between batches).
     let png_threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
     let pngs = (!a.no_png).then(|| img::PngWriter::new(png_threads));

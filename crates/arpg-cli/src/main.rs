@@ -7,6 +7,7 @@ mod eval;
 mod fid;
 mod launch;
 mod parity;
+mod reference;
 mod sample;
 mod tokens;
 mod train;

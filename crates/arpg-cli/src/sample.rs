@@ -3,8 +3,9 @@
 use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, Canvas};
-use arpg::sampler::{self, random_order};
+use arpg::sampler::{self, random_order, DecodeShape, Request};
 use arpg::tokenizer::{image as img, tokens_io};
+use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -73,27 +74,36 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     } else {
         (0..mcfg.num_classes).collect()
     };
-    for &c in &classes {
-        if c >= mcfg.num_classes {
-            bail!(
-                "--classes: class id {c} is out of range for a model with {} classes (0..={})",
-                mcfg.num_classes,
-                mcfg.num_classes - 1
-            );
-        }
-    }
     if a.per_class == 0 || a.batch_size == 0 {
         bail!("--per-class and --batch-size must be at least 1");
     }
-    let sc = a.sampling.config()?;
+    let sc = a.sampling.config(&spec)?;
     let cells = mcfg.block_size;
-    sampler::token_counts(cells, sc.steps, sc.schedule)?;
     let fixed_order = match &a.order {
-        Some(p) => Some(read_order(p, cells)?),
+        Some(p) => Some(read_order(p)?),
         None => None,
     };
     if fixed_order.is_some() && a.order_per_sample {
         bail!("--order and --order-per-sample are exclusive");
+    }
+    // The library checks the flags (classes, settings, the order) before any weights load;
+    // each batch's request is then built from them.
+    let shape = DecodeShape::of_config(&mcfg);
+    sampler::validate_settings(shape, &sc)?;
+    let probe = |classes: &[usize], order: &[usize]| {
+        let orders = vec![order.to_vec(); classes.len()];
+        let known = vec![vec![]; classes.len()];
+        let req = Request {
+            classes,
+            known: &known,
+            orders: &orders,
+        };
+        req.validate(shape, &sc).map(|_| ())
+    };
+    let all_cells: Vec<usize> = (0..cells).collect();
+    probe(&classes, &all_cells).context("--classes")?;
+    if let (Some(o), Some(p)) = (&fixed_order, &a.order) {
+        probe(&classes[..1], o).with_context(|| format!("--order {}", p.display()))?;
     }
 
     let (device, dtype) = a.device.resolve_seeded(a.sampling.seed)?;
@@ -137,10 +147,12 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         )
         .unwrap(),
     );
-    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(all.len());
+    let mut tokens: Vec<Vec<u32>> = Vec::new();
+    let mut done = 0;
     let mut images = Vec::new();
     let start = std::time::Instant::now();
     let mut graphs = a.sampling.graphs();
+    let no_known = vec![vec![]; a.batch_size];
     for batch in all.chunks(a.batch_size) {
         if arpg::util::interrupted() {
             break;
@@ -153,28 +165,38 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
                 .collect(),
             None => vec![random_order(&positions, &mut rng); batch.len()],
         };
+        // Tokens [batch, cells] on the device, decoded to images without a host round trip.
         let toks = if canvas == (grid, grid) {
-            sampler::sample_with(&model, batch, &orders, &sc, &mut rng, &mut graphs)?
+            let req = Request {
+                classes: batch,
+                known: &no_known[..batch.len()],
+                orders: &orders,
+            }
+            .validate(DecodeShape::of(&model), &sc)?;
+            sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?
         } else {
             let empty = Canvas::unknown(canvas.0, canvas.1);
-            batch
+            let rows = batch
                 .iter()
                 .map(|&c| {
                     fill_canvas(&model, &empty, c, &sc, &mut rng)?
                         .tokens()
                         .context("unfilled cell")
                 })
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::from_vec(rows.concat(), (batch.len(), canvas.0 * canvas.1), &device)?
         };
         if let Some(tk) = &tokenizer {
-            for (i, im) in tk.decode(&toks, canvas, &device)?.into_iter().enumerate() {
-                let idx = tokens.len() + i;
-                let path = a.out.join(format!("{idx:06}_class{}.png", batch[i]));
+            for (i, im) in tk.decode_tensor(&toks, canvas)?.into_iter().enumerate() {
+                let path = a.out.join(format!("{:06}_class{}.png", done + i, batch[i]));
                 img::save_png_atomic(&im, &path)?;
                 images.push(im);
             }
         }
-        tokens.extend(toks);
+        if a.tokens_out.is_some() {
+            tokens.extend(toks.to_vec2::<u32>()?);
+        }
+        done += batch.len();
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();
@@ -203,9 +225,8 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         tokens_io::write(p, &tokens)?;
     }
     eprintln!(
-        "{} images in {secs:.1}s ({:.2} images/s){}{}",
-        tokens.len(),
-        tokens.len() as f64 / secs,
+        "{done} images in {secs:.1}s ({:.2} images/s){}{}",
+        done as f64 / secs,
         if images.is_empty() {
             String::new()
         } else {
@@ -231,31 +252,14 @@ fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
     Ok((p(w)?, p(h)?))
 }
 
-fn read_order(path: &PathBuf, cells: usize) -> Result<Vec<usize>> {
+/// The order file's positions; the sampler checks that they are a permutation of the grid.
+fn read_order(path: &PathBuf) -> Result<Vec<usize>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --order {}", path.display()))?;
-    let order: Vec<usize> = serde_json::from_str(&text).with_context(|| {
+    serde_json::from_str(&text).with_context(|| {
         format!(
             "--order {}: expected a JSON array of raster positions",
             path.display()
         )
-    })?;
-    let mut seen = vec![false; cells];
-    for &p in &order {
-        if p >= cells || seen[p] {
-            bail!(
-                "--order {}: position {p} is out of range (0..{cells}) or repeated",
-                path.display()
-            );
-        }
-        seen[p] = true;
-    }
-    if order.len() != cells {
-        bail!(
-            "--order {}: has {} positions, the model generates {cells}",
-            path.display(),
-            order.len()
-        );
-    }
-    Ok(order)
+    })
 }

@@ -14,20 +14,20 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Packed training data (from `arpg pack`).
-    #[arg(long)]
+    #[arg(long, visible_alias = "code-path")]
     pub data: PathBuf,
     /// Model config JSON (reference keys), or use --model for a preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Model preset (ARPG-L, ARPG-XL, ARPG-XXL) when no --config is given.
-    #[arg(long)]
+    #[arg(long, visible_alias = "gpt-model")]
     pub model: Option<String>,
     /// Output folder: checkpoint.safetensors (resumable), model.safetensors (inference
-    /// weights, official key layout), train.jsonl (log).
-    #[arg(long)]
+    /// weights, official key layout), train.jsonl (log). Default `results`, the reference's.
+    #[arg(long, visible_alias = "results-dir", default_value = "results")]
     pub out: PathBuf,
     /// Continue from this training checkpoint (same model config).
-    #[arg(long)]
+    #[arg(long, visible_alias = "gpt-ckpt")]
     pub resume: Option<PathBuf>,
     /// Total optimizer steps of the run (the schedule's length).
     #[arg(long, default_value_t = 1000)]
@@ -56,18 +56,19 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f64,
     /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, visible_alias = "max-grad-norm")]
     pub grad_clip: f64,
     /// Keep an EMA of the weights with this decay (e.g. 0.9999); exported instead of the model.
-    #[arg(long)]
+    /// A bare --ema (the reference's switch) means 0.9999, its decay.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0.9999")]
     pub ema: Option<f64>,
     /// Probability of replacing the class by the null class (for guidance).
     #[arg(long, default_value_t = 0.1)]
     pub class_dropout: f64,
     /// Dropout on token embeddings, residuals and FFN outputs.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, visible_alias = "dropout-p")]
     pub dropout: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, visible_alias = "global-seed")]
     pub seed: u64,
     /// Log every N steps (stdout and train.jsonl).
     #[arg(long, default_value_t = 10)]
@@ -82,9 +83,12 @@ pub struct TrainArgs {
     /// GPU with a launcher's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
+    /// train_c2i.py's flags (--epochs, --global-batch-size, ...), with its meaning.
+    #[command(flatten)]
+    pub reference: crate::reference::ReferenceTrainFlags,
 }
 
-pub fn train(a: TrainArgs) -> Result<()> {
+pub fn train(mut a: TrainArgs) -> Result<()> {
     if a.gpus > 1 && !cfg!(feature = "nccl") {
         bail!(
             "--gpus {} needs a build with NCCL: scripts/build-cuda.sh --nccl",
@@ -113,6 +117,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let main_rank = dist.as_ref().is_none_or(|d| d.rank == 0);
     let data = Packed::open(&a.data)?;
+    crate::reference::apply(&mut a, data.len())?;
     let tc = TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,

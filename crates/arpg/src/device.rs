@@ -29,10 +29,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
 /// `f32`, `bf16` or `f16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
-        "f32" | "float32" => Ok(DType::F32),
+        // `none` and `fp16`: the reference's --precision / --mixed-precision names.
+        "f32" | "float32" | "none" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        _ => bail!("--dtype {s:?}: expected f32, bf16 or f16"),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        _ => bail!("--dtype {s:?}: expected f32, bf16 or f16 (or none, bf16, fp16)"),
     }
 }
 

@@ -6,6 +6,7 @@ use crate::checkpoint::{
 };
 use crate::config::{ArpgConfig, VqConfig, PRESETS};
 use crate::model::Arpg;
+use crate::sampler::MaskSchedule;
 use crate::tokenizer::vq::VqModel;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -39,6 +40,20 @@ const DIGITS_WEIGHTS: &[u8] = include_bytes!(concat!(
 /// Configuration of the shipped digits model (8x8 pixel tokens, 17 levels, 10 classes).
 pub fn digits_config() -> ArpgConfig {
     serde_json::from_str(DIGITS_CONFIG).expect("models/digits/config.json is valid")
+}
+
+/// The guidance scale the paper gives an official preset: the README's model zoo for the
+/// cosine schedule (4.5 / 6.0 / 7.5) and GETTING_STARTED.md's arccos commands (5.0 / 6.0 /
+/// 7.5). `None` for any other model.
+pub fn paper_cfg(preset: &str, schedule: MaskSchedule) -> Option<f32> {
+    let cosine = schedule == MaskSchedule::Cosine;
+    match preset.to_ascii_uppercase().as_str() {
+        "ARPG-L" if cosine => Some(4.5),
+        "ARPG-L" => Some(5.0),
+        "ARPG-XL" => Some(6.0),
+        "ARPG-XXL" => Some(7.5),
+        _ => None,
+    }
 }
 
 /// Whether the official ARPG-L and VQ-16 checkpoints are already in the HF cache.

@@ -7,7 +7,7 @@
 //! sliding a model-sized window over them, each window conditioned on the tokens it overlaps.
 
 use crate::model::Arpg;
-use crate::sampler::{decode, random_order, Request, SampleConfig};
+use crate::sampler::{generate, random_order, DecodeShape, Request, SampleConfig};
 use anyhow::{bail, ensure, Result};
 use rand::Rng;
 
@@ -103,16 +103,14 @@ pub fn inpaint<R: Rng>(
     let classes = vec![class; samples];
     let knowns = vec![known; samples];
     let orders: Vec<Vec<usize>> = (0..samples).map(|_| random_order(&unknown, rng)).collect();
-    decode(
-        model,
-        &Request {
-            classes: &classes,
-            known: &knowns,
-            orders: &orders,
-        },
-        &cfg,
-        rng,
-    )
+    let req = Request {
+        classes: &classes,
+        known: &knowns,
+        orders: &orders,
+    }
+    .validate(DecodeShape::of(model), &cfg)?;
+    // The canvas bookkeeping (and fill_canvas's windows) work on host tokens.
+    Ok(generate(model, &req, rng, None)?.to_vec2()?)
 }
 
 /// Top-left corners of the model-sized windows that cover a canvas, stride half a window,

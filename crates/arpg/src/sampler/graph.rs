@@ -5,12 +5,13 @@
 //! size and the schedule, so the whole loop (all steps, the guidance mix and the draws) is
 //! captured once as one graph and replayed for every later batch of the same shape.
 
-use super::{device_loop, Buffers, Inputs, Plan};
+use super::{run_loop, Buffers, DeviceDraw, Inputs, Plan};
 use crate::model::Arpg;
 use anyhow::Result;
+use candle_core::Tensor;
 
-/// Captured decodes, kept across batches. Pass one to [`super::sample_with`] /
-/// [`super::decode_with`] for every batch of a sampling run: the first decode of a shape (model,
+/// Captured decodes, kept across batches. Pass one to [`super::generate`] (or
+/// [`super::sample_with`]) for every batch of a sampling run: the first decode of a shape (model,
 /// batch size, schedule, guidance, temperature) runs eagerly and is captured; later ones upload
 /// their inputs (classes, orders, a seed) and replay it with one launch. The tokens equal an
 /// eager decode's with the same seed. On the CPU, with top-k / top-p (drawn on the host), or
@@ -61,13 +62,10 @@ impl DecodeGraphs {
         self.replays
     }
 
-    /// Run one decode; returns the drawn tokens `[b][n_unknown]` in generation order.
-    pub(super) fn run(
-        &mut self,
-        model: &Arpg,
-        plan: &Plan,
-        inputs: &Inputs,
-    ) -> Result<Vec<Vec<u32>>> {
+    /// Run one decode (the device-draw loop); returns the drawn tokens `[b, n_unknown]` in
+    /// generation order, on the device. A replay returns the graph's own buffer: read it
+    /// before the next run.
+    pub(super) fn run(&mut self, model: &Arpg, plan: &Plan, inputs: &Inputs) -> Result<Tensor> {
         if self.entry.as_ref().map(|e| &e.plan) != Some(plan) {
             // Free the old graph and buffers before allocating new ones.
             self.entry = None;
@@ -86,16 +84,17 @@ impl DecodeGraphs {
                 g.launch()
                     .map_err(|err| anyhow::anyhow!("replaying the decode graph: {err:?}"))?;
                 self.replays += 1;
-                return Ok(e.buf.drawn.to_vec2::<u32>()?);
+                return Ok(e.buf.drawn.clone());
             }
             if self.enabled {
                 {
                     // The eager run also fills candle's cache of kernel parameters, which a
                     // capture may not upload.
                     let _params = dev.enable_cuda_graph_htod_cache();
-                    device_loop(model, plan, &mut e.buf)?;
+                    run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
                 }
-                let drawn = e.buf.drawn.to_vec2::<u32>()?;
+                // A copy: the capture below records into the same buffers.
+                let drawn = e.buf.drawn.copy()?;
                 match capture(dev, model, plan, &mut e.buf) {
                     Ok(g) => {
                         e.graph = Some(g);
@@ -109,8 +108,8 @@ impl DecodeGraphs {
                 return Ok(drawn);
             }
         }
-        device_loop(model, plan, &mut e.buf)?;
-        Ok(e.buf.drawn.to_vec2::<u32>()?)
+        run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
+        Ok(e.buf.drawn.clone())
     }
 }
 
@@ -129,7 +128,7 @@ fn capture(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| anyhow::anyhow!("begin capture: {e:?}"))?;
     // Every temporary is dropped inside the loop, so the graph frees all it allocates.
-    let ran = device_loop(model, plan, buf);
+    let ran = run_loop(model, plan, buf, &mut DeviceDraw);
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
     ran.context("capturing the decoding loop")?;
     let graph = graph

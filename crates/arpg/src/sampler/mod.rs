@@ -1,9 +1,11 @@
 //! Randomized parallel decoding with a KV cache: the paper's sampling algorithm.
 //!
-//! [`decode`] is the whole loop: prefill the class token (and any known tokens), then at each
-//! step predict a scheduled number of tokens at once, in a random order, each query carrying
-//! the position of the token it predicts; mix conditional and unconditional logits (CFG),
-//! filter and draw one token per query, and feed the drawn tokens back.
+//! A [`Request`] (classes, known tokens, orders) and a [`SampleConfig`] are checked once, by
+//! [`Request::validate`], into a [`ValidRequest`]; [`generate`] runs it through the one loop
+//! (`run_loop`): prefill the class token (and any known tokens), then at each step predict a
+//! scheduled number of tokens at once, in a random order, each query carrying the position of
+//! the token it predicts; mix conditional and unconditional logits (CFG), select one token per
+//! query (on the device, or filtered on the host), and feed the selected tokens back.
 
 pub mod draw;
 pub mod filter;
@@ -15,6 +17,7 @@ pub use filter::TokenFilter;
 pub use graph::DecodeGraphs;
 pub use schedule::{token_counts, CfgSchedule, MaskSchedule};
 
+use crate::config::ArpgConfig;
 use crate::model::{Arpg, KvCache, Positions};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
@@ -44,7 +47,42 @@ impl Default for SampleConfig {
     }
 }
 
-/// What one decoding call works on: a batch of sequences on the model's current grid.
+/// Most sequences one request decodes at once: far above any GPU's memory at ARPG-L's size
+/// (the CFG batch doubles it), so a larger number is a mistake, not a workload.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// What a request is checked against: the classes, codebook and token grid of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub num_classes: usize,
+    pub vocab_size: usize,
+    /// Token cells of the grid decoded (the model's RoPE grid).
+    pub cells: usize,
+}
+
+impl DecodeShape {
+    /// The shape a loaded model decodes (its current RoPE grid).
+    pub fn of(model: &Arpg) -> Self {
+        let mc = model.config();
+        Self {
+            num_classes: mc.num_classes,
+            vocab_size: mc.vocab_size,
+            cells: model.rope().rows() - mc.cls_token_num,
+        }
+    }
+
+    /// The shape of a configuration's own grid, to check a request before loading weights.
+    pub fn of_config(mc: &ArpgConfig) -> Self {
+        Self {
+            num_classes: mc.num_classes,
+            vocab_size: mc.vocab_size,
+            cells: mc.block_size,
+        }
+    }
+}
+
+/// What one decoding call works on: a batch of sequences, unchecked. [`Request::validate`]
+/// checks it.
 pub struct Request<'a> {
     /// Class id of each sequence.
     pub classes: &'a [usize],
@@ -55,6 +93,177 @@ pub struct Request<'a> {
     pub orders: &'a [Vec<usize>],
 }
 
+/// A request and its settings, checked against a [`DecodeShape`]: the only input [`generate`]
+/// takes, so nothing downstream checks again.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    shape: DecodeShape,
+    classes: Vec<usize>,
+    known: Vec<Vec<(usize, u32)>>,
+    orders: Vec<Vec<usize>>,
+    cfg: SampleConfig,
+    /// Tokens selected at each step.
+    counts: Vec<usize>,
+}
+
+impl Request<'_> {
+    /// Check every field once: batch size, classes in range, guidance and filter settings,
+    /// known tokens inside the grid and the codebook, each order a permutation of the unknown
+    /// cells, and the number of steps possible for them.
+    pub fn validate(&self, shape: DecodeShape, cfg: &SampleConfig) -> Result<ValidRequest> {
+        let b = self.classes.len();
+        ensure!(b > 0, "empty batch: no class to sample");
+        ensure!(
+            b <= MAX_BATCH,
+            "a batch of {b} sequences is over the limit of {MAX_BATCH}"
+        );
+        ensure!(
+            self.known.len() == b && self.orders.len() == b,
+            "one known set and one order per sequence ({b} classes, {} known sets, {} orders)",
+            self.known.len(),
+            self.orders.len()
+        );
+        validate_settings(shape, cfg)?;
+        for &c in self.classes {
+            if c >= shape.num_classes {
+                bail!(
+                    "class id {c} is out of range: the model has {} classes (0..={})",
+                    shape.num_classes,
+                    shape.num_classes - 1
+                );
+            }
+        }
+        let cells = shape.cells;
+        let n_known = self.known[0].len();
+        ensure!(
+            n_known < cells,
+            "nothing to decode: all {cells} tokens are known"
+        );
+        for (s, (known, order)) in self.known.iter().zip(self.orders).enumerate() {
+            ensure!(
+                known.len() == n_known,
+                "every sequence of a batch must know the same number of tokens"
+            );
+            let mut seen = vec![false; cells];
+            for &(p, t) in known {
+                ensure!(
+                    p < cells && !seen[p],
+                    "known position {p} is out of range (0..{cells}) or repeated"
+                );
+                ensure!(
+                    (t as usize) < shape.vocab_size,
+                    "known token {t} is out of range (vocab {})",
+                    shape.vocab_size
+                );
+                seen[p] = true;
+            }
+            for &p in order {
+                ensure!(
+                    p < cells && !seen[p],
+                    "sequence {s}: order position {p} is out of range (0..{cells}), known or repeated"
+                );
+                seen[p] = true;
+            }
+            ensure!(
+                order.len() == cells - n_known,
+                "sequence {s}: the order has {} positions, {} are unknown",
+                order.len(),
+                cells - n_known
+            );
+        }
+        Ok(ValidRequest {
+            shape,
+            classes: self.classes.to_vec(),
+            known: self.known.to_vec(),
+            orders: self.orders.to_vec(),
+            cfg: cfg.clone(),
+            counts: token_counts(cells - n_known, cfg.steps, cfg.schedule)?,
+        })
+    }
+}
+
+/// The settings' own ranges (guidance, temperature, top-k, top-p) and the steps for a full
+/// grid: what a command line can check before it loads a model.
+pub fn validate_settings(shape: DecodeShape, cfg: &SampleConfig) -> Result<()> {
+    cfg.filter.validate()?;
+    if !cfg.cfg.is_finite() || cfg.cfg < 0.0 {
+        bail!("--cfg {} must be a finite number >= 0", cfg.cfg);
+    }
+    if cfg.filter.top_k > shape.vocab_size {
+        bail!(
+            "--top-k {} is larger than the codebook ({} tokens); 0 turns it off",
+            cfg.filter.top_k,
+            shape.vocab_size
+        );
+    }
+    if cfg.steps == 0 || cfg.steps > shape.cells {
+        bail!(
+            "--steps {} is impossible for {} tokens: use 1..={}",
+            cfg.steps,
+            shape.cells,
+            shape.cells
+        );
+    }
+    Ok(())
+}
+
+impl ValidRequest {
+    /// Sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+    pub fn shape(&self) -> DecodeShape {
+        self.shape
+    }
+    pub fn config(&self) -> &SampleConfig {
+        &self.cfg
+    }
+    pub fn classes(&self) -> &[usize] {
+        &self.classes
+    }
+    /// Tokens selected at each step.
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+    fn n_known(&self) -> usize {
+        self.known[0].len()
+    }
+    fn n_unknown(&self) -> usize {
+        self.shape.cells - self.n_known()
+    }
+
+    /// Which halves of the classifier-free-guidance batch run.
+    fn halves(&self) -> Halves {
+        if self.cfg.cfg == 0.0 {
+            Halves::Uncond
+        } else if self.cfg.cfg == 1.0 {
+            Halves::Cond
+        } else {
+            Halves::Both
+        }
+    }
+
+    /// Guidance weight after each step (`None` when one half runs): constant, or linear in the
+    /// tokens decoded after the step (the reference's `pos` after its increment).
+    fn weights(&self) -> Vec<Option<f64>> {
+        let (w, total) = (self.cfg.cfg as f64, self.n_unknown() as f64);
+        let mut decoded = 0;
+        self.counts
+            .iter()
+            .map(|&n| {
+                decoded += n;
+                (self.halves() == Halves::Both).then(|| match self.cfg.cfg_schedule {
+                    CfgSchedule::Constant => w,
+                    CfgSchedule::Linear => 1.0 + (w - 1.0) * decoded as f64 / total,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Which halves of the classifier-free-guidance batch run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Halves {
@@ -63,11 +272,26 @@ enum Halves {
     Both,
 }
 
-/// Whether tokens are drawn on the device: on GPUs, unless top-k / top-p filtering is asked
-/// for (those sort each row, done on the host). On the CPU the host path is the device path
-/// and uses the seeded generator, so CPU runs repeat exactly.
-fn on_device(dev: &candle_core::Device, f: &TokenFilter) -> bool {
-    !dev.is_cpu() && f.top_k == 0 && f.top_p >= 1.0
+/// Where tokens are selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrawOn {
+    /// Guidance, temperature and a Gumbel-max draw in one kernel ([`draw::draw`]), noise from
+    /// a seed tensor: no host round trip, so CUDA graphs can capture it.
+    Device,
+    /// Logits come back every step; top-k / top-p ([`TokenFilter`]) and the draw use the rng.
+    Host,
+}
+
+impl DrawOn {
+    /// On GPUs the device, unless top-k / top-p filtering is asked for (those sort each row,
+    /// done on the host). On the CPU the host, with the seeded generator, so CPU runs repeat.
+    fn pick(dev: &candle_core::Device, f: &TokenFilter) -> Self {
+        if !dev.is_cpu() && f.top_k == 0 && f.top_p >= 1.0 {
+            Self::Device
+        } else {
+            Self::Host
+        }
+    }
 }
 
 /// A random order of `positions`, e.g. of `0..256`.
@@ -77,7 +301,22 @@ pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
     o
 }
 
-/// Plain class-conditional sampling: every position unknown, one order per sequence.
+/// Decode a validated request on `model`: tokens `[b, cells]` (u32, raster order over the
+/// model's grid, known tokens unchanged), left on the model's device for the VQ decoder;
+/// `.to_vec2::<u32>()` brings them to the host. With `graphs`, the device path captures the
+/// first decode of a shape as a CUDA graph and replays it for later ones ([`DecodeGraphs`]).
+pub fn generate<R: Rng>(
+    model: &Arpg,
+    req: &ValidRequest,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+) -> Result<Tensor> {
+    let on = DrawOn::pick(model.device(), &req.cfg.filter);
+    generate_on(model, req, rng, graphs, on)
+}
+
+/// Shorthand for plain class-conditional sampling with host tokens: every position unknown,
+/// one order per sequence; validates, then [`generate`].
 pub fn sample<R: Rng>(
     model: &Arpg,
     classes: &[usize],
@@ -85,21 +324,10 @@ pub fn sample<R: Rng>(
     cfg: &SampleConfig,
     rng: &mut R,
 ) -> Result<Vec<Vec<u32>>> {
-    let known = vec![vec![]; classes.len()];
-    decode(
-        model,
-        &Request {
-            classes,
-            known: &known,
-            orders,
-        },
-        cfg,
-        rng,
-    )
+    sample_graphs(model, classes, orders, cfg, rng, None)
 }
 
-/// [`sample`] with CUDA graphs: the first batch of a shape runs eagerly and is captured, later
-/// ones replay the capture (see [`DecodeGraphs`]).
+/// [`sample`] with CUDA graphs kept in `graphs` across batches (see [`DecodeGraphs`]).
 pub fn sample_with<R: Rng>(
     model: &Arpg,
     classes: &[usize],
@@ -108,255 +336,104 @@ pub fn sample_with<R: Rng>(
     rng: &mut R,
     graphs: &mut DecodeGraphs,
 ) -> Result<Vec<Vec<u32>>> {
+    sample_graphs(model, classes, orders, cfg, rng, Some(graphs))
+}
+
+fn sample_graphs<R: Rng>(
+    model: &Arpg,
+    classes: &[usize],
+    orders: &[Vec<usize>],
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+) -> Result<Vec<Vec<u32>>> {
     let known = vec![vec![]; classes.len()];
     let req = Request {
         classes,
         known: &known,
         orders,
     };
-    decode_with(model, &req, cfg, rng, Some(graphs))
+    let req = req.validate(DecodeShape::of(model), cfg)?;
+    Ok(generate(model, &req, rng, graphs)?.to_vec2()?)
 }
 
-/// Decode every unknown position of each sequence. Returns tokens in raster order over the
-/// model's grid; known tokens are returned unchanged.
+/// Shorthand: validate `req`, [`generate`], tokens on the host.
 pub fn decode<R: Rng>(
     model: &Arpg,
     req: &Request,
     cfg: &SampleConfig,
     rng: &mut R,
 ) -> Result<Vec<Vec<u32>>> {
-    decode_with(model, req, cfg, rng, None)
+    let req = req.validate(DecodeShape::of(model), cfg)?;
+    Ok(generate(model, &req, rng, None)?.to_vec2()?)
 }
 
-/// [`decode`], replaying CUDA graphs from `graphs` where the device path allows.
-pub fn decode_with<R: Rng>(
+/// [`generate`] with the selection place chosen (tests run the device path on the CPU).
+fn generate_on<R: Rng>(
     model: &Arpg,
-    req: &Request,
-    cfg: &SampleConfig,
+    req: &ValidRequest,
     rng: &mut R,
     graphs: Option<&mut DecodeGraphs>,
-) -> Result<Vec<Vec<u32>>> {
-    let device_draw = on_device(model.device(), &cfg.filter);
-    decode_impl(model, req, cfg, rng, graphs, device_draw)
-}
-
-/// The loop on either path: `device_draw` draws on the device (the GPU path, also runnable on
-/// the CPU for tests), else logits come back to the host every step.
-fn decode_impl<R: Rng>(
-    model: &Arpg,
-    req: &Request,
-    cfg: &SampleConfig,
-    rng: &mut R,
-    graphs: Option<&mut DecodeGraphs>,
-    device_draw: bool,
-) -> Result<Vec<Vec<u32>>> {
-    let mc = model.config();
-    let b = req.classes.len();
-    let cells = model.rope().rows() - mc.cls_token_num;
-    ensure!(b > 0, "empty batch");
+    on: DrawOn,
+) -> Result<Tensor> {
     ensure!(
-        req.known.len() == b && req.orders.len() == b,
-        "one known set and one order per sequence"
+        req.shape == DecodeShape::of(model),
+        "the request was checked for {:?}, the model decodes {:?}",
+        req.shape,
+        DecodeShape::of(model)
     );
-    cfg.filter.validate()?;
-    if !cfg.cfg.is_finite() || cfg.cfg < 0.0 {
-        bail!("--cfg {} must be >= 0", cfg.cfg);
-    }
-    for &c in req.classes {
-        if c >= mc.num_classes {
-            bail!(
-                "class id {c} is out of range: the model has {} classes (0..={})",
-                mc.num_classes,
-                mc.num_classes - 1
-            );
-        }
-    }
-    let n_known = req.known[0].len();
-    let n_unknown = cells - n_known;
-    for (s, (known, order)) in req.known.iter().zip(req.orders).enumerate() {
-        ensure!(
-            known.len() == n_known,
-            "every sequence of a batch must know the same number of tokens"
-        );
-        let mut seen = vec![false; cells];
-        for &(p, t) in known {
-            ensure!(
-                p < cells && !seen[p],
-                "known position {p} is out of range or repeated"
-            );
-            ensure!(
-                (t as usize) < mc.vocab_size,
-                "known token {t} is out of range (vocab {})",
-                mc.vocab_size
-            );
-            seen[p] = true;
-        }
-        ensure!(
-            order.len() == n_unknown,
-            "sequence {s}: the order has {} positions, {n_unknown} are unknown",
-            order.len()
-        );
-        for &p in order {
-            ensure!(
-                p < cells && !seen[p],
-                "sequence {s}: order position {p} is out of range, known or repeated"
-            );
-            seen[p] = true;
-        }
-    }
-    let counts = token_counts(n_unknown, cfg.steps, cfg.schedule)?;
-
-    let halves = if cfg.cfg == 0.0 {
-        Halves::Uncond
-    } else if cfg.cfg == 1.0 {
-        Halves::Cond
-    } else {
-        Halves::Both
-    };
-    let copies = if halves == Halves::Both { 2 } else { 1 };
-    let rows = b * copies;
-    let dev = model.device();
-
-    // Step 0 feeds the class token (row 0 of the RoPE table) and every known token.
-    let mut fed_ids: Vec<u32> = Vec::with_capacity(rows * (1 + n_known));
-    let mut fed_pos: Vec<u32> = Vec::with_capacity(rows * (1 + n_known));
-    for half in 0..copies {
-        let uncond = halves == Halves::Uncond || half == 1;
-        for s in 0..b {
-            fed_ids.push(if uncond {
-                mc.null_class_token()
-            } else {
-                mc.class_token(req.classes[s])
-            });
-            fed_pos.push(0);
-            for &(p, t) in &req.known[s] {
-                fed_ids.push(t);
-                fed_pos.push((p + mc.cls_token_num) as u32);
-            }
-        }
-    }
-    let mut out: Vec<Vec<u32>> = (0..b).map(|_| vec![u32::MAX; cells]).collect();
-    for (s, known) in req.known.iter().enumerate() {
-        for &(p, t) in known {
-            out[s][p] = t;
-        }
-    }
-    // Every query's RoPE row is known from the orders: one upload for the whole decode, so
-    // the loop needs no host round trip on the device path.
-    let q_rows: Vec<u32> = (0..copies)
-        .flat_map(|_| {
-            req.orders
-                .iter()
-                .flat_map(|o| o.iter().map(|&p| (p + mc.cls_token_num) as u32))
-        })
-        .collect();
-    let guidance = |decoded: usize| match halves {
-        Halves::Both => Some(match cfg.cfg_schedule {
-            CfgSchedule::Constant => cfg.cfg as f64,
-            CfgSchedule::Linear => 1.0 + (cfg.cfg as f64 - 1.0) * decoded as f64 / n_unknown as f64,
-        }),
-        _ => None,
-    };
-
-    if device_draw {
-        ensure!(
-            cfg.filter.top_k == 0 && cfg.filter.top_p >= 1.0,
-            "top-k / top-p are drawn on the host"
-        );
-        let mut decoded = 0;
-        let draws = counts
-            .iter()
-            .enumerate()
-            .map(|(s, &n)| {
-                decoded += n;
-                Draw {
-                    guidance: guidance(decoded).map(|w| w as f32),
-                    temperature: cfg.filter.temperature,
-                    salt: s as u32,
+    let plan = Plan::new(model, req);
+    let drawn = match on {
+        DrawOn::Device => {
+            let inputs = Inputs::new(model, req, rng.random::<i64>());
+            match graphs {
+                Some(g) => g.run(model, &plan, &inputs)?,
+                None => {
+                    let mut buf = Buffers::new(model, &plan)?;
+                    buf.load(&inputs)?;
+                    run_loop(model, &plan, &mut buf, &mut DeviceDraw)?;
+                    buf.drawn
                 }
-            })
-            .collect();
-        let plan = Plan {
-            model_id: model.id(),
-            b,
-            copies,
-            n_known,
-            n_unknown,
-            counts,
-            draws,
-        };
-        let inputs = Inputs {
-            first_ids: fed_ids,
-            first_pos: fed_pos,
-            q_rows,
-            seed: rng.random::<i64>(),
-        };
-        let drawn = match graphs {
-            Some(g) => g.run(model, &plan, &inputs)?,
-            None => {
-                let mut buf = Buffers::new(model, &plan)?;
-                buf.load(&inputs)?;
-                device_loop(model, &plan, &mut buf)?;
-                buf.drawn.to_vec2::<u32>()?
-            }
-        };
-        for (s, row) in drawn.iter().enumerate() {
-            for (j, &tok) in row.iter().enumerate() {
-                out[s][req.orders[s][j]] = tok;
             }
         }
-        return Ok(out);
-    }
+        DrawOn::Host => {
+            let mut buf = Buffers::new(model, &plan)?;
+            buf.load(&Inputs::new(model, req, 0))?;
+            let mut host = HostDraw {
+                filter: req.cfg.filter,
+                weights: req.weights(),
+                b: req.len(),
+                rng,
+            };
+            run_loop(model, &plan, &mut buf, &mut host)?;
+            buf.drawn
+        }
+    };
+    to_raster(req, &drawn)
+}
 
-    // The host path: logits come back every step and each token is drawn with `rng`.
-    let mut cache = model.new_cache(rows, cache_capacity(n_known, &counts))?;
-    let q_rows = Tensor::from_vec(q_rows, (rows, n_unknown), dev)?;
-    let mut ids = Tensor::from_vec(fed_ids, (rows, 1 + n_known), dev)?;
-    let mut kpos = Tensor::from_vec(fed_pos, (rows, 1 + n_known), dev)?;
-    let mut done = 0usize;
-    for &n in &counts {
-        let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
-        let positions = Positions {
-            keys: &kpos,
-            queries: &qpos,
-        };
-        // The first step feeds the class token and the known tokens together: in sequence,
-        // as training saw them. Later steps feed the tokens drawn together, unmasked.
-        let logits = if done == 0 {
-            model.step_causal(&mut cache, &ids, positions)?
-        } else {
-            model.step(&mut cache, &ids, positions)?
+/// Tokens `[b, cells]` in raster order from the drawn ones `[b, n_unknown]` in generation
+/// order and the known ones: one gather on the device (the index comes from the request).
+fn to_raster(req: &ValidRequest, drawn: &Tensor) -> Result<Tensor> {
+    let (b, nk, cells) = (req.len(), req.n_known(), req.shape.cells);
+    let dev = drawn.device();
+    let mut idx = vec![0u32; b * cells];
+    let mut known = Vec::with_capacity(b * nk);
+    for (s, (k, order)) in req.known.iter().zip(&req.orders).enumerate() {
+        for (i, &(p, t)) in k.iter().enumerate() {
+            idx[s * cells + p] = i as u32;
+            known.push(t);
         }
-        .expect("queries were given");
-        let decoded = done + n;
-        let logits = match guidance(decoded) {
-            Some(w) => {
-                let c = logits.narrow(0, 0, b)?;
-                let u = logits.narrow(0, b, b)?;
-                (&u + ((c - &u)? * w)?)?
-            }
-            None => logits,
-        };
-        let mut host = logits.to_vec3::<f32>()?;
-        let mut toks = Vec::with_capacity(b * n);
-        for (s, row) in host.iter_mut().enumerate() {
-            for (j, l) in row.iter_mut().enumerate() {
-                let tok = cfg.filter.sample(l, rng);
-                out[s][req.orders[s][done + j]] = tok;
-                toks.push(tok);
-            }
+        for (j, &p) in order.iter().enumerate() {
+            idx[s * cells + p] = (nk + j) as u32;
         }
-        let picked = Tensor::from_vec(toks, (b, n), dev)?;
-        // The same drawn tokens are fed to both guidance halves.
-        ids = if copies == 2 {
-            Tensor::cat(&[&picked, &picked], 0)?
-        } else {
-            picked
-        };
-        kpos = qpos;
-        done = decoded;
     }
-    Ok(out)
+    let src = if nk == 0 {
+        drawn.clone()
+    } else {
+        Tensor::cat(&[&Tensor::from_vec(known, (b, nk), dev)?, drawn], 1)?
+    };
+    Ok(src.gather(&Tensor::from_vec(idx, (b, cells), dev)?, 1)?)
 }
 
 /// Content tokens a decode feeds: the class token, the known tokens, and every drawn token but
@@ -365,7 +442,7 @@ fn cache_capacity(n_known: usize, counts: &[usize]) -> usize {
     1 + n_known + counts.iter().sum::<usize>() - counts.last().copied().unwrap_or(0)
 }
 
-/// A device decode's shapes and settings: everything a captured CUDA graph bakes in.
+/// A decode's shapes and settings: everything a captured CUDA graph bakes in.
 #[derive(Debug, Clone, PartialEq)]
 struct Plan {
     model_id: u64,
@@ -378,6 +455,28 @@ struct Plan {
 }
 
 impl Plan {
+    fn new(model: &Arpg, req: &ValidRequest) -> Self {
+        let draws = req
+            .weights()
+            .into_iter()
+            .enumerate()
+            .map(|(s, w)| Draw {
+                guidance: w.map(|w| w as f32),
+                temperature: req.cfg.filter.temperature,
+                salt: s as u32,
+            })
+            .collect();
+        Self {
+            model_id: model.id(),
+            b: req.len(),
+            copies: if req.halves() == Halves::Both { 2 } else { 1 },
+            n_known: req.n_known(),
+            n_unknown: req.n_unknown(),
+            counts: req.counts.clone(),
+            draws,
+        }
+    }
+
     fn rows(&self) -> usize {
         self.b * self.copies
     }
@@ -389,6 +488,38 @@ struct Inputs {
     first_pos: Vec<u32>,
     q_rows: Vec<u32>,
     seed: i64,
+}
+
+impl Inputs {
+    /// Step 0 feeds the class token (row 0 of the RoPE table) and every known token; every
+    /// query's RoPE row is known from the orders, so one upload serves the whole decode.
+    fn new(model: &Arpg, req: &ValidRequest, seed: i64) -> Self {
+        let mc = model.config();
+        let halves = req.halves();
+        let copies = if halves == Halves::Both { 2 } else { 1 };
+        let (mut first_ids, mut first_pos, mut q_rows) = (vec![], vec![], vec![]);
+        for half in 0..copies {
+            let uncond = halves == Halves::Uncond || half == 1;
+            for (s, &c) in req.classes.iter().enumerate() {
+                first_ids.push(match uncond {
+                    true => mc.null_class_token(),
+                    false => mc.class_token(c),
+                });
+                first_pos.push(0);
+                for &(p, t) in &req.known[s] {
+                    first_ids.push(t);
+                    first_pos.push((p + mc.cls_token_num) as u32);
+                }
+                q_rows.extend(req.orders[s].iter().map(|&p| (p + mc.cls_token_num) as u32));
+            }
+        }
+        Self {
+            first_ids,
+            first_pos,
+            q_rows,
+            seed,
+        }
+    }
 }
 
 /// The device memory the loop reads and writes, at fixed addresses so that a captured graph
@@ -433,35 +564,83 @@ impl Buffers {
     }
 }
 
-/// The decoding loop on the device: no host round trip, every tensor it keeps lives in `buf`,
-/// so the same call runs eagerly or under CUDA graph capture.
-fn device_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers) -> Result<()> {
+/// How one step's logits `[copies * b, n, vocab]` (compute dtype) become tokens `[b, n]`.
+trait Select {
+    fn select(
+        &mut self,
+        logits: &Tensor,
+        step: usize,
+        plan: &Plan,
+        seed: &Tensor,
+    ) -> Result<Tensor>;
+}
+
+/// Guidance, temperature and Gumbel-max in one kernel; noise from the seed buffer.
+struct DeviceDraw;
+
+impl Select for DeviceDraw {
+    fn select(&mut self, logits: &Tensor, s: usize, plan: &Plan, seed: &Tensor) -> Result<Tensor> {
+        draw::draw(logits, seed, plan.draws[s])
+    }
+}
+
+/// The CFG mix on the device, then each row on the host: top-k / top-p and a draw from `rng`.
+struct HostDraw<'r, R> {
+    filter: TokenFilter,
+    weights: Vec<Option<f64>>,
+    b: usize,
+    rng: &'r mut R,
+}
+
+impl<R: Rng> Select for HostDraw<'_, R> {
+    fn select(&mut self, logits: &Tensor, s: usize, _: &Plan, _: &Tensor) -> Result<Tensor> {
+        let logits = logits.to_dtype(DType::F32)?;
+        let logits = match self.weights[s] {
+            Some(w) => {
+                let c = logits.narrow(0, 0, self.b)?;
+                let u = logits.narrow(0, self.b, self.b)?;
+                (&u + ((c - &u)? * w)?)?
+            }
+            None => logits,
+        };
+        let (b, n, _) = logits.dims3()?;
+        let mut toks = Vec::with_capacity(b * n);
+        for row in logits.to_vec3::<f32>()?.iter_mut() {
+            for l in row.iter_mut() {
+                toks.push(self.filter.sample(l, self.rng));
+            }
+        }
+        Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
+    }
+}
+
+/// The decoding loop, as the reference's `generate` reads: per step of the schedule, run the
+/// fed tokens through pass 1 and the step's queries through pass 2, select a token per query
+/// (the guidance mix happens in `pick`), and feed the selected tokens back. Every tensor it
+/// keeps lives in `buf`, so with [`DeviceDraw`] the same call runs eagerly or under CUDA graph
+/// capture.
+fn run_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers, pick: &mut dyn Select) -> Result<()> {
     buf.cache.reset();
     let mut ids = buf.first_ids.clone();
     let mut kpos = buf.first_pos.clone();
     let mut done = 0;
-    for (&n, &d) in plan.counts.iter().zip(&plan.draws) {
+    for (s, &n) in plan.counts.iter().enumerate() {
         let qpos = buf.q_rows.narrow(1, done, n)?.contiguous()?;
         // The first step feeds the class token and the known tokens in sequence, as training
         // saw them; later steps the tokens drawn together, unmasked (the reference's way).
+        let positions = Positions {
+            keys: &kpos,
+            queries: &qpos,
+        };
         let logits = model
-            .step_native_logits(
-                &mut buf.cache,
-                &ids,
-                Positions {
-                    keys: &kpos,
-                    queries: &qpos,
-                },
-                done == 0,
-            )?
+            .step_native_logits(&mut buf.cache, &ids, positions, done == 0)?
             .expect("queries were given");
-        let picked = draw::draw(&logits, &buf.seed, d)?;
+        let picked = pick.select(&logits, s, plan, &buf.seed)?;
         buf.drawn.slice_set(&picked, 1, done)?;
         // The same drawn tokens are fed to both guidance halves.
-        ids = if plan.copies == 2 {
-            Tensor::cat(&[&picked, &picked], 0)?
-        } else {
-            picked
+        ids = match plan.copies {
+            2 => Tensor::cat(&[&picked, &picked], 0)?,
+            _ => picked,
         };
         kpos = qpos;
         done += n;
@@ -507,6 +686,25 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    /// The pre-refactor entry point's signature, over the one loop: validate, decode on the
+    /// device path or the host path, tokens to the host.
+    fn decode_impl<R: Rng>(
+        model: &Arpg,
+        req: &Request,
+        cfg: &SampleConfig,
+        rng: &mut R,
+        graphs: Option<&mut DecodeGraphs>,
+        device_draw: bool,
+    ) -> Result<Vec<Vec<u32>>> {
+        let req = req.validate(DecodeShape::of(model), cfg)?;
+        let on = if device_draw {
+            DrawOn::Device
+        } else {
+            DrawOn::Host
+        };
+        Ok(generate_on(model, &req, rng, graphs, on)?.to_vec2()?)
     }
 
     #[test]
@@ -577,5 +775,286 @@ mod tests {
         assert_ne!(draws[0], draws[2], "another seed, other tokens");
         // No CUDA here: nothing captured, and nothing replayed.
         assert_eq!((graphs.captures(), graphs.replays()), (0, 0));
+    }
+
+    fn sc(
+        steps: usize,
+        cfg: f32,
+        cfg_schedule: CfgSchedule,
+        schedule: MaskSchedule,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+    ) -> SampleConfig {
+        SampleConfig {
+            steps,
+            cfg,
+            cfg_schedule,
+            schedule,
+            filter: TokenFilter {
+                temperature,
+                top_k,
+                top_p,
+            },
+        }
+    }
+
+    /// Expected tokens printed by the code before the one-loop refactor (commit f78af33: two
+    /// loops in `decode_impl`), run on the CPU with the cases below; not generated by the code
+    /// under test.
+    const GOLDEN: &[(&str, [[u32; 16]; 2])] = &[
+        (
+            "host_linear",
+            [
+                [0, 1, 0, 7, 5, 5, 6, 3, 2, 5, 2, 1, 4, 2, 12, 12],
+                [1, 4, 1, 6, 3, 2, 7, 8, 11, 9, 12, 3, 5, 4, 4, 11],
+            ],
+        ),
+        (
+            "host_filter",
+            [
+                [0, 7, 3, 5, 9, 9, 2, 2, 1, 3, 10, 10, 4, 9, 10, 6],
+                [1, 4, 1, 7, 5, 10, 7, 7, 10, 10, 4, 5, 4, 5, 9, 7],
+            ],
+        ),
+        (
+            "host_uncond",
+            [
+                [5, 7, 10, 5, 3, 3, 7, 3, 0, 10, 8, 9, 3, 2, 9, 8],
+                [10, 7, 1, 11, 7, 8, 11, 6, 0, 1, 6, 9, 6, 6, 2, 4],
+            ],
+        ),
+        (
+            "host_cond",
+            [
+                [12, 3, 6, 4, 8, 9, 2, 1, 5, 11, 11, 3, 2, 12, 12, 7],
+                [0, 3, 8, 1, 1, 10, 10, 8, 11, 2, 4, 12, 8, 3, 4, 1],
+            ],
+        ),
+        (
+            "host_known",
+            [
+                [8, 9, 4, 5, 2, 1, 5, 3, 10, 1, 0, 10, 4, 0, 4, 5],
+                [12, 7, 10, 9, 4, 8, 3, 7, 0, 4, 1, 1, 11, 0, 10, 2],
+            ],
+        ),
+        (
+            "device_linear",
+            [
+                [2, 6, 6, 3, 3, 12, 3, 11, 2, 8, 9, 11, 9, 4, 8, 1],
+                [7, 12, 11, 5, 9, 0, 5, 9, 6, 8, 6, 12, 9, 1, 11, 10],
+            ],
+        ),
+        (
+            "device_known",
+            [
+                [7, 9, 6, 5, 6, 3, 9, 4, 5, 1, 0, 6, 2, 5, 6, 9],
+                [12, 10, 2, 7, 8, 4, 0, 7, 5, 7, 7, 10, 11, 2, 11, 2],
+            ],
+        ),
+        (
+            "inpaint",
+            [
+                [6, 1, 2, 10, 4, 5, 6, 7, 8, 8, 10, 11, 11, 0, 1, 1],
+                [5, 1, 2, 9, 4, 5, 7, 7, 8, 8, 10, 11, 0, 0, 1, 12],
+            ],
+        ),
+    ];
+    const OUTPAINT_GOLDEN: [u32; 28] = [
+        1, 1, 1, 1, 3, 6, 3, 1, 1, 1, 1, 3, 7, 2, 1, 1, 1, 1, 3, 7, 0, 1, 1, 1, 1, 4, 10, 9,
+    ];
+
+    #[test]
+    fn tokens_equal_those_of_the_code_before_the_refactor() {
+        use CfgSchedule::*;
+        use MaskSchedule::*;
+        let m = tiny();
+        let cases = [
+            (
+                "host_linear",
+                sc(5, 3.0, Linear, Arccos, 1.0, 0, 1.0),
+                11u64,
+                false,
+                false,
+            ),
+            (
+                "host_filter",
+                sc(4, 2.0, Constant, Cosine, 0.8, 4, 0.8),
+                12,
+                false,
+                false,
+            ),
+            (
+                "host_uncond",
+                sc(3, 0.0, Linear, Arccos, 1.0, 0, 1.0),
+                13,
+                false,
+                false,
+            ),
+            (
+                "host_cond",
+                sc(6, 1.0, Linear, Arccos, 1.3, 0, 1.0),
+                14,
+                false,
+                false,
+            ),
+            (
+                "host_known",
+                sc(4, 2.5, Linear, Arccos, 1.0, 0, 1.0),
+                15,
+                true,
+                false,
+            ),
+            (
+                "device_linear",
+                sc(5, 3.0, Linear, Arccos, 1.0, 0, 1.0),
+                16,
+                false,
+                true,
+            ),
+            (
+                "device_known",
+                sc(4, 2.5, Constant, Cosine, 0.7, 0, 1.0),
+                17,
+                true,
+                true,
+            ),
+        ];
+        let mut got = Vec::new();
+        for (name, cfg, seed, with_known, dev) in cases {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            let known: Vec<Vec<(usize, u32)>> = if with_known {
+                vec![
+                    vec![(3, 5), (9, 1), (10, 0)],
+                    vec![(0, 12), (15, 2), (7, 7)],
+                ]
+            } else {
+                vec![vec![]; 2]
+            };
+            let orders: Vec<Vec<usize>> = known
+                .iter()
+                .map(|k| {
+                    let free: Vec<usize> = (0..16)
+                        .filter(|p| k.iter().all(|&(q, _)| q != *p))
+                        .collect();
+                    random_order(&free, &mut r)
+                })
+                .collect();
+            let req = Request {
+                classes: &[2, 0],
+                known: &known,
+                orders: &orders,
+            };
+            got.push((
+                name,
+                decode_impl(&m, &req, &cfg, &mut r, None, dev).unwrap(),
+            ));
+        }
+        let mut r = ChaCha8Rng::seed_from_u64(21);
+        let canvas = crate::editor::Canvas::from_tokens(
+            4,
+            4,
+            &(0..16).map(|i| (i % 13) as u32).collect::<Vec<_>>(),
+            &(0..16).map(|i| i % 3 == 0).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cfg = sc(8, 3.0, Linear, Arccos, 1.0, 0, 1.0);
+        got.push((
+            "inpaint",
+            crate::editor::inpaint(&m, &canvas, 1, 2, &cfg, &mut r).unwrap(),
+        ));
+        let big = crate::editor::Canvas::from_tokens(4, 4, &[1; 16], &[false; 16])
+            .unwrap()
+            .pad(0, 0, 0, 3);
+        let cfg = sc(3, 2.0, Linear, Arccos, 1.0, 0, 1.0);
+        let out = crate::editor::fill_canvas(&m, &big, 2, &cfg, &mut r).unwrap();
+        assert_eq!(out.tokens().unwrap(), OUTPAINT_GOLDEN);
+        for ((name, toks), (want_name, want)) in got.iter().zip(GOLDEN) {
+            assert_eq!(name, want_name);
+            assert_eq!(toks, &want.map(|r| r.to_vec()).to_vec(), "{name}");
+        }
+    }
+
+    #[test]
+    fn tokens_stay_on_the_device_in_raster_order() {
+        let m = tiny();
+        let known = vec![vec![(4, 9)]];
+        let orders = vec![(0..16).filter(|&p| p != 4).collect::<Vec<_>>()];
+        let req = Request {
+            classes: &[1],
+            known: &known,
+            orders: &orders,
+        }
+        .validate(DecodeShape::of(&m), &settings(1.0, CfgSchedule::Linear))
+        .unwrap();
+        let t = generate(&m, &req, &mut ChaCha8Rng::seed_from_u64(3), None).unwrap();
+        assert_eq!((t.dims(), t.dtype()), (&[1usize, 16][..], DType::U32));
+        assert!(t.device().same_device(m.device()));
+        assert_eq!(t.to_vec2::<u32>().unwrap()[0][4], 9);
+    }
+
+    #[test]
+    fn a_request_is_checked_once_with_errors_naming_the_field() {
+        let m = tiny();
+        let shape = DecodeShape::of(&m);
+        let all: Vec<usize> = (0..16).collect();
+        let err =
+            |classes: &[usize], known: Vec<(usize, u32)>, order: Vec<usize>, c: SampleConfig| {
+                let n = classes.len();
+                Request {
+                    classes,
+                    known: &vec![known; n],
+                    orders: &vec![order; n],
+                }
+                .validate(shape, &c)
+                .unwrap_err()
+                .to_string()
+            };
+        let ok = SampleConfig {
+            steps: 4,
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut SampleConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c
+        };
+        assert!(err(&[3], vec![], all.clone(), ok.clone()).contains("class id 3"));
+        assert!(err(&[], vec![], all.clone(), ok.clone()).contains("empty batch"));
+        assert!(err(&[0], vec![], all.clone(), with(&|c| c.cfg = f32::NAN)).contains("--cfg NaN"));
+        assert!(err(&[0], vec![], all.clone(), with(&|c| c.steps = 17)).contains("--steps 17"));
+        assert!(
+            err(&[0], vec![], all.clone(), with(&|c| c.filter.top_p = 0.0)).contains("--top-p")
+        );
+        assert!(
+            err(&[0], vec![], all.clone(), with(&|c| c.filter.top_k = 14)).contains("--top-k 14")
+        );
+        assert!(err(
+            &[0],
+            vec![],
+            all.clone(),
+            with(&|c| c.filter.temperature = -1.0)
+        )
+        .contains("--temperature"));
+        assert!(err(&[0], vec![], vec![0, 0], ok.clone()).contains("repeated"));
+        assert!(err(&[0], vec![], all[1..].to_vec(), ok.clone()).contains("15 positions, 16"));
+        assert!(err(&[0], vec![(2, 13)], all.clone(), ok.clone()).contains("known token 13"));
+        assert!(err(&[0], vec![(16, 1)], all.clone(), ok.clone()).contains("known position 16"));
+        // Known cells may not be in the order; with them left out it validates.
+        assert!(err(&[0], vec![(2, 1)], all.clone(), ok.clone()).contains("order position 2"));
+        let free: Vec<usize> = (0..16).filter(|&p| p != 2).collect();
+        let v = Request {
+            classes: &[0],
+            known: &[vec![(2, 1)]],
+            orders: &[free],
+        }
+        .validate(shape, &ok)
+        .unwrap();
+        assert_eq!(v.counts().iter().sum::<usize>(), 15);
+        // A request checked for one grid is refused by a model on another.
+        let mut big = tiny();
+        big.set_grid((4, 8)).unwrap();
+        let e = generate(&big, &v, &mut ChaCha8Rng::seed_from_u64(0), None).unwrap_err();
+        assert!(e.to_string().contains("was checked for"), "{e}");
     }
 }

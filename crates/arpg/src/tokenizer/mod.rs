@@ -33,10 +33,10 @@ impl ImageTokenizer {
         device: &Device,
     ) -> Result<Vec<RgbImage>> {
         match self {
-            Self::Vq(vq) => {
+            Self::Vq(_) => {
                 let codes =
                     Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
-                image::tensor_to_images(&vq.decode(&codes, grid)?)
+                self.decode_tensor(&codes, grid)
             }
             Self::Pixel => tokens
                 .iter()
@@ -45,24 +45,28 @@ impl ImageTokenizer {
         }
     }
 
-    /// Like [`Self::decode`], but the batch as one uint8 NHWC buffer: on a GPU the conversion
-    /// runs on the device and only the pixels cross to the host (what `sample-fid` stores).
-    pub fn decode_u8(
-        &self,
-        tokens: &[Vec<u32>],
-        grid: (usize, usize),
-        device: &Device,
-    ) -> Result<image::Pixels> {
+    /// [`ImageTokenizer::decode`] from tokens `[N, rows * cols]` (u32) already on the device,
+    /// as the sampler returns them: the VQ decoder takes them where they are.
+    pub fn decode_tensor(&self, tokens: &Tensor, grid: (usize, usize)) -> Result<Vec<RgbImage>> {
+        match self {
+            Self::Vq(vq) => image::tensor_to_images(&vq.decode(tokens, grid)?),
+            Self::Pixel => self.decode(&tokens.to_vec2::<u32>()?, grid, tokens.device()),
+        }
+    }
+
+    /// Like [`Self::decode_tensor`], but the batch as one uint8 NHWC buffer: on a GPU the
+    /// tokens stay on the device (a device-to-device copy if the decoder has a stream of its
+    /// own) and only the pixels cross to the host (what `sample-fid` stores).
+    pub fn decode_u8(&self, tokens: &Tensor, grid: (usize, usize)) -> Result<image::Pixels> {
         match self {
             Self::Vq(vq) => {
-                let codes =
-                    Tensor::from_vec(tokens.concat(), (tokens.len(), grid.0 * grid.1), device)?;
+                let codes = tokens.to_device(vq.device())?;
                 let u8s = image::tensor_to_u8_nhwc(&vq.decode(&codes, grid)?)?;
                 let (n, h, w, _) = u8s.dims4()?;
                 let data = u8s.flatten_all()?.to_vec1::<u8>()?;
                 Ok(image::Pixels { data, n, h, w })
             }
-            Self::Pixel => image::Pixels::from_images(&self.decode(tokens, grid, device)?),
+            Self::Pixel => image::Pixels::from_images(&self.decode_tensor(tokens, grid)?),
         }
     }
 

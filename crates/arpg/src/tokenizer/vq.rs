@@ -635,8 +635,15 @@ impl VqModel {
             gh * gw
         );
         ensure!(n > 0, "VQ decode: empty batch");
-        let ids = self.checked_ids(codes)?;
-        let ids = Tensor::from_vec(ids, n * l, &self.device)?;
+        // Codes already on this device as u32 (the sampler's) are range-checked there, so that
+        // they need not cross to the host; anything else goes through the precise host check.
+        let on_device = codes.dtype() == DType::U32
+            && codes.device().same_device(&self.device)
+            && (codes.max_all()?.to_scalar::<u32>()? as usize) < self.cfg.codebook_size;
+        let ids = match on_device {
+            true => codes.flatten_all()?,
+            false => Tensor::from_vec(self.checked_ids(codes)?, n * l, &self.device)?,
+        };
         let zq = self.codebook.index_select(&ids, 0)?;
         let zq = zq
             .reshape((n, gh, gw, self.cfg.embed_dim))?
