@@ -1,53 +1,65 @@
 #!/usr/bin/env bash
-# One device call on the H200: images out, end to end (issue #12). Ours and the paper's
-# sampling loop (scripts/bench_reference_e2e.py) on random weights in the same command:
-#   - GPU parity in f32 (VQ decode through cuDNN included), the VQ-16 decode of 64 images with
-#     and without cuDNN (bf16 and f32, with the bf16-vs-f32 error and peak memory),
-#   - `arpg sample-fid` images/s at 64 and 32 steps, PNGs off and on,
-#   - the reference loop (generate bf16 -> decode_code f32/cuDNN -> uint8 host), PNGs off and on.
-#   device run, carry [".bin/arpg.xz", ".bin/ref"]:  bash scripts/gpu-e2e.sh [MODELS...]
+# Images out, end to end (issue #12), on the H200: ours and the paper's sampling loop
+# (scripts/bench_reference_e2e.py: generate bf16 -> vq_model.decode_code f32 with cuDNN, TF32
+# allowed as sample_c2i_ddp.py sets -> uint8 on the host) on random weights, in one command.
+#   device run, carry [".bin/arpg.xz", ".bin/ref"]:
+#     bash scripts/gpu-e2e.sh core    # parity, VQ decode variants, bench --e2e, ARPG-L sample-fid
+#                                     # (PNGs off/on, overlapped/sequential) + the reference
+#     bash scripts/gpu-e2e.sh sizes   # ARPG-XL and ARPG-XXL, ours and the reference
 # .bin/ref holds the paper's models/arpg.py and models/vq_model.py (fetched, never committed).
+# cuDNN comes from the machine's PyTorch wheels (nvidia-cudnn-cu13): our binary dlopens it.
 set -uo pipefail
 CUDNN_LIB="$(python3 -c 'import nvidia.cudnn as c; print(list(c.__path__)[0])')/lib"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:$CUDNN_LIB
 export CUDA_CACHE_MAXSIZE=4294967296
 OUT=${OUT:-/tmp/gpu-e2e}; mkdir -p "$OUT"
-A=/tmp/arpg; xz -dc .bin/arpg.xz > $A && chmod +x $A
-MODELS=("$@"); [ ${#MODELS[@]} -eq 0 ] && MODELS=(ARPG-L)
+A=/tmp/arpg; [ -x $A ] || { xz -dc .bin/arpg.xz > $A && chmod +x $A; }
+MODE=${1:-core}
 N=${N:-1280}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$(date +%s)
 el() { echo "   [elapsed $(( $(date +%s) - t0 ))s]"; }
-echo "== parity f32 (warm-up: driver JIT)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -25; el
-vqb() { # label, then VAR=VALUE... and bench flags: the VQ-16 decode of 64 images
+bench() { # label, then VAR=VALUE... and bench flags
   local l=$1; shift; local envs=(); while [[ "${1:-}" == *=* ]]; do envs+=("$1"); shift; done
-  echo "== VQ decode $l"
-  env "${envs[@]}" timeout 300 $A bench --model ARPG-L --init random --batch-size 64 --steps 8 \
-    --warmup 1 --repeats 3 --device cuda:0 --vq --json "$@" | tee -a "$OUT/vq.jsonl"
+  echo "== bench $l"
+  env "${envs[@]}" timeout 300 $A bench --init random --batch-size 64 --warmup 1 --device cuda:0 \
+    --json "$@" | tee -a "$OUT/bench.jsonl"
 }
-vqb "bf16 cuDNN heuristics" ARPG_NO_CUDNN=0 --dtype bf16
-vqb "bf16 cuDNN timed (FIND)" ARPG_CUDNN_FIND=1 --dtype bf16
-vqb "bf16 candle im2col" ARPG_NO_CUDNN=1 --dtype bf16
-vqb "f32 cuDNN exact" ARPG_NO_CUDNN=0 --dtype f32
-vqb "f32 cuDNN TF32 timed" ARPG_CUDNN_FIND=1 ARPG_CUDNN_TF32=1 --dtype f32
-vqb "bf16 cuDNN timed, per part (synchronises per op)" ARPG_CUDNN_FIND=1 ARPG_PROFILE=1 --dtype bf16 --no-cuda-graph --repeats 1
-el
-fid() { # model steps png? [flags]
+fid() { # model steps png|nopng [flags]
   local d=/tmp/fid-$1-$2-$3; rm -rf $d
   local png="--no-png"; [ "$3" = png ] && png=""
-  echo "== ours sample-fid $1 steps $2 $3 ${4:-} (ARPG_CUDNN_FIND=${ARPG_CUDNN_FIND:-0})"
-  timeout 400 $A sample-fid ${4:-} --model $1 --init random --num-samples $N --per-class 1 --batch-size 64 \
-    --shard-size $N --steps $2 --cfg 4.0 --device cuda:0 --dtype bf16 $png --out $d 2>&1 | grep -E "images/s|error|Error" ; el
+  echo "== ours sample-fid $1 steps $2 $3 ${4:-}"
+  timeout 400 $A sample-fid ${4:-} --model $1 --init random --num-samples $N --per-class 1 \
+    --batch-size 64 --shard-size $N --steps $2 --cfg 4.0 --device cuda:0 --dtype bf16 $png \
+    --out $d 2>&1 | grep -E "images/s|rror"; el
 }
-for m in "${MODELS[@]}"; do
-  for s in 64 32; do fid $m $s nopng; done
-  [ $m = ARPG-L ] && for s in 64 32; do fid $m $s nopng --no-overlap; done
-  [ $m = ARPG-L ] && for s in 64 32; do ARPG_CUDNN_FIND=1 fid $m $s nopng; done
-  fid $m 64 png
-  echo "== reference $m"
-  timeout 500 python3 scripts/bench_reference_e2e.py --ref .bin/ref --model $m --steps 64 32 --images $N | tee -a "$OUT/ref.jsonl"; el
-  if [ $m = ARPG-L ]; then
-    echo "== reference $m with PNGs"
-    timeout 300 python3 scripts/bench_reference_e2e.py --ref .bin/ref --model $m --steps 64 --images $N --png /tmp/refpng | tee -a "$OUT/ref.jsonl"; el
-  fi
-done
+ref() { # model, then bench_reference_e2e.py flags
+  local m=$1; shift
+  echo "== reference $m $*"
+  timeout 500 python3 scripts/bench_reference_e2e.py --ref .bin/ref --model $m --images $N "$@" \
+    | tee -a "$OUT/ref.jsonl"; el
+}
+if [ "$MODE" = core ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -3; el
+  echo "== parity bf16"; $A check-parity --device cuda:0 --dtype bf16 2>&1 | tail -3; el
+  for s in 64 32; do
+    bench "ARPG-L tokens + e2e, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10
+  done
+  bench "VQ tf32 (default)" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16
+  bench "VQ bf16" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ f32 exact" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype f32
+  bench "VQ bf16 without cuDNN (candle im2col, split batch)" ARPG_NO_CUDNN=1 --model ARPG-L --steps 8 --repeats 2 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ tf32 per part (synchronises per op)" ARPG_PROFILE=1 --model ARPG-L --steps 2 --repeats 1 --vq --dtype bf16 --no-cuda-graph
+  el
+  for s in 64 32; do fid ARPG-L $s nopng; done
+  for s in 64 32; do fid ARPG-L $s nopng --no-overlap; done
+  fid ARPG-L 64 png
+  ref ARPG-L --steps 64 32
+  ref ARPG-L --steps 64 --png /tmp/refpng
+else
+  N=${N_SIZES:-640}
+  for m in ARPG-XL ARPG-XXL; do
+    for s in 64 32; do fid $m $s nopng; done
+    ref $m --steps 64 32
+  done
+fi

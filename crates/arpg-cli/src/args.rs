@@ -67,6 +67,18 @@ pub struct VqArgs {
     pub vq_dtype: String,
 }
 
+/// `--vq-dtype`: the dtype the VQ decoder loads in; `tf32` (and `auto` on a GPU) also lets
+/// its f32 convolutions use TF32 tensor cores.
+pub fn resolve_vq_dtype(s: &str, model_dtype: DType, device: &Device) -> Result<DType> {
+    let tf32 = s == "tf32" || (s == "auto" && device.is_cuda());
+    arpg::kernels::cudnn::set_allow_tf32(tf32);
+    match s {
+        _ if tf32 => Ok(DType::F32),
+        "auto" => Ok(model_dtype),
+        other => arpg::device::parse_dtype(other),
+    }
+}
+
 impl VqArgs {
     /// The tokenizer for a model with `vocab_size` image tokens.
     pub fn tokenizer(
@@ -88,14 +100,7 @@ impl VqArgs {
             }
             return Ok(ImageTokenizer::Pixel);
         }
-        let vq_dtype = match (self.vq_dtype.as_str(), device.is_cuda()) {
-            ("auto", true) | ("tf32", _) => {
-                arpg::kernels::cudnn::set_allow_tf32(true);
-                DType::F32
-            }
-            ("auto", false) => dtype,
-            (other, _) => arpg::device::parse_dtype(other)?,
-        };
+        let vq_dtype = resolve_vq_dtype(&self.vq_dtype, dtype, device)?;
         let vq = self.spec(random, seed).load(vq_dtype, device)?;
         if vq.config().codebook_size != vocab_size {
             anyhow::bail!(

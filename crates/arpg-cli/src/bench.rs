@@ -30,6 +30,13 @@ pub struct BenchArgs {
     /// Also time the VQ-16 decode of one batch (random weights unless --vq-weights).
     #[arg(long)]
     pub vq: bool,
+    /// Precision of the VQ decoder (as `sample`'s --vq-dtype; auto: tf32 on a GPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tf32", "f32", "bf16", "f16"])]
+    pub vq_dtype: String,
+    /// Also time images out, end to end: N batches of tokens -> VQ decode -> uint8 on the
+    /// host, overlapped (the VQ on a second stream) and sequential.
+    #[arg(long, value_name = "N")]
+    pub e2e: Option<usize>,
     /// Also time training steps (batch --batch-size, synthetic tokens).
     #[arg(long)]
     pub train: bool,
@@ -135,6 +142,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let replayed = sample_with(&model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
         out["graph_equals_eager"] = (eager == replayed).into();
     }
+    let vq_dtype = crate::args::resolve_vq_dtype(&a.vq_dtype, dtype, &dev)?;
+    if let Some(n) = a.e2e {
+        e2e(&a, &model, &sc, vq_dtype, n, &mut graphs, &mut out)?;
+    }
     drop(graphs);
     drop(model);
 
@@ -143,7 +154,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             random: true,
             ..Default::default()
         }
-        .load(dtype, &dev)?;
+        .load(vq_dtype, &dev)?;
         let g = cfg.grid_size();
         let codes = Tensor::from_vec(last.concat(), (a.batch_size, cells), &dev)?;
         let s = time(&dev, a.warmup, a.repeats, || {
@@ -159,7 +170,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(p) = arpg::device::peak_memory(&dev)? {
             out["vq_peak_pool_gib"] = (p.pool as f64 / (1u64 << 30) as f64).into();
         }
-        if dtype != candle_core::DType::F32 {
+        out["vq_dtype"] = format!("{vq_dtype:?}").into();
+        out["vq_tf32"] = arpg::kernels::cudnn::allow_tf32().into();
+        if vq_dtype != candle_core::DType::F32 || arpg::kernels::cudnn::allow_tf32() {
             // The low-precision decode against f32 with the same weights: the decoder's
             // output and the uint8 pixels that are stored.
             let lo = vq.decode(&codes, (g, g))?;
@@ -169,7 +182,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 ..Default::default()
             }
             .load(candle_core::DType::F32, &dev)?;
+            let tf32 = arpg::kernels::cudnn::allow_tf32();
+            arpg::kernels::cudnn::set_allow_tf32(false);
             let hi = vq32.decode(&codes, (g, g))?;
+            arpg::kernels::cudnn::set_allow_tf32(tf32);
             let diff = (&lo - &hi)?;
             let l2 = |t: &Tensor| -> Result<f64> {
                 Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
@@ -235,5 +251,83 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
+    Ok(())
+}
+
+/// Images out, end to end: `n` batches through [`arpg::pipeline::run`] as `sample-fid` runs
+/// them (tokens on the device, the VQ decoder on a second stream, uint8 pixels to the host),
+/// overlapped and sequential.
+fn e2e(
+    a: &BenchArgs,
+    model: &arpg::model::Arpg,
+    sc: &SampleConfig,
+    vq_dtype: candle_core::DType,
+    n: usize,
+    graphs: &mut DecodeGraphs,
+    out: &mut serde_json::Value,
+) -> Result<()> {
+    use arpg::sampler::{DecodeShape, Request};
+    let cfg = model.config();
+    let dev = model.device().clone();
+    let positions: Vec<usize> = (0..cfg.block_size).collect();
+    let g = cfg.grid_size();
+    for overlap in [true, false] {
+        let vq_dev = match overlap {
+            true => arpg::device::second_stream(&dev)?,
+            false => dev.clone(),
+        };
+        let vq = arpg::zoo::VqSpec {
+            random: true,
+            ..Default::default()
+        }
+        .load(vq_dtype, &vq_dev)?;
+        let tk = arpg::tokenizer::ImageTokenizer::Vq(Box::new(vq));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut run = |batches: usize| -> Result<f64> {
+            let start = Instant::now();
+            let mut pixels = 0usize;
+            arpg::pipeline::run(
+                overlap,
+                |i| {
+                    if i == batches {
+                        return Ok(None);
+                    }
+                    let classes: Vec<usize> = (0..a.batch_size)
+                        .map(|j| (i * a.batch_size + j) % cfg.num_classes)
+                        .collect();
+                    let orders = vec![random_order(&positions, &mut rng); a.batch_size];
+                    let known = vec![vec![]; a.batch_size];
+                    let req = Request {
+                        classes: &classes,
+                        known: &known,
+                        orders: &orders,
+                    }
+                    .validate(DecodeShape::of(model), sc)?;
+                    Ok(Some(arpg::sampler::generate(
+                        model,
+                        &req,
+                        &mut rng,
+                        Some(&mut *graphs),
+                    )?))
+                },
+                |toks: Tensor| tk.decode_u8(&toks, (g, g)),
+                |_, px| {
+                    pixels += px.data.len();
+                    Ok(())
+                },
+            )?;
+            std::hint::black_box(pixels);
+            Ok(start.elapsed().as_secs_f64())
+        };
+        run(1)?; // warm-up: the graph capture, cuDNN's plans
+        let secs = run(n)?;
+        let key = if overlap {
+            "e2e_images_per_sec"
+        } else {
+            "e2e_sequential_images_per_sec"
+        };
+        out[key] = ((n * a.batch_size) as f64 / secs).into();
+    }
+    out["e2e_batches"] = n.into();
     Ok(())
 }
