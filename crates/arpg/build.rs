@@ -52,7 +52,11 @@ fn nvcc() -> PathBuf {
         .filter_map(std::env::var_os)
         .map(|r| PathBuf::from(r).join("bin/nvcc"));
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("nvcc")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nvcc"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     let usual = ["/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc"].map(PathBuf::from);
     from_env

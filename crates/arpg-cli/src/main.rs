@@ -74,7 +74,10 @@ fn main() {
             .with_filter(tracing_subscriber::EnvFilter::from_default_env());
         // ARPG_PROFILE: per-part times of the library's spans (`arpg bench` prints them).
         let profile = arpg::util::profiling().then(arpg::util::profile_layer);
-        tracing_subscriber::registry().with(log).with(profile).init();
+        tracing_subscriber::registry()
+            .with(log)
+            .with(profile)
+            .init();
     }
     // First Ctrl-C: finish the unit of work in hand, write what is done, stop. Second: exit.
     let _ = ctrlc::set_handler(|| {

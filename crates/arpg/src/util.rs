@@ -90,7 +90,10 @@ pub fn profiling() -> bool {
 /// a span's time is its GPU work's, not its launches'.
 pub fn watch_device(device: &candle_core::Device) {
     if profiling() && !device.is_cpu() {
-        WATCHED.lock().unwrap_or_else(|e| e.into_inner()).push(device.clone());
+        WATCHED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(device.clone());
     }
 }
 

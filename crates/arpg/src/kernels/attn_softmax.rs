@@ -4,8 +4,8 @@
 //! composite is about six forward and a dozen backward over f32 copies.
 
 use super::{at_least_f32, cpu_f32, cpu_store};
-use candle_core::backend::BackendStorage;
 use anyhow::{ensure, Result};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 
 /// A causal mask over `tq` queries and `tk >= tq` keys, aligned at the end: query i sees keys
@@ -172,7 +172,12 @@ impl CustomOp1 for AttnSoftmax {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.to_dtype(res.dtype())?.contiguous()?;
         Ok(Some(
             res.apply_op2_no_bwd(&grad, &AttnSoftmaxBwd(self.scale))?,
@@ -286,7 +291,12 @@ impl CustomOp1 for SoftmaxCpu {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
         Ok(Some((grad.broadcast_sub(&dot)? * res)?))
     }

@@ -4,8 +4,8 @@
 //! composite is ten over f32 copies. Inference only (the VQ decoder): no backward.
 
 use super::{cpu_f32, cpu_store, round_to};
-use candle_core::backend::BackendStorage;
 use anyhow::Result;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 /// The fused op, or `None` where it does not apply (see the module list in `kernels`).
@@ -55,7 +55,10 @@ pub fn slow(
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .reshape((b, c, h, w))?;
     let (wt, bs) = (weight.reshape((1, c, 1, 1))?, bias.reshape((1, c, 1, 1))?);
-    let y = xs.broadcast_mul(&wt)?.broadcast_add(&bs)?.to_dtype(x.dtype())?;
+    let y = xs
+        .broadcast_mul(&wt)?
+        .broadcast_add(&bs)?
+        .to_dtype(x.dtype())?;
     if silu {
         return Ok(y.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())?);
     }
@@ -90,8 +93,8 @@ impl CustomOp3 for GroupNorm {
         for (gi, grp) in xs.chunks_mut(cpg * hw).enumerate() {
             let n = grp.len() as f32;
             let mean = grp.iter().sum::<f32>() / n;
-            let den = (grp.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + self.eps)
-                .sqrt();
+            let den =
+                (grp.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + self.eps).sqrt();
             let c0 = (gi % self.groups) * cpg;
             for (i, v) in grp.iter_mut().enumerate() {
                 let ch = c0 + i / hw;

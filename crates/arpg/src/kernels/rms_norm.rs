@@ -4,8 +4,8 @@
 //! over the chunks, so no atomics and the same result every run).
 
 use super::{at_least_f32, cpu_f32, cpu_store, round_to};
-use candle_core::backend::BackendStorage;
 use anyhow::Result;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 
 /// The fused op, or `None` where it does not apply (see the module list in `kernels`).
@@ -25,7 +25,9 @@ pub fn fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
 pub fn slow(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(at_least_f32(x.dtype()))?;
     let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())?;
+    let normed = x32
+        .broadcast_div(&(ms + eps)?.sqrt()?)?
+        .to_dtype(x.dtype())?;
     Ok(normed.broadcast_mul(weight)?)
 }
 
@@ -107,7 +109,9 @@ impl CustomOp2 for RmsNormTrain {
         let x32 = x.to_dtype(DType::F32)?;
         let den = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?;
         let n = x32.broadcast_div(&den)?;
-        let gn = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let gn = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
         let dot = (&gn * &n)?.mean_keepdim(D::Minus1)?;
         let gx = (gn - n.broadcast_mul(&dot)?)?.broadcast_div(&den)?;
         let nr = n.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
@@ -311,7 +315,9 @@ mod tests {
         let w = candle_core::Var::from_tensor(&bf(Tensor::randn(1f32, 0.3, 96, &dev).unwrap()))
             .unwrap();
         let g = bf(Tensor::randn(0f32, 1.0, (300, 96), &dev).unwrap());
-        let y = x.apply_op2(w.as_tensor(), RmsNormTrain { eps: 1e-5 }).unwrap();
+        let y = x
+            .apply_op2(w.as_tensor(), RmsNormTrain { eps: 1e-5 })
+            .unwrap();
         let loss = (y.to_dtype(DType::F32).unwrap() * g.to_dtype(DType::F32).unwrap()).unwrap();
         let gw = loss.sum_all().unwrap().backward().unwrap();
         let gw = gw.get(&w).unwrap();

@@ -4,8 +4,8 @@
 //! same op by the opposite angles.
 
 use super::{at_least_f32, cpu_f32, cpu_store};
-use candle_core::backend::BackendStorage;
 use anyhow::Result;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 
 /// The fused op, or `None` where it does not apply (see the module list in `kernels`).
@@ -171,7 +171,10 @@ mod tests {
             let x = candle_core::Var::from_tensor(&x0.to_dtype(dt).unwrap()).unwrap();
             let op = x.as_tensor().apply_op3(&cos, &sin, RopeI).unwrap();
             let composite = slow(x.as_tensor(), &cos, &sin).unwrap();
-            assert!(super::super::rel_diff(&op, &composite).unwrap() < tol, "{dt:?}");
+            assert!(
+                super::super::rel_diff(&op, &composite).unwrap() < tol,
+                "{dt:?}"
+            );
             let grad = |y: &Tensor| {
                 let loss = (y.to_dtype(DType::F32).unwrap() * &w).unwrap();
                 let g = loss.sum_all().unwrap().backward().unwrap();

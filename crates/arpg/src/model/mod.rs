@@ -19,7 +19,9 @@ use crate::config::ArpgConfig;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use layers::{causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear, Ops, RmsNorm};
+use layers::{
+    causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear, Ops, RmsNorm,
+};
 use rope::Rope;
 
 /// What the blocks of one pass share: its ops and dropout (the mode), the RoPE angles of the
@@ -199,7 +201,10 @@ fn next_id() -> u64 {
 /// Records the name and shape of every weight a model asks for, handing out zeros that take
 /// no memory (one element broadcast): how [`Arpg::parameter_shapes`] reads the declarations.
 #[derive(Default)]
-struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>);
+struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<ParameterShapes>>);
+
+/// Parameter names and shapes, in declaration order.
+pub type ParameterShapes = Vec<(String, Vec<usize>)>;
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     fn get(
@@ -275,7 +280,7 @@ impl Arpg {
 
     /// Every parameter name and shape in the reference's state-dict layout, in the order
     /// [`Arpg::new`] declares them (no weights are allocated).
-    pub fn parameter_shapes(cfg: &ArpgConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    pub fn parameter_shapes(cfg: &ArpgConfig) -> Result<ParameterShapes> {
         let rec = ShapeRecorder::default();
         let seen = rec.0.clone();
         Self::new(

@@ -71,7 +71,8 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(crate::kernels::at_least_f32(dtype))?;
     let (cos, sin) = (cos.to_dtype(x32.dtype())?, sin.to_dtype(x32.dtype())?);
-    let out = candle_nn::rotary_emb::rope_i(&x32.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?;
+    let out =
+        candle_nn::rotary_emb::rope_i(&x32.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?;
     Ok(out.to_dtype(dtype)?)
 }
 

@@ -91,7 +91,8 @@ impl GroupNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = tracing::trace_span!("vq.group_norm").entered();
-        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)? {
+        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)?
+        {
             Some(y) => Ok(y),
             None => self.generic(x),
         }
@@ -100,7 +101,8 @@ impl GroupNorm {
     /// GroupNorm then SiLU: one fused kernel on CUDA.
     fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = tracing::trace_span!("vq.group_norm_silu").entered();
-        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, true)? {
+        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, true)?
+        {
             Some(y) => Ok(y),
             None => Ok(self.generic(x)?.silu()?),
         }
