@@ -6,6 +6,7 @@
 //! softmax and the quantiser's distances run in f32 so bf16/f16 weights stay close to f32.
 
 use crate::config::VqConfig;
+use crate::kernels::group_norm;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
@@ -91,26 +92,23 @@ impl GroupNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = tracing::trace_span!("vq.group_norm").entered();
-        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)?
-        {
-            Some(y) => Ok(y),
-            None => self.generic(x),
-        }
+        self.norm(x, false)
     }
 
-    /// GroupNorm then SiLU: one fused kernel on CUDA.
+    /// GroupNorm then SiLU.
     fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = tracing::trace_span!("vq.group_norm_silu").entered();
-        match crate::kernels::group_norm::fused(x, &self.weight, &self.bias, GROUPS, GN_EPS, true)?
-        {
-            Some(y) => Ok(y),
-            None => Ok(self.generic(x)?.silu()?),
-        }
+        self.norm(x, true)
     }
 
-    /// The unfused path: tensor ops in f32.
-    fn generic(&self, x: &Tensor) -> Result<Tensor> {
-        crate::kernels::group_norm::slow(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)
+    /// One fused kernel on CUDA; elsewhere tensor ops in f32 (then SiLU in `x`'s dtype).
+    fn norm(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(y) = group_norm::fused(x, w, b, GROUPS, GN_EPS, silu)? {
+            return Ok(y);
+        }
+        let y = group_norm::slow(x, w, b, GROUPS, GN_EPS, false)?;
+        Ok(if silu { y.silu()? } else { y })
     }
 }
 
