@@ -68,10 +68,18 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+        // ARPG_PROFILE: per-part times of the library's spans (`arpg bench` prints them).
+        let profile = arpg::util::profiling().then(arpg::util::profile_layer);
+        tracing_subscriber::registry()
+            .with(log)
+            .with(profile)
+            .init();
+    }
     // First Ctrl-C: finish the unit of work in hand, write what is done, stop. Second: exit.
     let _ = ctrlc::set_handler(|| {
         if arpg::util::interrupted() {

@@ -172,53 +172,17 @@ impl ArpgConfig {
         self.n_layer / 2
     }
 
-    /// Every parameter name and shape in the reference's state-dict layout.
-    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, h) = (self.dim, self.ffn_hidden());
-        let mut v = vec![(
-            "embeddings.weight".to_string(),
-            vec![self.embedding_rows(), d],
-        )];
-        let ffn = |p: &str, v: &mut Vec<(String, Vec<usize>)>| {
-            v.push((format!("{p}.ffn.w1.weight"), vec![h, d]));
-            v.push((format!("{p}.ffn.w2.weight"), vec![d, h]));
-            v.push((format!("{p}.ffn.w3.weight"), vec![h, d]));
-            v.push((format!("{p}.attn_norm.weight"), vec![d]));
-            v.push((format!("{p}.ffn_norm.weight"), vec![d]));
-        };
-        for i in 0..self.self_layers() {
-            let p = format!("layers.self_dec.{i}");
-            for w in ["to_q", "to_k", "to_v", "proj"] {
-                v.push((format!("{p}.attn.{w}.weight"), vec![d, d]));
-            }
-            ffn(&p, &mut v);
-        }
-        for i in 0..self.self_layers() {
-            let p = format!("layers.cross_dec.{i}");
-            for w in ["to_q", "proj"] {
-                v.push((format!("{p}.attn.{w}.weight"), vec![d, d]));
-            }
-            ffn(&p, &mut v);
-        }
-        v.push(("layers.norm.weight".into(), vec![d]));
-        v.push(("layers.to_k.weight".into(), vec![d, d]));
-        v.push(("layers.to_v.weight".into(), vec![d, d]));
-        v.push(("norm.weight".into(), vec![d]));
-        v.push(("head.weight".into(), vec![self.vocab_size, d]));
-        if self.abs_pos_embed {
-            v.push((
-                "pos_embeddings.weight".into(),
-                vec![self.cls_token_num + self.block_size, d],
-            ));
-        }
-        v
+    /// Every parameter name and shape in the reference's state-dict layout, as the model
+    /// declares them (see [`crate::model::Arpg::parameter_shapes`]).
+    pub fn parameter_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        crate::model::Arpg::parameter_shapes(self)
     }
 
+    /// Parameters of a valid configuration (0 for an invalid one).
     pub fn num_parameters(&self) -> usize {
-        self.parameter_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.parameter_shapes().map_or(0, |v| {
+            v.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        })
     }
 }
 

@@ -14,13 +14,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     .with_context(|| format!("--device {s:?}: bad GPU index"))?,
                 None => 0,
             };
-            Device::new_cuda(n).with_context(|| {
+            let dev = Device::new_cuda(n).with_context(|| {
                 if cfg!(feature = "cuda") {
                     format!("--device {s}: cannot open the GPU")
                 } else {
                     format!("--device {s}: this binary was built without CUDA (build with --features cuda)")
                 }
-            })
+            })?;
+            crate::util::watch_device(&dev);
+            Ok(dev)
         }
         _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
     }

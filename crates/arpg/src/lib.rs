@@ -3,7 +3,8 @@
 //! The pipeline, one module a stage:
 //! `tokenizer` (image <-> tokens) -> `model` (logits) -> `sampler` / `editor` (tokens)
 //! -> `train` (weights) -> `eval` (scores). `checkpoint` loads and saves weights in the
-//! reference's key layout; `config` holds the model and tokenizer configurations.
+//! reference's key layout; `config` holds the model and tokenizer configurations; `kernels`
+//! the fused CUDA ops, each with its CPU version and backward.
 
 pub mod checkpoint;
 pub mod config;

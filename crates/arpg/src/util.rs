@@ -80,34 +80,101 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Opt-in timing by label (`ARPG_PROFILE=1`): synchronises the device around `f` and adds its
-/// wall time to `label`. Without the variable it only calls `f` (one cached lookup).
-pub fn timed<T>(
-    label: &'static str,
-    device: &candle_core::Device,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<T> {
+/// Whether `ARPG_PROFILE` asks for the per-part profile.
+pub fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("ARPG_PROFILE").is_some()) {
-        return f();
+    *ON.get_or_init(|| std::env::var_os("ARPG_PROFILE").is_some())
+}
+
+/// With profiling on: a device that [`profile_layer`] synchronises around each span, so that
+/// a span's time is its GPU work's, not its launches'.
+pub fn watch_device(device: &candle_core::Device) {
+    if profiling() && !device.is_cpu() {
+        WATCHED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(device.clone());
     }
-    device.synchronize()?;
-    let t = std::time::Instant::now();
-    let out = f()?;
-    device.synchronize()?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
-    let e = p.entry(label).or_insert((0.0, 0));
-    e.0 += ms;
-    e.1 += 1;
-    Ok(out)
+}
+
+static WATCHED: std::sync::Mutex<Vec<candle_core::Device>> = std::sync::Mutex::new(Vec::new());
+
+fn sync_watched() {
+    for d in WATCHED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // A failed sync leaves only this sample inexact; the error surfaces at the next op.
+        let _ = d.synchronize();
+    }
 }
 
 type Profile = std::collections::BTreeMap<&'static str, (f64, usize)>;
 static PROFILE: std::sync::Mutex<Profile> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-/// The timings gathered by [`timed`] so far, `label -> (milliseconds, calls)`; clears them.
+/// The opt-in profiler (the CLI installs it under `ARPG_PROFILE`): the wall time of each of
+/// this crate's tracing spans, the watched devices synchronised at its entry and exit, summed
+/// by span name (`model.attention`, `vq.conv3x3`, `train.forward`, ...).
+pub fn profile_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    let ours = tracing_subscriber::filter::filter_fn(|m| m.target().starts_with("arpg"));
+    Profiler.with_filter(ours)
+}
+
+struct Profiler;
+
+/// When a span was entered.
+struct Entered(std::time::Instant);
+
+impl<S> tracing_subscriber::Layer<S> for Profiler
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        sync_watched();
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut()
+                .replace(Entered(std::time::Instant::now()));
+        }
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        sync_watched();
+        let Some(span) = ctx.span(id) else { return };
+        let Some(Entered(t)) = span.extensions_mut().remove::<Entered>() else {
+            return;
+        };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(span.name()).or_insert((0.0, 0));
+        e.0 += ms;
+        e.1 += 1;
+    }
+}
+
+/// The timings gathered by [`profile_layer`] so far, `span name -> (milliseconds, calls)`;
+/// clears them.
 pub fn take_profile() -> Profile {
     std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_profile_layer_sums_span_times_by_name() {
+        use tracing_subscriber::prelude::*;
+        let subscriber = tracing_subscriber::registry().with(profile_layer());
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                let _enter = tracing::trace_span!("test.part").entered();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        let (ms, calls) = take_profile()["test.part"];
+        assert_eq!(calls, 3);
+        assert!(ms >= 6.0, "{ms} ms");
+    }
 }

@@ -191,10 +191,10 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         graph_replays: replays,
         vq_decode_rel_err,
         vq_encode_equal,
-        fused_group_norm_rel_diff: crate::tokenizer::vq::fused_group_norm_check(device)?,
-        fused_attn_softmax_rel_diff: crate::model::layers::fused_attn_softmax_check(device)?,
-        fused_rope_grad_rel_diff: crate::model::rope::fused_rope_grad_check(device)?,
-        fused_rms_norm_rel_diff: crate::model::layers::fused_rms_norm_check(device)?,
+        fused_group_norm_rel_diff: crate::kernels::group_norm::check(device)?,
+        fused_attn_softmax_rel_diff: crate::kernels::attn_softmax::check(device)?,
+        fused_rope_grad_rel_diff: crate::kernels::rope::check(device)?,
+        fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,
     })
 }
 

@@ -4,9 +4,11 @@
 //! image tokens in generation order). Its output is normalised once and projected to ONE shared
 //! key/value set. Pass 2 (`cross_dec`) runs mask-token queries, each rotated with the position
 //! of the token it must predict, against that shared key/value set.
+//!
+//! One block loop ([`Arpg::passes`]) serves the training forward and the cached decoding step;
+//! they differ in their masks, the cache and the ops of their [`Mode`].
 
 pub mod cache;
-pub mod fused;
 pub mod layers;
 pub mod rope;
 
@@ -18,10 +20,40 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use layers::{
-    attention, causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear,
-    RmsNorm,
+    causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear, Ops, RmsNorm,
 };
 use rope::Rope;
+
+/// What the blocks of one pass share: its ops and dropout (the mode), the RoPE angles of the
+/// tokens it runs, its mask and, when decoding, the KV cache its self-attention extends.
+struct Pass<'p, 'm> {
+    ops: Ops,
+    mode: &'p mut Mode<'m>,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<CausalMask>,
+    cache: Option<&'p KvCache>,
+    n_head: usize,
+}
+
+impl Pass<'_, '_> {
+    fn norm(&self, n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+        (self.ops.norm)(n, x)
+    }
+
+    /// `[b, t, h*d]` projections to rotated heads `[b, h, t, d]`.
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        (self.ops.rope)(&split_heads(x, self.n_head)?, &self.cos, &self.sin)
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        merge_heads(&(self.ops.attention)(q, k, v, self.mask)?)
+    }
+
+    fn drop(&mut self, x: Tensor) -> Result<Tensor> {
+        self.mode.drop(x)
+    }
+}
 
 struct SelfBlock {
     to_q: Linear,
@@ -31,6 +63,40 @@ struct SelfBlock {
     ffn: FeedForward,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
+    span: tracing::Span,
+}
+
+impl SelfBlock {
+    fn new(cfg: &ArpgConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, a) = (cfg.dim, vb.pp("attn"));
+        Ok(Self {
+            to_q: linear(&a, "to_q", d, d)?,
+            to_k: linear(&a, "to_k", d, d)?,
+            to_v: linear(&a, "to_v", d, d)?,
+            proj: linear(&a, "proj", d, d)?,
+            ffn: FeedForward::new(&vb.pp("ffn"), d, cfg.ffn_hidden())?,
+            attn_norm: RmsNorm::new(&vb, "attn_norm", d, cfg.norm_eps)?,
+            ffn_norm: RmsNorm::new(&vb, "ffn_norm", d, cfg.norm_eps)?,
+            span: tracing::trace_span!("model.self_block"),
+        })
+    }
+
+    /// Causal self-attention of layer `i` (over the cache too, when decoding), then the FFN.
+    fn forward(&self, x: &Tensor, p: &mut Pass, i: usize) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let xn = p.norm(&self.attn_norm, x)?;
+        let q = p.rope(&self.to_q.forward(&xn)?)?;
+        let k = p.rope(&self.to_k.forward(&xn)?)?;
+        let v = split_heads(&self.to_v.forward(&xn)?, p.n_head)?;
+        let (k, v) = match p.cache {
+            Some(c) => c.append_layer(i, &k, &v)?,
+            None => (k, v),
+        };
+        let a = p.attend(&q, &k, &v)?;
+        let x = (x + p.drop(self.proj.forward(&a)?)?)?;
+        let f = self.ffn.forward(&p.norm(&self.ffn_norm, &x)?)?;
+        Ok((&x + p.drop(f)?)?)
+    }
 }
 
 struct CrossBlock {
@@ -39,6 +105,31 @@ struct CrossBlock {
     ffn: FeedForward,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
+    span: tracing::Span,
+}
+
+impl CrossBlock {
+    fn new(cfg: &ArpgConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, a) = (cfg.dim, vb.pp("attn"));
+        Ok(Self {
+            to_q: linear(&a, "to_q", d, d)?,
+            proj: linear(&a, "proj", d, d)?,
+            ffn: FeedForward::new(&vb.pp("ffn"), d, cfg.ffn_hidden())?,
+            attn_norm: RmsNorm::new(&vb, "attn_norm", d, cfg.norm_eps)?,
+            ffn_norm: RmsNorm::new(&vb, "ffn_norm", d, cfg.norm_eps)?,
+            span: tracing::trace_span!("model.cross_block"),
+        })
+    }
+
+    /// Queries `q` attend to the shared keys/values `k`, `v`, then the FFN.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &mut Pass) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let qh = p.rope(&self.to_q.forward(&p.norm(&self.attn_norm, q)?)?)?;
+        let a = p.attend(&qh, k, v)?;
+        let q = (q + p.drop(self.proj.forward(&a)?)?)?;
+        let f = self.ffn.forward(&p.norm(&self.ffn_norm, &q)?)?;
+        Ok((&q + p.drop(f)?)?)
+    }
 }
 
 /// Positions of a forward pass: RoPE table rows (`0` = class token, `1 + p` = raster cell p).
@@ -87,7 +178,6 @@ impl PosEmbed {
 pub struct Arpg {
     cfg: ArpgConfig,
     embeddings: Embedding,
-    pos: Option<PosEmbed>,
     self_dec: Vec<SelfBlock>,
     cross_dec: Vec<CrossBlock>,
     kv_norm: RmsNorm,
@@ -95,6 +185,7 @@ pub struct Arpg {
     to_v: Linear,
     norm: RmsNorm,
     head: Linear,
+    pos: Option<PosEmbed>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -107,41 +198,57 @@ fn next_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Records the name and shape of every weight a model asks for, handing out zeros that take
+/// no memory (one element broadcast): how [`Arpg::parameter_shapes`] reads the declarations.
+#[derive(Default)]
+struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<ParameterShapes>>);
+
+/// Parameter names and shapes, in declaration order.
+pub type ParameterShapes = Vec<(String, Vec<usize>)>;
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: every weight is declared with its shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
 impl Arpg {
-    /// Build from a `VarBuilder` whose names follow the reference state dict.
+    /// Build from a `VarBuilder` whose names follow the reference state dict. The weights are
+    /// declared here only: [`Arpg::parameter_shapes`] reads them back from this function.
     pub fn new(cfg: &ArpgConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let (d, hid, eps) = (cfg.dim, cfg.ffn_hidden(), cfg.norm_eps);
+        let (d, eps) = (cfg.dim, cfg.norm_eps);
         let emb = vb
             .pp("embeddings")
             .get((cfg.embedding_rows(), d), "weight")?;
         let l = vb.pp("layers");
-        let mut self_dec = Vec::new();
-        let mut cross_dec = Vec::new();
-        for i in 0..cfg.self_layers() {
-            let b = l.pp("self_dec").pp(i);
-            let a = b.pp("attn");
-            self_dec.push(SelfBlock {
-                to_q: linear(&a, "to_q", d, d)?,
-                to_k: linear(&a, "to_k", d, d)?,
-                to_v: linear(&a, "to_v", d, d)?,
-                proj: linear(&a, "proj", d, d)?,
-                ffn: FeedForward::new(&b.pp("ffn"), d, hid)?,
-                attn_norm: RmsNorm::new(&b, "attn_norm", d, eps)?,
-                ffn_norm: RmsNorm::new(&b, "ffn_norm", d, eps)?,
-            });
-        }
-        for i in 0..cfg.self_layers() {
-            let b = l.pp("cross_dec").pp(i);
-            let a = b.pp("attn");
-            cross_dec.push(CrossBlock {
-                to_q: linear(&a, "to_q", d, d)?,
-                proj: linear(&a, "proj", d, d)?,
-                ffn: FeedForward::new(&b.pp("ffn"), d, hid)?,
-                attn_norm: RmsNorm::new(&b, "attn_norm", d, eps)?,
-                ffn_norm: RmsNorm::new(&b, "ffn_norm", d, eps)?,
-            });
-        }
+        let self_dec = (0..cfg.self_layers())
+            .map(|i| SelfBlock::new(cfg, l.pp("self_dec").pp(i)))
+            .collect::<Result<_>>()?;
+        let cross_dec = (0..cfg.self_layers())
+            .map(|i| CrossBlock::new(cfg, l.pp("cross_dec").pp(i)))
+            .collect::<Result<_>>()?;
+        let kv_norm = RmsNorm::new(&l, "norm", d, eps)?;
+        let (to_k, to_v) = (linear(&l, "to_k", d, d)?, linear(&l, "to_v", d, d)?);
+        let norm = RmsNorm::new(&vb, "norm", d, eps)?;
+        let head = linear(&vb, "head", d, cfg.vocab_size)?;
         let g = cfg.grid_size();
         let pos = if cfg.abs_pos_embed {
             Some(PosEmbed {
@@ -155,20 +262,33 @@ impl Arpg {
         };
         Ok(Self {
             embeddings: Embedding::new(emb, d),
-            pos,
             self_dec,
             cross_dec,
-            kv_norm: RmsNorm::new(&l, "norm", d, eps)?,
-            to_k: linear(&l, "to_k", d, d)?,
-            to_v: linear(&l, "to_v", d, d)?,
-            norm: RmsNorm::new(&vb, "norm", d, eps)?,
-            head: linear(&vb, "head", d, cfg.vocab_size)?,
+            kv_norm,
+            to_k,
+            to_v,
+            norm,
+            head,
+            pos,
             rope: Rope::new(cfg, (g, g), vb.device())?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
             id: next_id(),
         })
+    }
+
+    /// Every parameter name and shape in the reference's state-dict layout, in the order
+    /// [`Arpg::new`] declares them (no weights are allocated).
+    pub fn parameter_shapes(cfg: &ArpgConfig) -> Result<ParameterShapes> {
+        let rec = ShapeRecorder::default();
+        let seen = rec.0.clone();
+        Self::new(
+            cfg,
+            VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu),
+        )?;
+        let shapes = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(shapes)
     }
 
     pub fn config(&self) -> &ArpgConfig {
@@ -214,81 +334,60 @@ impl Arpg {
         self.embed(&ids, rows)
     }
 
+    /// Both passes, for the training forward and the decoding step alike: `tokens` at rows
+    /// `pos.keys` through the self-attention blocks under `masks.0` (extending `cache` when
+    /// decoding, without committing it), the shared keys/values, then mask queries at rows
+    /// `pos.queries` through the cross-attention blocks under `masks.1`. Logits in the compute
+    /// dtype, or `None` without queries.
+    fn passes(
+        &self,
+        tokens: &Tensor,
+        pos: Positions,
+        masks: (Option<CausalMask>, Option<CausalMask>),
+        cache: Option<&KvCache>,
+        mode: &mut Mode,
+    ) -> Result<Option<Tensor>> {
+        let (cos, sin) = self.rope.gather(pos.keys)?;
+        let mut p = Pass {
+            ops: Ops::for_mode(mode),
+            mode,
+            cos,
+            sin,
+            mask: masks.0,
+            cache,
+            n_head: self.cfg.n_head,
+        };
+        let mut x = p.drop(self.embed(tokens, pos.keys)?)?;
+        for (i, blk) in self.self_dec.iter().enumerate() {
+            x = blk.forward(&x, &mut p, i)?;
+        }
+        let xn = p.norm(&self.kv_norm, &x)?;
+        let (k, v) = (p.rope(&self.to_k.forward(&xn)?)?, self.to_v.forward(&xn)?);
+        let v = split_heads(&v, p.n_head)?;
+        let (k, v) = match cache {
+            Some(c) => c.append_shared(&k, &v)?,
+            None => (k, v),
+        };
+        if pos.queries.dim(1)? == 0 {
+            return Ok(None);
+        }
+        (p.cos, p.sin) = self.rope.gather(pos.queries)?;
+        p.mask = masks.1;
+        let mut q = self.mask_queries(pos.queries)?;
+        for blk in &self.cross_dec {
+            q = blk.forward(&q, &k, &v, &mut p)?;
+        }
+        Ok(Some(self.head.forward(&p.norm(&self.norm, &q)?)?))
+    }
+
     /// Teacher-forced forward (training path): `tokens [b, L]` = class token then image tokens
     /// in generation order; `pos.queries [b, L]` the rows of the tokens to predict. Causal
     /// masks in both passes. Returns float32 logits `[b, L, vocab]` in generation order.
     pub fn forward(&self, tokens: &Tensor, pos: Positions, mode: &mut Mode) -> Result<Tensor> {
-        let (_, l) = tokens.dims2()?;
-        let diff = mode.differentiable;
-        let mask = causal_mask(l);
-        let mut x = self.embed(tokens, pos.keys)?;
-        x = mode.drop(x)?;
-        let (kc, ks) = self.rope.gather(pos.keys)?;
-        let (qc, qs) = self.rope.gather(pos.queries)?;
-        let h = self.cfg.n_head;
-        for blk in &self.self_dec {
-            let xn = blk.attn_norm.forward(&x, diff)?;
-            let q = rope::apply(&split_heads(&blk.to_q.forward(&xn)?, h)?, &kc, &ks, diff)?;
-            let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, diff)?;
-            let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
-            let a = merge_heads(&attention(&q, &k, &v, Some(&mask), diff)?)?;
-            x = (x + mode.drop(blk.proj.forward(&a)?)?)?;
-            let f = blk.ffn.forward(&blk.ffn_norm.forward(&x, diff)?, mode)?;
-            x = (x + f)?;
-        }
-        let (k, v) = self.shared_kv(&x, &kc, &ks, diff)?;
-        let q = self.mask_queries(pos.queries)?;
-        let q = self.cross_pass(q, &k, &v, &qc, &qs, Some(&mask), mode)?;
-        self.logits(&q, diff)
-    }
-
-    fn shared_kv(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        diff: bool,
-    ) -> Result<(Tensor, Tensor)> {
-        let h = self.cfg.n_head;
-        let xn = self.kv_norm.forward(x, diff)?;
-        let k = rope::apply(&split_heads(&self.to_k.forward(&xn)?, h)?, cos, sin, diff)?;
-        let v = split_heads(&self.to_v.forward(&xn)?, h)?;
-        Ok((k, v))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn cross_pass(
-        &self,
-        mut q: Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&CausalMask>,
-        mode: &mut Mode,
-    ) -> Result<Tensor> {
-        let diff = mode.differentiable;
-        let h = self.cfg.n_head;
-        for blk in &self.cross_dec {
-            let qn = blk.attn_norm.forward(&q, diff)?;
-            let qh = rope::apply(&split_heads(&blk.to_q.forward(&qn)?, h)?, cos, sin, diff)?;
-            let a = merge_heads(&attention(&qh, k, v, mask, diff)?)?;
-            q = (q + mode.drop(blk.proj.forward(&a)?)?)?;
-            let f = blk.ffn.forward(&blk.ffn_norm.forward(&q, diff)?, mode)?;
-            q = (q + f)?;
-        }
-        Ok(q)
-    }
-
-    fn logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
-        Ok(self
-            .head_logits(q, diff)?
-            .to_dtype(layers::at_least_f32(self.dtype))?)
-    }
-
-    /// Logits in the compute dtype.
-    fn head_logits(&self, q: &Tensor, diff: bool) -> Result<Tensor> {
-        Ok(self.head.forward(&self.norm.forward(q, diff)?)?)
+        let mask = Some(causal_mask(tokens.dim(1)?));
+        let logits = self.passes(tokens, pos, (mask, mask), None, mode)?;
+        let logits = logits.ok_or_else(|| anyhow::anyhow!("a forward without queries"))?;
+        Ok(logits.to_dtype(layers::at_least_f32(self.dtype))?)
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` content tokens.
@@ -315,7 +414,7 @@ impl Arpg {
         tokens: &Tensor,
         pos: Positions,
     ) -> Result<Option<Tensor>> {
-        self.step_inner(cache, tokens, pos, false, true)
+        self.step_with(cache, tokens, pos, false, true)
     }
 
     /// [`Arpg::step`] with a causal mask over the fed tokens, as in training: token `i` of
@@ -328,7 +427,7 @@ impl Arpg {
         tokens: &Tensor,
         pos: Positions,
     ) -> Result<Option<Tensor>> {
-        self.step_inner(cache, tokens, pos, true, true)
+        self.step_with(cache, tokens, pos, true, true)
     }
 
     /// [`Arpg::step`] (or [`Arpg::step_causal`]) with the logits left in the compute dtype
@@ -341,10 +440,10 @@ impl Arpg {
         pos: Positions,
         causal: bool,
     ) -> Result<Option<Tensor>> {
-        self.step_inner(cache, tokens, pos, causal, false)
+        self.step_with(cache, tokens, pos, causal, false)
     }
 
-    fn step_inner(
+    fn step_with(
         &self,
         cache: &mut KvCache,
         tokens: &Tensor,
@@ -352,8 +451,7 @@ impl Arpg {
         causal: bool,
         f32_logits: bool,
     ) -> Result<Option<Tensor>> {
-        let (_, m) = tokens.dims2()?;
-        let n = pos.queries.dim(1)?;
+        let m = tokens.dim(1)?;
         if cache.len() + m > cache.capacity() {
             bail!(
                 "KV cache overflow: {} + {m} tokens > capacity {}",
@@ -361,39 +459,15 @@ impl Arpg {
                 cache.capacity()
             );
         }
-        let mut mode = Mode::inference();
-        let h = self.cfg.n_head;
         // Query i of the step sees the cache and the step's tokens 0..=i.
         let mask = (causal && m > 1).then(|| CausalMask::new(m, cache.len() + m));
-        let mut x = self.embed(tokens, pos.keys)?;
-        let (kc, ks) = self.rope.gather(pos.keys)?;
-        for (i, blk) in self.self_dec.iter().enumerate() {
-            let xn = blk.attn_norm.forward(&x, false)?;
-            let q = rope::apply(&split_heads(&blk.to_q.forward(&xn)?, h)?, &kc, &ks, false)?;
-            let k = rope::apply(&split_heads(&blk.to_k.forward(&xn)?, h)?, &kc, &ks, false)?;
-            let v = split_heads(&blk.to_v.forward(&xn)?, h)?;
-            let (k, v) = cache.append_layer(i, &k, &v)?;
-            let a = merge_heads(&attention(&q, &k, &v, mask.as_ref(), false)?)?;
-            x = (x + blk.proj.forward(&a)?)?;
-            x = (&x
-                + blk
-                    .ffn
-                    .forward(&blk.ffn_norm.forward(&x, false)?, &mut mode)?)?;
-        }
-        let (k, v) = self.shared_kv(&x, &kc, &ks, false)?;
-        let (k, v) = cache.append_shared(&k, &v)?;
+        let mut mode = Mode::inference();
+        let logits = self.passes(tokens, pos, (mask, None), Some(cache), &mut mode)?;
         cache.advance(m);
-        if n == 0 {
-            return Ok(None);
-        }
-        let (qc, qs) = self.rope.gather(pos.queries)?;
-        let q = self.mask_queries(pos.queries)?;
-        let q = self.cross_pass(q, &k, &v, &qc, &qs, None, &mut mode)?;
-        Ok(Some(if f32_logits {
-            self.logits(&q, false)?
-        } else {
-            self.head_logits(&q, false)?
-        }))
+        Ok(match logits {
+            Some(l) if f32_logits => Some(l.to_dtype(layers::at_least_f32(self.dtype))?),
+            l => l,
+        })
     }
 }
 

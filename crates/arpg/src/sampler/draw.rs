@@ -1,9 +1,9 @@
 //! Drawing tokens on the device: guidance mixing, temperature and a Gumbel-max draw in one
-//! kernel, with counter-based noise so that a CUDA graph can replay it (a generator's state
-//! would be frozen into the graph).
+//! kernel (`kernels::draw`), with counter-based noise so that a CUDA graph can replay it (a
+//! generator's state would be frozen into the graph).
 
 use anyhow::{ensure, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 
 /// How the rows of a logits tensor become tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,148 +40,13 @@ pub fn draw(logits: &Tensor, seed: &Tensor, d: Draw) -> Result<Tensor> {
         }
         None => rows,
     };
-    let out = logits.contiguous()?.apply_op2_no_bwd(seed, &d)?;
+    let op = crate::kernels::draw::GumbelArgmax {
+        guidance: d.guidance,
+        temperature: d.temperature,
+        salt: d.salt,
+    };
+    let out = op.apply(&logits, seed)?;
     Ok(out.reshape((b, n))?)
-}
-
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Draw {
-    /// Rows drawn: one per query of the conditional half.
-    fn out_rows(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
-        let (rows, n, v) = l.shape().dims3()?;
-        let half = if self.guidance.is_some() {
-            rows / 2
-        } else {
-            rows
-        };
-        Ok((half * n, v))
-    }
-
-    fn kernel_args(&self) -> (i32, f32, f32, i32) {
-        let noise = self.temperature > 0.0;
-        (
-            self.guidance.is_some() as i32,
-            self.guidance.unwrap_or(1.0),
-            if noise { self.temperature } else { 1.0 },
-            noise as i32,
-        )
-    }
-}
-
-impl CustomOp2 for Draw {
-    fn name(&self) -> &'static str {
-        "arpg-cfg-gumbel-argmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        l: &CpuStorage,
-        ll: &Layout,
-        s: &CpuStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, v) = self.out_rows(ll)?;
-        let (lo, _) = ll
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("draw: strided logits".into()))?;
-        let logits = &l.as_slice::<f32>()?[lo..];
-        let seed = s.as_slice::<i64>()?[sl.start_offset()] as u64;
-        let (mix, w, t, noise) = self.kernel_args();
-        let out: Vec<u32> = (0..rows)
-            .map(|r| {
-                let c = &logits[r * v..(r + 1) * v];
-                let u = if mix != 0 {
-                    &logits[(rows + r) * v..(rows + r + 1) * v]
-                } else {
-                    &[][..]
-                };
-                let base = mix64(seed ^ mix64(((self.salt as u64) << 32) | r as u64));
-                let (mut best, mut arg) = (f32::NEG_INFINITY, u32::MAX);
-                for (j, &cj) in c.iter().enumerate() {
-                    let mut x = cj;
-                    if mix != 0 {
-                        x = u[j] + (x - u[j]) * w;
-                    }
-                    if noise != 0 {
-                        let h = mix64(base.wrapping_add(j as u64));
-                        let un = ((h >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0);
-                        x = x / t + -(-un.ln()).ln();
-                    }
-                    if x > best || arg == u32::MAX {
-                        (best, arg) = (x, j as u32);
-                    }
-                }
-                arg
-            })
-            .collect();
-        Ok((CpuStorage::U32(out), Shape::from(rows)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        l: &candle_core::CudaStorage,
-        ll: &Layout,
-        s: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        let (rows, v) = self.out_rows(ll)?;
-        let (lo, hi) = ll
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("draw: strided logits".into()))?;
-        let dev = l.device().clone();
-        let so = sl.start_offset();
-        let ss = s.as_cuda_slice::<i64>()?.slice(so..so + 1);
-        // Safety: the kernel writes one token per row.
-        let mut dst = unsafe { dev.alloc::<u32>(rows) }?;
-        let name = match l.dtype() {
-            DType::F32 => "cfg_gumbel_argmax_f32",
-            DType::BF16 => "cfg_gumbel_argmax_bf16",
-            dt => candle_core::bail!("draw: {dt:?} logits"),
-        };
-        let func =
-            dev.get_or_load_custom_func(name, "arpg_fused", crate::model::fused::cuda::PTX)?;
-        let (mix, w, t, noise) = self.kernel_args();
-        let (rows_u, v_u) = (rows as u32, v as u32);
-        let (lf, lb);
-        let mut builder = func.builder();
-        if l.dtype() == DType::F32 {
-            lf = l.as_cuda_slice::<f32>()?.slice(lo..hi);
-            builder.arg(&lf);
-        } else {
-            lb = l.as_cuda_slice::<half::bf16>()?.slice(lo..hi);
-            builder.arg(&lb);
-        }
-        builder.arg(&mut dst);
-        builder.arg(&ss);
-        builder.arg(&rows_u);
-        builder.arg(&v_u);
-        builder.arg(&mix);
-        builder.arg(&w);
-        builder.arg(&t);
-        builder.arg(&noise);
-        builder.arg(&self.salt);
-        let cfg = LaunchConfig {
-            grid_dim: (rows_u, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // Safety: argument types and count match the kernel's signature.
-        unsafe { builder.launch(cfg) }
-            .map_err(|e| candle_core::Error::Msg(format!("draw kernel: {e:?}")))?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(dst, dev),
-            Shape::from(rows),
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! softmax and the quantiser's distances run in f32 so bf16/f16 weights stay close to f32.
 
 use crate::config::VqConfig;
-use crate::util::timed;
+use crate::kernels::group_norm;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
@@ -93,14 +93,15 @@ fn conv(
     })
 }
 
-/// A conv under the opt-in profiler (`util::timed`), labelled by kernel size.
+/// A conv in a profiling span named by its kernel size.
 fn conv_t(c: &Conv, x: &Tensor) -> Result<Tensor> {
-    let label = if c.weight().dim(3)? == 3 {
-        "vq.conv3x3"
+    let span = if c.weight().dim(3)? == 3 {
+        tracing::trace_span!("vq.conv3x3")
     } else {
-        "vq.conv1x1"
+        tracing::trace_span!("vq.conv1x1")
     };
-    timed(label, x.device(), || c.forward(x))
+    let _enter = span.enter();
+    c.forward(x)
 }
 
 fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv> {
@@ -136,79 +137,25 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        timed("vq.group_norm", x.device(), || self.forward_inner(x))
+        let _enter = tracing::trace_span!("vq.group_norm").entered();
+        self.norm(x, false)
     }
 
-    /// GroupNorm then SiLU: one fused kernel on CUDA.
+    /// GroupNorm then SiLU.
     fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        timed(
-            "vq.group_norm_silu",
-            x.device(),
-            || match crate::model::fused::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                GROUPS,
-                GN_EPS,
-                true,
-            )? {
-                Some(y) => Ok(y),
-                None => Ok(self.forward_inner(x)?.silu()?),
-            },
-        )
+        let _enter = tracing::trace_span!("vq.group_norm_silu").entered();
+        self.norm(x, true)
     }
 
-    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
-        match crate::model::fused::group_norm(x, &self.weight, &self.bias, GROUPS, GN_EPS, false)? {
-            Some(y) => Ok(y),
-            None => self.generic(x),
+    /// One fused kernel on CUDA; elsewhere tensor ops in f32 (then SiLU in `x`'s dtype).
+    fn norm(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(y) = group_norm::fused(x, w, b, GROUPS, GN_EPS, silu)? {
+            return Ok(y);
         }
+        let y = group_norm::slow(x, w, b, GROUPS, GN_EPS, false)?;
+        Ok(if silu { y.silu()? } else { y })
     }
-
-    /// The unfused path: tensor ops in f32.
-    fn generic(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let xs = x
-            .to_dtype(DType::F32)?
-            .reshape((b, GROUPS, (c / GROUPS) * h * w))?;
-        let xs = xs.broadcast_sub(&xs.mean_keepdim(2)?)?;
-        let var = xs.sqr()?.mean_keepdim(2)?;
-        let xs = xs
-            .broadcast_div(&(var + GN_EPS)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        let xs = xs.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
-        Ok(xs.to_dtype(x.dtype())?)
-    }
-}
-
-/// On CUDA: the fused GroupNorm(+SiLU) kernel against the unfused tensor ops on random input,
-/// as `[f32, bf16]` max |fused - unfused| / max |unfused| (with SiLU: the larger of the two
-/// runs). `None` off CUDA or with fused kernels off.
-pub fn fused_group_norm_check(device: &Device) -> Result<Option<[f64; 2]>> {
-    let c = 64;
-    let x = (Tensor::randn(0f32, 1.0, (2, c, 9, 7), device)? * 3.0)?;
-    let gn = GroupNorm {
-        weight: Tensor::randn(1f32, 0.5, (1, c, 1, 1), device)?,
-        bias: Tensor::randn(0f32, 0.5, (1, c, 1, 1), device)?,
-    };
-    let mut out = [0f64; 2];
-    for (k, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
-        let x = x.to_dtype(dt)?;
-        for silu in [false, true] {
-            let Some(f) =
-                crate::model::fused::group_norm(&x, &gn.weight, &gn.bias, GROUPS, GN_EPS, silu)?
-            else {
-                return Ok(None);
-            };
-            let mut g = gn.generic(&x)?;
-            if silu {
-                // The fused kernel takes SiLU in f32 of the rounded norm and rounds once.
-                g = g.to_dtype(DType::F32)?.silu()?.to_dtype(dt)?;
-            }
-            out[k] = out[k].max(crate::model::fused::rel_diff(&f, &g)?);
-        }
-    }
-    Ok(Some(out))
 }
 
 struct ResnetBlock {
@@ -242,7 +189,8 @@ impl ResnetBlock {
             Some(c) => conv_t(c, x)?,
             None => x.clone(),
         };
-        timed("vq.residual_add", x.device(), || Ok((&x + &h)?))
+        let _enter = tracing::trace_span!("vq.residual_add").entered();
+        Ok((&x + &h)?)
     }
 }
 
@@ -269,10 +217,7 @@ impl AttnBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        timed("vq.attention_block", x.device(), || self.forward_inner(x))
-    }
-
-    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = tracing::trace_span!("vq.attention_block").entered();
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
         let q = self
@@ -311,9 +256,10 @@ impl Level {
         if let Some(conv) = &self.resample {
             h = if upsample {
                 let (_, _, hh, ww) = h.dims4()?;
-                let up = timed("vq.upsample", h.device(), || {
-                    Ok(h.upsample_nearest2d(hh * 2, ww * 2)?)
-                })?;
+                let up = {
+                    let _enter = tracing::trace_span!("vq.upsample").entered();
+                    h.upsample_nearest2d(hh * 2, ww * 2)?
+                };
                 conv_t(conv, &up)?
             } else {
                 // torch convs pad symmetrically only, so the reference pads right/bottom by hand.

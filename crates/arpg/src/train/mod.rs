@@ -201,7 +201,7 @@ impl Trainer {
         let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xA5A5_0000);
         let mut names = Vec::new();
         let mut params = Vec::new();
-        for (name, shape) in model_cfg.parameter_shapes() {
+        for (name, shape) in model_cfg.parameter_shapes()? {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
@@ -362,12 +362,15 @@ impl Trainer {
             if world > 1 {
                 batch = batch.rows(rank * local, local)?;
             }
-            let dev = self.device.clone();
-            let loss = crate::util::timed("train.forward", &dev, || self.loss(&batch))?;
+            let loss = {
+                let _enter = tracing::trace_span!("train.forward").entered();
+                self.loss(&batch)?
+            };
             losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
-            let g = crate::util::timed("train.backward", &dev, || {
-                Ok((loss / (self.cfg.grad_accum * world) as f64)?.backward()?)
-            })?;
+            let g = {
+                let _enter = tracing::trace_span!("train.backward").entered();
+                (loss / (self.cfg.grad_accum * world) as f64)?.backward()?
+            };
             for (i, p) in self.params.iter().enumerate() {
                 let gi = g
                     .get(p)

@@ -1,5 +1,5 @@
-// Fused kernels for the bf16 decoding step (PTX built by scripts/build-ptx.sh, committed as
-// fused.ptx next to this file so that builds need no CUDA compiler).
+// Fused kernels where candle has none (compiled to PTX by crates/arpg/build.rs under the
+// `cuda` feature; the Rust side of each is in the module of the same name).
 //
 // bf16 is handled as raw 16-bit words: no headers, and the conversions are exact (bf16 -> f32)
 // or round-to-nearest-even (f32 -> bf16), as torch's and candle's casts.
