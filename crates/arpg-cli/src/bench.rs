@@ -303,12 +303,9 @@ fn e2e(
                         orders: &orders,
                     }
                     .validate(DecodeShape::of(model), sc)?;
-                    Ok(Some(arpg::sampler::generate(
-                        model,
-                        &req,
-                        &mut rng,
-                        Some(&mut *graphs),
-                    )?))
+                    let toks = arpg::sampler::generate(model, &req, &mut rng, Some(&mut *graphs))?;
+                    arpg::device::tokens_ready(&dev)?;
+                    Ok(Some(toks))
                 },
                 |toks: Tensor| tk.decode_u8(&toks, (g, g)),
                 |_, px| {

@@ -288,12 +288,9 @@ fn sample_shards(
         }
         .validate(shape, &sc)?;
         // The tokens stay on the device: the decoder thread takes them from there.
-        Ok(Some(sampler::generate(
-            &model,
-            &req,
-            &mut rng,
-            Some(&mut graphs),
-        )?))
+        let toks = sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?;
+        arpg::device::tokens_ready(&device)?;
+        Ok(Some(toks))
     };
     let decode = |toks: candle_core::Tensor| tk.decode_u8(&toks, (grid, grid));
     // PNG encoding off the sampling thread (the reference encodes on it, between batches).

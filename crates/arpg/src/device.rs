@@ -149,3 +149,14 @@ pub fn second_stream(device: &Device) -> Result<Device> {
         _ => Ok(device.clone()),
     }
 }
+
+/// Wait until the work queued on `device` (this thread's stream) is done, so that another
+/// stream may read its results: a CUDA-graph replay records no events that would order a copy
+/// on another stream after it (without this the VQ stream read tokens not yet drawn). Only the
+/// producing thread waits; the other stream keeps working meanwhile.
+pub fn tokens_ready(device: &Device) -> Result<()> {
+    if device.is_cuda() {
+        device.synchronize()?;
+    }
+    Ok(())
+}

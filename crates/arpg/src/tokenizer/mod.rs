@@ -61,6 +61,10 @@ impl ImageTokenizer {
         match self {
             Self::Vq(vq) => {
                 let codes = tokens.to_device(vq.device())?;
+                if !tokens.device().same_device(vq.device()) {
+                    // The copy must be done before `tokens` is freed from this thread.
+                    vq.device().synchronize()?;
+                }
                 let u8s = image::tensor_to_u8_nhwc(&vq.decode(&codes, grid)?)?;
                 let (n, h, w, _) = u8s.dims4()?;
                 let data = u8s.flatten_all()?.to_vec1::<u8>()?;
