@@ -122,6 +122,10 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     arpg::sampler::token_counts(model.config().block_size, sc.steps, sc.schedule)?;
     let g = model.config().grid_size();
     let size = g * tk.patch_size();
+    arpg::util::check_memory(
+        a.sampling.samples as u128 * (g * g) as u128 * (8 + (tk.patch_size().pow(2) * 3) as u128),
+        &format!("--samples {}", a.sampling.samples),
+    )?;
     let src = img::center_crop_resize(&src, size);
     let mask = img::center_crop_resize(&mask, size);
     let masked = |x: usize, y: usize| {
