@@ -275,7 +275,7 @@ fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
     Ok((p(w)?, p(h)?))
 }
 
-fn read_order(path: &PathBuf, cells: usize) -> Result<Vec<usize>> {
+fn read_order(path: &std::path::Path, cells: usize) -> Result<Vec<usize>> {
     let text = arpg::util::read_small(path, 64 << 20, "--order")?;
     let order: Vec<usize> = serde_json::from_str(&text).with_context(|| {
         format!(

@@ -444,7 +444,8 @@ mod tests {
     fn zero_negative_non_finite_and_overflowing_values_are_rejected() {
         let ok = ArpgConfig::imagenet(64, 4, 4);
         ok.validate().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut ArpgConfig)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut ArpgConfig)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|c| c.rope_base = 0.0), "rope_base"),
             (Box::new(|c| c.rope_base = f64::NAN), "rope_base"),
             (Box::new(|c| c.norm_eps = -1e-5), "norm_eps"),

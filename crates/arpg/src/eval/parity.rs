@@ -168,7 +168,7 @@ impl ParityReport {
         let tol = if f32 { 1e-4 } else { 3e-2 };
         let mut out = Vec::new();
         let mut check = |name: &str, v: f64| {
-            if !(v <= tol) {
+            if v.is_nan() || v > tol {
                 out.push(format!("{name} {v:.3e} > {tol:.0e}"));
             }
         };
