@@ -121,8 +121,15 @@ impl ArpgConfig {
                 self.n_layer
             );
         }
+        // Positions are u32 (RoPE rows, token positions).
+        if self.block_size >= u32::MAX as usize {
+            bail!(
+                "block_size ({}) is larger than 32-bit positions allow",
+                self.block_size
+            );
+        }
         let g = self.grid_size();
-        if self.block_size == 0 || g * g != self.block_size {
+        if self.block_size == 0 || g.checked_mul(g) != Some(self.block_size) {
             bail!(
                 "block_size ({}) must be a square number of tokens",
                 self.block_size
@@ -458,6 +465,7 @@ mod tests {
             (Box::new(|c| c.multiple_of = 1 << 62), "overflow"),
             (Box::new(|c| c.multiple_of = 0), "multiple_of"),
             (Box::new(|c| c.vocab_size = usize::MAX - 1), "32-bit"),
+            (Box::new(|c| c.block_size = usize::MAX), "32-bit"),
             (
                 Box::new(|c| {
                     c.dim = 1 << 40;
