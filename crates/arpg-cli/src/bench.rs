@@ -97,6 +97,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let spec = a.model.spec(0);
     let cfg = spec.config()?;
     let (dev, dtype) = a.device.resolve_seeded(0)?;
+    // Orders plus the KV caches of both guidance halves: refuse what cannot be allocated.
+    let (b, cells) = (a.batch_size as u128, cfg.block_size as u128);
+    arpg::util::check_memory(
+        b * cells
+            * (16 + 2 * 2 * cfg.n_layer as u128 * cfg.dim as u128 * dtype.size_in_bytes() as u128),
+        &format!("--batch-size {}", a.batch_size),
+    )?;
     let mut out = serde_json::json!({
         "model": a.model.model.clone().unwrap_or_else(|| "config".into()),
         "batch_size": a.batch_size, "steps": a.steps, "cfg": a.cfg,

@@ -109,6 +109,9 @@ pub struct InpaintArgs {
 
 pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     let sc = a.sampling.config(&mut a.model)?;
+    if let Some(p) = &a.tokens_out {
+        arpg::util::check_writable(p, "--tokens-out")?;
+    }
     let src = img::load_rgb(&a.image)?;
     let mask = img::load_rgb(&a.mask)?;
     if src.dimensions() != mask.dimensions() {
@@ -125,6 +128,10 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
     let g = model.config().grid_size();
     let size = g * tk.patch_size();
+    arpg::util::check_memory(
+        a.sampling.samples as u128 * (g * g) as u128 * (8 + (tk.patch_size().pow(2) * 3) as u128),
+        &format!("--samples {}", a.sampling.samples),
+    )?;
     let src = img::center_crop_resize(&src, size);
     let mask = img::center_crop_resize(&mask, size);
     let masked = |x: usize, y: usize| {
@@ -201,6 +208,9 @@ pub struct OutpaintArgs {
 
 pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
     let sc = a.sampling.config(&mut a.model)?;
+    if let Some(p) = &a.tokens_out {
+        arpg::util::check_writable(p, "--tokens-out")?;
+    }
     let src = img::load_rgb(&a.image)?;
     let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
     let p = tk.patch_size();
@@ -214,24 +224,45 @@ pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
             bail!("{flag} {v} is not a multiple of the {p}-pixel patch");
         }
     }
-    if a.left + a.right + a.top + a.bottom == 0 {
+    if [a.left, a.right, a.top, a.bottom].iter().all(|&v| v == 0) {
         bail!("give at least one of --left, --right, --top, --bottom (pixels to add)");
     }
     let g = model.config().grid_size();
     let src = img::center_crop_resize(&src, g * p);
     let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
     let base = Canvas::from_tokens(g, g, &tokens, &vec![false; g * g])?;
+    let (rows, cols) = (
+        g as u128 + (a.top / p) as u128 + (a.bottom / p) as u128,
+        g as u128 + (a.left / p) as u128 + (a.right / p) as u128,
+    );
+    arpg::util::check_memory(
+        a.sampling.samples as u128 * rows * cols * (8 + (p * p * 3) as u128),
+        &format!(
+            "{} outpainted image(s) of {}x{} tokens",
+            a.sampling.samples, cols, rows
+        ),
+    )?;
     let canvas = base.pad(a.top / p, a.bottom / p, a.left / p, a.right / p);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
     let mut all = Vec::new();
+    // A long strip takes minutes a sample: show that work goes on.
+    let pb = indicatif::ProgressBar::new(a.sampling.samples as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} outpainted [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(250));
     for _ in 0..a.sampling.samples {
         let filled = fill_canvas(&model, &canvas, a.sampling.class, &sc, &mut rng)?;
+        pb.inc(1);
         all.push(
             filled
                 .tokens()
                 .context("window filling left a cell unknown")?,
         );
     }
+    pb.finish_and_clear();
     let images = tk.decode(&all, (canvas.rows, canvas.cols), &dev)?;
     write_outputs(&a.out, "outpaint", &src, &images)?;
     if let Some(p) = &a.tokens_out {

@@ -1,7 +1,7 @@
 //! `arpg eval-digits`: how well a digits model draws the digits it is asked for.
 
 use crate::args::{DeviceArgs, ModelArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use arpg::data::digits;
 use arpg::eval::digits::report;
 use arpg::sampler::{decode, random_order, Request, SampleConfig, TokenFilter};
@@ -54,6 +54,18 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
     if a.model.model.is_none() && a.model.config.is_none() {
         a.model.model = Some(arpg::zoo::DIGITS.into());
     }
+    if a.task == "sample" {
+        ensure!(a.per_class >= 1, "--per-class must be at least 1");
+        // Each sample keeps its class and 64 pixels: refuse what memory cannot hold.
+        arpg::util::check_memory(
+            a.per_class as u128 * 10 * 96,
+            &format!("--per-class {} (x 10 classes)", a.per_class),
+        )?;
+    }
+    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    if let Some(p) = &a.json_out {
+        arpg::util::check_writable(p, "--json-out")?;
+    }
     let spec = a.model.spec(a.seed);
     let cfg = spec.config()?;
     if cfg.vocab_size != 17 || cfg.num_classes != 10 || cfg.block_size != 64 {
@@ -62,6 +74,12 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
     let (device, dtype) = a.device.resolve_seeded(a.seed)?;
     let model = spec.load(dtype, &device)?;
     let (train, test) = digits::split(&digits::load_csv_gz(&a.data).with_context(|| "--data")?);
+    ensure!(
+        !train.is_empty() && !test.is_empty(),
+        "--data {}: {} digit(s); the judge needs a training and a test split (2 at least)",
+        a.data.display(),
+        train.len() + test.len()
+    );
     let sc = SampleConfig {
         steps: a.steps,
         cfg: a.cfg,

@@ -68,11 +68,34 @@ fn shard_path(out: &Path, s: usize) -> PathBuf {
     out.join("shards").join(format!("shard_{s:05}.npy"))
 }
 
-/// A finished shard: a readable `.npy` of `n` uint8 images; its (height, width).
-fn shard_done(out: &Path, s: usize, n: usize) -> Option<(usize, usize)> {
-    let (descr, shape, _) = npz::npy_body(&shard_path(out, s)).ok()?;
-    (descr == "|u1" && shape.len() == 4 && shape[0] == n && shape[3] == 3)
-        .then_some((shape[1], shape[2]))
+/// A finished shard: a complete `.npy` of `n` uint8 images; its (height, width). A shard file
+/// that is truncated or of another shape is reported (by name) and counts as not done, so
+/// that it is sampled again rather than failing every later assembly.
+fn shard_done(out: &Path, s: usize, n: usize, warn: bool) -> Option<(usize, usize)> {
+    let p = shard_path(out, s);
+    if !p.exists() {
+        return None;
+    }
+    let check = || -> Result<(usize, usize)> {
+        let (h, _) = npz::npy_body(&p)?;
+        let shape = &h.shape;
+        ensure!(
+            h.is_u8() && shape.len() == 4 && shape[0] == n && shape[3] == 3,
+            "{}: {} {shape:?}, expected {n} uint8 images (N x H x W x 3)",
+            p.display(),
+            h.descr
+        );
+        Ok((shape[1], shape[2]))
+    };
+    match check() {
+        Ok(hw) => Some(hw),
+        Err(e) => {
+            if warn {
+                eprintln!("warning: shard {s} is unusable, sampling it again: {e:#}");
+            }
+            None
+        }
+    }
 }
 
 pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
@@ -116,7 +139,31 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     }
     let n = a.num_samples;
     let n_shards = n.div_ceil(a.shard_size);
-    let range = |s: usize| (s * a.shard_size, ((s + 1) * a.shard_size).min(n));
+    // Each shard is a file to check on every run: bound their number.
+    const MAX_SHARDS: usize = 10_000_000;
+    ensure!(
+        n_shards <= MAX_SHARDS,
+        "--num-samples {n} in shards of --shard-size {} makes {n_shards} shards; at most {MAX_SHARDS}",
+        a.shard_size
+    );
+    let range = |s: usize| {
+        (
+            s.saturating_mul(a.shard_size).min(n),
+            (s + 1).saturating_mul(a.shard_size).min(n),
+        )
+    };
+    // A shard is held in memory until written: its images must fit.
+    let mcfg = a.model.spec(a.sampling.seed).config()?;
+    let patch = match a.vq.tokenizer.as_str() {
+        "pixel" => 1,
+        "auto" if mcfg.vocab_size == arpg::tokenizer::pixel::LEVELS as usize => 1,
+        _ => a.vq.spec(false, 0).config()?.patch_size(),
+    } as u128;
+    let side = mcfg.grid_size() as u128 * patch;
+    arpg::util::check_memory(
+        (a.shard_size.min(n) as u128) * side * side * 3 * 2,
+        &format!("a shard of {} images of {side}x{side}", a.shard_size.min(n)),
+    )?;
 
     // Shards of another configuration must not be mixed in: the settings live beside them.
     let meta = serde_json::json!({
@@ -148,12 +195,20 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
         }
     }
 
+    // Many shards take a while to check: show it.
+    let scan = if n_shards >= 1000 && rank == 0 {
+        ProgressBar::new(n_shards as u64).with_message("checking finished shards")
+    } else {
+        ProgressBar::hidden()
+    };
     let pending: Vec<usize> = (0..n_shards)
         .filter(|&s| {
+            scan.inc(1);
             let (b, e) = range(s);
-            shard_done(&a.out, s, e - b).is_none()
+            shard_done(&a.out, s, e - b, rank == 0).is_none()
         })
         .collect();
+    scan.finish_and_clear();
     let pending_images: usize = pending.iter().map(|&s| range(s).1 - range(s).0).sum();
     let mine: Vec<usize> = pending
         .iter()
@@ -178,7 +233,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     let mut waited = false;
     loop {
         let missing = (0..n_shards)
-            .filter(|&s| shard_done(&a.out, s, range(s).1 - range(s).0).is_none())
+            .filter(|&s| shard_done(&a.out, s, range(s).1 - range(s).0, false).is_none())
             .count();
         if missing == 0 {
             break;
@@ -353,10 +408,11 @@ fn assemble(
     let mut readers: Vec<Box<dyn Read>> = Vec::with_capacity(n_shards);
     for s in 0..n_shards {
         let p = shard_path(out, s);
-        let (_, shape, body) = npz::npy_body(&p)?;
+        let (h, body) = npz::npy_body(&p)?;
+        let shape = h.shape.clone();
         let (b, e) = range(s);
         ensure!(
-            shape.len() == 4 && shape[0] == e - b,
+            h.is_u8() && shape.len() == 4 && shape[0] == e - b && shape[3] == 3,
             "{}: shape {shape:?}, expected {} images",
             p.display(),
             e - b
@@ -489,7 +545,9 @@ fn given_stats(
         (true, true) => {
             let (_, m) = npz::read_floats(path, mu, &[Some(dim)])?;
             let (_, s) = npz::read_floats(path, sigma, &[Some(dim), Some(dim)])?;
-            Ok(Some(Gaussian::new(m, s)?))
+            let g = Gaussian::new(m, s)
+                .with_context(|| format!("{}: statistics `{mu}` / `{sigma}`", path.display()))?;
+            Ok(Some(g))
         }
         _ => bail!(
             "{}: has one of `{mu}` / `{sigma}` but not the other",
@@ -505,6 +563,11 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         Some(k) => IsSplits::Count(k),
         None => IsSplits::Size(a.is_split_size),
     };
+    ensure!(a.is_splits != Some(0), "--is-splits must be at least 1");
+    ensure!(a.is_split_size >= 1, "--is-split-size must be at least 1");
+    if let Some(p) = &a.json {
+        arpg::util::check_writable(p, "--json")?;
+    }
     let device = arpg::device::parse_device(&a.device)?;
     let sample_names = npz::names(&a.samples).context("--samples")?;
     ensure!(
@@ -538,12 +601,34 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             ref_names.join(", ")
         );
     }
+    // Precision / recall take each point's 3rd nearest neighbour: 4 images at least.
+    let min = if ref_images { 4 } else { 2 };
     ensure!(
-        s_reader.n >= 2,
-        "--samples {}: {} image(s); FID needs at least 2 (ADM's protocol uses 50,000)",
+        s_reader.n >= min,
+        "--samples {}: {} image(s); {} needs at least {min} (ADM's protocol uses 50,000)",
         a.samples.display(),
-        s_reader.n
+        s_reader.n,
+        if ref_images {
+            "FID with precision / recall"
+        } else {
+            "FID"
+        }
     );
+    if let Some(r) = &ref_reader {
+        ensure!(
+            r.n >= 4,
+            "--ref {}: {} image(s); FID with precision / recall needs at least 4",
+            a.reference.display(),
+            r.n
+        );
+    }
+    if let Some(k) = a.is_splits {
+        ensure!(
+            k <= s_reader.n,
+            "--is-splits {k}: more splits than the {} samples",
+            s_reader.n
+        );
+    }
     if let Some(r) = &ref_reader {
         if (r.height, r.width) != (s_reader.height, s_reader.width) {
             eprintln!(
@@ -553,6 +638,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             );
         }
     }
+    // Inception's activations of one batch, a lower bound (input and the first convolutions).
+    let most = s_reader.n.max(ref_reader.as_ref().map_or(0, |r| r.n));
+    arpg::util::check_memory(
+        a.batch_size.min(most) as u128 * 299 * 299 * 32 * 4 * 2,
+        &format!("--batch-size {} through Inception", a.batch_size),
+    )?;
     drop((s_reader, ref_reader));
 
     let net = if a.inception.as_os_str() == "random" {

@@ -83,7 +83,8 @@ fn main() {
     // First Ctrl-C: finish the unit of work in hand, write what is done, stop. Second: exit.
     let _ = ctrlc::set_handler(|| {
         if arpg::util::interrupted() {
-            std::process::exit(130);
+            arpg::util::interrupt_again();
+            return;
         }
         eprintln!(
             "\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to abort)"

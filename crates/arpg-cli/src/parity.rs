@@ -18,5 +18,15 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let (dev, dtype) = a.device.resolve()?;
     let r = arpg::eval::parity::check(&a.fixtures, dtype, &dev)?;
     println!("{}", serde_json::to_string(&r)?);
+    let failures = r.failures();
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "parity fails on {} {}: {}",
+            r.device,
+            r.dtype,
+            failures.join("; ")
+        );
+    }
+    eprintln!("parity holds on {} {}", r.device, r.dtype);
     Ok(())
 }

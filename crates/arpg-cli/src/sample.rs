@@ -133,6 +133,17 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         bail!("--order / --order-per-sample do not apply to --grid expansion (each window draws its own order)");
     }
 
+    // Sizes from the flags, bounded before anything is allocated.
+    let patch = tokenizer.as_ref().map_or(1, |t| t.patch_size()) as u128;
+    let cells_out = canvas.0 as u128 * canvas.1 as u128;
+    let n_images = classes.len() as u128 * a.per_class as u128;
+    arpg::util::check_memory(
+        n_images * cells_out * (4 + want_images as u128 * patch * patch * 3),
+        &format!("{n_images} images of {}x{} tokens", canvas.1, canvas.0),
+    )?;
+    if let Some(p) = &a.tokens_out {
+        arpg::util::check_writable(p, "--tokens-out")?;
+    }
     let all: Vec<usize> = classes
         .iter()
         .flat_map(|&c| std::iter::repeat_n(c, a.per_class))
@@ -221,6 +232,14 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         }
         img::save_png_atomic(&g, &a.out.join("grid.png"))?;
     }
+    let written: Vec<String> = match images.is_empty() {
+        true => vec![],
+        false => (all.iter().enumerate().take(tokens.len()))
+            .map(|(i, c)| format!("{i:06}_class{c}.png"))
+            .chain(["grid.png".to_string()])
+            .collect(),
+    };
+    remove_stale_outputs(&a.out, &written)?;
     if let Some(p) = &a.tokens_out {
         tokens_io::write(p, &tokens)?;
     }
@@ -240,6 +259,31 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// A rerun into the same folder must not leave the earlier run's images beside the new ones:
+/// remove this command's own outputs (`NNNNNN_classC.png`, `grid.png`) that this run did not
+/// write. Other files are left alone.
+fn remove_stale_outputs(dir: &std::path::Path, written: &[String]) -> Result<()> {
+    let written: std::collections::HashSet<&String> = written.iter().collect();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let ours = match name
+            .strip_suffix(".png")
+            .and_then(|n| n.split_once("_class"))
+        {
+            Some((idx, class)) => idx.len() == 6 && digits(idx) && digits(class),
+            None => name == "grid.png",
+        };
+        if ours && !written.contains(&name) {
+            std::fs::remove_file(e.path()).with_context(|| {
+                format!("cannot remove the earlier run's {}", e.path().display())
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
     let (w, h) = s
         .split_once(['x', 'X'])
@@ -254,8 +298,7 @@ fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
 
 /// The order file's positions; the sampler checks that they are a permutation of the grid.
 fn read_order(path: &PathBuf) -> Result<Vec<usize>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --order {}", path.display()))?;
+    let text = arpg::util::read_small(path, 64 << 20, "--order")?;
     serde_json::from_str(&text).with_context(|| {
         format!(
             "--order {}: expected a JSON array of raster positions",

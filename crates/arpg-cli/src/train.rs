@@ -2,7 +2,7 @@
 
 use crate::args::DeviceArgs;
 use crate::launch;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use arpg::data::{self, layouts, PackWriter, Packed, Sample};
 use arpg::train::{scaled_lr, TrainConfig, Trainer};
 use arpg::ArpgConfig;
@@ -29,6 +29,10 @@ pub struct TrainArgs {
     /// Continue from this training checkpoint (same model config).
     #[arg(long, visible_alias = "gpt-ckpt")]
     pub resume: Option<PathBuf>,
+    /// Start over in an --out that already holds a run: its checkpoints are replaced and its
+    /// log emptied (without this, such an --out is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Total optimizer steps of the run (the schedule's length).
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
@@ -47,9 +51,10 @@ pub struct TrainArgs {
     /// Take --lr as the absolute peak learning rate (no batch scaling).
     #[arg(long)]
     pub lr_absolute: bool,
-    /// Final learning rate of the cosine decay.
-    #[arg(long, default_value_t = 1e-5)]
-    pub min_lr: f64,
+    /// Final learning rate of the cosine decay (default: a tenth of the peak, the paper's
+    /// 1e-5 at 1e-4).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
@@ -116,17 +121,39 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         None => a.device.resolve()?,
     };
     let main_rank = dist.as_ref().is_none_or(|d| d.rank == 0);
+    ensure!(a.log_every >= 1, "--log-every must be at least 1");
+    ensure!(a.ckpt_every >= 1, "--ckpt-every must be at least 1");
+    ensure!(
+        a.lr > 0.0 && a.lr.is_finite(),
+        "--lr {} must be a positive number",
+        a.lr
+    );
+    let lr = if a.lr_absolute {
+        a.lr
+    } else {
+        scaled_lr(a.lr, a.batch_size)
+    };
+    if let Some(m) = a.min_lr {
+        ensure!(
+            m.is_finite() && m >= 0.0 && m <= lr,
+            "--min-lr {m} must be in [0, the peak learning rate {lr:.3e}]{}",
+            if a.lr_absolute {
+                String::new()
+            } else {
+                format!(" (--lr {} scaled by batch {}/256)", a.lr, a.batch_size)
+            }
+        );
+    }
+    if main_rank {
+        check_out(&a)?;
+    }
     let data = Packed::open(&a.data)?;
     crate::reference::apply(&mut a, data.len())?;
     let tc = TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
-        lr: if a.lr_absolute {
-            a.lr
-        } else {
-            scaled_lr(a.lr, a.batch_size)
-        },
-        min_lr: a.min_lr,
+        lr,
+        min_lr: a.min_lr.unwrap_or(lr / 10.0),
         warmup_steps: a.warmup_steps,
         steps: a.steps,
         weight_decay: a.weight_decay,
@@ -204,20 +231,28 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         serde_json::to_string_pretty(&mc)?.as_bytes(),
     )?;
     let log_path = a.out.join("train.jsonl");
+    if a.overwrite {
+        arpg::util::write_atomic(&log_path, b"")?;
+    } else {
+        // After a crash the log runs past the checkpoint (and may end in a cut line): keep
+        // what the resumed run will not log again.
+        trim_log(&log_path, tr.step)?;
+    }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     eprintln!(
-        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {world} process(es), peak lr {:.3e}",
+        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {world} process(es), peak lr {:.3e}, final lr {:.3e}",
         tr.num_parameters(),
         data.len(),
         data.total_crops(),
         tr.step,
         a.steps,
         a.batch_size,
-        tc.lr
+        tr.cfg.lr,
+        tr.cfg.min_lr
     );
     let pb = ProgressBar::new(until as u64)
         .with_position(tr.step as u64)
@@ -260,17 +295,92 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    // A second Ctrl-C now waits for both files instead of leaving neither.
+    let busy = arpg::util::Critical::enter();
     tr.save(&ckpt)?;
     arpg::checkpoint::save_safetensors_atomic(
         &tr.export_weights(),
         &a.out.join("model.safetensors"),
     )?;
+    drop(busy);
     eprintln!(
         "step {}: checkpoint {}, inference weights {}",
         tr.step,
         ckpt.display(),
         a.out.join("model.safetensors").display()
     );
+    Ok(())
+}
+
+/// Files of a training run in --out.
+const RUN_FILES: &[&str] = &["checkpoint.safetensors", "model.safetensors", "train.jsonl"];
+
+/// Refuse an --out holding another run unless it is resumed from there or --overwrite is given.
+fn check_out(a: &TrainArgs) -> Result<()> {
+    let found: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| a.out.join(f).exists())
+        .collect();
+    if found.is_empty() || a.overwrite {
+        return Ok(());
+    }
+    let ckpt = a.out.join("checkpoint.safetensors");
+    match &a.resume {
+        None => bail!(
+            "--out {} already holds a training run ({}): continue it with --resume {}, or pass \
+             --overwrite to start over (its checkpoints are replaced, its log emptied)",
+            a.out.display(),
+            found.join(", "),
+            ckpt.display()
+        ),
+        Some(r) => {
+            let same = match (std::fs::canonicalize(r), std::fs::canonicalize(&ckpt)) {
+                (Ok(x), Ok(y)) => x == y,
+                _ => false,
+            };
+            if !same {
+                bail!(
+                    "--out {} holds another training run ({}) than --resume {}: resuming would \
+                     replace it; give another --out, or --resume {}",
+                    a.out.display(),
+                    found.join(", "),
+                    r.display(),
+                    ckpt.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Keep the log lines of steps up to `step` (those the resumed run does not log again),
+/// dropping a last line cut by a crash; rewritten atomically, untouched when nothing goes.
+fn trim_log(path: &std::path::Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0usize;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Option<serde_json::Value> = serde_json::from_str(line).ok();
+        match v.as_ref().and_then(|v| v["step"].as_u64()) {
+            Some(s) if s as usize <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        eprintln!(
+            "{}: dropping {dropped} line(s) past the checkpoint's step {step} (they are trained again)",
+            path.display()
+        );
+        arpg::util::write_atomic(path, kept.as_bytes())?;
+    }
     Ok(())
 }
 
@@ -376,8 +486,9 @@ pub struct TokenizeArgs {
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     use arpg::data::tokenize::{augmentations, load, plan, write_codes};
     let (device, dtype) = a.device.resolve()?;
-    let vq = a.vq.spec(false, 0).load(dtype, &device)?;
-    let p = vq.config().patch_size();
+    crate::tokens::check_image_size(a.image_size)?;
+    let tk = crate::tokens::standalone_tokenizer(&a.vq, dtype, &device)?;
+    let p = tk.patch_size();
     if !a.image_size.is_multiple_of(p) {
         bail!(
             "--image-size {} is not a multiple of the {p}-pixel patch",
@@ -398,7 +509,6 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         )
         .unwrap(),
     );
-    let tk = arpg::tokenizer::ImageTokenizer::Vq(Box::new(vq));
     for (_, src, dst) in todo {
         if arpg::util::interrupted() {
             break;

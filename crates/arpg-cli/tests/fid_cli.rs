@@ -159,9 +159,10 @@ fn eval_rejects_bad_inputs() {
     let path = |n: &str| dir.path().join(n);
     let imgs = vec![7u8; 3 * 4 * 4 * 3];
     let floats = vec![0.5f32; 3 * 4 * 4 * 3];
+    let four = vec![7u8; 4 * 4 * 4 * 3];
     npz::write(
         &path("ok.npz"),
-        vec![npz::Entry::u8s("arr_0", &[3, 4, 4, 3], &imgs)],
+        vec![npz::Entry::u8s("arr_0", &[4, 4, 4, 3], &four)],
     )
     .unwrap();
     npz::write(
@@ -215,7 +216,7 @@ fn eval_rejects_bad_inputs() {
             "expected uint8 images",
         ),
         (eval("chw.npz", "ok.npz", "random"), "N x H x W x 3"),
-        (eval("one.npz", "ok.npz", "random"), "FID needs at least 2"),
+        (eval("one.npz", "ok.npz", "random"), "needs at least 4"),
         (eval("ok.npz", "mu_only.npz", "random"), "not the other"),
         (
             eval("ok.npz", "bad_sigma.npz", "random"),

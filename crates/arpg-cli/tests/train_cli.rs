@@ -168,6 +168,7 @@ fn ctrl_c_stops_training_with_a_usable_checkpoint_and_resume_continues() {
             &cfg,
             "--out",
             out.to_str().unwrap(),
+            "--overwrite",
         ])
         .output()
         .unwrap();

@@ -49,6 +49,9 @@ fn default_cls_token_num() -> usize {
     1
 }
 
+/// Largest config file read (they are a few hundred bytes).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The official presets: name, (dim, n_layer, n_head), Hugging Face file.
 pub const PRESETS: &[(&str, usize, usize, usize, &str)] = &[
     ("ARPG-L", 1024, 24, 16, "arpg_300m.pt"),
@@ -90,8 +93,7 @@ impl ArpgConfig {
     }
 
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text = crate::util::read_small(path, MAX_CONFIG_BYTES, "model config")?;
         let cfg: Self = serde_json::from_str(&text)
             .with_context(|| format!("invalid model config {}", path.display()))?;
         cfg.validate()
@@ -119,8 +121,15 @@ impl ArpgConfig {
                 self.n_layer
             );
         }
+        // Positions are u32 (RoPE rows, token positions).
+        if self.block_size >= u32::MAX as usize {
+            bail!(
+                "block_size ({}) is larger than 32-bit positions allow",
+                self.block_size
+            );
+        }
         let g = self.grid_size();
-        if self.block_size == 0 || g * g != self.block_size {
+        if self.block_size == 0 || g.checked_mul(g) != Some(self.block_size) {
             bail!(
                 "block_size ({}) must be a square number of tokens",
                 self.block_size
@@ -138,7 +147,83 @@ impl ArpgConfig {
         if self.multiple_of == 0 {
             bail!("multiple_of must be positive");
         }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            bail!("norm_eps ({}) must be a positive number", self.norm_eps);
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
+            bail!("rope_base ({}) must be a positive number", self.rope_base);
+        }
+        if let Some(m) = self.ffn_dim_multiplier {
+            if !(m.is_finite() && m > 0.0) {
+                bail!("ffn_dim_multiplier ({m}) must be a positive number");
+            }
+        }
+        let hidden = self.checked_ffn_hidden().context(
+            "the SwiGLU hidden width (from dim, ffn_dim_multiplier, multiple_of) overflows",
+        )?;
+        if hidden == 0 {
+            bail!("the SwiGLU hidden width is 0 (ffn_dim_multiplier too small for dim)");
+        }
+        // Token ids are u32: image tokens, mask, classes, null class and the unused row.
+        let rows = self
+            .vocab_size
+            .checked_add(self.num_classes)
+            .and_then(|r| r.checked_add(3))
+            .filter(|&r| r <= u32::MAX as usize);
+        if rows.is_none() {
+            bail!(
+                "vocab_size ({}) + num_classes ({}) do not fit 32-bit token ids",
+                self.vocab_size,
+                self.num_classes
+            );
+        }
+        if self.checked_num_parameters().is_none() {
+            bail!(
+                "the parameter count overflows (dim {}, n_layer {})",
+                self.dim,
+                self.n_layer
+            );
+        }
         Ok(())
+    }
+
+    fn checked_ffn_hidden(&self) -> Option<usize> {
+        let mut h = self.dim.checked_mul(8)? / 3;
+        if let Some(m) = self.ffn_dim_multiplier {
+            let x = m * h as f64;
+            if !(x.is_finite() && x < (1u64 << 53) as f64) {
+                return None;
+            }
+            h = x as usize;
+        }
+        h.div_ceil(self.multiple_of).checked_mul(self.multiple_of)
+    }
+
+    /// The parameter count, None on overflow.
+    pub fn checked_num_parameters(&self) -> Option<usize> {
+        let h = self.checked_ffn_hidden()?;
+        let d = self.dim;
+        let dd = d.checked_mul(d)?;
+        let hd = h.checked_mul(d)?;
+        let ffn = hd.checked_mul(3)?.checked_add(d.checked_mul(2)?)?;
+        let layers = self.self_layers();
+        let selfl = dd.checked_mul(4)?.checked_add(ffn)?;
+        let cross = dd.checked_mul(2)?.checked_add(ffn)?;
+        let rows = self
+            .vocab_size
+            .checked_add(self.num_classes)?
+            .checked_add(3)?;
+        let mut n = rows.checked_mul(d)?;
+        n = n.checked_add(layers.checked_mul(selfl.checked_add(cross)?)?)?;
+        n = n
+            .checked_add(dd.checked_mul(2)?)?
+            .checked_add(d.checked_mul(2)?)?;
+        n = n.checked_add(self.vocab_size.checked_mul(d)?)?;
+        if self.abs_pos_embed {
+            n = n.checked_add((self.cls_token_num + self.block_size).checked_mul(d)?)?;
+        }
+        n.checked_mul(4)?; // bytes in f32
+        Some(n)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -149,11 +234,8 @@ impl ArpgConfig {
     }
     /// SwiGLU hidden width, as the reference computes it.
     pub fn ffn_hidden(&self) -> usize {
-        let mut h = 2 * (4 * self.dim) / 3;
-        if let Some(m) = self.ffn_dim_multiplier {
-            h = (m * h as f64) as usize;
-        }
-        h.div_ceil(self.multiple_of) * self.multiple_of
+        // Overflow is refused by `validate`; this only keeps unvalidated configs from panicking.
+        self.checked_ffn_hidden().unwrap_or(usize::MAX)
     }
     /// Rows of the shared embedding table: image tokens, mask, classes, null class, unused.
     pub fn embedding_rows(&self) -> usize {
@@ -239,8 +321,7 @@ impl Default for VqConfig {
 
 impl VqConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read VQ config {}", path.display()))?;
+        let text = crate::util::read_small(path, MAX_CONFIG_BYTES, "VQ config")?;
         let cfg: Self = serde_json::from_str(&text)
             .with_context(|| format!("invalid VQ config {}", path.display()))?;
         cfg.validate()
@@ -260,7 +341,26 @@ impl VqConfig {
         if self.codebook_size == 0 || self.embed_dim == 0 || self.num_res_blocks == 0 {
             bail!("codebook_size, embed_dim and num_res_blocks must be positive");
         }
+        if self.ch_mult.len() > 12 || self.approx_parameters().is_none() {
+            bail!(
+                "ch {}, ch_mult {:?}, z_channels {}, codebook_size {}, embed_dim {}, num_res_blocks {} are too large",
+                self.ch, self.ch_mult, self.z_channels, self.codebook_size, self.embed_dim, self.num_res_blocks
+            );
+        }
+        if self.z_channels == 0 {
+            bail!("z_channels must be positive");
+        }
         Ok(())
+    }
+
+    /// An upper estimate of the parameter count (3x3 convolutions at the widest level), None
+    /// on overflow: enough to refuse a configuration that cannot be allocated.
+    pub fn approx_parameters(&self) -> Option<u128> {
+        let c = self.ch as u128 * *self.ch_mult.iter().max()? as u128;
+        let c = c.max(self.z_channels as u128).max(512);
+        let convs = (self.ch_mult.len() as u128 + 2) * (self.num_res_blocks as u128 + 1) * 2 * 2;
+        let n = convs * 9 * c * c + self.codebook_size as u128 * self.embed_dim as u128;
+        (n < 1 << 50).then_some(n)
     }
 
     /// Pixels per token side: 2^(levels - 1).
@@ -288,6 +388,15 @@ mod tests {
             ArpgConfig::preset("ARPG-XXL").unwrap().num_parameters(),
             1_302_449_664
         );
+        for p in ["ARPG-L", "ARPG-XL", "ARPG-XXL"] {
+            let c = ArpgConfig::preset(p).unwrap();
+            let by_shapes: usize = c
+                .parameter_shapes()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(c.num_parameters(), by_shapes);
+        }
         assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().ffn_hidden(), 2816);
         assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().ffn_hidden(), 3584);
         assert_eq!(ArpgConfig::preset("ARPG-XXL").unwrap().ffn_hidden(), 4096);
@@ -303,6 +412,41 @@ mod tests {
         c.block_size = 64;
         c.n_layer = 3;
         assert!(c.validate().unwrap_err().to_string().contains("even"));
+    }
+
+    #[test]
+    fn zero_negative_non_finite_and_overflowing_values_are_rejected() {
+        let ok = ArpgConfig::imagenet(64, 4, 4);
+        ok.validate().unwrap();
+        type Edit = Box<dyn Fn(&mut ArpgConfig)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|c| c.rope_base = 0.0), "rope_base"),
+            (Box::new(|c| c.rope_base = f64::NAN), "rope_base"),
+            (Box::new(|c| c.norm_eps = -1e-5), "norm_eps"),
+            (Box::new(|c| c.norm_eps = f64::INFINITY), "norm_eps"),
+            (
+                Box::new(|c| c.ffn_dim_multiplier = Some(0.0)),
+                "ffn_dim_multiplier",
+            ),
+            (Box::new(|c| c.ffn_dim_multiplier = Some(1e300)), "hidden"),
+            (Box::new(|c| c.multiple_of = 1 << 62), "overflow"),
+            (Box::new(|c| c.multiple_of = 0), "multiple_of"),
+            (Box::new(|c| c.vocab_size = usize::MAX - 1), "32-bit"),
+            (Box::new(|c| c.block_size = usize::MAX), "32-bit"),
+            (
+                Box::new(|c| {
+                    c.dim = 1 << 40;
+                    c.n_head = 1 << 36;
+                }),
+                "overflow",
+            ),
+        ];
+        for (f, needle) in cases {
+            let mut c = ok.clone();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
     }
 
     #[test]

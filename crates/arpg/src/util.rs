@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Standard normal by Box-Muller.
 pub fn normal<R: rand::Rng>(rng: &mut R) -> f32 {
@@ -25,6 +25,8 @@ pub fn write_atomic_with(
     what: &str,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
+    // A second Ctrl-C waits for the write to finish instead of orphaning the temporary file.
+    let _busy = Critical::enter();
     let mut tmp = temp_beside(path)?;
     {
         let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
@@ -54,6 +56,8 @@ pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
 
 /// Sync `tmp`, make it readable like any other output, and rename it over `path`.
 pub fn persist_atomic(tmp: tempfile::NamedTempFile, path: &Path, what: &str) -> Result<()> {
+    let _busy = Critical::enter();
+    test_hook_slow_persist();
     tmp.as_file().sync_all().ok();
     // Temporary files are created 0600; outputs should be readable like any other file.
     #[cfg(unix)]
@@ -70,6 +74,141 @@ pub fn persist_atomic(tmp: tempfile::NamedTempFile, path: &Path, what: &str) -> 
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static CRITICAL: AtomicUsize = AtomicUsize::new(0);
+static EXIT_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Exit code of a run stopped by Ctrl-C.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// While one is alive, [`interrupt_again`] defers the exit until the last one is dropped, so
+/// that an output being written (a checkpoint, an archive) is completed, never orphaned.
+pub struct Critical(());
+
+impl Critical {
+    pub fn enter() -> Self {
+        CRITICAL.fetch_add(1, Ordering::SeqCst);
+        Critical(())
+    }
+}
+
+impl Drop for Critical {
+    fn drop(&mut self) {
+        if CRITICAL.fetch_sub(1, Ordering::SeqCst) == 1 && EXIT_PENDING.load(Ordering::SeqCst) {
+            eprintln!("output complete; exiting");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+    }
+}
+
+/// The CLI's second Ctrl-C: exit now, or once the outputs being written are complete.
+pub fn interrupt_again() {
+    EXIT_PENDING.store(true, Ordering::SeqCst);
+    if CRITICAL.load(Ordering::SeqCst) == 0 {
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+    eprintln!("\ninterrupted again: exiting as soon as the file being written is complete");
+}
+
+/// Tests only: `ARPG_TEST_SLOW_PERSIST_MS` stretches every atomic write, so that a test can
+/// interrupt one deterministically.
+fn test_hook_slow_persist() {
+    if let Some(ms) = std::env::var("ARPG_TEST_SLOW_PERSIST_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// Check, before the expensive work, that an output can be written at `path` (its folder
+/// exists or can be made, a temporary file can be created there, the path is not a folder).
+pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
+    anyhow::ensure!(
+        !path.is_dir(),
+        "{flag} {} is a folder, not a file",
+        path.display()
+    );
+    temp_beside(path).with_context(|| format!("{flag} {} cannot be written", path.display()))?;
+    Ok(())
+}
+
+/// Open `path` for reading if it is a regular file (not a folder, a device such as /dev/zero
+/// or a pipe, which would be read forever). `what` names the file in errors.
+pub fn open_regular(path: &Path, what: &str) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    anyhow::ensure!(
+        md.is_file(),
+        "{what} {} is not a regular file",
+        path.display()
+    );
+    Ok(f)
+}
+
+/// Read a small file whole (a config, a token list, an order): refuses what is not a regular
+/// file or is larger than `limit` bytes, instead of reading until memory runs out.
+pub fn read_small(path: &Path, limit: u64, what: &str) -> Result<String> {
+    use std::io::Read;
+    let f = open_regular(path, what)?;
+    let len = f.metadata()?.len();
+    anyhow::ensure!(
+        len <= limit,
+        "{what} {} is {len} bytes, more than the {limit} accepted",
+        path.display()
+    );
+    let mut s = String::new();
+    f.take(limit + 1)
+        .read_to_string(&mut s)
+        .with_context(|| format!("cannot read {what} {} (is it UTF-8 text?)", path.display()))?;
+    anyhow::ensure!(
+        s.len() as u64 <= limit,
+        "{what} {} is more than the {limit} bytes accepted",
+        path.display()
+    );
+    Ok(s)
+}
+
+/// Memory of this machine (RAM and swap), in bytes; None where it cannot be read.
+pub fn memory_bytes() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u128> {
+        text.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
+}
+
+/// Refuse a request that would need more memory than the machine has, before allocating:
+/// `what` says what would be allocated (shown with the amount).
+pub fn check_memory(bytes: u128, what: &str) -> Result<()> {
+    let have = memory_bytes().unwrap_or(1 << 50);
+    if bytes > have {
+        anyhow::bail!(
+            "{what} would need {}, more than this machine's {} of memory",
+            human_bytes(bytes),
+            human_bytes(have)
+        );
+    }
+    Ok(())
+}
+
+pub fn human_bytes(b: u128) -> String {
+    let gib = b as f64 / (1u64 << 30) as f64;
+    if gib >= 1024.0 * 1024.0 {
+        format!("{:.3e} GiB", gib)
+    } else if gib >= 0.1 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
 
 /// Set by the CLI's Ctrl-C handler; long loops check it between units of work.
 pub fn interrupt() {

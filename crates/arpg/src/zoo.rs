@@ -89,7 +89,17 @@ impl ModelSpec {
 
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Arpg> {
         let cfg = self.config()?;
+        // Weights, plus the RoPE tables (cos and sin, f32, one row per position).
+        let bytes = cfg.num_parameters() as u128 * dtype.size_in_bytes() as u128
+            + (cfg.block_size as u128 + 1) * cfg.head_dim() as u128 * 8;
+        let check_memory = || {
+            crate::util::check_memory(
+                bytes,
+                &format!("a model of {} parameters", cfg.num_parameters()),
+            )
+        };
         if self.random {
+            check_memory()?;
             if self.weights.is_some() {
                 bail!("--init random and --weights are exclusive");
             }
@@ -125,6 +135,9 @@ impl ModelSpec {
             }
         };
         let sd = StateDict::load(&path, which)?;
+        // Mismatches first: a wrong config must not be allocated (nor blamed on memory).
+        crate::checkpoint::check_shapes(&sd, &cfg.parameter_shapes()?)?;
+        check_memory()?;
         build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb))
     }
 }
@@ -148,6 +161,10 @@ impl VqSpec {
 
     pub fn load(&self, dtype: DType, device: &Device) -> Result<VqModel> {
         let cfg = self.config()?;
+        crate::util::check_memory(
+            cfg.approx_parameters().unwrap_or(u128::MAX) * dtype.size_in_bytes() as u128,
+            "the VQ tokenizer's weights",
+        )?;
         let path = match &self.weights {
             Some(p) => p.clone(),
             None if self.random => {

@@ -4,7 +4,7 @@
 pub mod hub;
 mod strict;
 
-pub use strict::{build_strict, random_var_builder, random_var_builder_dense};
+pub use strict::{build_strict, check_shapes, random_var_builder, random_var_builder_dense};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -38,8 +38,7 @@ impl StateDict {
         let mut magic = [0u8; 4];
         {
             use std::io::Read;
-            let mut f = std::fs::File::open(path)
-                .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+            let mut f = crate::util::open_regular(path, "checkpoint")?;
             f.read_exact(&mut magic)
                 .with_context(|| format!("checkpoint {} is empty or truncated", path.display()))?;
         }
@@ -117,6 +116,7 @@ fn load_pt(path: &Path, which: Weights) -> Result<HashMap<String, Tensor>> {
             .copied()
             .find(|k| keys.iter().any(|x| x == k)),
     };
+    verify_zip_crcs(path)?;
     let pth = candle_core::pickle::PthTensors::new(path, key)
         .context("cannot read the PyTorch pickle")?;
     let mut out = HashMap::new();
@@ -169,6 +169,20 @@ fn pt_top_level_keys(path: &Path) -> Result<Vec<String>> {
     })
 }
 
+/// Read every entry of a zip archive through its CRC-32: the tensor reader reads only the
+/// bytes it needs and never reaches the end of an entry, where the zip reader checks it.
+pub fn verify_zip_crcs(path: &Path) -> Result<()> {
+    let mut zip = zip_archive(crate::util::open_regular(path, "checkpoint")?)?;
+    for i in 0..zip.len() {
+        let mut e = zip.by_index(i).context("corrupt zip archive")?;
+        let name = e.name().map(|n| n.to_string()).unwrap_or_default();
+        std::io::copy(&mut e, &mut std::io::sink()).with_context(|| {
+            format!("zip entry {name} is corrupt (its data does not match its CRC-32)")
+        })?;
+    }
+    Ok(())
+}
+
 fn zip_archive(file: std::fs::File) -> Result<zip::ZipArchive<std::io::BufReader<std::fs::File>>> {
     zip::ZipArchive::new(std::io::BufReader::new(file)).context("corrupt zip archive")
 }
@@ -205,7 +219,13 @@ pub fn save_safetensors_with_metadata(
 pub fn load_safetensors_with_metadata(
     path: &Path,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes = Vec::new();
+    {
+        use std::io::Read;
+        crate::util::open_regular(path, "checkpoint")?
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)

@@ -99,8 +99,73 @@ pub fn build_strict<T>(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    if r.missing.is_empty() && r.mismatched.is_empty() && unexpected.is_empty() {
-        return Ok(model);
+    report_mismatch(
+        sd,
+        r.missing.clone(),
+        r.mismatched.clone(),
+        unexpected.into_iter().cloned().collect(),
+    )?;
+    // NaN or Inf weights would decode every token as 0, silently.
+    for name in &r.used {
+        let t = &sd.tensors[name];
+        if t.dtype().is_float() {
+            let finite = t
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .is_finite();
+            if !finite {
+                bail!(
+                    "checkpoint {}: tensor {name} holds NaN or Inf",
+                    sd.source.display()
+                );
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// Compare a state dict with the names and shapes a model will ask for, before anything of the
+/// model is allocated: every missing key, shape mismatch and unexpected key in one message.
+pub fn check_shapes(sd: &StateDict, expected: &[(String, Vec<usize>)]) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    for (name, shape) in expected {
+        match sd.tensors.get(name) {
+            None => missing.push(format!("{name} {shape:?}")),
+            Some(t) if t.dims() != shape.as_slice() => mismatched.push(format!(
+                "{name}: checkpoint {:?}, model {shape:?}",
+                t.dims()
+            )),
+            Some(_) => {}
+        }
+    }
+    let names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let unexpected: Vec<String> = sd
+        .tensors
+        .keys()
+        .filter(|k| {
+            !names.contains(k.as_str())
+                && !IGNORED
+                    .iter()
+                    .any(|i| k.as_str() == *i || k.ends_with(&format!(".{i}")))
+        })
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    report_mismatch(sd, missing, mismatched, unexpected)
+}
+
+fn report_mismatch(
+    sd: &StateDict,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+    unexpected: Vec<String>,
+) -> Result<()> {
+    if missing.is_empty() && mismatched.is_empty() && unexpected.is_empty() {
+        return Ok(());
     }
     let mut msg = format!(
         "checkpoint {} does not match the model:",
@@ -116,13 +181,9 @@ pub fn build_strict<T>(
             }
         }
     };
-    list(&mut msg, "missing keys", r.missing.clone());
-    list(&mut msg, "shape mismatches", r.mismatched.clone());
-    list(
-        &mut msg,
-        "unexpected keys",
-        unexpected.into_iter().cloned().collect(),
-    );
+    list(&mut msg, "missing keys", missing);
+    list(&mut msg, "shape mismatches", mismatched);
+    list(&mut msg, "unexpected keys", unexpected);
     msg.push_str("\n  (is --model / --config / --vq-config the configuration these weights were trained with?)");
     bail!(msg)
 }

@@ -13,9 +13,11 @@ pub struct Digit {
 }
 
 pub fn load_csv_gz(path: &Path) -> Result<Vec<Digit>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = crate::util::open_regular(path, "digits CSV")?;
     let mut text = String::new();
+    // Bounded: the real file inflates to about 0.5 MB; a gzip bomb must not fill memory.
     flate2::read::GzDecoder::new(f)
+        .take(1 << 28)
         .read_to_string(&mut text)
         .with_context(|| format!("{}: not a gzip-compressed CSV", path.display()))?;
     let mut out = Vec::new();
@@ -44,6 +46,9 @@ pub fn load_csv_gz(path: &Path) -> Result<Vec<Digit>> {
             label: vals[64],
             pixels,
         });
+    }
+    if out.is_empty() {
+        bail!("{}: no digits (the CSV is empty)", path.display());
     }
     Ok(out)
 }

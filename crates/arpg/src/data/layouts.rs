@@ -20,10 +20,20 @@ pub fn crops_from_npy(path: &Path, vocab_limit: usize) -> Result<Vec<Vec<u16>>> 
     if n == 0 || l == 0 {
         bail!("{}: empty array", path.display());
     }
-    if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= vocab_limit) {
+    if let Some(bad) = v.iter().find(|&&x| x < 0 || x as u64 >= vocab_limit as u64) {
         bail!(
             "{}: token {bad} is out of range (0..{vocab_limit})",
             path.display()
+        );
+    }
+    // Packed tokens are u16: a larger id would be stored as another token.
+    if let Some(bad) = v.iter().find(|&&x| x > u16::MAX as i64) {
+        bail!(
+            "{}: token {bad} does not fit the packed format's 16 bits (ids up to {}); \
+             a --vocab-size above {} cannot be packed",
+            path.display(),
+            u16::MAX,
+            u16::MAX as usize + 1
         );
     }
     Ok(v.chunks_exact(l)
@@ -85,8 +95,15 @@ pub fn read_llamagen_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sampl
         if lv.len() != 1 || lv[0] < 0 {
             bail!("{}: expected one non-negative label", lp.display());
         }
+        let label = u32::try_from(lv[0]).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: label {} does not fit the packed format's 32 bits",
+                lp.display(),
+                lv[0]
+            )
+        })?;
         out.push(Sample {
-            label: lv[0] as u32,
+            label,
             crops: crops_from_npy(&f, vocab_limit)?,
         });
     }

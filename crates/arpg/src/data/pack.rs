@@ -96,8 +96,7 @@ pub struct Packed {
 
 impl Packed {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open packed data {}", path.display()))?;
+        let file = crate::util::open_regular(path, "packed data")?;
         // Safety: the file is opened read-only; a concurrent writer would only replace it by rename.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
@@ -131,6 +130,9 @@ impl Packed {
                 "{} bytes, the header promises {want}",
                 map.len()
             )));
+        }
+        if samples == 0 || seq_len == 0 {
+            return Err(err(format!("{samples} samples of {seq_len} tokens")));
         }
         if fnv1a(&map[HEADER..]) != u64_at(32) {
             return Err(err("checksum mismatch".into()));

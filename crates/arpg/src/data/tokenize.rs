@@ -34,8 +34,29 @@ pub fn augmentations(img: &RgbImage, size: usize, ten_crop: bool) -> Vec<RgbImag
     crops.into_iter().chain(flips).collect()
 }
 
-/// Images to encode: (class id, image path, output path), in a stable order.
+/// Image files this reads, by extension, in any letter case.
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Images to encode: (class id, image path, output path), in a stable order. Refuses an
+/// output folder inside the image root (the next run would read it as a class) and two images
+/// of one class with the same stem (`a.png`, `a.jpg`: both would be written to `a.npy`).
 pub fn plan(root: &Path, out: &Path) -> Result<Vec<(usize, PathBuf, PathBuf)>> {
+    if let (Ok(r), Ok(o)) = (std::fs::canonicalize(root), canonical_target(out)) {
+        if o.starts_with(&r) {
+            bail!(
+                "the output folder {} is inside the image root {}: a later run would read it \
+                 as a class (and shift every label); put it elsewhere",
+                out.display(),
+                root.display()
+            );
+        }
+    }
     let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("cannot list {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -49,28 +70,85 @@ pub fn plan(root: &Path, out: &Path) -> Result<Vec<(usize, PathBuf, PathBuf)>> {
         );
     }
     let mut jobs = Vec::new();
+    let mut skipped = 0usize;
     for (id, dir) in classes.iter().enumerate() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| ["png", "jpg", "jpeg", "JPEG", "JPG", "PNG"].contains(&e))
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            let stem = f.file_stem().unwrap().to_string_lossy().to_string();
-            jobs.push((id, f, out.join(id.to_string()).join(format!("{stem}.npy"))));
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let p = e
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            if is_image(&p) && p.is_file() {
+                files.push(p);
+            } else {
+                skipped += 1;
+            }
         }
+        files.sort();
+        let mut by_stem: std::collections::BTreeMap<String, &PathBuf> = Default::default();
+        for f in &files {
+            let stem = f
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if let Some(other) = by_stem.insert(stem.clone(), f) {
+                bail!(
+                    "{} and {} would both be encoded to {}: rename one",
+                    other.display(),
+                    f.display(),
+                    out.join(id.to_string())
+                        .join(format!("{stem}.npy"))
+                        .display()
+                );
+            }
+            jobs.push((
+                id,
+                f.clone(),
+                out.join(id.to_string()).join(format!("{stem}.npy")),
+            ));
+        }
+    }
+    if skipped > 0 {
+        eprintln!(
+            "note: {skipped} entries in the class folders are not .png/.jpg/.jpeg images and are skipped"
+        );
     }
     Ok(jobs)
 }
 
+/// `path` made absolute through its nearest existing ancestor (it may not exist yet).
+fn canonical_target(path: &Path) -> std::io::Result<PathBuf> {
+    let mut tail = Vec::new();
+    let mut p = path.to_path_buf();
+    loop {
+        match std::fs::canonicalize(&p) {
+            Ok(c) => {
+                return Ok(tail
+                    .iter()
+                    .rev()
+                    .fold(c, |acc, t: &std::ffi::OsString| acc.join(t)))
+            }
+            Err(e) => {
+                let name = p.file_name().map(|n| n.to_os_string());
+                match (name, p.parent()) {
+                    (Some(n), Some(parent)) => {
+                        tail.push(n);
+                        p = if parent.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            parent.to_path_buf()
+                        };
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}
+
 /// Write one image's codes, `(1, n_aug, L)` u16, atomically.
 pub fn write_codes(path: &Path, codes: &[Vec<u32>]) -> Result<()> {
-    let l = codes[0].len();
+    let l = codes.first().context("no crops to write")?.len();
     let mut body = Vec::with_capacity(codes.len() * l * 2);
     for c in codes {
         for &t in c {

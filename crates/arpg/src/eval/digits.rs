@@ -34,13 +34,12 @@ impl KnnClassifier {
         for &(_, l) in d.iter().take(self.k) {
             votes[l as usize] += 1;
         }
-        let best = *votes.iter().max().unwrap();
-        // Among tied labels, the one of the nearest neighbour.
+        let best = *votes.iter().max().unwrap_or(&0);
+        // Among tied labels, the one of the nearest neighbour (none without training digits).
         d.iter()
             .take(self.k)
             .find(|(_, l)| votes[*l as usize] == best)
-            .unwrap()
-            .1
+            .map_or(0, |x| x.1)
     }
 
     pub fn accuracy(&self, digits: &[Digit]) -> f64 {

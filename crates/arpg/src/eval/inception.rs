@@ -12,7 +12,7 @@
 //! BatchNorm (eval mode, eps 0.001) is folded into each convolution when loading.
 
 use crate::checkpoint::{build_strict, StateDict};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Module, Shape, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -526,15 +526,19 @@ pub fn resize_matrix(inp: usize, out: usize, half_pixel: bool) -> Vec<f32> {
 /// Read pytorch-fid weights: legacy (pre-1.6, non-zip) PyTorch files, zip `.pth`, or
 /// `.safetensors`. BatchNorm's `num_batches_tracked` counters are dropped (unused in eval).
 pub fn load_state_dict(path: &Path) -> Result<StateDict> {
-    let mut magic = [0u8; 2];
+    let mut head = [0u8; 9];
     {
         use std::io::Read;
-        std::fs::File::open(path)
-            .with_context(|| format!("cannot open Inception weights {}", path.display()))?
-            .read_exact(&mut magic)
-            .with_context(|| format!("Inception weights {} are empty", path.display()))?;
+        let mut f = crate::util::open_regular(path, "Inception weights")?;
+        let n = f
+            .read(&mut head)
+            .with_context(|| format!("cannot read Inception weights {}", path.display()))?;
+        ensure!(n >= 2, "Inception weights {} are empty", path.display());
     }
-    let mut sd = if magic[0] == 0x80 {
+    // A legacy pickle starts with PROTO 2 (0x80 0x02); a .safetensors file starts with its
+    // header length (whose first byte may well be 0x80), then the JSON header's `{`.
+    let legacy = head[0] == 0x80 && head[1] == 0x02 && head[8] != b'{';
+    let mut sd = if legacy {
         StateDict {
             tensors: load_legacy_pth(path)
                 .with_context(|| format!("cannot read legacy PyTorch file {}", path.display()))?,

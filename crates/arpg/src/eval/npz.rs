@@ -22,20 +22,24 @@ pub fn names(path: &Path) -> Result<Vec<String>> {
 }
 
 fn open_zip(path: &Path) -> Result<zip::ZipArchive<BufReader<File>>> {
-    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = crate::util::open_regular(path, ".npz")?;
     zip::ZipArchive::new(BufReader::new(f))
         .with_context(|| format!("{} is not an .npz (zip) archive", path.display()))
 }
 
-/// A reader over the raw bytes of one stored or deflated entry, independent of the archive.
-fn entry_reader(path: &Path, name: &str) -> Result<Box<dyn Read + Send>> {
+/// Largest array read whole (`mu`, `sigma`: 32 MB at 2048 x 2048 f64).
+const MAX_WHOLE_ARRAY: u64 = 1 << 30;
+
+/// A reader over the raw bytes of one stored or deflated entry, independent of the archive,
+/// with the entry's uncompressed size as the archive records it.
+fn entry_reader(path: &Path, name: &str) -> Result<(Box<dyn Read + Send>, u64)> {
     let mut zip = open_zip(path)?;
     let entry = format!("{name}.npy");
     let have: Vec<String> = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.trim_end_matches(".npy").to_string()))
         .collect();
-    let (start, size, method) = {
+    let (start, size, method, full) = {
         let f = zip.by_name(&entry).map_err(|_| {
             anyhow::anyhow!(
                 "{}: no array `{name}` (it has: {})",
@@ -48,18 +52,20 @@ fn entry_reader(path: &Path, name: &str) -> Result<Box<dyn Read + Send>> {
                 .with_context(|| format!("{}: cannot locate {entry}", path.display()))?,
             f.compressed_size(),
             f.compression(),
+            f.size(),
         )
     };
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     file.seek(SeekFrom::Start(start))?;
     let raw = BufReader::with_capacity(1 << 20, file).take(size);
     if method == CompressionMethod::Stored {
-        Ok(Box::new(raw))
+        let r: Box<dyn Read + Send> = Box::new(raw);
+        Ok((r, full))
     } else if method == CompressionMethod::DEFLATE {
         // np.savez_compressed: deflate through flate2 (the zip crate is built without it).
-        Ok(Box::new(BufReader::new(flate2::read::DeflateDecoder::new(
-            raw,
-        ))))
+        let inflated = flate2::read::DeflateDecoder::new(raw).take(full);
+        let r: Box<dyn Read + Send> = Box::new(BufReader::new(inflated));
+        Ok((r, full))
     } else {
         bail!(
             "{}: {entry} uses unsupported compression {method:?} (save with np.savez or np.savez_compressed)",
@@ -68,56 +74,17 @@ fn entry_reader(path: &Path, name: &str) -> Result<Box<dyn Read + Send>> {
     }
 }
 
-/// Parse an `.npy` header from a stream: (descr, shape), leaving the reader at the data.
-fn read_header(r: &mut dyn Read) -> Result<(String, Vec<usize>)> {
-    let mut pre = [0u8; 10];
-    r.read_exact(&mut pre).context("truncated .npy header")?;
-    if &pre[..6] != b"\x93NUMPY" {
-        bail!("bad magic (not a .npy file)");
-    }
-    let hlen = match pre[6] {
-        1 => u16::from_le_bytes([pre[8], pre[9]]) as usize,
-        2 | 3 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b).context("truncated .npy header")?;
-            u32::from_le_bytes([pre[8], pre[9], b[0], b[1]]) as usize
-        }
-        v => bail!("unsupported .npy version {v}"),
-    };
-    let mut h = vec![0u8; hlen];
-    r.read_exact(&mut h).context("truncated .npy header")?;
-    let text = std::str::from_utf8(&h).context("non-UTF-8 .npy header")?;
-    let after = |key: &str| -> Result<&str> {
-        let i = text
-            .find(&format!("'{key}'"))
-            .with_context(|| format!("header lacks {key}"))?;
-        Ok(text[i + key.len() + 2..].trim_start_matches([' ', ':']))
-    };
-    let descr = after("descr")?
-        .trim_start_matches('\'')
-        .split('\'')
-        .next()
-        .context("bad descr")?
-        .to_string();
-    if after("fortran_order")?.starts_with("True") {
-        bail!("Fortran-ordered arrays are not supported");
-    }
-    let s = after("shape")?;
-    let s = &s[1..s.find(')').context("bad shape")?];
-    let shape = s
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<usize>().context("bad shape"))
-        .collect::<Result<_>>()?;
-    Ok((descr, shape))
-}
-
 /// Read a whole (small) array, e.g. `mu` or `sigma`.
 pub fn read_array(path: &Path, name: &str) -> Result<Npy> {
-    let mut r = entry_reader(path, name)?;
-    let mut bytes = Vec::new();
-    r.read_to_end(&mut bytes)
+    let (r, size) = entry_reader(path, name)?;
+    ensure!(
+        size <= MAX_WHOLE_ARRAY,
+        "{}: array `{name}` is {size} bytes, more than the {MAX_WHOLE_ARRAY} read whole",
+        path.display()
+    );
+    let mut bytes = Vec::with_capacity(size as usize);
+    r.take(size)
+        .read_to_end(&mut bytes)
         .with_context(|| format!("{}: cannot read array `{name}`", path.display()))?;
     npy::parse(&bytes).with_context(|| format!("{}: array `{name}` is invalid", path.display()))
 }
@@ -169,21 +136,30 @@ pub struct ImageReader {
 
 impl ImageReader {
     pub fn open(path: &Path, name: &str) -> Result<Self> {
-        let mut reader = entry_reader(path, name)?;
-        let (descr, shape) = read_header(&mut reader)
+        let (mut reader, size) = entry_reader(path, name)?;
+        let h = npy::read_header(&mut reader)
             .with_context(|| format!("{}: array `{name}` is not a valid .npy", path.display()))?;
-        if descr != "|u1" && descr != "<u1" {
+        let (descr, shape) = (&h.descr, &h.shape);
+        if !h.is_u8() {
             bail!(
                 "{}: `{name}` has dtype {descr}, expected uint8 images (N x H x W x 3, values 0..255)",
                 path.display()
             );
         }
-        if shape.len() != 4 || shape[3] != 3 {
+        if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
             bail!(
                 "{}: `{name}` has shape {shape:?}, expected N x H x W x 3 (uint8 RGB, channels last)",
                 path.display()
             );
         }
+        // The header's claim against the archive's record, before any batch is allocated.
+        let want = (h.offset + h.data_bytes()) as u64;
+        ensure!(
+            size == want,
+            "{}: `{name}` is {size} bytes in the archive, its header ({shape:?} uint8) needs {want}{}",
+            path.display(),
+            if size < want { " (truncated)" } else { "" }
+        );
         Ok(Self {
             reader,
             path: path.to_path_buf(),
@@ -204,7 +180,17 @@ impl ImageReader {
         if k == 0 {
             return Ok(None);
         }
-        let mut buf = vec![0u8; k * self.image_bytes()];
+        let bytes = k as u128 * self.image_bytes() as u128;
+        crate::util::check_memory(
+            bytes,
+            &format!(
+                "a batch of {k} images of {}x{} from {}",
+                self.height,
+                self.width,
+                self.path.display()
+            ),
+        )?;
+        let mut buf = vec![0u8; bytes as usize];
         self.reader.read_exact(&mut buf).with_context(|| {
             format!(
                 "{}: truncated image data (image {} of {})",
@@ -259,6 +245,8 @@ impl<'a> Entry<'a> {
 /// Write an uncompressed `.npz` (what `np.savez` writes) atomically: into a temporary file in
 /// the same folder, renamed into place when complete. Zip64, so arrays over 4 GB work.
 pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
+    // A second Ctrl-C waits for the archive instead of orphaning its temporary file.
+    let _busy = crate::util::Critical::enter();
     let tmp = crate::util::temp_beside(path)?;
     let mut z = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, tmp));
     let opts = zip::write::SimpleFileOptions::default()
@@ -295,11 +283,22 @@ pub fn write(path: &Path, entries: Vec<Entry>) -> Result<()> {
     crate::util::persist_atomic(tmp, path, ".npz")
 }
 
-/// The body of a C-order `.npy` file (after its header), with its dtype and shape.
-pub fn npy_body(path: &Path) -> Result<(String, Vec<usize>, BufReader<File>)> {
-    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+/// The body of a C-order `.npy` file (after its header), with its header, the file's size
+/// checked against it (a truncated file is an error that names it).
+pub fn npy_body(path: &Path) -> Result<(npy::Header, BufReader<File>)> {
+    let f = crate::util::open_regular(path, ".npy file")?;
+    let size = f.metadata()?.len();
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let (descr, shape) =
-        read_header(&mut r).with_context(|| format!("{} is not a valid .npy", path.display()))?;
-    Ok((descr, shape, r))
+    let h = npy::read_header(&mut r)
+        .with_context(|| format!("{} is not a valid .npy", path.display()))?;
+    let want = (h.offset + h.data_bytes()) as u64;
+    ensure!(
+        size == want,
+        "{}: {size} bytes, its header ({:?} of {}) needs {want}{}",
+        path.display(),
+        h.shape,
+        h.descr,
+        if size < want { " (truncated)" } else { "" }
+    );
+    Ok((h, r))
 }

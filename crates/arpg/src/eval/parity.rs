@@ -23,6 +23,35 @@ pub fn flat_u32(v: &Value) -> Vec<u32> {
     flat_f32(v).into_iter().map(|x| x as u32).collect()
 }
 
+/// `v[k]`, or an error naming the key (a fixtures file missing one must not run on defaults).
+fn key<'a>(v: &'a Value, k: &str) -> Result<&'a Value> {
+    match v.get(k) {
+        Some(x) if !x.is_null() => Ok(x),
+        _ => anyhow::bail!("the fixtures lack the key `{k}`"),
+    }
+}
+
+/// Non-negative integers of a nested array, or an error naming the key.
+fn ints(v: &Value, k: &str) -> Result<Vec<u32>> {
+    let f = flat_f32(key(v, k)?);
+    if let Some(x) = f
+        .iter()
+        .find(|x| !(x.is_finite() && **x >= 0.0 && x.fract() == 0.0))
+    {
+        anyhow::bail!("`{k}` holds {x}, not a non-negative integer");
+    }
+    Ok(f.into_iter().map(|x| x as u32).collect())
+}
+
+/// Numbers of a nested array, or an error naming the key.
+fn floats(v: &Value, k: &str) -> Result<Vec<f32>> {
+    let f = flat_f32(key(v, k)?);
+    if f.iter().any(|x| x.is_nan()) {
+        anyhow::bail!("`{k}` holds something other than numbers");
+    }
+    Ok(f)
+}
+
 /// Inputs of a teacher-forced pass in the samples' orders: tokens `[class, t_o0 ..]`, key
 /// rows, query rows, and the targets `[t_o0 .. t_o(L-1)]`.
 pub fn teacher_inputs(
@@ -33,6 +62,22 @@ pub fn teacher_inputs(
     dev: &Device,
 ) -> Result<(Tensor, Tensor, Tensor, Vec<u32>)> {
     let (b, l) = (classes.len(), cfg.block_size);
+    anyhow::ensure!(b > 0, "no classes");
+    anyhow::ensure!(
+        ids.len() == b * l && orders.len() == b * l,
+        "{} token ids and {} order entries for {b} samples of {l} tokens",
+        ids.len(),
+        orders.len()
+    );
+    if let Some(&p) = orders.iter().find(|&&p| p as usize >= l) {
+        anyhow::bail!("order position {p} is out of range (0..{l})");
+    }
+    if let Some(&c) = classes.iter().find(|&&c| c as usize >= cfg.num_classes) {
+        anyhow::bail!("class {c} is out of range (0..{})", cfg.num_classes);
+    }
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        anyhow::bail!("token {t} is out of range (0..{})", cfg.vocab_size);
+    }
     let (mut toks, mut kpos, mut qpos, mut targets) = (vec![], vec![], vec![], vec![]);
     for s in 0..b {
         toks.push(cfg.class_token(classes[s] as usize));
@@ -64,11 +109,12 @@ pub fn teacher_forced_logits(
 ) -> Result<(Tensor, Vec<u32>)> {
     let (toks, kpos, qpos, targets) = teacher_inputs(
         model.config(),
-        &flat_u32(&t["input_ids"]),
-        &flat_u32(&t["classes"]),
-        &flat_u32(&t["orders"]),
+        &ints(t, "input_ids")?,
+        &ints(t, "classes")?,
+        &ints(t, "orders")?,
         model.device(),
-    )?;
+    )
+    .context("the fixtures' `teacher_forcing`")?;
     let logits = model.forward(
         &toks,
         Positions {
@@ -112,19 +158,67 @@ pub struct ParityReport {
     pub fused_rms_norm_rel_diff: Option<[f64; 3]>,
 }
 
+impl ParityReport {
+    /// What falls short of the reference: empty when parity holds. Tolerances: 1e-4 in f32
+    /// (measured 1e-6), 3e-2 in half precision (bf16 measured 1.6e-2; the reference itself
+    /// reaches 1.2e-2); token-for-token decodes are required in f32 only (half precision
+    /// flips near-ties).
+    pub fn failures(&self) -> Vec<String> {
+        let f32 = self.dtype == "F32";
+        let tol = if f32 { 1e-4 } else { 3e-2 };
+        let mut out = Vec::new();
+        let mut check = |name: &str, v: f64| {
+            if v.is_nan() || v > tol {
+                out.push(format!("{name} {v:.3e} > {tol:.0e}"));
+            }
+        };
+        check("teacher_logits_rel_err", self.teacher_logits_rel_err);
+        check("vq_decode_rel_err", self.vq_decode_rel_err);
+        let loss_err =
+            (self.loss - self.reference_loss).abs() / self.reference_loss.abs().max(1e-12);
+        check("loss relative error", loss_err);
+        if f32 {
+            if !self.greedy_equal.iter().all(|&x| x) {
+                out.push(format!("greedy_equal {:?}", self.greedy_equal));
+            }
+            if !self.greedy_equal_replayed.iter().all(|&x| x) {
+                out.push(format!(
+                    "greedy_equal_replayed {:?}",
+                    self.greedy_equal_replayed
+                ));
+            }
+            if !self.vq_encode_equal {
+                out.push("vq_encode_equal false".into());
+            }
+        }
+        out
+    }
+}
+
 /// Run the fixtures' teacher-forced pass and greedy decodes with the fixtures' weights.
 pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> {
-    let j: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("a.json"))
-            .with_context(|| format!("cannot read {}", dir.join("a.json").display()))?,
-    )?;
-    let cfg: ArpgConfig = serde_json::from_value(j["arpg_config"].clone())?;
+    let file = dir.join("a.json");
+    let j: Value = serde_json::from_str(&crate::util::read_small(&file, 1 << 28, "fixtures")?)
+        .with_context(|| format!("{} is not JSON", file.display()))?;
+    check_parsed(dir, &j, dtype, device).with_context(|| format!("fixtures {}", file.display()))
+}
+
+fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<ParityReport> {
+    let cfg: ArpgConfig =
+        serde_json::from_value(key(j, "arpg_config")?.clone()).context("`arpg_config`")?;
+    cfg.validate().context("`arpg_config`")?;
     let sd = StateDict::load(&dir.join("a_arpg.safetensors"), Weights::Model)?;
     let model = build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb))?;
-    let t = &j["teacher_forcing"];
+    let t = key(j, "teacher_forcing")?;
     let (logits, targets) = teacher_forced_logits(&model, t, &mut Mode::inference())?;
     let got = logits.flatten_all()?.to_vec1::<f32>()?;
-    let want = flat_f32(&t["logits"]);
+    let want = floats(t, "logits")?;
+    anyhow::ensure!(
+        want.len() == got.len(),
+        "`teacher_forcing.logits` has {} values, the pass gives {}",
+        want.len(),
+        got.len()
+    );
     let (num, den) = got
         .iter()
         .zip(&want)
@@ -137,25 +231,43 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
     let mut greedy_equal = Vec::new();
     let mut greedy_equal_replayed = Vec::new();
     let mut replays = 0;
-    for case in j["generate"].as_array().context("no generate cases")? {
-        let classes: Vec<usize> = flat_u32(&case["classes"])
-            .iter()
-            .map(|&c| c as usize)
-            .collect();
-        let order: Vec<usize> = flat_u32(&case["order"])
-            .iter()
-            .map(|&p| p as usize)
-            .collect();
+    for case in key(j, "generate")?
+        .as_array()
+        .context("`generate` is not a list")?
+    {
+        let classes: Vec<usize> = ints(case, "classes")?.iter().map(|&c| c as usize).collect();
+        let order: Vec<usize> = ints(case, "order")?.iter().map(|&p| p as usize).collect();
+        anyhow::ensure!(
+            !classes.is_empty() && classes.iter().all(|&c| c < cfg.num_classes),
+            "`generate.classes` {classes:?} are not classes of the model (0..{})",
+            cfg.num_classes
+        );
+        let mut seen = vec![false; cfg.block_size];
+        for &p in &order {
+            anyhow::ensure!(
+                p < cfg.block_size && !std::mem::replace(&mut seen[p], true),
+                "`generate.order` position {p} is out of range or repeated"
+            );
+        }
+        anyhow::ensure!(
+            order.len() == cfg.block_size,
+            "`generate.order` has {} positions, the model {}",
+            order.len(),
+            cfg.block_size
+        );
+        let steps = key(case, "steps")?.as_u64().context("`steps`")? as usize;
+        crate::sampler::token_counts(cfg.block_size, steps, crate::sampler::MaskSchedule::Arccos)
+            .context("`steps`")?;
         let sc = SampleConfig {
-            steps: case["steps"].as_u64().context("steps")? as usize,
-            cfg: case["cfg"].as_f64().context("cfg")? as f32,
-            cfg_schedule: case["cfg_schedule"]
+            steps,
+            cfg: key(case, "cfg")?.as_f64().context("`cfg`")? as f32,
+            cfg_schedule: key(case, "cfg_schedule")?
                 .as_str()
-                .context("cfg_schedule")?
+                .context("`cfg_schedule`")?
                 .parse()?,
-            schedule: case["sample_schedule"]
+            schedule: key(case, "sample_schedule")?
                 .as_str()
-                .context("sample_schedule")?
+                .context("`sample_schedule`")?
                 .parse()?,
             filter: TokenFilter {
                 temperature: 0.0,
@@ -165,7 +277,7 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         let orders = vec![order; classes.len()];
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let got = sample(&model, &classes, &orders, &sc, &mut rng)?;
-        let want = flat_u32(&case["tokens"]);
+        let want = ints(case, "tokens")?;
         greedy_equal.push(got.concat() == want);
         // The same decode through a graph cache: the first call captures (on CUDA), the
         // second replays the capture.
@@ -178,14 +290,14 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
         replays += graphs.replays();
         greedy_equal_replayed.push(same);
     }
-    let (vq_decode_rel_err, vq_encode_equal) = vq_check(dir, &j, dtype, device)?;
+    let (vq_decode_rel_err, vq_encode_equal) = vq_check(dir, j, dtype, device)?;
     Ok(ParityReport {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         teacher_logits_rel_err: rel_max_err(&got, &want),
         teacher_logits_rel_l2: (num / den.max(1e-24)).sqrt(),
         loss,
-        reference_loss: t["loss"].as_f64().unwrap_or(f64::NAN),
+        reference_loss: key(t, "loss")?.as_f64().context("`loss`")?,
         greedy_equal,
         greedy_equal_replayed,
         graph_replays: replays,
@@ -202,30 +314,55 @@ pub fn check(dir: &Path, dtype: DType, device: &Device) -> Result<ParityReport> 
 fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64, bool)> {
     use crate::config::VqConfig;
     use crate::tokenizer::vq::VqModel;
-    let cfg: VqConfig = serde_json::from_value(j["vq_config"].clone()).context("vq_config")?;
+    let cfg: VqConfig =
+        serde_json::from_value(key(j, "vq_config")?.clone()).context("`vq_config`")?;
+    cfg.validate().context("`vq_config`")?;
     let sd = StateDict::load(&dir.join("a_vq.safetensors"), Weights::Model)?;
     let vq = build_strict(&sd, dtype, device, |vb| VqModel::new(&cfg, vb))?;
-    let case = &j["vq_decode"];
-    let codes = flat_u32(&case["codes"]);
-    let grid = (
-        case["grid"][0].as_u64().context("grid")? as usize,
-        case["grid"][1].as_u64().context("grid")? as usize,
+    let case = key(j, "vq_decode")?;
+    let codes = ints(case, "codes")?;
+    let g = ints(case, "grid")?;
+    anyhow::ensure!(
+        g.len() == 2 && g[0] > 0 && g[1] > 0 && g[0] <= 256 && g[1] <= 256,
+        "`vq_decode.grid` {g:?} is not a grid"
     );
+    let grid = (g[0] as usize, g[1] as usize);
     let n = codes.len() / (grid.0 * grid.1);
+    anyhow::ensure!(
+        n > 0 && codes.len() == n * grid.0 * grid.1,
+        "`vq_decode.codes` ({} codes) do not fill {}x{} grids",
+        codes.len(),
+        grid.0,
+        grid.1
+    );
     let codes = Tensor::from_vec(codes, (n, grid.0 * grid.1), device)?;
     let got = vq
         .decode(&codes, grid)?
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let err = rel_max_err(&got, &flat_f32(&case["image"]));
-    let enc = &j["vq_encode"];
-    let img = flat_f32(&enc["image"]);
-    let n_img = flat_u32(&enc["indices"]).len() / (grid.0 * grid.1);
+    let want = floats(case, "image")?;
+    anyhow::ensure!(
+        want.len() == got.len(),
+        "`vq_decode.image` has {} values, the decode gives {}",
+        want.len(),
+        got.len()
+    );
+    let err = rel_max_err(&got, &want);
+    let enc = key(j, "vq_encode")?;
+    let img = floats(enc, "image")?;
+    let indices = ints(enc, "indices")?;
+    let n_img = indices.len() / (grid.0 * grid.1);
+    anyhow::ensure!(n_img > 0, "`vq_encode.indices` is empty");
     let side = ((img.len() / n_img / 3) as f64).sqrt() as usize;
+    anyhow::ensure!(
+        side > 0 && img.len() == n_img * 3 * side * side,
+        "`vq_encode.image` ({} values) is not {n_img} square RGB images",
+        img.len()
+    );
     let images = Tensor::from_vec(img, (n_img, 3, side, side), device)?;
     let codes = vq.encode(&images)?.flatten_all()?.to_vec1::<u32>()?;
-    Ok((err, codes == flat_u32(&enc["indices"])))
+    Ok((err, codes == indices))
 }
 
 /// max |got - want| / max |want|.

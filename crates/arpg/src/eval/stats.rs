@@ -55,13 +55,37 @@ impl Gaussian {
         })
     }
 
-    /// From given arrays (e.g. a reference batch's precomputed `mu` / `sigma`).
+    /// From given arrays (e.g. a reference batch's precomputed `mu` / `sigma`), checked: finite,
+    /// and sigma a symmetric positive semi-definite matrix, else the distance would be NaN or a
+    /// meaningless number.
     pub fn new(mu: Vec<f64>, sigma: Vec<f64>) -> Result<Self> {
         let d = mu.len();
         ensure!(
             sigma.len() == d * d,
             "sigma has {} values, expected {d} x {d} for a mean of {d}",
             sigma.len()
+        );
+        if let Some(i) = mu.iter().position(|x| !x.is_finite()) {
+            bail!("mu[{i}] is {}", mu[i]);
+        }
+        if let Some(i) = sigma.iter().position(|x| !x.is_finite()) {
+            bail!("sigma[{}, {}] is {}", i / d, i % d, sigma[i]);
+        }
+        let scale = sigma.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for i in 0..d {
+            for j in 0..i {
+                let (a, b) = (sigma[i * d + j], sigma[j * d + i]);
+                ensure!(
+                    (a - b).abs() <= 1e-6 * scale,
+                    "sigma is not symmetric: [{i}, {j}] = {a}, [{j}, {i}] = {b}"
+                );
+            }
+        }
+        let (_, _, rank, residual) = pivoted_cholesky_residual(&sigma, d)?;
+        ensure!(
+            residual <= 1e-5 * scale,
+            "sigma is not positive semi-definite (a covariance must be): after {rank} pivots of \
+             its Cholesky factorisation, {residual:.3e} remains (largest entry {scale:.3e})"
         );
         Ok(Self {
             mu,
@@ -141,6 +165,13 @@ pub fn trace_sqrt_product(s1: &[f64], s2: &[f64], d: usize) -> Result<f64> {
 /// i of L belongs to variable perm[i]) and the numerical rank, stopping where the remaining
 /// diagonal falls below d * eps * max diag.
 pub fn pivoted_cholesky(s: &[f64], d: usize) -> Result<(Vec<f64>, Vec<usize>, usize)> {
+    let (l, perm, rank, _) = pivoted_cholesky_residual(s, d)?;
+    Ok((l, perm, rank))
+}
+
+/// [`pivoted_cholesky`], with the largest magnitude left in the trailing matrix where it
+/// stopped: about zero for a PSD matrix, large for an indefinite one.
+fn pivoted_cholesky_residual(s: &[f64], d: usize) -> Result<(Vec<f64>, Vec<usize>, usize, f64)> {
     ensure!(
         s.len() == d * d,
         "matrix has {} values, not {d} x {d}",
@@ -195,7 +226,13 @@ pub fn pivoted_cholesky(s: &[f64], d: usize) -> Result<(Vec<f64>, Vec<usize>, us
         }
         rank = k + 1;
     }
-    Ok((l, perm, rank))
+    let mut residual = 0f64;
+    for i in rank..d {
+        for j in rank..d {
+            residual = residual.max(a[i * d + j].abs());
+        }
+    }
+    Ok((l, perm, rank, residual))
 }
 
 /// Eigen-decomposition of a symmetric matrix (row-major, d x d) by Householder reduction to
@@ -554,4 +591,26 @@ pub fn precision_recall(
     }
     let real_in = real_in.sum_all()?.to_scalar::<f32>()? as usize;
     Ok((fake_in as f64 / nf as f64, real_in as f64 / nr as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_statistics_must_be_finite_symmetric_and_positive_semi_definite() {
+        let e = |mu: Vec<f64>, s: Vec<f64>| Gaussian::new(mu, s).unwrap_err().to_string();
+        assert!(e(vec![f64::NAN, 0.0], vec![1.0, 0.0, 0.0, 1.0]).contains("mu[0]"));
+        assert!(e(vec![0.0; 2], vec![1.0, f64::INFINITY, 0.0, 1.0]).contains("sigma[0, 1]"));
+        assert!(e(vec![0.0; 2], vec![1.0, 0.5, 0.0, 1.0]).contains("not symmetric"));
+        assert!(e(vec![0.0; 2], vec![1.0, 2.0, 2.0, 1.0]).contains("positive semi-definite"));
+        assert!(e(vec![0.0; 2], vec![-1.0, 0.0, 0.0, -1.0]).contains("positive semi-definite"));
+        // Rank-deficient covariances (fewer samples than dimensions) are PSD.
+        Gaussian::new(
+            vec![0.0; 3],
+            vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        )
+        .unwrap();
+        Gaussian::new(vec![0.0; 2], vec![0.0; 4]).unwrap();
+    }
 }

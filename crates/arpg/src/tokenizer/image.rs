@@ -11,10 +11,22 @@ use std::path::Path;
 
 /// Loads any PNG/JPEG as 8-bit RGB (format sniffed from the content, not the extension).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
+    crate::util::open_regular(path, "image")?;
+    let reader = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        check_jpeg_complete(path)?;
+    }
+    if let Ok((w, h)) = reader.into_dimensions() {
+        crate::util::check_memory(
+            w as u128 * h as u128 * 8,
+            &format!("decoding the {w}x{h} image {}", path.display()),
+        )?;
+    }
+    let img = image::ImageReader::open(path)?
+        .with_guessed_format()?
         .decode()
         .with_context(|| format!("cannot decode image {}", path.display()))?
         .to_rgb8();
@@ -24,6 +36,28 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         path.display()
     );
     Ok(img)
+}
+
+/// The JPEG decoder fills a truncated file's missing blocks with grey instead of failing: a
+/// complete JPEG ends with the EOI marker (FF D9), possibly followed by padding.
+fn check_jpeg_complete(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let tail = len.min(4096);
+    f.seek(SeekFrom::Start(len - tail))?;
+    let mut buf = Vec::with_capacity(tail as usize);
+    f.take(tail).read_to_end(&mut buf)?;
+    let end = buf
+        .iter()
+        .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    ensure!(
+        end >= 2 && buf[end - 2..end] == [0xFF, 0xD9],
+        "image {} is a truncated JPEG (no end-of-image marker)",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Halves both sides by averaging 2x2 blocks (PIL's BOX reduce for even sides; an odd last
@@ -57,7 +91,7 @@ pub fn center_crop_resize(img: &RgbImage, size: usize) -> RgbImage {
         img.width() > 0 && img.height() > 0,
         "center_crop_resize: empty image"
     );
-    let size32 = u32::try_from(size).expect("center_crop_resize: size too large");
+    let size32 = u32::try_from(size).unwrap_or(u32::MAX);
     let mut cur = img.clone();
     while (cur.width().min(cur.height()) as usize) >= 2 * size {
         cur = box_halve(&cur);
@@ -339,104 +373,10 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     })
 }
 
-/// The value text after `'key':` in an NPY header dict.
-fn npy_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header.find(&format!("'{key}'"))?;
-    let rest = header[at + key.len() + 2..].trim_start();
-    Some(rest.strip_prefix(':')?.trim_start())
-}
-
-/// Reads an NPY file of '<f4' or '<f8' in C order (v1, v2 or v3 header); f64 is narrowed to f32.
+/// Reads an NPY file of '<f4' or '<f8' in C order (v1, v2 or v3 header); f64 is narrowed to
+/// f32. (The one `.npy` reader, `data::npy`.)
 pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read NPY file {}", path.display()))?;
-    parse_npy_f32(&bytes).with_context(|| format!("invalid NPY file {}", path.display()))
-}
-
-fn parse_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
-    ensure!(
-        bytes.len() >= 10 && bytes.starts_with(NPY_MAGIC),
-        "bad magic: not an NPY file"
-    );
-    let (hlen, hstart) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            ensure!(bytes.len() >= 12, "truncated header");
-            (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-                12,
-            )
-        }
-        v => bail!("unsupported NPY version {v}.{}", bytes[7]),
-    };
-    let data_start = hstart + hlen;
-    ensure!(
-        bytes.len() >= data_start,
-        "truncated header ({} bytes, header needs {data_start})",
-        bytes.len()
-    );
-    let header = std::str::from_utf8(&bytes[hstart..data_start]).context("header is not text")?;
-
-    let descr = npy_field(header, "descr").context("header has no 'descr'")?;
-    let descr = descr
-        .strip_prefix('\'')
-        .and_then(|s| s.split('\'').next())
-        .context("header 'descr' is not a string")?;
-    let itemsize = match descr {
-        "<f4" => 4,
-        "<f8" => 8,
-        d => bail!("dtype {d:?} is not supported (only '<f4' and '<f8')"),
-    };
-    let fortran = npy_field(header, "fortran_order").context("header has no 'fortran_order'")?;
-    if fortran.starts_with("True") {
-        bail!("Fortran-order arrays are not supported (C order only)");
-    }
-    ensure!(
-        fortran.starts_with("False"),
-        "header 'fortran_order' is neither True nor False"
-    );
-    let shape_txt = npy_field(header, "shape").context("header has no 'shape'")?;
-    let shape_txt = shape_txt
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .context("header 'shape' is not a tuple")?;
-    let shape = shape_txt
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .with_context(|| format!("bad dimension {s:?} in 'shape'"))
-        })
-        .collect::<Result<Vec<usize>>>()?;
-    let count = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .context("shape too large")?;
-    let need = count.checked_mul(itemsize).context("shape too large")?;
-    let payload = &bytes[data_start..];
-    ensure!(
-        payload.len() == need,
-        "shape {shape:?} of {descr} needs {need} bytes of data but the file has {}{}",
-        payload.len(),
-        if payload.len() < need {
-            " (truncated)"
-        } else {
-            ""
-        }
-    );
-    let data = if itemsize == 4 {
-        payload
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    } else {
-        payload
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
-            .collect()
-    };
-    Ok((shape, data))
+    crate::data::npy::read_f32(path)
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ pub fn write(path: &Path, tokens: &[Vec<u32>]) -> Result<()> {
 }
 
 /// Read token grids; every grid must have the same, square length.
+/// Largest token file read (a 1024 x 1024 grid of 5-digit ids is about 6 MB).
+pub const MAX_TOKENS_BYTES: u64 = 256 << 20;
+
 pub fn read(path: &Path) -> Result<(Vec<Vec<u32>>, usize)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read tokens {}", path.display()))?;
+    let text = crate::util::read_small(path, MAX_TOKENS_BYTES, "tokens")?;
     let tokens: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
         format!(
             "{}: expected a JSON array of arrays of token ids",

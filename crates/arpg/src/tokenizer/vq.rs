@@ -497,6 +497,19 @@ impl VqModel {
         &self.device
     }
 
+    /// A lower bound on the memory an encode or decode of `n` grids of `gh x gw` tokens takes:
+    /// a few activations at full resolution and the attention scores at token resolution.
+    fn check_activation_memory(&self, n: usize, gh: usize, gw: usize, what: &str) -> Result<()> {
+        let p = self.cfg.patch_size() as u128;
+        let cells = n as u128 * gh as u128 * gw as u128;
+        let full = cells * p * p * self.cfg.ch as u128 * self.dtype.size_in_bytes() as u128 * 3;
+        let attn = n as u128 * (gh as u128 * gw as u128).pow(2) * 4;
+        crate::util::check_memory(
+            full + attn,
+            &format!("VQ {what} of {n} grid(s) of {gw}x{gh} tokens"),
+        )
+    }
+
     /// images: [N, 3, H, W] in [-1, 1] (any float dtype), H and W multiples of patch_size. Returns u32 indices [N, (H/p)*(W/p)] in raster order.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
         let p = self.cfg.patch_size();
@@ -520,6 +533,7 @@ impl VqModel {
             "VQ encode: images must be a float tensor, got {:?}",
             images.dtype()
         );
+        self.check_activation_memory(n, h / p, w / p, "encode")?;
         let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
         let z = self.quant_conv.forward(&self.encoder.forward(&x)?)?;
         let (_, d, gh, gw) = z.dims4()?;
@@ -576,11 +590,12 @@ impl VqModel {
             "VQ decode: grid {gh}x{gw} must be non-empty"
         );
         ensure!(
-            l == gh * gw,
+            gh.checked_mul(gw) == Some(l),
             "VQ decode: {l} codes per image do not fill a {gh}x{gw} grid ({} tokens)",
-            gh * gw
+            gh as u128 * gw as u128
         );
         ensure!(n > 0, "VQ decode: empty batch");
+        self.check_activation_memory(n, gh, gw, "decode")?;
         // Codes already on this device as u32 (the sampler's) are range-checked there, so that
         // they need not cross to the host; anything else goes through the precise host check.
         let on_device = codes.dtype() == DType::U32

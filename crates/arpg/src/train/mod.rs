@@ -88,6 +88,31 @@ impl TrainConfig {
             "--lr must be positive"
         );
         ensure!(
+            self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "--min-lr {} must be in [0, the peak learning rate {:.3e}]",
+            self.min_lr,
+            self.lr
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "--weight-decay {} must be a number >= 0",
+            self.weight_decay
+        );
+        ensure!(
+            self.grad_clip.is_finite() && self.grad_clip >= 0.0,
+            "--grad-clip {} must be a number >= 0 (0 = off)",
+            self.grad_clip
+        );
+        ensure!(
+            self.warmup_steps < self.steps || self.warmup_steps == 0,
+            "--warmup-steps {} must be shorter than the run's --steps {}",
+            self.warmup_steps,
+            self.steps
+        );
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            ensure!((0.0..1.0).contains(&b), "{name} {b} must be in [0, 1)");
+        }
+        ensure!(
             (0.0..1.0).contains(&self.dropout),
             "--dropout must be in [0, 1)"
         );
@@ -185,6 +210,28 @@ pub struct Trainer {
     pub dtype: DType,
     device: Device,
     perm_cache: Option<(usize, Vec<usize>)>,
+    /// Whether this process has taken an optimizer step (to tell a bad start from divergence).
+    stepped: bool,
+}
+
+/// Refuse a model or batch that cannot fit before allocating it: f32 weights, gradients and
+/// two AdamW moments (and the EMA), plus a lower bound on one micro-batch's activations.
+fn check_training_memory(m: &ArpgConfig, c: &TrainConfig) -> Result<()> {
+    let params = m.num_parameters() as u128;
+    let copies = 4 + c.ema_decay.is_some() as u128;
+    crate::util::check_memory(
+        params * 4 * copies,
+        &format!("training {params} parameters (weights, gradients, AdamW moments)"),
+    )?;
+    let micro = (c.batch_size / c.grad_accum.max(1)) as u128;
+    let per_token = m.n_layer as u128 * m.dim as u128 * 8 + m.vocab_size as u128;
+    crate::util::check_memory(
+        params * 4 * copies + micro * m.block_size as u128 * per_token * 4,
+        &format!(
+            "a training micro-batch of {micro} samples of {} tokens (--batch-size {} / --grad-accum {})",
+            m.block_size, c.batch_size, c.grad_accum
+        ),
+    )
 }
 
 impl Trainer {
@@ -198,6 +245,7 @@ impl Trainer {
     ) -> Result<Self> {
         model_cfg.validate()?;
         cfg.validate()?;
+        check_training_memory(model_cfg, cfg)?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xA5A5_0000);
         let mut names = Vec::new();
         let mut params = Vec::new();
@@ -242,7 +290,25 @@ impl Trainer {
             dtype,
             device: device.clone(),
             perm_cache: None,
+            stepped: false,
         })
+    }
+
+    /// The first parameter (by name) holding NaN or Inf, if any.
+    fn non_finite_parameter(&self) -> Result<Option<String>> {
+        for (n, p) in self.names.iter().zip(&self.params) {
+            let ok = p
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .is_finite();
+            if !ok {
+                return Ok(Some(n.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// Train data-parallel: this process becomes one rank of `group`. Weights stay equal on
@@ -404,11 +470,28 @@ impl Trainer {
             self.cfg.min_lr,
         );
         if !grad_norm.is_finite() {
+            // The first step's gradient does not depend on the learning rate at all.
+            if let Some(bad) = self.non_finite_parameter()? {
+                bail!(
+                    "step {}: parameter {bad} holds NaN or Inf (from the checkpoint resumed, \
+                     or diverged); the gradient norm is {grad_norm}",
+                    self.step
+                );
+            }
+            if !self.stepped {
+                bail!(
+                    "step {}: the gradient norm is {grad_norm} on the first step of this run, \
+                     before any update: the weights or the model config (e.g. norm_eps, \
+                     rope_base) produce it, not --lr",
+                    self.step
+                );
+            }
             bail!(
                 "step {}: the gradient norm is {grad_norm} (diverged); lower --lr",
                 self.step
             );
         }
+        self.stepped = true;
         self.opt.step(&self.params, &grads, lr)?;
         if let (Some(ema), Some(d)) = (self.ema.as_mut(), self.cfg.ema_decay) {
             for (e, p) in ema.iter_mut().zip(&self.params) {
@@ -557,31 +640,68 @@ impl Trainer {
         let (tensors, meta) = crate::checkpoint::load_safetensors_with_metadata(path)?;
         let get = |k: &str| {
             meta.get(k)
+                .map(String::as_str)
                 .with_context(|| format!("{}: not a training checkpoint (no {k})", path.display()))
         };
-        let model_cfg: ArpgConfig = serde_json::from_str(get("model_config")?)?;
-        let saved: TrainConfig = serde_json::from_str(get("train_config")?)?;
+        let num = |k: &str| -> Result<u64> {
+            let v = get(k)?;
+            v.parse().with_context(|| {
+                format!(
+                    "{}: metadata {k} = {v:?} is not a non-negative integer",
+                    path.display()
+                )
+            })
+        };
+        let bad = |k: &str| format!("{}: metadata {k} is invalid", path.display());
+        let model_cfg: ArpgConfig =
+            serde_json::from_str(get("model_config")?).with_context(|| bad("model_config"))?;
+        model_cfg.validate().with_context(|| bad("model_config"))?;
+        let saved: TrainConfig =
+            serde_json::from_str(get("train_config")?).with_context(|| bad("train_config"))?;
         let tc = cfg.cloned().unwrap_or(saved);
         let mut tr = Self::new(&model_cfg, &tc, dtype, device)?;
-        let take = |k: String| -> Result<Tensor> {
-            Ok(tensors
+        let take = |k: String, want: &[usize]| -> Result<Tensor> {
+            let t = tensors
                 .get(&k)
-                .with_context(|| format!("{}: missing {k}", path.display()))?
-                .to_device(device)?)
+                .with_context(|| format!("{}: missing {k}", path.display()))?;
+            ensure!(
+                t.dims() == want,
+                "{}: {k} has shape {:?}, the model config {want:?}",
+                path.display(),
+                t.dims()
+            );
+            let finite = t
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .is_finite();
+            ensure!(finite, "{}: {k} holds NaN or Inf", path.display());
+            Ok(t.to_device(device)?)
         };
         for i in 0..tr.names.len() {
             let n = tr.names[i].clone();
-            tr.params[i].set(&take(format!("model.{n}"))?)?;
-            tr.opt.m[i] = take(format!("optim.m.{n}"))?;
-            tr.opt.v[i] = take(format!("optim.v.{n}"))?;
+            let dims = tr.params[i].dims().to_vec();
+            tr.params[i].set(&take(format!("model.{n}"), &dims)?)?;
+            tr.opt.m[i] = take(format!("optim.m.{n}"), &dims)?;
+            tr.opt.v[i] = take(format!("optim.v.{n}"), &dims)?;
             if let Some(e) = tr.ema.as_mut() {
-                e[i] = take(format!("ema.{n}")).or_else(|_| take(format!("model.{n}")))?;
+                e[i] = match tensors.contains_key(&format!("ema.{n}")) {
+                    true => take(format!("ema.{n}"), &dims)?,
+                    false => take(format!("model.{n}"), &dims)?,
+                };
             }
         }
-        tr.step = get("step")?.parse()?;
-        tr.opt.t = get("optim_t")?.parse()?;
-        tr.rng.set_word_pos(get("rng_word_pos")?.parse()?);
-        tr.drop_rng.set_word_pos(get("drop_rng_word_pos")?.parse()?);
+        tr.step = usize::try_from(num("step")?)?;
+        tr.opt.t = usize::try_from(num("optim_t")?)?;
+        let word = |k: &str| -> Result<u128> {
+            let v = get(k)?;
+            v.parse().with_context(|| {
+                format!("{}: metadata {k} = {v:?} is not an integer", path.display())
+            })
+        };
+        tr.rng.set_word_pos(word("rng_word_pos")?);
+        tr.drop_rng.set_word_pos(word("drop_rng_word_pos")?);
         Ok(tr)
     }
 

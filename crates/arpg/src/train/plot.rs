@@ -18,8 +18,15 @@ pub struct Curves {
 }
 
 pub fn read_log(path: &Path) -> Result<Curves> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::util::read_small(path, 1 << 30, "training log")?;
+    // A crash can cut the last line; it is the only one that may be incomplete.
+    let complete = text.ends_with('\n');
+    let last = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .last()
+        .map(|(i, _)| i);
     let keys = [("loss", "loss"), ("lr", "lr"), ("grad norm", "grad_norm")];
     let mut c = Curves {
         steps: vec![],
@@ -30,8 +37,21 @@ pub fn read_log(path: &Path) -> Result<Curves> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if !complete && Some(i) == last => {
+                eprintln!(
+                    "note: {}: the last line (line {}) is cut short, as by a crash; skipped",
+                    path.display(),
+                    i + 1
+                );
+                continue;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
+            }
+        };
         let num = |k: &str| {
             v[k].as_f64()
                 .with_context(|| format!("{}: line {} has no number {k:?}", path.display(), i + 1))
