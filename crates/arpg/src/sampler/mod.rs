@@ -140,6 +140,35 @@ pub fn decode_with<R: Rng>(
     decode_impl(model, req, cfg, rng, graphs, device_draw)
 }
 
+/// One generator per group of sequences, and a step callback, for [`decode_rows`].
+pub struct Rows<'a> {
+    /// The groups' generators: sequence `s` draws every token from `rngs[of[s]]`.
+    pub rngs: &'a mut [rand_chacha::ChaCha8Rng],
+    /// The group of each sequence.
+    pub of: &'a [usize],
+    /// Called after each step with (steps done, steps in all).
+    pub on_step: &'a mut dyn FnMut(usize, usize),
+}
+
+/// [`decode`] with one generator per group of sequences (e.g. one per server request batched
+/// together): a group's tokens are drawn from its own generator, in the order a decode of that
+/// group alone draws them, so they do not depend on what else is in the batch. Always draws
+/// on the host (the device draw's noise depends on the row index in the batch), so on the CPU
+/// a group gets the tokens that [`decode`] gives it alone with the same generator.
+pub fn decode_rows(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rows: &mut Rows,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        rows.of.len() == req.classes.len() && rows.of.iter().all(|&g| g < rows.rngs.len()),
+        "one generator group per sequence"
+    );
+    let mut unused = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    decode_impl_rows(model, req, cfg, &mut unused, None, false, Some(rows))
+}
+
 /// The loop on either path: `device_draw` draws on the device (the GPU path, also runnable on
 /// the CPU for tests), else logits come back to the host every step.
 fn decode_impl<R: Rng>(
@@ -149,6 +178,20 @@ fn decode_impl<R: Rng>(
     rng: &mut R,
     graphs: Option<&mut DecodeGraphs>,
     device_draw: bool,
+) -> Result<Vec<Vec<u32>>> {
+    decode_impl_rows(model, req, cfg, rng, graphs, device_draw, None)
+}
+
+/// [`decode_impl`]; with `rows`, the host path draws each sequence's tokens from its group's
+/// generator instead of `rng` and reports every step.
+fn decode_impl_rows<R: Rng>(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+    device_draw: bool,
+    mut rows_rng: Option<&mut Rows>,
 ) -> Result<Vec<Vec<u32>>> {
     let mc = model.config();
     let b = req.classes.len();
@@ -314,7 +357,7 @@ fn decode_impl<R: Rng>(
     let mut ids = Tensor::from_vec(fed_ids, (rows, 1 + n_known), dev)?;
     let mut kpos = Tensor::from_vec(fed_pos, (rows, 1 + n_known), dev)?;
     let mut done = 0usize;
-    for &n in &counts {
+    for (step, &n) in counts.iter().enumerate() {
         let qpos = q_rows.narrow(1, done, n)?.contiguous()?;
         let positions = Positions {
             keys: &kpos,
@@ -341,7 +384,10 @@ fn decode_impl<R: Rng>(
         let mut toks = Vec::with_capacity(b * n);
         for (s, row) in host.iter_mut().enumerate() {
             for (j, l) in row.iter_mut().enumerate() {
-                let tok = cfg.filter.sample(l, rng);
+                let tok = match rows_rng.as_deref_mut() {
+                    Some(g) => cfg.filter.sample(l, &mut g.rngs[g.of[s]]),
+                    None => cfg.filter.sample(l, rng),
+                };
                 out[s][req.orders[s][done + j]] = tok;
                 toks.push(tok);
             }
@@ -355,6 +401,9 @@ fn decode_impl<R: Rng>(
         };
         kpos = qpos;
         done = decoded;
+        if let Some(g) = rows_rng.as_deref_mut() {
+            (g.on_step)(step + 1, counts.len());
+        }
     }
     Ok(out)
 }
