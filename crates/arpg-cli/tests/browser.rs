@@ -93,7 +93,10 @@ async fn the_page_generates_and_inpaints_in_headless_chromium() {
     );
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "chromedriver did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "chromedriver did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let profile = tempfile::tempdir().unwrap();
@@ -176,7 +179,11 @@ async fn the_page_generates_and_inpaints_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let upload = dir.path().join("upload.png");
     image::RgbImage::from_fn(8, 8, |x, y| {
-        image::Rgb(if (2..6).contains(&x) && y > 0 { [255; 3] } else { [0; 3] })
+        image::Rgb(if (2..6).contains(&x) && y > 0 {
+            [255; 3]
+        } else {
+            [0; 3]
+        })
     })
     .save(&upload)
     .unwrap();

@@ -62,7 +62,11 @@ async fn every_endpoint_answers() {
         .to_str()
         .unwrap()
         .starts_with("text/html"));
-    assert!(page.text().await.unwrap().contains("<title>arpg serve</title>"));
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<title>arpg serve</title>"));
 
     // JSON generation: classes by id and by name.
     let (st, v) = post(
@@ -146,7 +150,13 @@ async fn every_endpoint_answers() {
     )
     .await;
     assert_eq!(st, 200, "{v}");
-    assert_eq!((v["images"][0]["width"].as_u64(), v["images"][0]["height"].as_u64()), (Some(16), Some(8)));
+    assert_eq!(
+        (
+            v["images"][0]["width"].as_u64(),
+            v["images"][0]["height"].as_u64()
+        ),
+        (Some(16), Some(8))
+    );
 
     // Metrics count what happened.
     let text = c
@@ -174,14 +184,33 @@ async fn the_same_seed_gives_the_images_of_arpg_sample() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_arpg"))
         .args([
-            "sample", "--model", "digits", "--classes", "3,5", "--per-class", "10", "--steps",
-            "8", "--seed", "7", "--cfg", "2.5", "--temperature", "0.9", "--top-k", "12",
+            "sample",
+            "--model",
+            "digits",
+            "--classes",
+            "3,5",
+            "--per-class",
+            "10",
+            "--steps",
+            "8",
+            "--seed",
+            "7",
+            "--cfg",
+            "2.5",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "12",
             "--out",
         ])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = Server::start(&[]);
     let (st, v) = post(
         &s.at("/v1/generate"),
@@ -276,24 +305,99 @@ async fn bad_requests_get_a_4xx_naming_the_field() {
         ("/v1/generate", json!({"cfg": -1}), 422, Some("cfg")),
         ("/v1/generate", json!({"top_p": 0}), 422, Some("top_p")),
         ("/v1/generate", json!({"top_k": 100}), 422, Some("top_k")),
-        ("/v1/generate", json!({"temperature": -0.5}), 422, Some("temperature")),
-        ("/v1/generate", json!({"schedule": "linear"}), 422, Some("schedule")),
-        ("/v1/generate", json!({"cfg_schedule": "x"}), 422, Some("cfg_schedule")),
-        ("/v1/generate", json!({"classes": [3, 42]}), 422, Some("classes[1]")),
-        ("/v1/generate", json!({"classes": ["seven"]}), 422, Some("classes[0]")),
+        (
+            "/v1/generate",
+            json!({"temperature": -0.5}),
+            422,
+            Some("temperature"),
+        ),
+        (
+            "/v1/generate",
+            json!({"schedule": "linear"}),
+            422,
+            Some("schedule"),
+        ),
+        (
+            "/v1/generate",
+            json!({"cfg_schedule": "x"}),
+            422,
+            Some("cfg_schedule"),
+        ),
+        (
+            "/v1/generate",
+            json!({"classes": [3, 42]}),
+            422,
+            Some("classes[1]"),
+        ),
+        (
+            "/v1/generate",
+            json!({"classes": ["seven"]}),
+            422,
+            Some("classes[0]"),
+        ),
         ("/v1/generate", json!({"classes": []}), 422, Some("classes")),
-        ("/v1/generate", json!({"per_class": 0}), 422, Some("per_class")),
-        ("/v1/generate", json!({"per_class": 5}), 422, Some("per_class")),
+        (
+            "/v1/generate",
+            json!({"per_class": 0}),
+            422,
+            Some("per_class"),
+        ),
+        (
+            "/v1/generate",
+            json!({"per_class": 5}),
+            422,
+            Some("per_class"),
+        ),
         ("/v1/generate", json!({"seed": -1}), 422, Some("seed")),
         ("/v1/generate", json!([1, 2]), 422, None),
-        ("/v1/inpaint", json!({"image": img, "class": 1}), 422, Some("mask")),
-        ("/v1/inpaint", json!({"image": "%%%", "mask": img, "class": 1}), 422, Some("image")),
-        ("/v1/inpaint", json!({"image": img, "mask": png_b64(&image::RgbImage::new(4, 4)), "class": 1}), 422, Some("mask")),
-        ("/v1/inpaint", json!({"image": img, "mask": png_b64(&image::RgbImage::new(8, 8)), "class": 1}), 422, Some("mask")),
-        ("/v1/inpaint", json!({"image": img, "mask": img, "class": 10}), 422, Some("class")),
-        ("/v1/outpaint", json!({"image": img, "class": 1}), 422, Some("right")),
-        ("/v1/outpaint", json!({"image": img, "class": 1, "right": 64}), 422, Some("right")),
-        ("/v1/outpaint", json!({"image": img, "class": 1, "right": 8, "samples": 0}), 422, Some("samples")),
+        (
+            "/v1/inpaint",
+            json!({"image": img, "class": 1}),
+            422,
+            Some("mask"),
+        ),
+        (
+            "/v1/inpaint",
+            json!({"image": "%%%", "mask": img, "class": 1}),
+            422,
+            Some("image"),
+        ),
+        (
+            "/v1/inpaint",
+            json!({"image": img, "mask": png_b64(&image::RgbImage::new(4, 4)), "class": 1}),
+            422,
+            Some("mask"),
+        ),
+        (
+            "/v1/inpaint",
+            json!({"image": img, "mask": png_b64(&image::RgbImage::new(8, 8)), "class": 1}),
+            422,
+            Some("mask"),
+        ),
+        (
+            "/v1/inpaint",
+            json!({"image": img, "mask": img, "class": 10}),
+            422,
+            Some("class"),
+        ),
+        (
+            "/v1/outpaint",
+            json!({"image": img, "class": 1}),
+            422,
+            Some("right"),
+        ),
+        (
+            "/v1/outpaint",
+            json!({"image": img, "class": 1, "right": 64}),
+            422,
+            Some("right"),
+        ),
+        (
+            "/v1/outpaint",
+            json!({"image": img, "class": 1, "right": 8, "samples": 0}),
+            422,
+            Some("samples"),
+        ),
     ];
     for (path, body, status, field) in cases {
         let (st, v) = post(&s.at(path), &body).await;
@@ -331,7 +435,10 @@ async fn bad_requests_get_a_4xx_naming_the_field() {
     .await;
     assert_eq!(st, 422, "{v}");
     assert_eq!(v["error"]["field"], "image");
-    assert!(v["error"]["message"].as_str().unwrap().contains("3000x3000"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("3000x3000"));
     // Still serving.
     let (st, _) = post(&gen, &json!({"classes": [1], "steps": 4})).await;
     assert_eq!(st, 200);
@@ -350,7 +457,12 @@ async fn an_api_key_is_required_everywhere_when_given() {
         ("POST", "/v1/inpaint"),
         ("POST", "/v1/outpaint"),
     ] {
-        for auth in [None, Some("Bearer wrong"), Some("sekrit"), Some("Basic sekrit")] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("sekrit"),
+            Some("Basic sekrit"),
+        ] {
             let mut r = c.request(method.parse().unwrap(), s.at(path)).json(&body);
             if let Some(a) = auth {
                 r = r.header("authorization", a);
@@ -409,7 +521,10 @@ async fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("queue is full"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
     assert_eq!(busy.await.unwrap().0, 200);
     assert_eq!(queued.await.unwrap().0, 200);
 }
@@ -419,7 +534,10 @@ async fn a_request_over_its_time_gets_504() {
     let s = Server::start(&["--request-timeout-s", "1"]);
     let (st, v) = post(&s.at("/v1/generate"), &slow_body(2)).await;
     assert_eq!(st, 504, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("longer than 1 s"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("longer than 1 s"));
     // The cancelled job does not hold the server: the next request is served.
     let (st, _) = post(&s.at("/v1/generate"), &json!({"classes": [2], "steps": 4})).await;
     assert_eq!(st, 200);

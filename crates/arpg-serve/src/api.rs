@@ -167,7 +167,10 @@ impl Decoding {
         let d = SampleConfig::default();
         let cfg = self.cfg.unwrap_or(d.cfg);
         if !(cfg.is_finite() && (0.0..=100.0).contains(&cfg)) {
-            return Err(ApiError::bad("cfg", format!("cfg {cfg} must be in [0, 100]")));
+            return Err(ApiError::bad(
+                "cfg",
+                format!("cfg {cfg} must be in [0, 100]"),
+            ));
         }
         let cfg_schedule = match &self.cfg_schedule {
             Some(s) => s
@@ -188,7 +191,8 @@ impl Decoding {
                 format!("steps {steps} must be in 1..={unknown} (the tokens to decode)"),
             ));
         }
-        token_counts(unknown, steps, schedule).map_err(|e| ApiError::bad("steps", e.to_string()))?;
+        token_counts(unknown, steps, schedule)
+            .map_err(|e| ApiError::bad("steps", e.to_string()))?;
         let temperature = self.temperature.unwrap_or(1.0);
         if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
             return Err(ApiError::bad(
@@ -205,7 +209,10 @@ impl Decoding {
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::bad("top_p", format!("top_p {top_p} must be in (0, 1]")));
+            return Err(ApiError::bad(
+                "top_p",
+                format!("top_p {top_p} must be in (0, 1]"),
+            ));
         }
         Ok(SampleConfig {
             steps,
@@ -332,7 +339,11 @@ pub fn generate_work(
     let total = classes.len().saturating_mul(per_class);
     if total > lim.max_images {
         return Err(ApiError::bad(
-            if r.per_class.is_some() { "per_class" } else { "classes" },
+            if r.per_class.is_some() {
+                "per_class"
+            } else {
+                "classes"
+            },
             format!(
                 "{total} images asked for, at most {} per request",
                 lim.max_images
@@ -505,7 +516,11 @@ pub fn outpaint_work(
     }
     if pads[0] + pads[1] > max_pad || pads[2] + pads[3] > max_pad {
         return Err(ApiError::bad(
-            if pads[0] + pads[1] > max_pad { "right" } else { "bottom" },
+            if pads[0] + pads[1] > max_pad {
+                "right"
+            } else {
+                "bottom"
+            },
             format!("pads on one axis may add at most {max_pad} pixels"),
         ));
     }

@@ -348,9 +348,8 @@ pub fn work(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>) {
                 tracing::error!("a batch panicked: {msg}");
                 metrics.count_panic();
                 for j in batch.drain(..) {
-                    let _ = j
-                        .tx
-                        .send(Event::Failed(format!("internal error (panic): {msg}")));
+                    let _ =
+                        j.tx.send(Event::Failed(format!("internal error (panic): {msg}")));
                 }
                 0
             }
@@ -385,10 +384,13 @@ fn run_batch(engine: &Engine, batch: &mut [Job]) -> Result<usize> {
             let mut made = 0;
             for i in 0..*samples {
                 let filled = fill_canvas(&engine.model, canvas, *class, &job.sc, &mut job.rng)?;
-                let toks = filled.tokens().context("window filling left a cell unknown")?;
-                let im = engine
-                    .tokenizer
-                    .decode(&[toks], (canvas.rows, canvas.cols), &engine.device)?;
+                let toks = filled
+                    .tokens()
+                    .context("window filling left a cell unknown")?;
+                let im =
+                    engine
+                        .tokenizer
+                        .decode(&[toks], (canvas.rows, canvas.cols), &engine.device)?;
                 let _ = job.tx.send(Event::Step {
                     step: i + 1,
                     steps: *samples,

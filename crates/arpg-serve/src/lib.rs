@@ -185,10 +185,9 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
             .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
     {
         let msg = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => format!(
-                "the request body is larger than {} bytes",
-                app.cfg.max_body
-            ),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                format!("the request body is larger than {} bytes", app.cfg.max_body)
+            }
             StatusCode::NOT_FOUND => format!("no endpoint {path}"),
             StatusCode::METHOD_NOT_ALLOWED => format!("method not allowed on {path}"),
             s => s.canonical_reason().unwrap_or("error").to_string(),
@@ -479,7 +478,11 @@ async fn answer(
                             guard.0.store(true, Ordering::Relaxed);
                             let e = ApiError::new(StatusCode::GATEWAY_TIMEOUT, None, timeout_msg);
                             return Some((
-                                Ok::<_, Infallible>(SseEvent::default().event("error").data(e.body().to_string())),
+                                Ok::<_, Infallible>(
+                                    SseEvent::default()
+                                        .event("error")
+                                        .data(e.body().to_string()),
+                                ),
                                 (rx, true, count, guard),
                             ));
                         }
@@ -563,8 +566,7 @@ async fn answer(
             Ok(Some(_)) => {}
         }
     }
-    if images.len() == 1 && accepts(headers, "image/png") && !accepts(headers, "application/json")
-    {
+    if images.len() == 1 && accepts(headers, "image/png") && !accepts(headers, "application/json") {
         return (
             [(header::CONTENT_TYPE, "image/png")],
             png_bytes(&images[0].1),

@@ -50,7 +50,10 @@ pub async fn request(
     body: &str,
     api_key: Option<&str>,
 ) -> Result<(u16, Vec<u8>)> {
-    ensure!(addr.ip().is_loopback(), "the load test only talks to loopback");
+    ensure!(
+        addr.ip().is_loopback(),
+        "the load test only talks to loopback"
+    );
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let auth = api_key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
@@ -130,7 +133,10 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
     if !cfg.addr.ip().is_loopback() {
         bail!("the load test only talks to loopback (127.0.0.1 / ::1)");
     }
-    ensure!(cfg.clients > 0 && cfg.requests > 0, "clients and requests must be positive");
+    ensure!(
+        cfg.clients > 0 && cfg.requests > 0,
+        "clients and requests must be positive"
+    );
     let key = cfg.api_key.clone();
     let metrics = |k: Option<String>| async move {
         let (_, b) = request(cfg.addr, "GET", "/metrics", "", k.as_deref()).await?;
@@ -155,8 +161,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
                     .replace("{c}", &(i % 10).to_string());
                 let t = Instant::now();
                 let (status, images) =
-                    match request(cfg.addr, "POST", &cfg.path, &body, cfg.api_key.as_deref())
-                        .await
+                    match request(cfg.addr, "POST", &cfg.path, &body, cfg.api_key.as_deref()).await
                     {
                         Ok((s, b)) => {
                             let n = serde_json::from_slice::<serde_json::Value>(&b)
@@ -167,10 +172,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
                         }
                         Err(_) => (0, 0),
                     };
-                results
-                    .lock()
-                    .unwrap()
-                    .push((status, t.elapsed(), images));
+                results.lock().unwrap().push((status, t.elapsed(), images));
             }
         }));
     }

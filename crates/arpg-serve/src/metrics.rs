@@ -76,7 +76,9 @@ impl Metrics {
 
     pub fn observe_request(&self, endpoint: &str, status: u16, elapsed: Duration) {
         let mut m = self.lock();
-        *m.requests.entry((endpoint.to_string(), status)).or_default() += 1;
+        *m.requests
+            .entry((endpoint.to_string(), status))
+            .or_default() += 1;
         m.latency
             .entry(endpoint.to_string())
             .or_default()
@@ -152,9 +154,7 @@ impl Metrics {
             .map(|(t, _)| now.duration_since(*t).as_secs_f64())
             .unwrap_or(0.0)
             .max(1.0);
-        out.push_str(
-            "# HELP arpg_images_per_second Images per second over the last minute.\n",
-        );
+        out.push_str("# HELP arpg_images_per_second Images per second over the last minute.\n");
         out.push_str("# TYPE arpg_images_per_second gauge\n");
         let _ = writeln!(out, "arpg_images_per_second {}", last as f64 / span);
         let busy = self.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9;
