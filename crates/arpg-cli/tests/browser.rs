@@ -109,7 +109,7 @@ async fn the_page_generates_and_inpaints_in_headless_chromium() {
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                      "--no-first-run", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                     "--window-size=1200,1000",
+                     "--window-size=1200,1100",
                      format!("--user-data-dir={}", profile.path().display())],
         }),
     );
@@ -229,7 +229,7 @@ async fn the_page_generates_and_inpaints_in_headless_chromium() {
         )
         .await
         .unwrap();
-    assert!(painted.as_u64().unwrap() > 1000, "mask painted: {painted}");
+    assert!(painted.as_u64().unwrap() > 6000, "mask painted: {painted}");
     let sel = c.find(Locator::Id("editClass")).await.unwrap();
     sel.select_by_value("7").await.unwrap();
     let steps = c.find(Locator::Id("editSteps")).await.unwrap();
