@@ -284,7 +284,7 @@ impl Queue {
                     n >= self.max_batch
                 };
                 let now = Instant::now();
-                if now < deadline && !fits(&*s) && !s.closed && key.solo == 0 {
+                if now < deadline && !fits(&s) && !s.closed && key.solo == 0 {
                     s = self
                         .wake
                         .wait_timeout(s, deadline - now)
