@@ -548,3 +548,40 @@ pub fn outpaint_work(
         r.seed.unwrap_or(0),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imagenet_classes_resolve_by_id_full_name_or_synonym() {
+        let n = ClassNames::for_classes(1000);
+        assert_eq!(n.names.len(), 1000);
+        let id = |s: &str| n.resolve("classes[0]", &ClassRef::Name(s.into())).unwrap();
+        assert_eq!(id("golden retriever"), 207);
+        assert_eq!(id("Tinca tinca"), 0);
+        assert_eq!(id("tench, Tinca tinca"), 0);
+        assert_eq!(id("red panda"), 387);
+        assert_eq!(id("207"), 207);
+        let e = n
+            .resolve("classes[1]", &ClassRef::Name("unicorn".into()))
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("classes[1]"));
+        assert!(n.resolve("class", &ClassRef::Id(1000)).is_err());
+        // Digits: the names are the digits.
+        let d = ClassNames::for_classes(10);
+        assert_eq!(d.resolve("class", &ClassRef::Name("7".into())).unwrap(), 7);
+    }
+
+    #[test]
+    fn an_image_over_the_size_limit_is_refused_from_its_header() {
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(300, 20)
+            .write_to(&mut png, image::ImageFormat::Png)
+            .unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+        let e = decode_image("image", &b64, 256).unwrap_err();
+        assert!(e.message.contains("300x20"), "{}", e.message);
+        assert_eq!(decode_image("image", &b64, 300).unwrap().width(), 300);
+    }
+}
