@@ -231,7 +231,7 @@ async fn the_same_seed_gives_the_images_of_arpg_sample() {
 /// A request's images do not depend on what it is batched with.
 #[tokio::test(flavor = "multi_thread")]
 async fn batched_requests_get_the_images_they_get_alone() {
-    let s = Server::start(&["--batch-window-ms", "400", "--max-batch", "64"]);
+    let s = Server::start(&["--batch-window-ms", "1000", "--max-batch", "64"]);
     let a = json!({"classes": [1, 2], "per_class": 2, "steps": 8, "seed": 11});
     let (st, alone) = post(&s.at("/v1/generate"), &a).await;
     assert_eq!(st, 200);
@@ -498,19 +498,29 @@ async fn an_api_key_is_required_everywhere_when_given() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let s = Server::start(&["--max-queue", "1", "--batch-window-ms", "0"]);
+    let s = Server::start(&[
+        "--max-queue",
+        "1",
+        "--batch-window-ms",
+        "0",
+        "--max-images",
+        "256",
+    ]);
     let url = s.at("/v1/generate");
+    // 256 images at 64 steps: several seconds of work on any CPU.
+    let mut slow = slow_body(1);
+    slow["per_class"] = json!(32);
     let busy = {
         let url = url.clone();
-        tokio::spawn(async move { post(&url, &slow_body(1)).await })
+        tokio::spawn(async move { post(&url, &slow).await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // The worker decodes the slow request; this one takes the one queue slot...
     let queued = {
         let url = url.clone();
         tokio::spawn(async move { post(&url, &json!({"classes": [1], "steps": 5})).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     // ...and this one finds the queue full.
     let r = client()
         .post(&url)
@@ -531,15 +541,26 @@ async fn a_full_queue_answers_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_over_its_time_gets_504() {
-    let s = Server::start(&["--request-timeout-s", "1"]);
-    let (st, v) = post(&s.at("/v1/generate"), &slow_body(2)).await;
+    let s = Server::start(&["--request-timeout-s", "1", "--batch-window-ms", "0"]);
+    // Two slow requests of different settings: the second waits for the first (queueing
+    // counts), so it is over its second whatever the machine's speed.
+    let url = s.at("/v1/generate");
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { post(&url, &slow_body(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = slow_body(3);
+    second["steps"] = json!(63);
+    let (st, v) = post(&url, &second).await;
     assert_eq!(st, 504, "{v}");
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
         .contains("longer than 1 s"));
-    // The cancelled job does not hold the server: the next request is served.
-    let (st, _) = post(&s.at("/v1/generate"), &json!({"classes": [2], "steps": 4})).await;
+    let _ = first.await.unwrap();
+    // The cancelled jobs do not hold the server: the next request is served.
+    let (st, _) = post(&url, &json!({"classes": [2], "steps": 4})).await;
     assert_eq!(st, 200);
 }
 
@@ -573,16 +594,30 @@ async fn a_panic_in_one_request_leaves_the_server_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_the_requests_in_flight_then_exits() {
     let mut s = Server::start(&[]);
-    let url = s.at("/v1/generate");
-    let inflight = {
-        let url = url.clone();
-        tokio::spawn(async move { post(&url, &slow_body(3)).await })
-    };
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut body = slow_body(3);
+    body["stream"] = json!(true);
+    let mut r = client()
+        .post(s.at("/v1/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Wait until the request is being decoded, then SIGTERM.
+    let mut text = String::new();
+    while !text.contains("event: step") {
+        let chunk = r.chunk().await.unwrap().expect("stream ended early");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
     s.terminate();
-    let (st, v) = inflight.await.unwrap();
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(images(&v).len(), 64);
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains("event: done") && text.contains(r#""count":64"#),
+        "the request in flight was not finished: {}",
+        &text[text.len().saturating_sub(300)..]
+    );
     let status = s
         .wait_exit(Duration::from_secs(30))
         .expect("the server did not exit after SIGTERM");
