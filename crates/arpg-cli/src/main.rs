@@ -9,6 +9,7 @@ mod launch;
 mod parity;
 mod reference;
 mod sample;
+mod serve;
 mod tokens;
 mod train;
 
@@ -60,6 +61,10 @@ enum Command {
     SampleFid(fid::SampleFidArgs),
     /// FID, sFID, Inception Score, precision and recall of samples against a reference batch.
     Eval(fid::EvalArgs),
+    /// Serve a model over HTTP: JSON API (generate, inpaint, outpaint), batching, a web page.
+    Serve(serve::ServeArgs),
+    /// A bounded load test against `arpg serve` on loopback.
+    LoadTest(serve::LoadTestArgs),
 }
 
 fn main() {
@@ -107,6 +112,8 @@ fn main() {
         Command::CheckParity(a) => parity::run(a),
         Command::Inpaint(a) => edit::run_inpaint(a),
         Command::Outpaint(a) => edit::run_outpaint(a),
+        Command::Serve(a) => serve::run(a),
+        Command::LoadTest(a) => serve::load_test(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -614,6 +614,80 @@ impl<R: Rng> Select for HostDraw<'_, R> {
     }
 }
 
+/// One generator per group of sequences, and a step callback, for [`decode_rows`].
+pub struct Rows<'a> {
+    /// The groups' generators: sequence `s` draws every token from `rngs[of[s]]`.
+    pub rngs: &'a mut [rand_chacha::ChaCha8Rng],
+    /// The group of each sequence.
+    pub of: &'a [usize],
+    /// Called after each step with (steps done, steps in all).
+    pub on_step: &'a mut dyn FnMut(usize, usize),
+}
+
+/// Validate `req` and decode it with one generator per group of sequences (e.g. one per server
+/// request batched together): a group's tokens are drawn from its own generator, in the order
+/// a decode of that group alone draws them, so they do not depend on what else is in the
+/// batch. Always draws on the host (the device draw's noise depends on the row index in the
+/// batch), so on the CPU a group gets the tokens that [`decode`] gives it alone with the same
+/// generator. Tokens on the host, raster order.
+pub fn decode_rows(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rows: &mut Rows,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        rows.of.len() == req.classes.len() && rows.of.iter().all(|&g| g < rows.rngs.len()),
+        "one generator group per sequence"
+    );
+    let req = req.validate(DecodeShape::of(model), cfg)?;
+    let plan = Plan::new(model, &req);
+    let mut buf = Buffers::new(model, &plan)?;
+    buf.load(&Inputs::new(model, &req, 0))?;
+    let mut pick = RowsDraw {
+        filter: req.cfg.filter,
+        weights: req.weights(),
+        b: req.len(),
+        steps: plan.counts.len(),
+        rows,
+    };
+    run_loop(model, &plan, &mut buf, &mut pick)?;
+    Ok(to_raster(&req, &buf.drawn)?.to_vec2()?)
+}
+
+/// [`HostDraw`] with each sequence's generator taken from its group, and a step callback.
+struct RowsDraw<'a, 'r> {
+    filter: TokenFilter,
+    weights: Vec<Option<f64>>,
+    b: usize,
+    steps: usize,
+    rows: &'a mut Rows<'r>,
+}
+
+impl Select for RowsDraw<'_, '_> {
+    fn select(&mut self, logits: &Tensor, s: usize, _: &Plan, _: &Tensor) -> Result<Tensor> {
+        let logits = logits.to_dtype(DType::F32)?;
+        let logits = match self.weights[s] {
+            Some(w) => {
+                let c = logits.narrow(0, 0, self.b)?;
+                let u = logits.narrow(0, self.b, self.b)?;
+                (&u + ((c - &u)? * w)?)?
+            }
+            None => logits,
+        };
+        let (b, n, _) = logits.dims3()?;
+        let mut toks = Vec::with_capacity(b * n);
+        for (row, l) in logits.to_vec3::<f32>()?.iter_mut().enumerate() {
+            let rng = &mut self.rows.rngs[self.rows.of[row]];
+            for l in l.iter_mut() {
+                toks.push(self.filter.sample(l, rng));
+            }
+        }
+        (self.rows.on_step)(s + 1, self.steps);
+        Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
+    }
+}
+
 /// The decoding loop, as the reference's `generate` reads: per step of the schedule, run the
 /// fed tokens through pass 1 and the step's queries through pass 2, select a token per query
 /// (the guidance mix happens in `pick`), and feed the selected tokens back. Every tensor it

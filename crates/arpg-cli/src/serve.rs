@@ -1,0 +1,191 @@
+//! `arpg serve` and `arpg load-test`: flag mapping onto the `arpg-serve` crate.
+
+use crate::args::{DeviceArgs, ModelArgs, VqArgs};
+use anyhow::{bail, Context, Result};
+use arpg_serve::api::Limits;
+use arpg_serve::engine::Engine;
+use arpg_serve::ServeConfig;
+use clap::Args;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub vq: VqArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Address to listen on (loopback by default; anything else needs --allow-remote).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port (0 = any free port; the address is printed as `listening on http://...`).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Listen on a non-loopback --host.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Bearer token every endpoint requires (`Authorization: Bearer KEY`), but the static
+    /// page, which asks for it. Also read from ARPG_API_KEY.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body: usize,
+    /// Most images one request may ask for.
+    #[arg(long, default_value_t = 64)]
+    pub max_images: usize,
+    /// Largest side of an uploaded image, pixels (checked before decoding).
+    #[arg(long, default_value_t = 2048)]
+    pub max_image_side: u32,
+    /// Requests waiting for the model before new ones are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most images decoded in one batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// Milliseconds the worker waits after the oldest queued request for compatible ones.
+    #[arg(long, default_value_t = 10)]
+    pub batch_window_ms: u64,
+    /// Seconds a request may take, queueing included (504 after).
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout_s: u64,
+    /// Test hook: requests with this seed panic inside the model worker.
+    #[arg(long, hide = true)]
+    pub panic_on_seed: Option<u64>,
+}
+
+pub fn run(mut a: ServeArgs) -> Result<()> {
+    if !a.host.is_loopback() && !a.allow_remote {
+        bail!(
+            "--host {} is not a loopback address: add --allow-remote (and --api-key) to serve beyond this machine",
+            a.host
+        );
+    }
+    let name = a
+        .model
+        .model
+        .clone()
+        .or_else(|| a.model.config.as_ref().map(|p| p.display().to_string()))
+        .unwrap_or_else(|| {
+            if a.model.init.is_some() {
+                "random".into()
+            } else if arpg::zoo::official_weights_cached() {
+                "ARPG-L".into()
+            } else {
+                arpg::zoo::DIGITS.into()
+            }
+        });
+    let (model, tokenizer, device) = crate::edit::load(&mut a.model, &a.vq, &a.device, 0)?;
+    let cfg = ServeConfig {
+        model_name: name,
+        api_key: a
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("ARPG_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
+        max_body: a.max_body,
+        limits: Limits {
+            max_images: a.max_images.max(1),
+            max_image_side: a.max_image_side.max(1),
+            max_outpaint: 4,
+        },
+        max_queue: a.max_queue.max(1),
+        batch_window: Duration::from_millis(a.batch_window_ms),
+        max_batch: a.max_batch.max(1),
+        request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
+        panic_seed: a.panic_on_seed,
+    };
+    let engine = Engine {
+        model,
+        tokenizer,
+        device,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(a.host, a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        eprintln!("arpg serve: model {} on http://{addr}/ (SIGTERM or Ctrl-C stops it after the requests in flight)", cfg.model_name);
+        arpg_serve::serve(listener, engine, cfg, stop_signal()).await
+    })
+}
+
+/// SIGTERM, or the Ctrl-C flag that `main` sets.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    loop {
+        match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            },
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        if arpg::util::interrupted() {
+            return;
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct LoadTestArgs {
+    /// The server (loopback only), e.g. http://127.0.0.1:8000.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    #[arg(long, default_value = "/v1/generate")]
+    pub path: String,
+    /// Request body; `{i}` becomes the request's index, `{c}` the index modulo 10.
+    #[arg(
+        long,
+        default_value = r#"{"classes":[{c}],"per_class":1,"steps":16,"seed":{i}}"#
+    )]
+    pub body: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 256)]
+    pub requests: usize,
+    /// Bearer token (also read from ARPG_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+pub fn load_test(a: LoadTestArgs) -> Result<()> {
+    let hostport = a
+        .url
+        .strip_prefix("http://")
+        .context("--url must start with http://")?
+        .trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .with_context(|| format!("--url {}: expected http://127.0.0.1:PORT", a.url))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let body = a.body.clone();
+    let report = rt.block_on(arpg_serve::load::run(arpg_serve::load::LoadConfig {
+        addr,
+        path: a.path.clone(),
+        body,
+        clients: a.clients,
+        requests: a.requests,
+        api_key: a
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("ARPG_API_KEY").ok()),
+    }))?;
+    println!("{}", serde_json::to_string(&report)?);
+    if report.errors > 0 {
+        bail!("{} of {} requests failed", report.errors, report.requests);
+    }
+    Ok(())
+}
