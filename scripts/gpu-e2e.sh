@@ -6,6 +6,8 @@
 #     bash scripts/gpu-e2e.sh core    # parity, VQ decode variants, bench --e2e, ARPG-L sample-fid
 #                                     # (PNGs off/on, overlapped/sequential) + the reference
 #     bash scripts/gpu-e2e.sh sizes   # ARPG-XL and ARPG-XXL, ours and the reference
+#     bash scripts/gpu-e2e.sh final   # the short version of both (what docs/benchmarks.md shows),
+#                                     # then the `arpg serve` load test (scripts/gpu-serve-load.sh)
 # .bin/ref holds the paper's models/arpg.py and models/vq_model.py (fetched, never committed).
 # cuDNN comes from the machine's PyTorch wheels (nvidia-cudnn-cu13): our binary dlopens it.
 set -uo pipefail
@@ -56,6 +58,23 @@ if [ "$MODE" = core ]; then
   fid ARPG-L 64 png
   ref ARPG-L --steps 64 32
   ref ARPG-L --steps 64 --png /tmp/refpng
+elif [ "$MODE" = final ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  for s in 64 32; do
+    bench "ARPG-L tokens + e2e, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10
+  done
+  bench "VQ tf32 (default)" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16
+  bench "VQ bf16" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  el
+  for s in 64 32; do fid ARPG-L $s nopng; done
+  N=640 fid ARPG-L 64 png
+  ref ARPG-L --steps 64 32
+  N=640 ref ARPG-L --steps 64 --png /tmp/refpng
+  for m in ARPG-XL ARPG-XXL; do
+    for s in 64 32; do N=640 fid $m $s nopng; done
+    N=640 ref $m --steps 64 32
+  done
+  echo "== serve load test"; ARPG=$A REQUESTS=128 timeout 120 bash scripts/gpu-serve-load.sh 2>&1 | tail -12; el
 else
   N=${N_SIZES:-640}
   for m in ARPG-XL ARPG-XXL; do

@@ -387,7 +387,16 @@ mod imp {
             // Keep the usable ones only, then order them for a stable pick.
             let mut ok: Vec<AlgoPerf> = perf[..found as usize]
                 .iter()
-                .filter(|p| p.status == 0 && p.memory <= WORKSPACE_LIMIT && p.time >= 0.0)
+                .filter(|p| {
+                    p.status == 0
+                        && p.memory <= WORKSPACE_LIMIT
+                        && p.time >= 0.0
+                        && (!exact
+                            || !matches!(
+                                p.math_type,
+                                TENSOR_OP_MATH | TENSOR_OP_MATH_ALLOW_CONVERSION
+                            ))
+                })
                 .copied()
                 .collect();
             stable_pick(&mut ok);
