@@ -234,7 +234,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     }
     let written: Vec<String> = match images.is_empty() {
         true => vec![],
-        false => (all.iter().enumerate().take(tokens.len()))
+        false => (all.iter().enumerate().take(done))
             .map(|(i, c)| format!("{i:06}_class{c}.png"))
             .chain(["grid.png".to_string()])
             .collect(),
@@ -297,7 +297,7 @@ fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 /// The order file's positions; the sampler checks that they are a permutation of the grid.
-fn read_order(path: &PathBuf) -> Result<Vec<usize>> {
+fn read_order(path: &std::path::Path) -> Result<Vec<usize>> {
     let text = arpg::util::read_small(path, 64 << 20, "--order")?;
     serde_json::from_str(&text).with_context(|| {
         format!(

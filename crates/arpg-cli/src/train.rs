@@ -128,6 +128,9 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         "--lr {} must be a positive number",
         a.lr
     );
+    // The reference's flags set the batch and make --lr absolute: before the peak is derived.
+    let data = Packed::open(&a.data)?;
+    crate::reference::apply(&mut a, data.len())?;
     let lr = if a.lr_absolute {
         a.lr
     } else {
@@ -147,8 +150,6 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     if main_rank {
         check_out(&a)?;
     }
-    let data = Packed::open(&a.data)?;
-    crate::reference::apply(&mut a, data.len())?;
     let tc = TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,

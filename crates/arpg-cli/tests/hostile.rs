@@ -331,6 +331,11 @@ fn item5_non_finite_weights_and_config_values_are_refused() {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         fails(&a, &[key, &format!("{key}.json")]);
     }
+    // A guidance scale that overflows the logits is refused before sampling.
+    let mut a = sample(&cfg, &fixture("a_arpg.safetensors"));
+    a.extend(["--cfg".to_string(), "3.4e38".to_string()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    fails(&a, &["--cfg", "overflow"]);
     assert!(!d.path().join("t.json").exists());
 }
 

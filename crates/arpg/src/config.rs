@@ -392,10 +392,13 @@ mod tests {
             let c = ArpgConfig::preset(p).unwrap();
             let by_shapes: usize = c
                 .parameter_shapes()
+                .unwrap()
                 .iter()
                 .map(|(_, s)| s.iter().product::<usize>())
                 .sum();
             assert_eq!(c.num_parameters(), by_shapes);
+            // The overflow-checked count (used before allocating) agrees with the model's.
+            assert_eq!(c.checked_num_parameters(), Some(by_shapes));
         }
         assert_eq!(ArpgConfig::preset("ARPG-L").unwrap().ffn_hidden(), 2816);
         assert_eq!(ArpgConfig::preset("ARPG-XL").unwrap().ffn_hidden(), 3584);

@@ -75,7 +75,11 @@ pub fn run<T: Send, P: Send>(
             Ok(())
         })();
         drop(to_decoder);
-        let drained = drain(true, &mut sunk);
+        // After an error nothing more reaches `sink`; the decoder finishes its queue and stops.
+        let drained = match &produced {
+            Ok(()) => drain(true, &mut sunk),
+            Err(_) => Ok(false),
+        };
         decoder
             .join()
             .map_err(|_| anyhow!("the image decoding thread panicked"))?;

@@ -183,11 +183,22 @@ impl Request<'_> {
 }
 
 /// The settings' own ranges (guidance, temperature, top-k, top-p) and the steps for a full
+/// Largest guidance scale taken.
+pub const MAX_CFG: f32 = 1e4;
+
 /// grid: what a command line can check before it loads a model.
 pub fn validate_settings(shape: DecodeShape, cfg: &SampleConfig) -> Result<()> {
     cfg.filter.validate()?;
     if !cfg.cfg.is_finite() || cfg.cfg < 0.0 {
         bail!("--cfg {} must be a finite number >= 0", cfg.cfg);
+    }
+    // The paper's scales are 4-8; far beyond, the guided logits overflow and every draw
+    // becomes token 0 (checked on the host path, not inside the device's draw kernel).
+    if cfg.cfg > MAX_CFG {
+        bail!(
+            "--cfg {} is beyond {MAX_CFG}: the guided logits would overflow",
+            cfg.cfg
+        );
     }
     if cfg.filter.top_k > shape.vocab_size {
         bail!(
@@ -607,11 +618,24 @@ impl<R: Rng> Select for HostDraw<'_, R> {
         let mut toks = Vec::with_capacity(b * n);
         for row in logits.to_vec3::<f32>()?.iter_mut() {
             for l in row.iter_mut() {
+                finite(l, s)?;
                 toks.push(self.filter.sample(l, self.rng));
             }
         }
         Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
     }
+}
+
+/// Non-finite logits would all draw token 0 and pass for a result: refuse them.
+fn finite(logits: &[f32], step: usize) -> Result<()> {
+    if logits.iter().all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    bail!(
+        "the model produced non-finite logits at decoding step {}: check the weights and the \
+         config (rope_base, norm_eps) and the guidance scale",
+        step + 1
+    )
 }
 
 /// One generator per group of sequences, and a step callback, for [`decode_rows`].
@@ -680,6 +704,7 @@ impl Select for RowsDraw<'_, '_> {
         for (row, l) in logits.to_vec3::<f32>()?.iter_mut().enumerate() {
             let rng = &mut self.rows.rngs[self.rows.of[row]];
             for l in l.iter_mut() {
+                finite(l, s)?;
                 toks.push(self.filter.sample(l, rng));
             }
         }
@@ -730,6 +755,15 @@ mod tests {
     use candle_core::Device;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn host_draw_refuses_non_finite_logits() {
+        assert!(finite(&[0.0, -3.5, 1e30], 0).is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = finite(&[0.0, bad], 4).unwrap_err().to_string();
+            assert!(e.contains("non-finite logits at decoding step 5"), "{e}");
+        }
+    }
 
     fn tiny() -> Arpg {
         let cfg = ArpgConfig {
