@@ -275,7 +275,6 @@ fn sample_shards(
     let sc = a.sampling.config(&spec)?;
     let (device, dtype) = a.device.resolve()?;
     let model = spec.load(dtype, &device)?;
-    let shape = sampler::DecodeShape::of(&model);
     let overlap = !a.no_overlap;
     // The VQ decoder works on its own stream, so that it overlaps with the token decoding.
     let vq_device = match overlap {
@@ -335,15 +334,9 @@ fn sample_shards(
             arpg::device::seed(&device, seed)?;
         }
         let orders = vec![random_order(&positions, &mut rng); classes.len()];
-        let known = vec![vec![]; classes.len()];
-        let req = sampler::Request {
-            classes,
-            known: &known,
-            orders: &orders,
-        }
-        .validate(shape, &sc)?;
         // The tokens stay on the device: the decoder thread takes them from there.
-        let toks = sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?;
+        let toks =
+            sampler::generate_classes(&model, classes, &orders, &sc, &mut rng, Some(&mut graphs))?;
         arpg::device::tokens_ready(&device)?;
         Ok(Some(toks))
     };

@@ -163,7 +163,6 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     let mut images = Vec::new();
     let start = std::time::Instant::now();
     let mut graphs = a.sampling.graphs();
-    let no_known = vec![vec![]; a.batch_size];
     for batch in all.chunks(a.batch_size) {
         if arpg::util::interrupted() {
             break;
@@ -178,13 +177,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         };
         // Tokens [batch, cells] on the device, decoded to images without a host round trip.
         let toks = if canvas == (grid, grid) {
-            let req = Request {
-                classes: batch,
-                known: &no_known[..batch.len()],
-                orders: &orders,
-            }
-            .validate(DecodeShape::of(&model), &sc)?;
-            sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?
+            sampler::generate_classes(&model, batch, &orders, &sc, &mut rng, Some(&mut graphs))?
         } else {
             let empty = Canvas::unknown(canvas.0, canvas.1);
             let rows = batch

@@ -358,6 +358,19 @@ fn sample_graphs<R: Rng>(
     rng: &mut R,
     graphs: Option<&mut DecodeGraphs>,
 ) -> Result<Vec<Vec<u32>>> {
+    Ok(generate_classes(model, classes, orders, cfg, rng, graphs)?.to_vec2()?)
+}
+
+/// Class-conditional sampling, every position unknown: validate, then [`generate`]; tokens
+/// `[b, cells]` stay on the device.
+pub fn generate_classes<R: Rng>(
+    model: &Arpg,
+    classes: &[usize],
+    orders: &[Vec<usize>],
+    cfg: &SampleConfig,
+    rng: &mut R,
+    graphs: Option<&mut DecodeGraphs>,
+) -> Result<Tensor> {
     let known = vec![vec![]; classes.len()];
     let req = Request {
         classes,
@@ -365,7 +378,7 @@ fn sample_graphs<R: Rng>(
         orders,
     };
     let req = req.validate(DecodeShape::of(model), cfg)?;
-    Ok(generate(model, &req, rng, graphs)?.to_vec2()?)
+    generate(model, &req, rng, graphs)
 }
 
 /// Shorthand: validate `req`, [`generate`], tokens on the host.
@@ -605,25 +618,40 @@ struct HostDraw<'r, R> {
 
 impl<R: Rng> Select for HostDraw<'_, R> {
     fn select(&mut self, logits: &Tensor, s: usize, _: &Plan, _: &Tensor) -> Result<Tensor> {
-        let logits = logits.to_dtype(DType::F32)?;
-        let logits = match self.weights[s] {
-            Some(w) => {
-                let c = logits.narrow(0, 0, self.b)?;
-                let u = logits.narrow(0, self.b, self.b)?;
-                (&u + ((c - &u)? * w)?)?
-            }
-            None => logits,
-        };
-        let (b, n, _) = logits.dims3()?;
-        let mut toks = Vec::with_capacity(b * n);
-        for row in logits.to_vec3::<f32>()?.iter_mut() {
-            for l in row.iter_mut() {
-                finite(l, s)?;
-                toks.push(self.filter.sample(l, self.rng));
-            }
-        }
-        Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
+        let (filter, rng) = (self.filter, &mut *self.rng);
+        host_select(logits, self.weights[s], self.b, s, |_, l| {
+            filter.sample(l, rng)
+        })
     }
+}
+
+/// The host draws' common part: the CFG mix of `[copies * b, n, vocab]` logits with weight
+/// `w`, then `draw(row, logits)` for each query of each row (checked finite first).
+fn host_select(
+    logits: &Tensor,
+    w: Option<f64>,
+    b: usize,
+    step: usize,
+    mut draw: impl FnMut(usize, &mut [f32]) -> u32,
+) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let logits = match w {
+        Some(w) => {
+            let c = logits.narrow(0, 0, b)?;
+            let u = logits.narrow(0, b, b)?;
+            (&u + ((c - &u)? * w)?)?
+        }
+        None => logits,
+    };
+    let (b, n, _) = logits.dims3()?;
+    let mut toks = Vec::with_capacity(b * n);
+    for (r, row) in logits.to_vec3::<f32>()?.iter_mut().enumerate() {
+        for l in row.iter_mut() {
+            finite(l, step)?;
+            toks.push(draw(r, l));
+        }
+    }
+    Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
 }
 
 /// Non-finite logits would all draw token 0 and pass for a result: refuse them.
@@ -690,26 +718,12 @@ struct RowsDraw<'a, 'r> {
 
 impl Select for RowsDraw<'_, '_> {
     fn select(&mut self, logits: &Tensor, s: usize, _: &Plan, _: &Tensor) -> Result<Tensor> {
-        let logits = logits.to_dtype(DType::F32)?;
-        let logits = match self.weights[s] {
-            Some(w) => {
-                let c = logits.narrow(0, 0, self.b)?;
-                let u = logits.narrow(0, self.b, self.b)?;
-                (&u + ((c - &u)? * w)?)?
-            }
-            None => logits,
-        };
-        let (b, n, _) = logits.dims3()?;
-        let mut toks = Vec::with_capacity(b * n);
-        for (row, l) in logits.to_vec3::<f32>()?.iter_mut().enumerate() {
-            let rng = &mut self.rows.rngs[self.rows.of[row]];
-            for l in l.iter_mut() {
-                finite(l, s)?;
-                toks.push(self.filter.sample(l, rng));
-            }
-        }
-        (self.rows.on_step)(s + 1, self.steps);
-        Ok(Tensor::from_vec(toks, (b, n), logits.device())?)
+        let (filter, rows) = (self.filter, &mut *self.rows);
+        let toks = host_select(logits, self.weights[s], self.b, s, |r, l| {
+            filter.sample(l, &mut rows.rngs[rows.of[r]])
+        })?;
+        (rows.on_step)(s + 1, self.steps);
+        Ok(toks)
     }
 }
 

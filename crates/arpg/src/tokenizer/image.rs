@@ -257,20 +257,13 @@ impl PngWriter {
     }
 
     pub fn submit(&self, path: std::path::PathBuf, img: RgbImage) -> Result<()> {
-        if let Some(e) = &self
-            .pending
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .error
         {
-            bail!("writing PNGs: {e}");
+            let mut st = self.pending.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = &st.error {
+                bail!("writing PNGs: {e}");
+            }
+            st.queued += 1;
         }
-        self.pending
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queued += 1;
         self.tx
             .as_ref()
             .expect("sender lives until drop")
