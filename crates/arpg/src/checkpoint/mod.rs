@@ -117,8 +117,10 @@ fn load_pt(path: &Path, which: Weights) -> Result<HashMap<String, Tensor>> {
             .find(|k| keys.iter().any(|x| x == k)),
     };
     verify_zip_crcs(path)?;
-    let pth = candle_core::pickle::PthTensors::new(path, key)
-        .context("cannot read the PyTorch pickle")?;
+    let pth = pickle_guard("the PyTorch pickle", || {
+        Ok(candle_core::pickle::PthTensors::new(path, key)?)
+    })
+    .context("cannot read the PyTorch pickle")?;
     let mut out = HashMap::new();
     for name in pth.tensor_infos().keys() {
         let t = pth
@@ -152,11 +154,13 @@ fn pt_top_level_keys(path: &Path) -> Result<Vec<String>> {
         .context("not a PyTorch checkpoint: no data.pkl in the zip archive")?;
     let reader = zip.by_name(&name)?;
     let mut reader = std::io::BufReader::new(reader);
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut reader)
-        .context("corrupt pickle in data.pkl")?;
-    let obj = stack.finalize().context("corrupt pickle in data.pkl")?;
+    let obj = pickle_guard("pickle in data.pkl", || {
+        let mut stack = Stack::empty();
+        stack
+            .read_loop(&mut reader)
+            .context("corrupt pickle in data.pkl")?;
+        stack.finalize().context("corrupt pickle in data.pkl")
+    })?;
     Ok(match obj {
         Object::Dict(kv) => kv
             .into_iter()
@@ -231,4 +235,11 @@ pub fn load_safetensors_with_metadata(
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Run one of candle's pickle readers, turning its panics into errors: on corrupt input it
+/// indexes tuples unchecked (`rebuild_args`) and shifts past 64 bits (a long `LONG1`).
+pub(crate) fn pickle_guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| anyhow::bail!("corrupt {what}: malformed tensor record"))
 }

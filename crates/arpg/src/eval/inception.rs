@@ -566,10 +566,12 @@ fn load_legacy_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
     }
     let mut cur = std::io::Cursor::new(&bytes[MAGIC.len()..]);
     let mut next = |what: &str| -> Result<Object> {
-        let mut s = Stack::empty();
-        s.read_loop(&mut cur)
-            .with_context(|| format!("corrupt pickle ({what})"))?;
-        Ok(s.finalize()?)
+        crate::checkpoint::pickle_guard(&format!("pickle ({what})"), || {
+            let mut s = Stack::empty();
+            s.read_loop(&mut cur)
+                .with_context(|| format!("corrupt pickle ({what})"))?;
+            Ok(s.finalize()?)
+        })
     };
     next("protocol version")?;
     next("system info")?;
@@ -581,7 +583,11 @@ fn load_legacy_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
     };
     let mut infos = Vec::new();
     for (name, value) in entries {
-        if let Some(info) = value.into_tensor_info(name, Path::new(""))? {
+        let what = format!("tensor record {name:?}");
+        let info = crate::checkpoint::pickle_guard(&what, || {
+            Ok(value.into_tensor_info(name, Path::new(""))?)
+        })?;
+        if let Some(info) = info {
             infos.push(info);
         }
     }
@@ -609,11 +615,16 @@ fn load_legacy_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
         let count = bytes.get(at..at + 8).context("truncated storage header")?;
         let count = u64::from_le_bytes(count.try_into()?) as usize;
         let size = elsize.get(k).copied().unwrap_or(4);
+        // A corrupt count must not overflow the offset arithmetic.
+        let end = count
+            .checked_mul(size)
+            .and_then(|n| n.checked_add(at + 8))
+            .with_context(|| format!("storage {k}: {count} elements do not fit in memory"))?;
         let data = bytes
-            .get(at + 8..at + 8 + count * size)
+            .get(at + 8..end)
             .with_context(|| format!("truncated storage {k}"))?;
         storages.insert(k.clone(), data);
-        at += 8 + count * size;
+        at = end;
     }
     let mut out = HashMap::new();
     for t in infos {
