@@ -190,6 +190,79 @@ pub struct SamplingArgs {
     pub reference: ReferenceSampleFlags,
 }
 
+/// The condition of a control model (controllable generation), shared by `sample` and
+/// `inpaint`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// A condition image for a control model (edges, a depth map, a segmentation, a sketch;
+    /// single-channel or RGB), applied to every image of the call. One that is not the
+    /// model's size is resized as ADM resizes (box halvings, bicubic, centre crop).
+    #[arg(long)]
+    pub condition: Option<PathBuf>,
+    /// The --condition is a photo: its Canny edges (after the resize) are the condition.
+    #[arg(long, requires = "condition")]
+    pub canny: bool,
+    /// Canny's low hysteresis threshold (ControlNet's default 100).
+    #[arg(long, default_value_t = arpg::control::CANNY_LOW, requires = "canny")]
+    pub canny_low: f32,
+    /// Canny's high hysteresis threshold (ControlNet's default 200).
+    #[arg(long, default_value_t = arpg::control::CANNY_HIGH, requires = "canny")]
+    pub canny_high: f32,
+    /// Write the condition actually used (resized, edges extracted) to this PNG.
+    #[arg(long, requires = "condition")]
+    pub condition_out: Option<PathBuf>,
+    /// What guidance acts on: `joint` (the unconditional half drops the class and the
+    /// condition: CFG over both; the default for a model trained with condition dropout) or
+    /// `class` (both halves keep the condition; the default, and the only choice, for a model
+    /// trained without).
+    #[arg(long, value_parser = ["joint", "class"], requires = "condition")]
+    pub control_guidance: Option<String>,
+}
+
+impl ControlArgs {
+    /// The condition `[1, C, H, W]` for the model of `mc` and whether guidance acts on it,
+    /// or `None` without --condition; errors name the flag.
+    pub fn load(&self, mc: &ArpgConfig) -> Result<Option<(candle_core::Tensor, bool)>> {
+        let Some(path) = &self.condition else {
+            return Ok(None);
+        };
+        let Some(c) = &mc.control else {
+            bail!(
+                "--condition {}: this model has no control encoder (a class-only model takes \
+                 no condition)",
+                path.display()
+            );
+        };
+        let side = mc.grid_size() * c.patch;
+        let canny = self.canny.then_some((self.canny_low, self.canny_high));
+        let (t, used, resized) = arpg::control::load_condition(path, c.channels, side, canny)?;
+        if resized {
+            eprintln!(
+                "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \
+                 halvings, bicubic, centre crop)",
+                path.display()
+            );
+        }
+        if let Some(out) = &self.condition_out {
+            arpg::tokenizer::image::save_png_atomic(&used, out)
+                .with_context(|| format!("--condition-out {}", out.display()))?;
+        }
+        let guide = match self.control_guidance.as_deref() {
+            Some(g) => g == "joint",
+            None => c.dropout > 0.0,
+        };
+        Ok(Some((t, guide)))
+    }
+}
+
+/// The sampler's view of a loaded condition.
+pub fn as_condition(c: &Option<(candle_core::Tensor, bool)>) -> Option<arpg::sampler::Condition<'_>> {
+    c.as_ref().map(|(images, guide)| arpg::sampler::Condition {
+        images,
+        guide: *guide,
+    })
+}
+
 /// Guidance scale when --cfg is not given and the model is no official preset.
 pub const DEFAULT_CFG: f32 = 4.0;
 

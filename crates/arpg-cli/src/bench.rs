@@ -308,6 +308,7 @@ fn e2e(
                         classes: &classes,
                         known: &known,
                         orders: &orders,
+                        condition: None,
                     }
                     .validate(DecodeShape::of(model), sc)?;
                     let toks = arpg::sampler::generate(model, &req, &mut rng, Some(&mut *graphs))?;

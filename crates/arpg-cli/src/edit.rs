@@ -1,6 +1,6 @@
 //! `arpg inpaint` and `arpg outpaint`: zero-shot editing.
 
-use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
+use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, inpaint, token_mask, Canvas};
 use arpg::model::Arpg;
@@ -42,6 +42,7 @@ impl EditSampling {
             classes: &[self.class],
             known: &[vec![]],
             orders: &[all],
+            condition: None,
         }
         .validate(shape, &sc)
         .with_context(|| format!("--class {}", self.class))?;
@@ -89,6 +90,8 @@ pub struct InpaintArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub sampling: EditSampling,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// The image to edit. It is center-cropped and resized to the model's size as ADM does.
     #[arg(long)]
     pub image: PathBuf,
@@ -109,6 +112,9 @@ pub struct InpaintArgs {
 
 pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     let sc = a.sampling.config(&mut a.model)?;
+    let condition = a
+        .control
+        .load(&a.model.spec(a.sampling.decoding.seed).config()?)?;
     if let Some(p) = &a.tokens_out {
         arpg::util::check_writable(p, "--tokens-out")?;
     }
@@ -157,6 +163,7 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
         a.sampling.class,
         a.sampling.samples,
         &sc,
+        crate::args::as_condition(&condition),
         &mut rng,
     )?;
     let mut images = tk.decode(&out, (g, g), &dev)?;

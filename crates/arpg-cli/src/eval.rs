@@ -3,11 +3,10 @@
 use crate::args::{DeviceArgs, ModelArgs};
 use anyhow::{bail, ensure, Context, Result};
 use arpg::data::digits;
-use arpg::eval::digits::report;
-use arpg::sampler::{decode, random_order, Request, SampleConfig, TokenFilter};
+use arpg::eval::digits::{run_task, DigitsTask};
+use arpg::sampler::{SampleConfig, TokenFilter};
 use clap::Args;
 use indicatif::ProgressBar;
-use rand::SeedableRng;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -42,8 +41,11 @@ pub struct EvalDigitsArgs {
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
     /// `sample`: draw --per-class digits of every class. `inpaint`: regenerate the lower half
-    /// of every held-out test digit conditioned on its own class.
-    #[arg(long, default_value = "sample", value_parser = ["sample", "inpaint"])]
+    /// of every held-out test digit conditioned on its own class. `sketch`: draw every
+    /// held-out digit's class given its stroke mask as the condition (a sketch model such as
+    /// `digits-sketch`; a class-only model samples without it, as the baseline), and report
+    /// the IoU of each sample's strokes with the sketch.
+    #[arg(long, default_value = "sample", value_parser = ["sample", "inpaint", "sketch"])]
     pub task: String,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -91,65 +93,29 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
             top_p: a.top_p,
         },
     };
-    let inpainting = a.task == "inpaint";
-    // Inpainting: the upper half (positions 0..32) is known, the lower half decoded.
-    let (classes, knowns): (Vec<usize>, Vec<Vec<(usize, u32)>>) = if inpainting {
-        test.iter()
-            .map(|d| {
-                (
-                    d.label as usize,
-                    (0..32).map(|p| (p, d.pixels[p] as u32)).collect(),
-                )
-            })
-            .unzip()
-    } else {
-        (0..10)
-            .flat_map(|c| std::iter::repeat_n((c, vec![]), a.per_class))
-            .unzip()
-    };
-    let sc = SampleConfig {
-        steps: if inpainting {
-            sc.steps.min(32)
-        } else {
-            sc.steps
+    let task = match a.task.as_str() {
+        "inpaint" => DigitsTask::Inpaint,
+        "sketch" => DigitsTask::Sketch,
+        _ => DigitsTask::Sample {
+            per_class: a.per_class,
         },
-        ..sc
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let positions: Vec<usize> = if inpainting {
-        (32..64).collect()
-    } else {
-        (0..64).collect()
+    let n = match task {
+        DigitsTask::Sample { per_class } => per_class * 10,
+        _ => test.len(),
     };
-    let pb = ProgressBar::new(classes.len() as u64);
-    let mut samples = Vec::new();
-    let bs = a.batch_size.max(1);
-    for (batch, known) in classes.chunks(bs).zip(knowns.chunks(bs)) {
-        let orders: Vec<Vec<usize>> = batch
-            .iter()
-            .map(|_| random_order(&positions, &mut rng))
-            .collect();
-        let toks = decode(
-            &model,
-            &Request {
-                classes: batch,
-                known,
-                orders: &orders,
-            },
-            &sc,
-            &mut rng,
-        )?;
-        for (c, t) in batch.iter().zip(toks) {
-            let mut px = [0u8; 64];
-            for (p, v) in px.iter_mut().zip(t) {
-                *p = v as u8;
-            }
-            samples.push((*c as u32, px));
-        }
-        pb.inc(batch.len() as u64);
-    }
+    let pb = ProgressBar::new(n as u64);
+    let r = run_task(
+        &model,
+        task,
+        &train,
+        &test,
+        &sc,
+        a.batch_size,
+        a.seed,
+        &mut |done| pb.set_position(done as u64),
+    )?;
     pb.finish_and_clear();
-    let r = report(&samples, &train, &test);
     let text = serde_json::to_string_pretty(&r)?;
     println!("{text}");
     if let Some(p) = &a.json_out {

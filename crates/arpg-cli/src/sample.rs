@@ -1,6 +1,6 @@
 //! `arpg sample`: class-conditional sampling.
 
-use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
+use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
 use arpg::editor::{fill_canvas, Canvas};
 use arpg::sampler::{self, random_order, DecodeShape, Request};
@@ -31,6 +31,8 @@ pub struct SampleArgs {
     pub per_class: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// JSON array of raster positions: the generation order for every image.
     #[arg(long)]
     pub order: Option<PathBuf>,
@@ -90,6 +92,10 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     // each batch's request is then built from them.
     let shape = DecodeShape::of_config(&mcfg);
     sampler::validate_settings(shape, &sc)?;
+    let condition = a.control.load(&mcfg)?;
+    if condition.is_some() && a.grid.is_some() {
+        bail!("--condition covers the model's own grid: it does not combine with --grid");
+    }
     let probe = |classes: &[usize], order: &[usize]| {
         let orders = vec![order.to_vec(); classes.len()];
         let known = vec![vec![]; classes.len()];
@@ -97,6 +103,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             classes,
             known: &known,
             orders: &orders,
+            condition: crate::args::as_condition(&condition),
         };
         req.validate(shape, &sc).map(|_| ())
     };
@@ -177,7 +184,15 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         };
         // Tokens [batch, cells] on the device, decoded to images without a host round trip.
         let toks = if canvas == (grid, grid) {
-            sampler::generate_classes(&model, batch, &orders, &sc, &mut rng, Some(&mut graphs))?
+            let known = vec![vec![]; batch.len()];
+            let req = Request {
+                classes: batch,
+                known: &known,
+                orders: &orders,
+                condition: crate::args::as_condition(&condition),
+            }
+            .validate(DecodeShape::of(&model), &sc)?;
+            sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?
         } else {
             let empty = Canvas::unknown(canvas.0, canvas.1);
             let rows = batch

@@ -29,6 +29,17 @@ pub struct TrainArgs {
     /// Continue from this training checkpoint (same model config).
     #[arg(long, visible_alias = "gpt-ckpt")]
     pub resume: Option<PathBuf>,
+    /// Start from these inference weights (a `model.safetensors` or official `.pt`) instead
+    /// of a fresh initialisation, e.g. a class-conditional model before training a control
+    /// encoder on it (the encoder starts fresh: `control.*` may be missing).
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
+    /// For a control model (a config with a `control` block): the probability of dropping a
+    /// sample's condition to the null condition, so that the model can sample without one and
+    /// guidance can act on the condition too (recorded as `control.dropout` in the run's
+    /// config.json). 0 trains a model that always needs a condition.
+    #[arg(long, default_value_t = 0.1)]
+    pub control_dropout: f64,
     /// Start over in an --out that already holds a run: its checkpoints are replaced and its
     /// log emptied (without this, such an --out is refused).
     #[arg(long, conflicts_with = "resume")]
@@ -171,7 +182,12 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         Some(p) => {
             let tr = Trainer::resume(p, Some(&tc), dtype, &device)?;
             if let Some(c) = &a.config {
-                if ArpgConfig::from_json_file(c)? != tr.model_cfg {
+                let mut given = ArpgConfig::from_json_file(c)?;
+                // The run records its condition dropout in the config it writes.
+                if let (Some(g), Some(t)) = (given.control.as_mut(), tr.model_cfg.control.as_ref()) {
+                    g.dropout = t.dropout;
+                }
+                if given != tr.model_cfg {
                     bail!(
                         "--config {} differs from the model config in --resume {}",
                         c.display(),
@@ -182,12 +198,31 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             tr
         }
         None => {
-            let cfg = match (&a.config, &a.model) {
+            let mut cfg = match (&a.config, &a.model) {
                 (Some(c), _) => ArpgConfig::from_json_file(c)?,
                 (None, Some(m)) => ArpgConfig::preset(m)?,
                 (None, None) => bail!("give --config FILE.json or --model PRESET"),
             };
-            Trainer::new(&cfg, &tc, dtype, &device)?
+            if let Some(c) = cfg.control.as_mut() {
+                ensure!(
+                    (0.0..1.0).contains(&a.control_dropout),
+                    "--control-dropout {} must be in [0, 1)",
+                    a.control_dropout
+                );
+                c.dropout = a.control_dropout;
+            }
+            let mut tr = Trainer::new(&cfg, &tc, dtype, &device)?;
+            if let Some(p) = &a.init_from {
+                let fresh = tr.init_from(p)?;
+                eprintln!(
+                    "--init-from {}: {} tensors loaded, {} new ({})",
+                    p.display(),
+                    tr.parameters().count() - fresh.len(),
+                    fresh.len(),
+                    if fresh.is_empty() { "none".into() } else { "control.*".to_string() }
+                );
+            }
+            tr
         }
     };
     #[cfg(feature = "nccl")]
@@ -410,6 +445,12 @@ pub struct PackArgs {
     /// With --digits: train (4 of 5 digits) or test (every fifth).
     #[arg(long, default_value = "train", value_parser = ["train", "test"])]
     pub split: String,
+    /// Store a condition beside each sample's tokens, for training a control model. With
+    /// --digits: `sketch` (each digit's stroke mask, pixel >= 8 of 0..16, as an 8x8 image).
+    /// With --paper: `stored` (the `<name>.control.npy` that `arpg tokenize --control` wrote
+    /// beside each `<name>.npy`).
+    #[arg(long, value_parser = ["sketch", "stored"])]
+    pub control: Option<String>,
     /// Largest token id + 1 accepted (16384 for VQ-16).
     #[arg(long, default_value_t = 16384)]
     pub vocab_size: usize,
@@ -419,6 +460,35 @@ pub struct PackArgs {
 }
 
 pub fn pack(a: PackArgs) -> Result<()> {
+    match (a.control.as_deref(), &a.digits, &a.paper) {
+        (Some("sketch"), None, _) => bail!("--control sketch is for --digits"),
+        (Some("stored"), _, None) => bail!("--control stored is for --paper"),
+        _ => {}
+    }
+    let mut w = PackWriter::new();
+    if let (Some(r), Some(_)) = (&a.paper, &a.control) {
+        for (s, shape, conds) in layouts::read_paper_layout_with_conditions(r, a.vocab_size)? {
+            w.push_with_conditions(&s, shape, &conds)?;
+        }
+        w.write(&a.out)?;
+        eprintln!("packed {} samples with conditions into {}", w.len(), a.out.display());
+        return Ok(());
+    }
+    if let (Some(p), Some(_)) = (&a.digits, &a.control) {
+        let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
+        let part = if a.split == "train" { train } else { test };
+        for d in part {
+            let s = Sample {
+                label: d.label,
+                crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
+            };
+            let sketch = arpg::control::digit_sketch(&d.pixels).to_vec();
+            w.push_with_conditions(&s, (1, 8, 8), &[sketch])?;
+        }
+        w.write(&a.out)?;
+        eprintln!("packed {} digits with their sketches into {}", w.len(), a.out.display());
+        return Ok(());
+    }
     let samples: Vec<Sample> = if let Some(r) = &a.paper {
         layouts::read_paper_layout(r, a.vocab_size)?
     } else if let Some(r) = &a.llamagen {
@@ -435,7 +505,6 @@ pub fn pack(a: PackArgs) -> Result<()> {
     } else {
         bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz");
     };
-    let mut w = PackWriter::new();
     for s in &samples {
         w.push(s)?;
     }
@@ -482,10 +551,49 @@ pub struct TokenizeArgs {
     /// code extraction; without it, the centre crop and its mirror.
     #[arg(long)]
     pub ten_crop: bool,
+    /// Also store a control condition beside each image's codes (`<stem>.control.npy`, one
+    /// per crop, cropped as the image is), for `arpg pack --paper OUT --control stored`:
+    /// `canny` (edges of each crop, thresholds --canny-low / --canny-high) or a folder of
+    /// condition images mirroring the image tree (DIR/<class>/<stem>.png, each the size of
+    /// its image).
+    #[arg(long)]
+    pub control: Option<String>,
+    /// Channels of the condition images of a --control folder: 1 (luma) or 3 (RGB).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub control_channels: u8,
+    #[arg(long, default_value_t = arpg::control::CANNY_LOW)]
+    pub canny_low: f32,
+    #[arg(long, default_value_t = arpg::control::CANNY_HIGH)]
+    pub canny_high: f32,
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    use arpg::data::tokenize::{augmentations, load, plan, write_codes};
+    use arpg::data::tokenize::{
+        augmentations, conditions, load, plan, write_codes, write_conditions, ControlSource,
+    };
+    let control = match a.control.as_deref() {
+        None => None,
+        Some("canny") => Some(ControlSource::Canny(a.canny_low, a.canny_high)),
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            ensure!(
+                dir.is_dir(),
+                "--control {}: neither `canny` nor a folder of condition images",
+                dir.display()
+            );
+            ensure!(
+                a.control_channels != 2,
+                "--control-channels must be 1 or 3"
+            );
+            Some(ControlSource::Folder(dir, a.control_channels as usize))
+        }
+    };
+    if let Some(ControlSource::Canny(lo, hi)) = control {
+        ensure!(
+            lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi,
+            "--canny-low {lo} / --canny-high {hi}: need 0 <= low <= high"
+        );
+    }
     let (device, dtype) = a.device.resolve()?;
     crate::tokens::check_image_size(a.image_size)?;
     let tk = crate::tokens::standalone_tokenizer(&a.vq, dtype, &device)?;
@@ -497,7 +605,11 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         );
     }
     let jobs = plan(&a.image_root, &a.out)?;
-    let todo: Vec<_> = jobs.iter().filter(|j| !j.2.exists()).collect();
+    // The conditions are written before the codes: existing codes mean a finished image.
+    let todo: Vec<_> = jobs
+        .iter()
+        .filter(|j| !j.2.exists() || (control.is_some() && !layouts::control_path(&j.2).exists()))
+        .collect();
     eprintln!(
         "{} images in {} classes; {} already encoded",
         jobs.len(),
@@ -515,15 +627,25 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
             break;
         }
         let crops = augmentations(&load(src)?, a.image_size, a.ten_crop);
+        if let Some(c) = &control {
+            let (shape, conds) =
+                conditions(c, &a.image_root, src, &crops, a.image_size, a.ten_crop)?;
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            write_conditions(&layouts::control_path(dst), shape, &conds)?;
+        }
         let codes = tk.encode(&crops, &device)?;
         write_codes(dst, &codes)?;
         pb.inc(1);
     }
     pb.finish_and_clear();
     eprintln!(
-        "codes in {} (pack them with `arpg pack --paper {}`)",
+        "codes in {} (pack them with `arpg pack --paper {}{}`)",
         a.out.display(),
-        a.out.display()
+        a.out.display(),
+        if control.is_some() { " --control stored" } else { "" }
     );
     Ok(())
 }

@@ -512,6 +512,7 @@ fn decode_groups(
         classes: &classes,
         known: &known,
         orders: &orders,
+        condition: None,
     };
     let out = sampler::decode_rows(
         &engine.model,

@@ -23,6 +23,7 @@ fn tiny() -> Arpg {
         ffn_dim_multiplier: None,
         cls_token_num: 1,
         abs_pos_embed: false,
+        control: None,
     };
     Arpg::new(&cfg, random_var_builder(5, DType::F32, &Device::Cpu)).unwrap()
 }
@@ -55,6 +56,7 @@ fn a_group_gets_the_same_tokens_batched_as_alone() {
             classes,
             known: &known,
             orders: &o,
+            condition: None,
         };
         alone.push(decode(&m, &req, &sc, &mut solo).unwrap());
         orders.extend(o);
@@ -75,6 +77,7 @@ fn a_group_gets_the_same_tokens_batched_as_alone() {
             classes: &classes,
             known: &known,
             orders: &orders,
+            condition: None,
         },
         &sc,
         &mut Rows {

@@ -88,6 +88,7 @@ fn nll_forward(model: &Arpg, seqs: &[Seq]) -> Result<Vec<f64>> {
             Positions {
                 keys: &keys,
                 queries: &queries,
+                control: None,
             },
             &mut Mode::inference(),
         )?;
@@ -133,6 +134,7 @@ fn nll_grouped(model: &Arpg, seqs: &[Seq], counts: &[usize]) -> Result<Vec<f64>>
                     Positions {
                         keys: &kpos,
                         queries: &qpos,
+                        control: None,
                     },
                 )?
                 .context("queries were given")?;

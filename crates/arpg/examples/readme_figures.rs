@@ -71,7 +71,7 @@ fn main() -> Result<()> {
             .collect();
         tiles.push(rgb(&masked, 8, 8)?);
         let canvas = Canvas::from_tokens(8, 8, &t, &regen)?;
-        for o in inpaint(&model, &canvas, d.label as usize, 5, &sc, &mut rng)? {
+        for o in inpaint(&model, &canvas, d.label as usize, 5, &sc, None, &mut rng)? {
             tiles.push(rgb(&o, 8, 8)?);
         }
     }

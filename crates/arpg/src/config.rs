@@ -34,6 +34,42 @@ pub struct ArpgConfig {
     /// with only the class token to attend to, predicts the same at every cell).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub abs_pos_embed: bool,
+    /// A control encoder (controllable generation): a condition image becomes one query
+    /// embedding per grid cell. Absent in the official checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlConfig>,
+}
+
+/// How a condition image steers the queries of pass 2 (see `model::control`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Channels of the condition image: 1 (edges, depth, masks, sketches) or 3 (RGB).
+    pub channels: usize,
+    /// Condition pixels per grid cell side: the tokenizer's downsampling (16 for VQ-16,
+    /// 1 for the digits' pixel tokens). The condition image is `grid * patch` square.
+    pub patch: usize,
+    /// Bidirectional transformer layers after the patch embedding.
+    #[serde(default)]
+    pub layers: usize,
+    /// `add`: the query of cell p is the mask token plus p's control embedding (starts as the
+    /// class-only model: the output projection is zero at initialisation); `replace`: the
+    /// control embedding alone (plus the position embedding) in place of the mask token.
+    #[serde(default)]
+    pub query: ControlQuery,
+    /// The condition dropout the model was trained with. Above 0 the model has learned the
+    /// null condition, so it can sample without a condition and guide over it (CFG over the
+    /// class and the control together); at 0 a condition is required.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlQuery {
+    #[default]
+    Add,
+    Replace,
 }
 
 fn default_multiple_of() -> usize {
@@ -75,6 +111,7 @@ impl ArpgConfig {
             ffn_dim_multiplier: None,
             cls_token_num: 1,
             abs_pos_embed: false,
+            control: None,
         }
     }
 
@@ -177,6 +214,25 @@ impl ArpgConfig {
                 self.num_classes
             );
         }
+        if let Some(c) = &self.control {
+            if c.channels != 1 && c.channels != 3 {
+                bail!("control.channels ({}) must be 1 or 3", c.channels);
+            }
+            let side = self.grid_size().checked_mul(c.patch).unwrap_or(usize::MAX);
+            if c.patch == 0 || side > 1 << 14 {
+                bail!(
+                    "control.patch ({}) must be positive, with a condition image (grid x patch) \
+                     of at most 16384 pixels a side",
+                    c.patch
+                );
+            }
+            if c.layers > 64 {
+                bail!("control.layers ({}) is over the limit of 64", c.layers);
+            }
+            if !(0.0..1.0).contains(&c.dropout) {
+                bail!("control.dropout ({}) must be in [0, 1)", c.dropout);
+            }
+        }
         if self.checked_num_parameters().is_none() {
             bail!(
                 "the parameter count overflows (dim {}, n_layer {})",
@@ -197,6 +253,11 @@ impl ArpgConfig {
             h = x as usize;
         }
         h.div_ceil(self.multiple_of).checked_mul(self.multiple_of)
+    }
+
+    /// The condition image's side in pixels, for a model with a control encoder.
+    pub fn control_side(&self) -> Option<usize> {
+        self.control.as_ref().map(|c| self.grid_size() * c.patch)
     }
 
     /// The parameter count, None on overflow.
@@ -221,6 +282,15 @@ impl ArpgConfig {
         n = n.checked_add(self.vocab_size.checked_mul(d)?)?;
         if self.abs_pos_embed {
             n = n.checked_add((self.cls_token_num + self.block_size).checked_mul(d)?)?;
+        }
+        if let Some(c) = &self.control {
+            // Patch embedding, position table, blocks, final norm, output projection.
+            let patch = c.channels.checked_mul(c.patch)?.checked_mul(c.patch)?;
+            n = n.checked_add(patch.checked_mul(d)?)?;
+            n = n.checked_add(self.block_size.checked_mul(d)?)?;
+            let block = dd.checked_mul(4)?.checked_add(ffn)?;
+            n = n.checked_add(c.layers.checked_mul(block)?)?;
+            n = n.checked_add(d)?.checked_add(dd)?;
         }
         n.checked_mul(4)?; // bytes in f32
         Some(n)

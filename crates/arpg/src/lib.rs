@@ -1,13 +1,15 @@
 //! ARPG: autoregressive image generation with randomized parallel decoding.
 //!
 //! The pipeline, one module a stage:
-//! `tokenizer` (image <-> tokens) -> `model` (logits) -> `sampler` / `editor` (tokens)
+//! `tokenizer` (image <-> tokens) -> `model` (logits) -> `sampler` / `editor` / `control`
+//! (tokens; `control` makes the conditions a control model's queries read)
 //! -> `train` (weights) -> `eval` (scores). `checkpoint` loads and saves weights in the
 //! reference's key layout; `config` holds the model and tokenizer configurations; `kernels`
 //! the fused CUDA ops, each with its CPU version and backward.
 
 pub mod checkpoint;
 pub mod config;
+pub mod control;
 pub mod data;
 pub mod device;
 pub mod editor;

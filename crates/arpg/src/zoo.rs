@@ -37,9 +37,33 @@ const DIGITS_WEIGHTS: &[u8] = include_bytes!(concat!(
     "/../../models/digits/model.safetensors"
 ));
 
+/// The name of the shipped sketch-controlled digits model (the `digits` model fine-tuned with
+/// a control encoder that reads each digit's stroke mask).
+pub const DIGITS_SKETCH: &str = "digits-sketch";
+
+const DIGITS_SKETCH_CONFIG: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/digits-sketch/config.json"
+));
+const DIGITS_SKETCH_WEIGHTS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/digits-sketch/model.safetensors"
+));
+
+/// The models built into the binary: name, config JSON, safetensors weights.
+const BUILT_IN: &[(&str, &str, &[u8])] = &[
+    (DIGITS, DIGITS_CONFIG, DIGITS_WEIGHTS),
+    (DIGITS_SKETCH, DIGITS_SKETCH_CONFIG, DIGITS_SKETCH_WEIGHTS),
+];
+
 /// Configuration of the shipped digits model (8x8 pixel tokens, 17 levels, 10 classes).
 pub fn digits_config() -> ArpgConfig {
     serde_json::from_str(DIGITS_CONFIG).expect("models/digits/config.json is valid")
+}
+
+/// Configuration of the shipped `digits-sketch` model.
+pub fn digits_sketch_config() -> ArpgConfig {
+    serde_json::from_str(DIGITS_SKETCH_CONFIG).expect("models/digits-sketch/config.json is valid")
 }
 
 /// The guidance scale the paper gives an official preset: the README's model zoo for the
@@ -70,18 +94,27 @@ pub fn official_weights_cached() -> bool {
 }
 
 impl ModelSpec {
-    pub fn is_digits(&self) -> bool {
-        self.config.is_none()
-            && self
-                .model
-                .as_deref()
-                .is_some_and(|m| m.eq_ignore_ascii_case(DIGITS))
+    /// The built-in model named (without a --config), if any: (config, weights).
+    fn built_in(&self) -> Option<(&'static str, &'static [u8])> {
+        let name = self.model.as_deref().filter(|_| self.config.is_none())?;
+        BUILT_IN
+            .iter()
+            .find(|b| b.0.eq_ignore_ascii_case(name))
+            .map(|b| (b.1, b.2))
+    }
+
+    /// Whether this names a built-in model (`digits`, `digits-sketch`).
+    pub fn is_built_in(&self) -> bool {
+        self.built_in().is_some()
     }
 
     pub fn config(&self) -> Result<ArpgConfig> {
         match (&self.config, &self.model) {
             (Some(path), _) => ArpgConfig::from_json_file(path),
-            (None, Some(_)) if self.is_digits() => Ok(digits_config()),
+            (None, Some(_)) if self.is_built_in() => {
+                let (json, _) = self.built_in().expect("checked");
+                Ok(serde_json::from_str(json)?)
+            }
             (None, Some(name)) => ArpgConfig::preset(name),
             (None, None) => ArpgConfig::preset("ARPG-L"),
         }
@@ -110,11 +143,14 @@ impl ModelSpec {
         } else {
             Weights::Model
         };
-        if self.is_digits() && self.weights.is_none() {
-            let tensors = candle_core::safetensors::load_buffer(DIGITS_WEIGHTS, &Device::Cpu)?;
+        if let Some((_, weights)) = self.built_in().filter(|_| self.weights.is_none()) {
+            let tensors = candle_core::safetensors::load_buffer(weights, &Device::Cpu)?;
             let sd = StateDict {
                 tensors,
-                source: PathBuf::from("<built-in digits model>"),
+                source: PathBuf::from(format!(
+                    "<built-in {} model>",
+                    self.model.as_deref().unwrap_or_default()
+                )),
             };
             return build_strict(&sd, dtype, device, |vb| Arpg::new(&cfg, vb));
         }

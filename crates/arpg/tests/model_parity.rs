@@ -190,6 +190,7 @@ fn cfg_one_and_zero_run_one_half_and_match_the_guided_formula() {
                 classes: &classes,
                 known: &known,
                 orders: &orders,
+                condition: None,
             },
             &sc,
             &mut rng,

@@ -21,6 +21,7 @@ fn tiny() -> ArpgConfig {
         ffn_dim_multiplier: None,
         cls_token_num: 1,
         abs_pos_embed: false,
+        control: None,
     }
 }
 

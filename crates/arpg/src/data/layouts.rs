@@ -46,13 +46,83 @@ fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+        // Conditions written beside the codes are not codes.
+        .filter(|p| !p.to_string_lossy().ends_with(CONTROL_SUFFIX))
         .collect();
     files.sort();
     Ok(files)
 }
 
+/// The file beside `<name>.npy` holding its conditions (`arpg tokenize --control`).
+pub const CONTROL_SUFFIX: &str = ".control.npy";
+
+/// Where the conditions of the codes file `codes` are stored.
+pub fn control_path(codes: &Path) -> PathBuf {
+    let stem = codes.file_stem().unwrap_or_default().to_string_lossy();
+    codes.with_file_name(format!("{stem}{CONTROL_SUFFIX}"))
+}
+
+/// One condition shape `[C, H, W]` and one u8 condition per crop.
+pub type Conditions = ((usize, usize, usize), Vec<Vec<u8>>);
+
+/// The conditions of `codes` (a u8 array `(n_aug, C, H, W)`, or `(C, H, W)` for one crop),
+/// checked against its `n_crops`.
+pub fn read_conditions(codes: &Path, n_crops: usize) -> Result<Conditions> {
+    let p = control_path(codes);
+    let a = npy::read(&p).with_context(|| {
+        format!(
+            "no condition for {} (expected {}; tokenize with --control)",
+            codes.display(),
+            p.display()
+        )
+    })?;
+    let (n, c, h, w) = match a.shape[..] {
+        [n, c, h, w] => (n, c, h, w),
+        [c, h, w] => (1, c, h, w),
+        _ => bail!("{}: shape {:?}, expected (n_aug, C, H, W)", p.display(), a.shape),
+    };
+    if !a.descr.ends_with("u1") {
+        bail!("{}: dtype {}, expected uint8", p.display(), a.descr);
+    }
+    if n != n_crops || c == 0 || h == 0 || w == 0 {
+        bail!(
+            "{}: {n} conditions of {c}x{h}x{w} for {} crops of {}",
+            p.display(),
+            n_crops,
+            codes.display()
+        );
+    }
+    let v = a.ints(&p)?;
+    let per = c * h * w;
+    let conds = v
+        .chunks_exact(per)
+        .map(|x| x.iter().map(|&b| b as u8).collect())
+        .collect();
+    Ok(((c, h, w), conds))
+}
+
+/// [`read_paper_layout`] with each sample's conditions.
+pub fn read_paper_layout_with_conditions(
+    root: &Path,
+    vocab_limit: usize,
+) -> Result<Vec<(Sample, (usize, usize, usize), Vec<Vec<u8>>)>> {
+    let mut out = Vec::new();
+    for (s, f) in paper_samples(root, vocab_limit)? {
+        let (shape, conds) = read_conditions(&f, s.crops.len())?;
+        out.push((s, shape, conds));
+    }
+    Ok(out)
+}
+
 /// The paper's layout: `root/<class id>/<anything>.npy`.
 pub fn read_paper_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>> {
+    Ok(paper_samples(root, vocab_limit)?
+        .into_iter()
+        .map(|s| s.0)
+        .collect())
+}
+
+fn paper_samples(root: &Path, vocab_limit: usize) -> Result<Vec<(Sample, PathBuf)>> {
     let mut classes: Vec<(u32, PathBuf)> = Vec::new();
     for e in std::fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
         let p = e?.path();
@@ -74,10 +144,11 @@ pub fn read_paper_layout(root: &Path, vocab_limit: usize) -> Result<Vec<Sample>>
     let mut out = Vec::new();
     for (label, dir) in classes {
         for f in npy_files(&dir)? {
-            out.push(Sample {
+            let s = Sample {
                 label,
                 crops: crops_from_npy(&f, vocab_limit)?,
-            });
+            };
+            out.push((s, f));
         }
     }
     Ok(out)

@@ -2,7 +2,10 @@
 //!
 //! Layout (little-endian): magic `ARPGPACK`, version u32, seq_len u32, samples u64,
 //! crops u64, checksum u64 (FNV-1a of everything after the header), then labels u32 x
-//! samples, crop offsets u64 x (samples + 1), tokens u16 x crops x seq_len.
+//! samples, crop offsets u64 x (samples + 1), tokens u16 x crops x seq_len. Version 2 (data
+//! with conditions, for control models) adds the condition shape to the header (channels,
+//! height, width, one u32 each, and a zero u32) and one u8 condition image per crop after
+//! the tokens (`[C, H, W]`, 0..255).
 
 use super::Sample;
 use anyhow::{bail, ensure, Context, Result};
@@ -10,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"ARPGPACK";
 const VERSION: u32 = 1;
+const VERSION_CONTROL: u32 = 2;
 const HEADER: usize = 8 + 4 + 4 + 8 + 8 + 8;
+const HEADER_CONTROL: usize = HEADER + 16;
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -27,6 +32,9 @@ pub struct PackWriter {
     labels: Vec<u32>,
     offsets: Vec<u64>,
     tokens: Vec<u16>,
+    /// The condition shape and bytes, for data with conditions.
+    condition: Option<(usize, usize, usize)>,
+    conditions: Vec<u8>,
 }
 
 impl PackWriter {
@@ -38,6 +46,52 @@ impl PackWriter {
     }
 
     pub fn push(&mut self, s: &Sample) -> Result<()> {
+        ensure!(
+            self.condition.is_none(),
+            "this pack holds conditions: every sample needs one per crop"
+        );
+        self.push_tokens(s)
+    }
+
+    /// A sample with one condition image `[C, H, W]` (u8) per crop; every sample of a pack
+    /// has conditions of one shape, or none has.
+    pub fn push_with_conditions(
+        &mut self,
+        s: &Sample,
+        shape: (usize, usize, usize),
+        conditions: &[Vec<u8>],
+    ) -> Result<()> {
+        ensure!(
+            self.labels.is_empty() || self.condition.is_some(),
+            "this pack holds samples without conditions"
+        );
+        let want = *self.condition.get_or_insert(shape);
+        ensure!(
+            shape == want && shape.0 * shape.1 * shape.2 > 0,
+            "a condition of shape {shape:?}, the pack's are {want:?}"
+        );
+        ensure!(
+            conditions.len() == s.crops.len(),
+            "{} conditions for {} crops",
+            conditions.len(),
+            s.crops.len()
+        );
+        for c in conditions {
+            ensure!(
+                c.len() == want.0 * want.1 * want.2,
+                "a condition of {} bytes, expected {:?}",
+                c.len(),
+                want
+            );
+        }
+        self.push_tokens(s)?;
+        for c in conditions {
+            self.conditions.extend_from_slice(c);
+        }
+        Ok(())
+    }
+
+    fn push_tokens(&mut self, s: &Sample) -> Result<()> {
         ensure!(!s.crops.is_empty(), "a sample needs at least one crop");
         for c in &s.crops {
             let l = *self.seq_len.get_or_insert(c.len());
@@ -73,13 +127,23 @@ impl PackWriter {
         for t in &self.tokens {
             body.extend_from_slice(&t.to_le_bytes());
         }
-        let mut out = Vec::with_capacity(HEADER + body.len());
+        body.extend_from_slice(&self.conditions);
+        let mut out = Vec::with_capacity(HEADER_CONTROL + body.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let version = match self.condition {
+            Some(_) => VERSION_CONTROL,
+            None => VERSION,
+        };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(self.seq_len.unwrap() as u32).to_le_bytes());
         out.extend_from_slice(&(self.labels.len() as u64).to_le_bytes());
         out.extend_from_slice(&(*self.offsets.last().unwrap()).to_le_bytes());
         out.extend_from_slice(&fnv1a(&body).to_le_bytes());
+        if let Some((c, h, w)) = self.condition {
+            for v in [c, h, w, 0] {
+                out.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+        }
         out.extend_from_slice(&body);
         crate::util::write_atomic(path, &out)
     }
@@ -92,6 +156,9 @@ pub struct Packed {
     pub seq_len: usize,
     samples: usize,
     crops: usize,
+    /// Where the body starts (after the header).
+    body: usize,
+    condition: Option<(usize, usize, usize)>,
 }
 
 impl Packed {
@@ -111,20 +178,38 @@ impl Packed {
         }
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(map[o..o + 8].try_into().unwrap());
-        if u32_at(8) != VERSION {
+        let version = u32_at(8);
+        if version != VERSION && version != VERSION_CONTROL {
             bail!(
-                "packed data {}: version {} is not supported (expected {VERSION})",
+                "packed data {}: version {version} is not supported (expected {VERSION} or \
+                 {VERSION_CONTROL})",
                 path.display(),
-                u32_at(8)
             );
         }
+        let (body, condition) = if version == VERSION_CONTROL {
+            if map.len() < HEADER_CONTROL {
+                return Err(err("the header is cut".into()));
+            }
+            let (c, h, w) = (u32_at(40), u32_at(44), u32_at(48));
+            if c == 0 || h == 0 || w == 0 {
+                return Err(err(format!("a condition shape of {c}x{h}x{w}")));
+            }
+            (
+                HEADER_CONTROL,
+                Some((c as usize, h as usize, w as usize)),
+            )
+        } else {
+            (HEADER, None)
+        };
+        let cond_bytes = condition.map_or(0u128, |(c, h, w)| c as u128 * h as u128 * w as u128);
         let seq_len = u32_at(12) as usize;
         let samples = u64_at(16) as usize;
         let crops = u64_at(24) as usize;
-        let want = HEADER as u128
+        let want = body as u128
             + samples as u128 * 4
             + (samples as u128 + 1) * 8
-            + crops as u128 * seq_len as u128 * 2;
+            + crops as u128 * seq_len as u128 * 2
+            + crops as u128 * cond_bytes;
         if map.len() as u128 != want {
             return Err(err(format!(
                 "{} bytes, the header promises {want}",
@@ -134,7 +219,7 @@ impl Packed {
         if samples == 0 || seq_len == 0 {
             return Err(err(format!("{samples} samples of {seq_len} tokens")));
         }
-        if fnv1a(&map[HEADER..]) != u64_at(32) {
+        if fnv1a(&map[body..]) != u64_at(32) {
             return Err(err("checksum mismatch".into()));
         }
         let p = Self {
@@ -143,6 +228,8 @@ impl Packed {
             seq_len,
             samples,
             crops,
+            body,
+            condition,
         };
         for i in 0..samples {
             let (a, b) = (p.offset(i), p.offset(i + 1));
@@ -164,12 +251,12 @@ impl Packed {
     }
 
     fn offset(&self, i: usize) -> u64 {
-        let o = HEADER + self.samples * 4 + i * 8;
+        let o = self.body + self.samples * 4 + i * 8;
         u64::from_le_bytes(self.map[o..o + 8].try_into().unwrap())
     }
 
     pub fn label(&self, i: usize) -> u32 {
-        let o = HEADER + i * 4;
+        let o = self.body + i * 4;
         u32::from_le_bytes(self.map[o..o + 4].try_into().unwrap())
     }
 
@@ -180,11 +267,32 @@ impl Packed {
     /// Tokens of crop `c` of sample `i`.
     pub fn tokens(&self, i: usize, c: usize) -> Vec<u16> {
         let crop = self.offset(i) as usize + c;
-        let base = HEADER + self.samples * 4 + (self.samples + 1) * 8 + crop * self.seq_len * 2;
+        let base = self.tokens_start() + crop * self.seq_len * 2;
         self.map[base..base + self.seq_len * 2]
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .collect()
+    }
+
+    fn tokens_start(&self) -> usize {
+        self.body + self.samples * 4 + (self.samples + 1) * 8
+    }
+
+    /// The shape `[C, H, W]` of the conditions, for data packed with them.
+    pub fn condition_shape(&self) -> Option<(usize, usize, usize)> {
+        self.condition
+    }
+
+    /// The condition image (u8, `[C, H, W]`) of crop `c` of sample `i`; empty without
+    /// conditions.
+    pub fn condition(&self, i: usize, c: usize) -> &[u8] {
+        let Some((ch, h, w)) = self.condition else {
+            return &[];
+        };
+        let n = ch * h * w;
+        let crop = self.offset(i) as usize + c;
+        let base = self.tokens_start() + self.crops * self.seq_len * 2 + crop * n;
+        &self.map[base..base + n]
     }
 
     pub fn max_label(&self) -> u32 {
@@ -241,5 +349,45 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("checksum"));
+        assert_eq!(r.condition_shape(), None);
+        assert!(r.condition(1, 0).is_empty());
+    }
+
+    #[test]
+    fn conditions_are_stored_per_crop_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.pack");
+        let mut w = PackWriter::new();
+        let s1 = Sample {
+            label: 1,
+            crops: vec![vec![1, 2]],
+        };
+        let s2 = Sample {
+            label: 2,
+            crops: vec![vec![3, 4], vec![5, 6]],
+        };
+        let shape = (1, 2, 3);
+        w.push_with_conditions(&s1, shape, &[vec![9; 6]]).unwrap();
+        // A plain sample, a wrong shape or count, in a pack with conditions: refused.
+        assert!(w.push(&s1).is_err());
+        assert!(w.push_with_conditions(&s1, (1, 3, 2), &[vec![9; 6]]).is_err());
+        assert!(w.push_with_conditions(&s2, shape, &[vec![7; 6]]).is_err());
+        w.push_with_conditions(&s2, shape, &[vec![7; 6], (0..6).collect()])
+            .unwrap();
+        w.write(&p).unwrap();
+        let r = Packed::open(&p).unwrap();
+        assert_eq!(r.condition_shape(), Some(shape));
+        assert_eq!(r.tokens(1, 1), vec![5, 6]);
+        assert_eq!(r.condition(0, 0), &[9; 6]);
+        assert_eq!(r.condition(1, 0), &[7; 6]);
+        assert_eq!(r.condition(1, 1), &[0, 1, 2, 3, 4, 5]);
+        let bytes = std::fs::read(&p).unwrap();
+        let q = dir.path().join("cut.pack");
+        std::fs::write(&q, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(Packed::open(&q).is_err());
+        // A pack without conditions takes no conditioned sample.
+        let mut plain = PackWriter::new();
+        plain.push(&s1).unwrap();
+        assert!(plain.push_with_conditions(&s2, shape, &[vec![0; 6], vec![0; 6]]).is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! names (as torchvision's ImageFolder). Finished files are kept, so a rerun resumes.
 
 use crate::tokenizer::image::{center_crop_resize, load_rgb};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use image::{imageops, RgbImage};
 use std::path::{Path, PathBuf};
 
@@ -159,6 +159,97 @@ pub fn write_codes(path: &Path, codes: &[Vec<u32>]) -> Result<()> {
     crate::util::write_atomic(
         path,
         &super::npy::to_bytes("<u2", &[1, codes.len(), l], &body),
+    )
+}
+
+/// Where a control condition comes from when tokenizing.
+#[derive(Debug, Clone)]
+pub enum ControlSource {
+    /// Canny edges of each crop (low, high thresholds).
+    Canny(f32, f32),
+    /// A folder mirroring the image tree: `DIR/<class>/<stem>.{png,jpg,jpeg}`, the same size
+    /// as its image, cropped as the image is; `channels` 1 (luma) or 3.
+    Folder(std::path::PathBuf, usize),
+}
+
+/// The conditions of one image's crops, u8 `[C, size, size]` each, cropped as
+/// [`augmentations`] crops the image (`image` is the image's path under `root`).
+pub fn conditions(
+    src: &ControlSource,
+    root: &Path,
+    image: &Path,
+    crops: &[RgbImage],
+    size: usize,
+    ten_crop: bool,
+) -> Result<((usize, usize, usize), Vec<Vec<u8>>)> {
+    let luma = |c: &RgbImage| image::DynamicImage::ImageRgb8(c.clone()).to_luma8().into_raw();
+    match src {
+        ControlSource::Canny(lo, hi) => {
+            let e = crops
+                .iter()
+                .map(|c| Ok(crate::control::canny(c, *lo, *hi)?.into_raw()))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(((1, size, size), e))
+        }
+        ControlSource::Folder(dir, channels) => {
+            let rel = image.strip_prefix(root).unwrap_or(image);
+            let stem = rel.with_extension("");
+            let found = IMAGE_EXTENSIONS
+                .iter()
+                .map(|e| dir.join(stem.with_extension(e)))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "--control {}: no condition image for {} (expected {}.png/.jpg)",
+                        dir.display(),
+                        image.display(),
+                        dir.join(&stem).display()
+                    )
+                })?;
+            let cond = load_rgb(&found)?;
+            let img_dims = image::image_dimensions(image)
+                .with_context(|| format!("cannot read {}", image.display()))?;
+            ensure!(
+                cond.dimensions() == img_dims,
+                "condition {} is {}x{}, its image {} {}x{}: they must be the same size",
+                found.display(),
+                cond.width(),
+                cond.height(),
+                image.display(),
+                img_dims.0,
+                img_dims.1
+            );
+            let cc = augmentations(&cond, size, ten_crop);
+            let out = cc
+                .iter()
+                .map(|c| match channels {
+                    1 => luma(c),
+                    _ => {
+                        let mut planes = vec![0u8; 3 * size * size];
+                        for (i, px) in c.pixels().enumerate() {
+                            for k in 0..3 {
+                                planes[k * size * size + i] = px[k];
+                            }
+                        }
+                        planes
+                    }
+                })
+                .collect();
+            Ok(((*channels, size, size), out))
+        }
+    }
+}
+
+/// Write one image's conditions, `(n_aug, C, H, W)` u8, atomically.
+pub fn write_conditions(
+    path: &Path,
+    shape: (usize, usize, usize),
+    conds: &[Vec<u8>],
+) -> Result<()> {
+    let body: Vec<u8> = conds.concat();
+    crate::util::write_atomic(
+        path,
+        &super::npy::to_bytes("|u1", &[conds.len(), shape.0, shape.1, shape.2], &body),
     )
 }
 

@@ -7,7 +7,7 @@
 //! sliding a model-sized window over them, each window conditioned on the tokens it overlaps.
 
 use crate::model::Arpg;
-use crate::sampler::{generate, random_order, DecodeShape, Request, SampleConfig};
+use crate::sampler::{generate, random_order, Condition, DecodeShape, Request, SampleConfig};
 use anyhow::{bail, ensure, Result};
 use rand::Rng;
 
@@ -67,13 +67,15 @@ impl Canvas {
     }
 }
 
-/// Decode every unknown cell of a canvas exactly the model's size, `samples` times.
+/// Decode every unknown cell of a canvas exactly the model's size, `samples` times; a control
+/// model's `condition` steers the regenerated cells.
 pub fn inpaint<R: Rng>(
     model: &Arpg,
     canvas: &Canvas,
     class: usize,
     samples: usize,
     cfg: &SampleConfig,
+    condition: Option<Condition>,
     rng: &mut R,
 ) -> Result<Vec<Vec<u32>>> {
     let g = model.config().grid_size();
@@ -107,6 +109,7 @@ pub fn inpaint<R: Rng>(
         classes: &classes,
         known: &knowns,
         orders: &orders,
+        condition,
     }
     .validate(DecodeShape::of(model), &cfg)?;
     // The canvas bookkeeping (and fill_canvas's windows) work on host tokens.
@@ -182,7 +185,7 @@ pub fn fill_canvas<R: Rng>(
         if win.n_unknown() == 0 {
             continue;
         }
-        let out = inpaint(model, &win, class, 1, cfg, rng)?.remove(0);
+        let out = inpaint(model, &win, class, 1, cfg, None, rng)?.remove(0);
         for r in 0..g {
             for k in 0..g {
                 c.cells[idx(r, k)] = Some(out[r * g + k]);

@@ -2,6 +2,10 @@
 //! labels the samples, and exact copies of training images are counted.
 
 use crate::data::digits::Digit;
+use crate::model::Arpg;
+use crate::sampler::{decode, random_order, Condition, Request, SampleConfig};
+use anyhow::Result;
+use rand::SeedableRng;
 use serde::Serialize;
 
 /// k-NN on raw 8x8 intensities (squared Euclidean distance, majority vote, nearest wins ties).
@@ -61,6 +65,112 @@ pub struct DigitsReport {
     /// The classifier's own accuracy on the held-out real digits.
     pub classifier_test_accuracy: f64,
     pub per_class_accuracy: Vec<f64>,
+    /// The sketch task: mean IoU of each sample's stroke mask with the sketch it was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sketch_iou: Option<f64>,
+}
+
+/// What [`run_task`] asks a digits model to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigitsTask {
+    /// `per_class` digits of every class.
+    Sample { per_class: usize },
+    /// Regenerate the lower half of every held-out digit given its upper half and class.
+    Inpaint,
+    /// Draw every held-out digit's class given its stroke mask (`control::digit_sketch`) as
+    /// the condition; a model without a control encoder gets no condition (the baseline).
+    Sketch,
+}
+
+/// Run `task` on `model` (batches of `batch`, seeded by `seed`) and score it against the
+/// training digits (`on_batch` gets the samples done so far).
+#[allow(clippy::too_many_arguments)]
+pub fn run_task(
+    model: &Arpg,
+    task: DigitsTask,
+    train: &[Digit],
+    test: &[Digit],
+    sc: &SampleConfig,
+    batch: usize,
+    seed: u64,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<DigitsReport> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (classes, knowns, sketches): (Vec<usize>, Vec<Vec<(usize, u32)>>, Vec<[u8; 64]>) =
+        match task {
+            DigitsTask::Inpaint => test
+                .iter()
+                .map(|d| {
+                    let known = (0..32).map(|p| (p, d.pixels[p] as u32)).collect();
+                    (d.label as usize, known, [0; 64])
+                })
+                .fold((vec![], vec![], vec![]), push3),
+            DigitsTask::Sketch => test
+                .iter()
+                .map(|d| (d.label as usize, vec![], crate::control::digit_sketch(&d.pixels)))
+                .fold((vec![], vec![], vec![]), push3),
+            DigitsTask::Sample { per_class } => (0..10)
+                .flat_map(|c| std::iter::repeat_n((c, vec![], [0; 64]), per_class))
+                .fold((vec![], vec![], vec![]), push3),
+        };
+    let sc = SampleConfig {
+        steps: match task {
+            DigitsTask::Inpaint => sc.steps.min(32),
+            _ => sc.steps,
+        },
+        ..sc.clone()
+    };
+    let positions: Vec<usize> = match task {
+        DigitsTask::Inpaint => (32..64).collect(),
+        _ => (0..64).collect(),
+    };
+    let controlled = task == DigitsTask::Sketch && model.control().is_some();
+    let bs = batch.max(1);
+    let mut samples = Vec::with_capacity(classes.len());
+    let mut ious = Vec::new();
+    for ((b, known), sk) in classes
+        .chunks(bs)
+        .zip(knowns.chunks(bs))
+        .zip(sketches.chunks(bs))
+    {
+        let orders: Vec<Vec<usize>> = b.iter().map(|_| random_order(&positions, &mut rng)).collect();
+        let images = crate::control::sketch_tensor(sk)?;
+        let condition = controlled.then_some(Condition {
+            images: &images,
+            guide: model.config().control.as_ref().is_some_and(|c| c.dropout > 0.0),
+        });
+        let req = Request {
+            classes: b,
+            known,
+            orders: &orders,
+            condition,
+        };
+        for ((c, t), s) in b.iter().zip(decode(model, &req, &sc, &mut rng)?).zip(sk) {
+            let mut px = [0u8; 64];
+            for (p, v) in px.iter_mut().zip(t) {
+                *p = v as u8;
+            }
+            if task == DigitsTask::Sketch {
+                ious.push(crate::control::mask_iou(&crate::control::digit_sketch(&px), s));
+            }
+            samples.push((*c as u32, px));
+        }
+        on_batch(samples.len());
+    }
+    let mut r = report(&samples, train, test);
+    if task == DigitsTask::Sketch {
+        r.sketch_iou = Some(ious.iter().sum::<f64>() / ious.len().max(1) as f64);
+    }
+    Ok(r)
+}
+
+type Columns = (Vec<usize>, Vec<Vec<(usize, u32)>>, Vec<[u8; 64]>);
+
+fn push3(mut acc: Columns, x: (usize, Vec<(usize, u32)>, [u8; 64])) -> Columns {
+    acc.0.push(x.0);
+    acc.1.push(x.1);
+    acc.2.push(x.2);
+    acc
 }
 
 /// Score `samples` (requested class, pixels 0..=16) against the training digits.
@@ -81,6 +191,7 @@ pub fn report(samples: &[(u32, [u8; 64])], train: &[Digit], test: &[Digit]) -> D
         copy_rate: copies as f64 / samples.len().max(1) as f64,
         classifier_test_accuracy: knn.accuracy(test),
         per_class_accuracy: per.iter().map(|p| p.0 as f64 / p.1.max(1) as f64).collect(),
+        sketch_iou: None,
     }
 }
 

@@ -120,6 +120,7 @@ pub fn teacher_forced_logits(
         Positions {
             keys: &kpos,
             queries: &qpos,
+            control: None,
         },
         mode,
     )?;

@@ -9,6 +9,7 @@
 //! they differ in their masks, the cache and the ops of their [`Mode`].
 
 pub mod cache;
+pub mod control;
 pub mod layers;
 pub mod rope;
 
@@ -16,7 +17,7 @@ pub use cache::KvCache;
 pub use layers::Mode;
 
 use crate::config::ArpgConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use layers::{
@@ -138,6 +139,9 @@ pub struct Positions<'a> {
     pub keys: &'a Tensor,
     /// `[batch, n_queries]` rows of the tokens the queries predict.
     pub queries: &'a Tensor,
+    /// A condition's query table `[batch, rows, dim]` ([`Arpg::control_queries`]): each
+    /// query reads its row there instead of the mask token. `None`: mask-token queries.
+    pub control: Option<&'a Tensor>,
 }
 
 /// Learned absolute positions (`abs_pos_embed`): one table row per RoPE row of the training
@@ -186,6 +190,7 @@ pub struct Arpg {
     norm: RmsNorm,
     head: Linear,
     pos: Option<PosEmbed>,
+    control: Option<control::ControlEncoder>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -260,6 +265,10 @@ impl Arpg {
         } else {
             None
         };
+        let control = match &cfg.control {
+            Some(c) => Some(control::ControlEncoder::new(cfg, c, vb.pp("control"))?),
+            None => None,
+        };
         Ok(Self {
             embeddings: Embedding::new(emb, d),
             self_dec,
@@ -270,6 +279,7 @@ impl Arpg {
             norm,
             head,
             pos,
+            control,
             rope: Rope::new(cfg, (g, g), vb.device())?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -334,6 +344,69 @@ impl Arpg {
         self.embed(&ids, rows)
     }
 
+    /// The control encoder, for a model that has one.
+    pub fn control(&self) -> Option<&control::ControlEncoder> {
+        self.control.as_ref()
+    }
+
+    /// The query table of conditions `cond [b, C, H, W]` (values in [0, 1]): for every RoPE
+    /// row of the model's grid, the query that predicts it, `[b, rows, dim]`, to pass as
+    /// [`Positions::control`]. `keep [b]` (1 or 0, float) selects per sequence the condition
+    /// or the null condition (the plain mask-token query: what condition dropout trains).
+    pub fn control_queries(
+        &self,
+        cond: &Tensor,
+        keep: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let enc = self.control.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("this model has no control encoder: it takes no condition")
+        })?;
+        let (cls, cells) = (self.cfg.cls_token_num, self.cfg.block_size);
+        if self.rope.rows() != cls + cells {
+            bail!("a condition covers the model's own grid only, not a resized one (--grid)");
+        }
+        let b = cond.dim(0)?;
+        let ctrl = enc.forward(cond, Ops::for_mode(mode), mode)?;
+        let rows = Tensor::arange(0u32, (cls + cells) as u32, &self.device)?.unsqueeze(0)?;
+        let base = self.mask_queries(&rows)?;
+        let d = self.cfg.dim;
+        // The class rows are never queried; a cell's query gains (add) or swaps the mask
+        // token for (replace) its control embedding.
+        let delta = match enc.config().query {
+            crate::config::ControlQuery::Add => ctrl,
+            crate::config::ControlQuery::Replace => {
+                let mask = self
+                    .embeddings
+                    .forward(&Tensor::new(&[self.cfg.mask_token()], &self.device)?)?;
+                ctrl.broadcast_sub(&mask)?
+            }
+        };
+        let delta = match keep {
+            Some(k) => delta.broadcast_mul(&k.to_dtype(delta.dtype())?.reshape((b, 1, 1))?)?,
+            None => delta,
+        };
+        let pad = Tensor::zeros((b, cls, d), delta.dtype(), &self.device)?;
+        Ok(Tensor::cat(&[&pad, &delta], 1)?.broadcast_add(&base)?)
+    }
+
+    /// Queries at rows `rows [b, n]`: the mask token, or their rows of a condition's table.
+    fn queries(&self, rows: &Tensor, control: Option<&Tensor>) -> Result<Tensor> {
+        let Some(table) = control else {
+            return self.mask_queries(rows);
+        };
+        let (b, n) = rows.dims2()?;
+        let d = self.cfg.dim;
+        ensure!(
+            table.dims3()? == (b, self.rope.rows(), d),
+            "a condition table of shape {:?} for {b} sequences of {} rows",
+            table.dims(),
+            self.rope.rows()
+        );
+        let idx = rows.unsqueeze(2)?.broadcast_as((b, n, d))?.contiguous()?;
+        Ok(table.gather(&idx, 1)?)
+    }
+
     /// Both passes, for the training forward and the decoding step alike: `tokens` at rows
     /// `pos.keys` through the self-attention blocks under `masks.0` (extending `cache` when
     /// decoding, without committing it), the shared keys/values, then mask queries at rows
@@ -373,7 +446,7 @@ impl Arpg {
         }
         (p.cos, p.sin) = self.rope.gather(pos.queries)?;
         p.mask = masks.1;
-        let mut q = self.mask_queries(pos.queries)?;
+        let mut q = self.queries(pos.queries, pos.control)?;
         for blk in &self.cross_dec {
             q = blk.forward(&q, &k, &v, &mut p)?;
         }
@@ -506,6 +579,7 @@ mod tests {
         let pos = Positions {
             keys: &keys,
             queries: &queries,
+            control: None,
         };
         model
             .step(&mut cache, &ids, pos)
@@ -580,6 +654,7 @@ mod tests {
                 Positions {
                     keys: &keys,
                     queries: &queries,
+                    control: None,
                 },
                 &mut Mode::inference(),
             )
@@ -593,6 +668,7 @@ mod tests {
             let pos = Positions {
                 keys: &keys.narrow(1, 0, 11).unwrap(),
                 queries: &last,
+                control: None,
             };
             let ids = toks.narrow(1, 0, 11).unwrap();
             let out = if causal {
@@ -628,6 +704,7 @@ mod tests {
             let pos = Positions {
                 keys: &keys,
                 queries: &queries,
+                control: None,
             };
             let logits = model.step(&mut cache, &ids, pos).unwrap().unwrap();
             let p = candle_nn::ops::softmax_last_dim(&logits)

@@ -77,7 +77,7 @@ impl DecodeGraphs {
             });
         }
         let e = self.entry.as_mut().expect("set above");
-        e.buf.load(inputs)?;
+        e.buf.load(model, inputs)?;
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(dev) = model.device() {
             if let Some(g) = &e.graph {

@@ -58,6 +58,9 @@ pub struct DecodeShape {
     pub vocab_size: usize,
     /// Token cells of the grid decoded (the model's RoPE grid).
     pub cells: usize,
+    /// For a model with a control encoder: the condition shape `[C, H, W]` it takes, and
+    /// whether it was trained with condition dropout (so can do without a condition).
+    pub control: Option<((usize, usize, usize), bool)>,
 }
 
 impl DecodeShape {
@@ -68,7 +71,14 @@ impl DecodeShape {
             num_classes: mc.num_classes,
             vocab_size: mc.vocab_size,
             cells: model.rope().rows() - mc.cls_token_num,
+            control: Self::control_of(mc),
         }
+    }
+
+    fn control_of(mc: &ArpgConfig) -> Option<((usize, usize, usize), bool)> {
+        let c = mc.control.as_ref()?;
+        let side = mc.grid_size() * c.patch;
+        Some(((c.channels, side, side), c.dropout > 0.0))
     }
 
     /// The shape of a configuration's own grid, to check a request before loading weights.
@@ -77,6 +87,7 @@ impl DecodeShape {
             num_classes: mc.num_classes,
             vocab_size: mc.vocab_size,
             cells: mc.block_size,
+            control: Self::control_of(mc),
         }
     }
 }
@@ -91,6 +102,20 @@ pub struct Request<'a> {
     pub known: &'a [Vec<(usize, u32)>],
     /// The generation order of the unknown positions, per sequence.
     pub orders: &'a [Vec<usize>],
+    /// A condition for a control model (see [`Condition`]); `None` samples without one.
+    pub condition: Option<Condition<'a>>,
+}
+
+/// What steers a control model's queries, and how guidance treats it.
+#[derive(Clone, Copy)]
+pub struct Condition<'a> {
+    /// Condition images `[b, C, H, W]` (one per sequence) or `[1, C, H, W]` (one for all),
+    /// values in [0, 1], any device.
+    pub images: &'a Tensor,
+    /// Guide over the condition as well as the class: the unconditional half of the CFG
+    /// batch drops both (needs a model trained with condition dropout). Otherwise both halves
+    /// keep the condition and guidance acts on the class alone.
+    pub guide: bool,
 }
 
 /// A request and its settings, checked against a [`DecodeShape`]: the only input [`generate`]
@@ -104,6 +129,8 @@ pub struct ValidRequest {
     cfg: SampleConfig,
     /// Tokens selected at each step.
     counts: Vec<usize>,
+    /// Condition images `[b, C, H, W]` (f32, on the CPU) and the guidance choice.
+    condition: Option<(Tensor, bool)>,
 }
 
 impl Request<'_> {
@@ -171,7 +198,9 @@ impl Request<'_> {
                 cells - n_known
             );
         }
+        let condition = self.validate_condition(shape, b)?;
         Ok(ValidRequest {
+            condition,
             shape,
             classes: self.classes.to_vec(),
             known: self.known.to_vec(),
@@ -179,6 +208,57 @@ impl Request<'_> {
             cfg: cfg.clone(),
             counts: token_counts(cells - n_known, cfg.steps, cfg.schedule)?,
         })
+    }
+}
+
+impl Request<'_> {
+    /// A condition only for a control model, of its shape, finite and in [0, 1]; none only
+    /// for a model that learned the null condition.
+    fn validate_condition(&self, shape: DecodeShape, b: usize) -> Result<Option<(Tensor, bool)>> {
+        let (c, control) = match (&self.condition, shape.control) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                bail!("this model has no control encoder: it takes no condition (--condition)")
+            }
+            (None, Some((_, dropout))) => {
+                ensure!(
+                    dropout,
+                    "this control model was trained without condition dropout (control.dropout \
+                     = 0 in its config), so it cannot sample without a condition: give one \
+                     (--condition)"
+                );
+                return Ok(None);
+            }
+            (Some(c), Some(control)) => (c, control),
+        };
+        let ((ch, h, w), dropout) = control;
+        let dims = c.images.dims();
+        ensure!(
+            dims.len() == 4 && (dims[0] == b || dims[0] == 1) && dims[1..] == [ch, h, w],
+            "a condition of shape {dims:?}: the model takes [{b} or 1, {ch}, {h}, {w}] \
+             ({ch} channel(s), {h}x{w} pixels)"
+        );
+        ensure!(
+            !c.guide || dropout,
+            "guidance over the condition needs a model trained with condition dropout \
+             (control.dropout = 0 in its config): keep the condition in both halves \
+             (--control-guidance class)"
+        );
+        let imgs = c
+            .images
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let (lo, hi) = (
+            imgs.min_all()?.to_scalar::<f32>()?,
+            imgs.max_all()?.to_scalar::<f32>()?,
+        );
+        let finite = imgs.sum_all()?.to_scalar::<f32>()?.is_finite();
+        ensure!(
+            finite && lo >= 0.0 && hi <= 1.0,
+            "condition values must be finite and in [0, 1], found {lo}..{hi}"
+        );
+        let imgs = imgs.broadcast_as((b, ch, h, w))?.contiguous()?;
+        Ok(Some((imgs, c.guide)))
     }
 }
 
@@ -376,6 +456,7 @@ pub fn generate_classes<R: Rng>(
         classes,
         known: &known,
         orders,
+        condition: None,
     };
     let req = req.validate(DecodeShape::of(model), cfg)?;
     generate(model, &req, rng, graphs)
@@ -414,7 +495,7 @@ fn generate_on<R: Rng>(
                 Some(g) => g.run(model, &plan, &inputs)?,
                 None => {
                     let mut buf = Buffers::new(model, &plan)?;
-                    buf.load(&inputs)?;
+                    buf.load(model, &inputs)?;
                     run_loop(model, &plan, &mut buf, &mut DeviceDraw)?;
                     buf.drawn
                 }
@@ -422,7 +503,7 @@ fn generate_on<R: Rng>(
         }
         DrawOn::Host => {
             let mut buf = Buffers::new(model, &plan)?;
-            buf.load(&Inputs::new(model, req, 0))?;
+            buf.load(model, &Inputs::new(model, req, 0))?;
             let mut host = HostDraw {
                 filter: req.cfg.filter,
                 weights: req.weights(),
@@ -476,6 +557,8 @@ struct Plan {
     n_unknown: usize,
     counts: Vec<usize>,
     draws: Vec<Draw>,
+    /// Whether the queries read a condition's table.
+    control: bool,
 }
 
 impl Plan {
@@ -498,6 +581,7 @@ impl Plan {
             n_unknown: req.n_unknown(),
             counts: req.counts.clone(),
             draws,
+            control: req.condition.is_some(),
         }
     }
 
@@ -512,6 +596,8 @@ struct Inputs {
     first_pos: Vec<u32>,
     q_rows: Vec<u32>,
     seed: i64,
+    /// Conditions `[rows, C, H, W]` and which are kept `[rows]` (the CFG halves' choice).
+    condition: Option<(Tensor, Tensor)>,
 }
 
 impl Inputs {
@@ -522,8 +608,14 @@ impl Inputs {
         let halves = req.halves();
         let copies = if halves == Halves::Both { 2 } else { 1 };
         let (mut first_ids, mut first_pos, mut q_rows) = (vec![], vec![], vec![]);
+        let mut keep = vec![];
         for half in 0..copies {
             let uncond = halves == Halves::Uncond || half == 1;
+            let guide = req.condition.as_ref().is_some_and(|c| c.1);
+            keep.extend(std::iter::repeat_n(
+                if uncond && guide { 0f32 } else { 1.0 },
+                req.len(),
+            ));
             for (s, &c) in req.classes.iter().enumerate() {
                 first_ids.push(match uncond {
                     true => mc.null_class_token(),
@@ -537,11 +629,20 @@ impl Inputs {
                 q_rows.extend(req.orders[s].iter().map(|&p| (p + mc.cls_token_num) as u32));
             }
         }
+        let condition = req.condition.as_ref().map(|(imgs, _)| {
+            let imgs = match copies {
+                2 => Tensor::cat(&[imgs, imgs], 0).expect("same shapes"),
+                _ => imgs.clone(),
+            };
+            let n = keep.len();
+            (imgs, Tensor::from_vec(keep, n, &candle_core::Device::Cpu).expect("sized"))
+        });
         Self {
             first_ids,
             first_pos,
             q_rows,
             seed,
+            condition,
         }
     }
 }
@@ -555,6 +656,8 @@ struct Buffers {
     q_rows: Tensor,
     seed: Tensor,
     drawn: Tensor,
+    /// The condition's query table `[rows, grid rows, dim]` (see [`Arpg::control_queries`]).
+    control: Option<Tensor>,
 }
 
 impl Buffers {
@@ -569,12 +672,26 @@ impl Buffers {
             q_rows: Tensor::zeros((rows, plan.n_unknown), DType::U32, dev)?,
             seed: Tensor::zeros(1, DType::I64, dev)?,
             drawn: Tensor::zeros((plan.b, plan.n_unknown), DType::U32, dev)?,
+            control: match plan.control {
+                true => {
+                    let (r, d) = (model.rope().rows(), model.config().dim);
+                    Some(Tensor::zeros((rows, r, d), model.dtype(), dev)?)
+                }
+                false => None,
+            },
         })
     }
 
-    /// Copy a decode's inputs into the buffers, in place.
-    fn load(&mut self, x: &Inputs) -> Result<()> {
+    /// Copy a decode's inputs into the buffers, in place (a condition is encoded here, once
+    /// per decode, outside any captured graph).
+    fn load(&mut self, model: &Arpg, x: &Inputs) -> Result<()> {
         let dev = self.seed.device().clone();
+        if let (Some(dst), Some((imgs, keep))) = (&self.control, &x.condition) {
+            let (imgs, keep) = (imgs.to_device(&dev)?, keep.to_device(&dev)?);
+            let mut mode = crate::model::Mode::inference();
+            let table = model.control_queries(&imgs, Some(&keep), &mut mode)?;
+            dst.slice_set(&table, 0, 0)?;
+        }
         let put = |dst: &Tensor, v: &[u32]| -> Result<()> {
             let src = Tensor::from_slice(v, dst.shape(), &dev)?;
             Ok(dst.slice_set(&src, 0, 0)?)
@@ -695,7 +812,7 @@ pub fn decode_rows(
     let req = req.validate(DecodeShape::of(model), cfg)?;
     let plan = Plan::new(model, &req);
     let mut buf = Buffers::new(model, &plan)?;
-    buf.load(&Inputs::new(model, &req, 0))?;
+    buf.load(model, &Inputs::new(model, &req, 0))?;
     let mut pick = RowsDraw {
         filter: req.cfg.filter,
         weights: req.weights(),
@@ -744,6 +861,7 @@ fn run_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers, pick: &mut dyn Select)
         let positions = Positions {
             keys: &kpos,
             queries: &qpos,
+            control: buf.control.as_ref(),
         };
         let logits = model
             .step_native_logits(&mut buf.cache, &ids, positions, done == 0)?
@@ -793,6 +911,7 @@ mod tests {
             ffn_dim_multiplier: None,
             cls_token_num: 1,
             abs_pos_embed: false,
+            control: None,
         };
         Arpg::new(&cfg, random_var_builder(3, DType::F32, &Device::Cpu)).unwrap()
     }
@@ -847,6 +966,7 @@ mod tests {
             classes: &[2, 0],
             known: &known,
             orders: &orders,
+            condition: None,
         };
         for schedule in [CfgSchedule::Constant, CfgSchedule::Linear] {
             let sc = settings(0.0, schedule);
@@ -868,6 +988,7 @@ mod tests {
             classes: &[1, 2],
             known: &known,
             orders: &orders,
+            condition: None,
         };
         let mut graphs = DecodeGraphs::default();
         let mut draws = Vec::new();
@@ -1066,6 +1187,7 @@ mod tests {
                 classes: &[2, 0],
                 known: &known,
                 orders: &orders,
+                condition: None,
             };
             got.push((
                 name,
@@ -1083,7 +1205,7 @@ mod tests {
         let cfg = sc(8, 3.0, Linear, Arccos, 1.0, 0, 1.0);
         got.push((
             "inpaint",
-            crate::editor::inpaint(&m, &canvas, 1, 2, &cfg, &mut r).unwrap(),
+            crate::editor::inpaint(&m, &canvas, 1, 2, &cfg, None, &mut r).unwrap(),
         ));
         let big = crate::editor::Canvas::from_tokens(4, 4, &[1; 16], &[false; 16])
             .unwrap()
@@ -1106,6 +1228,7 @@ mod tests {
             classes: &[1],
             known: &known,
             orders: &orders,
+            condition: None,
         }
         .validate(DecodeShape::of(&m), &settings(1.0, CfgSchedule::Linear))
         .unwrap();
@@ -1127,6 +1250,7 @@ mod tests {
                     classes,
                     known: &vec![known; n],
                     orders: &vec![order; n],
+                    condition: None,
                 }
                 .validate(shape, &c)
                 .unwrap_err()
@@ -1169,6 +1293,7 @@ mod tests {
             classes: &[0],
             known: &[vec![(2, 1)]],
             orders: &[free],
+            condition: None,
         }
         .validate(shape, &ok)
         .unwrap();

@@ -140,12 +140,14 @@ pub struct StepStats {
 }
 
 /// A teacher-forced batch: `[class, tokens in order]`, their RoPE rows, the rows the queries
-/// predict, and the flattened targets.
+/// predict, and the flattened targets; for a control model, the conditions `[b, C, H, W]`
+/// (in [0, 1]) and which of them are kept `[b]` (0 = dropped to the null condition).
 pub struct Batch {
     pub tokens: Tensor,
     pub keys: Tensor,
     pub queries: Tensor,
     pub targets: Tensor,
+    pub control: Option<(Tensor, Tensor)>,
 }
 
 impl Batch {
@@ -157,6 +159,10 @@ impl Batch {
             keys: self.keys.narrow(0, start, len)?,
             queries: self.queries.narrow(0, start, len)?,
             targets: self.targets.narrow(0, start * l, len * l)?,
+            control: match &self.control {
+                Some((c, k)) => Some((c.narrow(0, start, len)?, k.narrow(0, start, len)?)),
+                None => None,
+            },
         })
     }
 }
@@ -251,9 +257,15 @@ impl Trainer {
         let mut params = Vec::new();
         for (name, shape) in model_cfg.parameter_shapes()? {
             let n: usize = shape.iter().product();
+            // A zero control output makes a new encoder start as the class-only model.
+            let zero_control = model_cfg
+                .control
+                .as_ref()
+                .is_some_and(|c| c.query == crate::config::ControlQuery::Add)
+                && name == "control.out.weight";
             let data: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
-            } else if name == "head.weight" {
+            } else if name == "head.weight" || zero_control {
                 vec![0.0; n]
             } else {
                 (0..n)
@@ -520,11 +532,16 @@ impl Trainer {
             differentiable: true,
             dropout: if p > 0.0 { Some(&mut drop) } else { None },
         };
+        let table = match &batch.control {
+            Some((cond, keep)) => Some(model.control_queries(cond, Some(keep), &mut mode)?),
+            None => None,
+        };
         let logits = model.forward(
             &batch.tokens,
             Positions {
                 keys: &batch.keys,
                 queries: &batch.queries,
+                control: table.as_ref(),
             },
             &mut mode,
         )?;
@@ -540,6 +557,26 @@ impl Trainer {
         let mc = &self.model_cfg;
         let l = mc.block_size;
         let b = idx.len();
+        // A control model reads each sample's condition; its dropout draws after the class's.
+        let control = match &mc.control {
+            Some(c) => {
+                let side = mc.grid_size() * c.patch;
+                let want = (c.channels, side, side);
+                ensure!(
+                    data.condition_shape() == Some(want),
+                    "{}: the model's control encoder takes {want:?} conditions, the data has {}",
+                    data.path.display(),
+                    match data.condition_shape() {
+                        Some(s) => format!("{s:?}"),
+                        None => "none (pack it with --control)".into(),
+                    }
+                );
+                Some((c.dropout, want))
+            }
+            None => None,
+        };
+        let mut conds: Vec<u8> = Vec::new();
+        let mut keep: Vec<f32> = Vec::new();
         let (mut toks, mut kpos, mut qpos, mut tgt) = (
             Vec::with_capacity(b * l),
             Vec::with_capacity(b * l),
@@ -562,6 +599,11 @@ impl Trainer {
             } else {
                 mc.class_token(label)
             });
+            if let Some((rate, _)) = control {
+                let dropped = rate > 0.0 && self.rng.random::<f64>() < rate;
+                keep.push(if dropped { 0.0 } else { 1.0 });
+                conds.extend_from_slice(data.condition(i, crop));
+            }
             kpos.push(0u32);
             let mut order: Vec<usize> = (0..l).collect();
             rand::seq::SliceRandom::shuffle(&mut order[..], &mut self.rng);
@@ -582,11 +624,19 @@ impl Trainer {
             }
         }
         let d = &self.device;
+        let control = match control {
+            Some((_, (c, h, w))) => {
+                let cond = Tensor::from_vec(conds, (b, c, h, w), d)?.to_dtype(DType::F32)?;
+                Some(((cond / 255.0)?, Tensor::from_vec(keep, b, d)?))
+            }
+            None => None,
+        };
         Ok(Batch {
             tokens: Tensor::from_vec(toks, (b, l), d)?,
             keys: Tensor::from_vec(kpos, (b, l), d)?,
             queries: Tensor::from_vec(qpos, (b, l), d)?,
             targets: Tensor::from_vec(tgt, b * l, d)?,
+            control,
         })
     }
 
@@ -703,6 +753,52 @@ impl Trainer {
         tr.rng.set_word_pos(word("rng_word_pos")?);
         tr.drop_rng.set_word_pos(word("drop_rng_word_pos")?);
         Ok(tr)
+    }
+
+    /// Start from the weights of an inference checkpoint (`.pt` or `.safetensors`, official
+    /// key layout), e.g. a class-conditional model before training a control encoder on
+    /// it: every parameter must be there with its shape, except the `control.` ones, which
+    /// stay freshly initialised; a key the model does not have is an error. Returns the
+    /// names left fresh.
+    pub fn init_from(&mut self, path: &Path) -> Result<Vec<String>> {
+        let sd = crate::checkpoint::StateDict::load(path, crate::checkpoint::Weights::Model)?;
+        let mut fresh = Vec::new();
+        for (i, n) in self.names.iter().enumerate() {
+            let Some(t) = sd.tensors.get(n) else {
+                ensure!(
+                    n.starts_with("control."),
+                    "--init-from {}: no weight {n} (is it a checkpoint of this model?)",
+                    path.display()
+                );
+                fresh.push(n.clone());
+                continue;
+            };
+            ensure!(
+                t.dims() == self.params[i].dims(),
+                "--init-from {}: {n} has shape {:?}, the model {:?}",
+                path.display(),
+                t.dims(),
+                self.params[i].dims()
+            );
+            self.params[i].set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+        }
+        if let Some(extra) = sd.tensors.keys().find(|k| !self.names.contains(k)) {
+            bail!(
+                "--init-from {}: weight {extra} does not belong to this model config",
+                path.display()
+            );
+        }
+        if let Some(ema) = self.ema.as_mut() {
+            for (e, p) in ema.iter_mut().zip(&self.params) {
+                *e = p.as_tensor().copy()?;
+            }
+        }
+        ensure!(
+            self.non_finite_parameter()?.is_none(),
+            "--init-from {}: a weight holds NaN or Inf",
+            path.display()
+        );
+        Ok(fresh)
     }
 
     /// The master parameters, by name (for tests and export).
