@@ -256,7 +256,9 @@ impl ControlArgs {
 }
 
 /// The sampler's view of a loaded condition.
-pub fn as_condition(c: &Option<(candle_core::Tensor, bool)>) -> Option<arpg::sampler::Condition<'_>> {
+pub fn as_condition(
+    c: &Option<(candle_core::Tensor, bool)>,
+) -> Option<arpg::sampler::Condition<'_>> {
     c.as_ref().map(|(images, guide)| arpg::sampler::Condition {
         images,
         guide: *guide,

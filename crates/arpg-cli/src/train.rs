@@ -184,7 +184,8 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             if let Some(c) = &a.config {
                 let mut given = ArpgConfig::from_json_file(c)?;
                 // The run records its condition dropout in the config it writes.
-                if let (Some(g), Some(t)) = (given.control.as_mut(), tr.model_cfg.control.as_ref()) {
+                if let (Some(g), Some(t)) = (given.control.as_mut(), tr.model_cfg.control.as_ref())
+                {
                     g.dropout = t.dropout;
                 }
                 if given != tr.model_cfg {
@@ -219,7 +220,11 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
                     p.display(),
                     tr.parameters().count() - fresh.len(),
                     fresh.len(),
-                    if fresh.is_empty() { "none".into() } else { "control.*".to_string() }
+                    if fresh.is_empty() {
+                        "none".into()
+                    } else {
+                        "control.*".to_string()
+                    }
                 );
             }
             tr
@@ -467,11 +472,15 @@ pub fn pack(a: PackArgs) -> Result<()> {
     }
     let mut w = PackWriter::new();
     if let (Some(r), Some(_)) = (&a.paper, &a.control) {
-        for (s, shape, conds) in layouts::read_paper_layout_with_conditions(r, a.vocab_size)? {
+        for (s, (shape, conds)) in layouts::read_paper_layout_with_conditions(r, a.vocab_size)? {
             w.push_with_conditions(&s, shape, &conds)?;
         }
         w.write(&a.out)?;
-        eprintln!("packed {} samples with conditions into {}", w.len(), a.out.display());
+        eprintln!(
+            "packed {} samples with conditions into {}",
+            w.len(),
+            a.out.display()
+        );
         return Ok(());
     }
     if let (Some(p), Some(_)) = (&a.digits, &a.control) {
@@ -486,7 +495,11 @@ pub fn pack(a: PackArgs) -> Result<()> {
             w.push_with_conditions(&s, (1, 8, 8), &[sketch])?;
         }
         w.write(&a.out)?;
-        eprintln!("packed {} digits with their sketches into {}", w.len(), a.out.display());
+        eprintln!(
+            "packed {} digits with their sketches into {}",
+            w.len(),
+            a.out.display()
+        );
         return Ok(());
     }
     let samples: Vec<Sample> = if let Some(r) = &a.paper {
@@ -581,10 +594,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
                 "--control {}: neither `canny` nor a folder of condition images",
                 dir.display()
             );
-            ensure!(
-                a.control_channels != 2,
-                "--control-channels must be 1 or 3"
-            );
+            ensure!(a.control_channels != 2, "--control-channels must be 1 or 3");
             Some(ControlSource::Folder(dir, a.control_channels as usize))
         }
     };
@@ -645,7 +655,11 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         "codes in {} (pack them with `arpg pack --paper {}{}`)",
         a.out.display(),
         a.out.display(),
-        if control.is_some() { " --control stored" } else { "" }
+        if control.is_some() {
+            " --control stored"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -218,7 +218,7 @@ impl ArpgConfig {
             if c.channels != 1 && c.channels != 3 {
                 bail!("control.channels ({}) must be 1 or 3", c.channels);
             }
-            let side = self.grid_size().checked_mul(c.patch).unwrap_or(usize::MAX);
+            let side = self.grid_size().saturating_mul(c.patch);
             if c.patch == 0 || side > 1 << 14 {
                 bail!(
                     "control.patch ({}) must be positive, with a condition image (grid x patch) \

@@ -73,8 +73,8 @@ pub fn load_condition(
     side: usize,
     canny_thresholds: Option<(f32, f32)>,
 ) -> Result<(Tensor, RgbImage, bool)> {
-    let img = load_rgb(path)
-        .map_err(|e| anyhow::anyhow!("--condition {}: {e:#}", path.display()))?;
+    let img =
+        load_rgb(path).map_err(|e| anyhow::anyhow!("--condition {}: {e:#}", path.display()))?;
     match canny_thresholds {
         None => condition_from_image(&img, channels, side),
         Some((lo, hi)) => {

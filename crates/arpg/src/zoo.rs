@@ -1,9 +1,7 @@
 //! Where models come from: a preset or config file, plus local weights, the official
 //! checkpoints on the hub, or a random initialisation.
 
-use crate::checkpoint::{
-    build_strict, hub, random_var_builder, random_var_builder_dense, StateDict, Weights,
-};
+use crate::checkpoint::{build_strict, hub, random_var_builder_dense, StateDict, Weights};
 use crate::config::{ArpgConfig, VqConfig, PRESETS};
 use crate::model::Arpg;
 use crate::sampler::MaskSchedule;
@@ -136,7 +134,8 @@ impl ModelSpec {
             if self.weights.is_some() {
                 bail!("--init random and --weights are exclusive");
             }
-            return Arpg::new(&cfg, random_var_builder(self.seed, dtype, device));
+            // Dense: the model's plain `get`s would all be zeros (every logit 0, token 0).
+            return Arpg::new(&cfg, random_var_builder_dense(self.seed, dtype, device));
         }
         let which = if self.ema {
             Weights::Ema

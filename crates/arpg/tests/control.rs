@@ -44,7 +44,13 @@ fn pack(dir: &std::path::Path, n: usize) -> Packed {
         let bright: Vec<bool> = (0..16).map(|_| rng.random_bool(0.5)).collect();
         let tokens: Vec<u16> = bright
             .iter()
-            .map(|&b| if b { 9 + rng.random_range(0..2) } else { rng.random_range(0..4) })
+            .map(|&b| {
+                if b {
+                    9 + rng.random_range(0..2)
+                } else {
+                    rng.random_range(0..4)
+                }
+            })
             .collect();
         let mut img = vec![0u8; 64];
         for (c, &b) in bright.iter().enumerate() {
@@ -116,7 +122,11 @@ fn the_encoder_is_declared_in_the_official_key_style_and_counted() {
     assert_eq!(serde_json::from_str::<ArpgConfig>(&json).unwrap(), cfg);
     let mut bad = cfg.clone();
     bad.control.as_mut().unwrap().channels = 2;
-    assert!(bad.validate().unwrap_err().to_string().contains("control.channels"));
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("control.channels"));
 }
 
 #[test]
@@ -130,8 +140,16 @@ fn every_parameter_of_a_control_model_receives_a_gradient() {
         assert!(keep.contains(&0.0) && keep.contains(&1.0), "{keep:?}");
         let grads = tr.loss(&batch).unwrap().backward().unwrap();
         for (name, v) in tr.parameters() {
-            let g = grads.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(norm > 0.0 && norm.is_finite(), "{q:?} {name}: {norm}");
         }
     }
@@ -159,7 +177,12 @@ fn encoder_gradients_match_finite_differences() {
         for (name, v) in &params {
             let g = grads.get(v).unwrap().flatten_all().unwrap();
             let g = g.to_vec1::<f32>().unwrap();
-            let orig = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let orig = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for _ in 0..3 {
                 // The mask token's row (11) carries the replace mode's subtraction.
                 let i = match name.as_str() {
@@ -207,7 +230,10 @@ fn logits(m: &Arpg, table: Option<&Tensor>) -> Vec<f32> {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -216,33 +242,58 @@ fn a_fresh_encoder_starts_as_the_class_only_model_and_the_null_condition_is_the_
     let one = Tensor::new(&[1f32], &Device::Cpu).unwrap();
     let zero = Tensor::new(&[0f32], &Device::Cpu).unwrap();
     // Add mode, as initialised (zero output projection): the condition changes nothing.
-    let tr = Trainer::new(&tiny(ControlQuery::Add, 0.1), &Default::default(), DType::F32, &Device::Cpu).unwrap();
+    let tr = Trainer::new(
+        &tiny(ControlQuery::Add, 0.1),
+        &Default::default(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     for (n, v) in tr.parameters() {
         if n == "head.weight" {
-            v.set(&Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
     let m = tr.model().unwrap();
     let plain = logits(&m, None);
-    let t = m.control_queries(&cond, Some(&one), &mut Mode::inference()).unwrap();
+    let t = m
+        .control_queries(&cond, Some(&one), &mut Mode::inference())
+        .unwrap();
     assert_eq!(t.dims(), &[1, 17, 32]);
     assert!(max_diff(&plain, &logits(&m, Some(&t))) < 1e-6);
     // Trained (a random output projection) it does; dropped (keep 0), it is the mask query.
-    let tr = trainer(&tiny(ControlQuery::Add, 0.1), DType::F32, &Default::default());
+    let tr = trainer(
+        &tiny(ControlQuery::Add, 0.1),
+        DType::F32,
+        &Default::default(),
+    );
     let m = tr.model().unwrap();
     let plain = logits(&m, None);
-    let kept = m.control_queries(&cond, Some(&one), &mut Mode::inference()).unwrap();
-    let dropped = m.control_queries(&cond, Some(&zero), &mut Mode::inference()).unwrap();
+    let kept = m
+        .control_queries(&cond, Some(&one), &mut Mode::inference())
+        .unwrap();
+    let dropped = m
+        .control_queries(&cond, Some(&zero), &mut Mode::inference())
+        .unwrap();
     assert!(max_diff(&plain, &logits(&m, Some(&kept))) > 1e-3);
     assert!(max_diff(&plain, &logits(&m, Some(&dropped))) < 1e-6);
     // Replace mode swaps the mask token out: dropped is again the plain model.
-    let tr = trainer(&tiny(ControlQuery::Replace, 0.1), DType::F32, &Default::default());
+    let tr = trainer(
+        &tiny(ControlQuery::Replace, 0.1),
+        DType::F32,
+        &Default::default(),
+    );
     let m = tr.model().unwrap();
-    let dropped = m.control_queries(&cond, Some(&zero), &mut Mode::inference()).unwrap();
+    let dropped = m
+        .control_queries(&cond, Some(&zero), &mut Mode::inference())
+        .unwrap();
     assert!(max_diff(&logits(&m, None), &logits(&m, Some(&dropped))) < 1e-5);
     // A condition of the wrong size is refused, naming the shapes.
     let bad = Tensor::zeros((1, 1, 6, 6), DType::F32, &Device::Cpu).unwrap();
-    let e = m.control_queries(&bad, None, &mut Mode::inference()).unwrap_err();
+    let e = m
+        .control_queries(&bad, None, &mut Mode::inference())
+        .unwrap_err();
     assert!(e.to_string().contains("(1, 8, 8)"), "{e}");
 }
 
@@ -265,16 +316,24 @@ fn checkpoints_keep_the_encoder_and_fine_tuning_starts_from_a_class_only_model()
     let cond = Tensor::rand(0f32, 1.0, (1, 1, 8, 8), &Device::Cpu).unwrap();
     let one = Tensor::new(&[1f32], &Device::Cpu).unwrap();
     let m = tr.model().unwrap();
-    let t = m.control_queries(&cond, Some(&one), &mut Mode::inference()).unwrap();
+    let t = m
+        .control_queries(&cond, Some(&one), &mut Mode::inference())
+        .unwrap();
     let b = base.model().unwrap();
     assert!(max_diff(&logits(&b, None), &logits(&m, Some(&t))) < 1e-6);
     // A checkpoint of another model is refused by name.
-    let other = ArpgConfig { dim: 64, ..plain_cfg.clone() };
+    let other = ArpgConfig {
+        dim: 64,
+        ..plain_cfg.clone()
+    };
     let o = Trainer::new(&other, &Default::default(), DType::F32, &Device::Cpu).unwrap();
     let other_path = dir.path().join("other.safetensors");
     arpg::checkpoint::save_safetensors_atomic(&o.export_weights(), &other_path).unwrap();
     let e = tr.init_from(&other_path).unwrap_err().to_string();
-    assert!(e.contains("other.safetensors") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("other.safetensors") && e.contains("shape"),
+        "{e}"
+    );
     // The encoder's weights are saved and load back strictly into the same logits.
     let tr = trainer(&cfg, DType::F32, &Default::default());
     let path = dir.path().join("control.safetensors");
@@ -287,9 +346,20 @@ fn checkpoints_keep_the_encoder_and_fine_tuning_starts_from_a_class_only_model()
         ..Default::default()
     };
     let loaded = spec.load(DType::F32, &Device::Cpu).unwrap();
-    let t1 = tr.model().unwrap().control_queries(&cond, Some(&one), &mut Mode::inference()).unwrap();
-    let t2 = loaded.control_queries(&cond, Some(&one), &mut Mode::inference()).unwrap();
-    assert!(max_diff(&logits(&tr.model().unwrap(), Some(&t1)), &logits(&loaded, Some(&t2))) < 1e-6);
+    let t1 = tr
+        .model()
+        .unwrap()
+        .control_queries(&cond, Some(&one), &mut Mode::inference())
+        .unwrap();
+    let t2 = loaded
+        .control_queries(&cond, Some(&one), &mut Mode::inference())
+        .unwrap();
+    assert!(
+        max_diff(
+            &logits(&tr.model().unwrap(), Some(&t1)),
+            &logits(&loaded, Some(&t2))
+        ) < 1e-6
+    );
     // Without the encoder's weights the checkpoint does not load as a control model.
     let spec = arpg::zoo::ModelSpec {
         weights: Some(base_path),
@@ -319,7 +389,8 @@ fn conditioned_decoding_is_checked_deterministic_and_steered() {
         dropout: 0.0,
         ..Default::default()
     };
-    let mut tr = Trainer::new(&tiny(ControlQuery::Add, 0.1), &tc, DType::F32, &Device::Cpu).unwrap();
+    let mut tr =
+        Trainer::new(&tiny(ControlQuery::Add, 0.1), &tc, DType::F32, &Device::Cpu).unwrap();
     while tr.step < tc.steps {
         tr.train_step(&data).unwrap();
     }
@@ -331,7 +402,9 @@ fn conditioned_decoding_is_checked_deterministic_and_steered() {
     let classes = vec![1usize; n];
     let known = vec![vec![]; n];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let orders: Vec<Vec<usize>> = (0..n).map(|_| random_order(&(0..16).collect::<Vec<_>>(), &mut rng)).collect();
+    let orders: Vec<Vec<usize>> = (0..n)
+        .map(|_| random_order(&(0..16).collect::<Vec<_>>(), &mut rng))
+        .collect();
     let run = |c: Option<Condition>, seed: u64, cfg: f32| {
         let req = Request {
             classes: &classes,
@@ -339,7 +412,13 @@ fn conditioned_decoding_is_checked_deterministic_and_steered() {
             orders: &orders,
             condition: c,
         };
-        decode(&m, &req, &sc(cfg), &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed)).unwrap()
+        decode(
+            &m,
+            &req,
+            &sc(cfg),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        )
+        .unwrap()
     };
     let follows = |toks: &[Vec<u32>]| {
         let mut ok = 0;
@@ -351,20 +430,44 @@ fn conditioned_decoding_is_checked_deterministic_and_steered() {
         ok as f64 / (toks.len() * 16) as f64
     };
     for guide in [true, false] {
-        let c = Some(Condition { images: &cond, guide });
+        let c = Some(Condition {
+            images: &cond,
+            guide,
+        });
         let a = run(c, 1, 3.0);
         assert_eq!(a, run(c, 1, 3.0), "same seed, same tokens");
         assert!(follows(&a) > 0.9, "guide {guide}: {}", follows(&a));
     }
     let free = run(None, 1, 3.0);
-    assert!(follows(&free) < 0.75, "without a condition: {}", follows(&free));
+    assert!(
+        follows(&free) < 0.75,
+        "without a condition: {}",
+        follows(&free)
+    );
     // Editing composes with control: known cells stay, the rest follow the condition.
-    let canvas = arpg::editor::Canvas::from_tokens(4, 4, &[10, 10, 0, 0].repeat(4), &[
-        false, false, false, false, true, true, true, true, true, true, true, true, true, true,
-        true, true,
-    ])
+    let canvas = arpg::editor::Canvas::from_tokens(
+        4,
+        4,
+        &[10, 10, 0, 0].repeat(4),
+        &[
+            false, false, false, false, true, true, true, true, true, true, true, true, true, true,
+            true, true,
+        ],
+    )
     .unwrap();
-    let out = arpg::editor::inpaint(&m, &canvas, 1, 4, &sc(3.0), Some(Condition { images: &cond, guide: true }), &mut rng).unwrap();
+    let out = arpg::editor::inpaint(
+        &m,
+        &canvas,
+        1,
+        4,
+        &sc(3.0),
+        Some(Condition {
+            images: &cond,
+            guide: true,
+        }),
+        &mut rng,
+    )
+    .unwrap();
     for t in &out {
         assert_eq!(&t[..4], &[10, 10, 0, 0]);
     }
@@ -387,22 +490,38 @@ fn conditions_are_validated_once_with_clear_errors() {
         .err()
         .map(|e| e.to_string())
     };
-    let with = |images| Some(Condition { images, guide: false });
+    let with = |images| {
+        Some(Condition {
+            images,
+            guide: false,
+        })
+    };
     let plain = ArpgConfig {
         control: None,
         ..tiny(ControlQuery::Add, 0.1)
     };
-    assert!(check(&plain, with(&cond)).unwrap().contains("no control encoder"));
+    assert!(check(&plain, with(&cond))
+        .unwrap()
+        .contains("no control encoder"));
     assert!(check(&plain, None).is_none());
     let needs = tiny(ControlQuery::Add, 0.0);
-    assert!(check(&needs, None).unwrap().contains("without condition dropout"));
+    assert!(check(&needs, None)
+        .unwrap()
+        .contains("without condition dropout"));
     assert!(check(&needs, with(&cond)).is_none());
-    let guided = Some(Condition { images: &cond, guide: true });
-    assert!(check(&needs, guided).unwrap().contains("--control-guidance class"));
+    let guided = Some(Condition {
+        images: &cond,
+        guide: true,
+    });
+    assert!(check(&needs, guided)
+        .unwrap()
+        .contains("--control-guidance class"));
     let ok = tiny(ControlQuery::Add, 0.1);
     assert!(check(&ok, None).is_none() && check(&ok, guided).is_none());
     let wrong = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(check(&ok, with(&wrong)).unwrap().contains("1 channel(s), 8x8"));
+    assert!(check(&ok, with(&wrong))
+        .unwrap()
+        .contains("1 channel(s), 8x8"));
     let three = Tensor::zeros((3, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(check(&ok, with(&three)).unwrap().contains("[2 or 1"));
     let big = (Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap() * 2.0).unwrap();

@@ -111,7 +111,17 @@ fn the_sketch_model_keeps_held_out_sketches_and_their_class() {
         ..Default::default()
     };
     let score = |m: &Arpg| {
-        run_task(m, DigitsTask::Sketch, &train, &test, &sc, 120, 0, &mut |_| {}).unwrap()
+        run_task(
+            m,
+            DigitsTask::Sketch,
+            &train,
+            &test,
+            &sc,
+            120,
+            0,
+            &mut |_| {},
+        )
+        .unwrap()
     };
     let (r, base) = (score(&sketch), score(&plain));
     eprintln!("digits-sketch: {r:?}\ndigits (no sketch): {base:?}");

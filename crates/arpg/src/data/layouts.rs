@@ -79,7 +79,11 @@ pub fn read_conditions(codes: &Path, n_crops: usize) -> Result<Conditions> {
     let (n, c, h, w) = match a.shape[..] {
         [n, c, h, w] => (n, c, h, w),
         [c, h, w] => (1, c, h, w),
-        _ => bail!("{}: shape {:?}, expected (n_aug, C, H, W)", p.display(), a.shape),
+        _ => bail!(
+            "{}: shape {:?}, expected (n_aug, C, H, W)",
+            p.display(),
+            a.shape
+        ),
     };
     if !a.descr.ends_with("u1") {
         bail!("{}: dtype {}, expected uint8", p.display(), a.descr);
@@ -105,11 +109,11 @@ pub fn read_conditions(codes: &Path, n_crops: usize) -> Result<Conditions> {
 pub fn read_paper_layout_with_conditions(
     root: &Path,
     vocab_limit: usize,
-) -> Result<Vec<(Sample, (usize, usize, usize), Vec<Vec<u8>>)>> {
+) -> Result<Vec<(Sample, Conditions)>> {
     let mut out = Vec::new();
     for (s, f) in paper_samples(root, vocab_limit)? {
-        let (shape, conds) = read_conditions(&f, s.crops.len())?;
-        out.push((s, shape, conds));
+        let conds = read_conditions(&f, s.crops.len())?;
+        out.push((s, conds));
     }
     Ok(out)
 }

@@ -194,10 +194,7 @@ impl Packed {
             if c == 0 || h == 0 || w == 0 {
                 return Err(err(format!("a condition shape of {c}x{h}x{w}")));
             }
-            (
-                HEADER_CONTROL,
-                Some((c as usize, h as usize, w as usize)),
-            )
+            (HEADER_CONTROL, Some((c as usize, h as usize, w as usize)))
         } else {
             (HEADER, None)
         };
@@ -370,7 +367,9 @@ mod tests {
         w.push_with_conditions(&s1, shape, &[vec![9; 6]]).unwrap();
         // A plain sample, a wrong shape or count, in a pack with conditions: refused.
         assert!(w.push(&s1).is_err());
-        assert!(w.push_with_conditions(&s1, (1, 3, 2), &[vec![9; 6]]).is_err());
+        assert!(w
+            .push_with_conditions(&s1, (1, 3, 2), &[vec![9; 6]])
+            .is_err());
         assert!(w.push_with_conditions(&s2, shape, &[vec![7; 6]]).is_err());
         w.push_with_conditions(&s2, shape, &[vec![7; 6], (0..6).collect()])
             .unwrap();
@@ -388,6 +387,8 @@ mod tests {
         // A pack without conditions takes no conditioned sample.
         let mut plain = PackWriter::new();
         plain.push(&s1).unwrap();
-        assert!(plain.push_with_conditions(&s2, shape, &[vec![0; 6], vec![0; 6]]).is_err());
+        assert!(plain
+            .push_with_conditions(&s2, shape, &[vec![0; 6], vec![0; 6]])
+            .is_err());
     }
 }

@@ -181,8 +181,12 @@ pub fn conditions(
     crops: &[RgbImage],
     size: usize,
     ten_crop: bool,
-) -> Result<((usize, usize, usize), Vec<Vec<u8>>)> {
-    let luma = |c: &RgbImage| image::DynamicImage::ImageRgb8(c.clone()).to_luma8().into_raw();
+) -> Result<super::layouts::Conditions> {
+    let luma = |c: &RgbImage| {
+        image::DynamicImage::ImageRgb8(c.clone())
+            .to_luma8()
+            .into_raw()
+    };
     match src {
         ControlSource::Canny(lo, hi) => {
             let e = crops

@@ -96,23 +96,28 @@ pub fn run_task(
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<DigitsReport> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (classes, knowns, sketches): (Vec<usize>, Vec<Vec<(usize, u32)>>, Vec<[u8; 64]>) =
-        match task {
-            DigitsTask::Inpaint => test
-                .iter()
-                .map(|d| {
-                    let known = (0..32).map(|p| (p, d.pixels[p] as u32)).collect();
-                    (d.label as usize, known, [0; 64])
-                })
-                .fold((vec![], vec![], vec![]), push3),
-            DigitsTask::Sketch => test
-                .iter()
-                .map(|d| (d.label as usize, vec![], crate::control::digit_sketch(&d.pixels)))
-                .fold((vec![], vec![], vec![]), push3),
-            DigitsTask::Sample { per_class } => (0..10)
-                .flat_map(|c| std::iter::repeat_n((c, vec![], [0; 64]), per_class))
-                .fold((vec![], vec![], vec![]), push3),
-        };
+    let (classes, knowns, sketches): Columns = match task {
+        DigitsTask::Inpaint => test
+            .iter()
+            .map(|d| {
+                let known = (0..32).map(|p| (p, d.pixels[p] as u32)).collect();
+                (d.label as usize, known, [0; 64])
+            })
+            .fold((vec![], vec![], vec![]), push3),
+        DigitsTask::Sketch => test
+            .iter()
+            .map(|d| {
+                (
+                    d.label as usize,
+                    vec![],
+                    crate::control::digit_sketch(&d.pixels),
+                )
+            })
+            .fold((vec![], vec![], vec![]), push3),
+        DigitsTask::Sample { per_class } => (0..10)
+            .flat_map(|c| std::iter::repeat_n((c, vec![], [0; 64]), per_class))
+            .fold((vec![], vec![], vec![]), push3),
+    };
     let sc = SampleConfig {
         steps: match task {
             DigitsTask::Inpaint => sc.steps.min(32),
@@ -133,11 +138,18 @@ pub fn run_task(
         .zip(knowns.chunks(bs))
         .zip(sketches.chunks(bs))
     {
-        let orders: Vec<Vec<usize>> = b.iter().map(|_| random_order(&positions, &mut rng)).collect();
+        let orders: Vec<Vec<usize>> = b
+            .iter()
+            .map(|_| random_order(&positions, &mut rng))
+            .collect();
         let images = crate::control::sketch_tensor(sk)?;
         let condition = controlled.then_some(Condition {
             images: &images,
-            guide: model.config().control.as_ref().is_some_and(|c| c.dropout > 0.0),
+            guide: model
+                .config()
+                .control
+                .as_ref()
+                .is_some_and(|c| c.dropout > 0.0),
         });
         let req = Request {
             classes: b,
@@ -151,7 +163,10 @@ pub fn run_task(
                 *p = v as u8;
             }
             if task == DigitsTask::Sketch {
-                ious.push(crate::control::mask_iou(&crate::control::digit_sketch(&px), s));
+                ious.push(crate::control::mask_iou(
+                    &crate::control::digit_sketch(&px),
+                    s,
+                ));
             }
             samples.push((*c as u32, px));
         }

@@ -635,7 +635,10 @@ impl Inputs {
                 _ => imgs.clone(),
             };
             let n = keep.len();
-            (imgs, Tensor::from_vec(keep, n, &candle_core::Device::Cpu).expect("sized"))
+            (
+                imgs,
+                Tensor::from_vec(keep, n, &candle_core::Device::Cpu).expect("sized"),
+            )
         });
         Self {
             first_ids,
