@@ -8,6 +8,9 @@
 #     bash scripts/gpu-e2e.sh sizes   # ARPG-XL and ARPG-XXL, ours and the reference
 #     bash scripts/gpu-e2e.sh final   # the short version of both (what docs/benchmarks.md shows),
 #                                     # then the `arpg serve` load test (scripts/gpu-serve-load.sh)
+#     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
+#                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
+#                                     # the serve load test: one short device command
 # .bin/ref holds the paper's models/arpg.py and models/vq_model.py (fetched, never committed).
 # cuDNN comes from the machine's PyTorch wheels (nvidia-cudnn-cu13): our binary dlopens it.
 set -uo pipefail
@@ -75,6 +78,38 @@ elif [ "$MODE" = final ]; then
     N=640 ref $m --steps 64 32
   done
   echo "== serve load test"; ARPG=$A REQUESTS=128 timeout 120 bash scripts/gpu-serve-load.sh 2>&1 | tail -12; el
+elif [ "$MODE" = control ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  C=/tmp/ctrl; rm -rf $C; mkdir -p $C
+  python3 - "$C" <<'PY'
+import json, sys
+d = sys.argv[1]
+j = json.load(open("tests/fixtures/parity-a/a.json"))
+json.dump(j["vq_config"], open(f"{d}/vq.json", "w"))
+small = dict(j["arpg_config"], control={"channels": 1, "patch": 2, "layers": 1, "dropout": 0.1})
+json.dump(small, open(f"{d}/small.json", "w"))
+large = {"dim": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 16384, "num_classes": 1000,
+         "block_size": 256, "control": {"channels": 1, "patch": 16, "layers": 2, "dropout": 0.1}}
+json.dump(large, open(f"{d}/large.json", "w"))
+PY
+  echo "== control, ARPG-L size, bf16: CUDA-graph replays vs eager (tokens of 4 batches of 16)"
+  for g in graph eager; do
+    flag=""; [ $g = eager ] && flag=--no-cuda-graph
+    timeout 200 $A sample --config $C/large.json --init random --condition data/photos/china.jpg \
+      --canny --classes 1,2,3,4 --per-class 16 --batch-size 16 --steps 64 --device cuda:0 \
+      --dtype bf16 $flag --tokens-out $C/large-$g.json --out $C/o-$g 2>&1 | grep -E "images/s|rror"
+  done
+  cmp $C/large-graph.json $C/large-eager.json && echo "control graph replay == eager: yes"; el
+  echo "== control, fixture size, f32 greedy: GPU tokens vs CPU tokens"
+  for dev in cuda:0 cpu; do
+    timeout 100 $A sample --config $C/small.json --init random --vq-config $C/vq.json \
+      --condition data/photos/flower.jpg --canny --classes 1,2 --per-class 4 --steps 8 \
+      --temperature 0 --device $dev --tokens-out $C/small-${dev%%:*}.json --out $C/s 2>&1 | grep -E "rror" || true
+  done
+  cmp $C/small-cuda.json $C/small-cpu.json && echo "control f32 GPU == CPU greedy: yes"; el
+  for s in 64 32; do fid ARPG-L $s nopng; done
+  ref ARPG-L --steps 64 32
+  echo "== serve load test"; OUT=$OUT/serve ARPG=$A REQUESTS=128 timeout 150 bash scripts/gpu-serve-load.sh 2>&1 | tail -14; el
 else
   N=${N_SIZES:-640}
   for m in ARPG-XL ARPG-XXL; do

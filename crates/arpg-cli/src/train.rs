@@ -40,6 +40,15 @@ pub struct TrainArgs {
     /// config.json). 0 trains a model that always needs a condition.
     #[arg(long, default_value_t = 0.1)]
     pub control_dropout: f64,
+    /// Train a control encoder with the transformer on data packed with conditions: `add`
+    /// (the mask token plus the control embedding) or `replace` (the control embedding in
+    /// its place). Adds a `control` block to a config without one, its channels and patch
+    /// read from the data's condition shape (`--config`'s own block is used as it is).
+    #[arg(long, value_parser = ["add", "replace"])]
+    pub control: Option<String>,
+    /// With --control: bidirectional transformer blocks of the encoder.
+    #[arg(long, default_value_t = 2, requires = "control")]
+    pub control_layers: usize,
     /// Start over in an --out that already holds a run: its checkpoints are replaced and its
     /// log emptied (without this, such an --out is refused).
     #[arg(long, conflicts_with = "resume")]
@@ -204,6 +213,9 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
                 (None, Some(m)) => ArpgConfig::preset(m)?,
                 (None, None) => bail!("give --config FILE.json or --model PRESET"),
             };
+            if let Some(q) = &a.control {
+                cfg.control = Some(control_block(&cfg, &data, q, a.control_layers)?);
+            }
             if let Some(c) = cfg.control.as_mut() {
                 ensure!(
                     (0.0..1.0).contains(&a.control_dropout),
@@ -351,6 +363,44 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         a.out.join("model.safetensors").display()
     );
     Ok(())
+}
+
+/// The `control` block `--control` adds: channels and patch from the data's conditions.
+fn control_block(
+    cfg: &ArpgConfig,
+    data: &Packed,
+    query: &str,
+    layers: usize,
+) -> Result<arpg::config::ControlConfig> {
+    let query = match query {
+        "replace" => arpg::config::ControlQuery::Replace,
+        _ => arpg::config::ControlQuery::Add,
+    };
+    let Some((c, h, w)) = data.condition_shape() else {
+        bail!(
+            "--control: --data {} holds no conditions (pack it with --control)",
+            data.path.display()
+        );
+    };
+    let g = cfg.grid_size();
+    ensure!(
+        h == w && h.is_multiple_of(g) && h >= g,
+        "--control: the data's {h}x{w} conditions do not tile the model's {g}x{g} grid"
+    );
+    match &cfg.control {
+        Some(given) if given.query != query => bail!(
+            "--control {query:?} differs from the config's control.query {:?}",
+            given.query
+        ),
+        Some(given) => Ok(given.clone()),
+        None => Ok(arpg::config::ControlConfig {
+            channels: c,
+            patch: h / g,
+            layers,
+            query,
+            dropout: 0.0,
+        }),
+    }
 }
 
 /// Files of a training run in --out.
