@@ -110,6 +110,10 @@ PY
   for s in 64 32; do fid ARPG-L $s nopng; done
   ref ARPG-L --steps 64 32
   echo "== serve load test"; OUT=$OUT/serve ARPG=$A REQUESTS=128 timeout 150 bash scripts/gpu-serve-load.sh 2>&1 | tail -14; el
+elif [ "$MODE" = extra ]; then
+  fid ARPG-L 64 png
+  N=640 fid ARPG-XL 64 nopng
+  N=640 ref ARPG-XL --steps 64
 else
   N=${N_SIZES:-640}
   for m in ARPG-XL ARPG-XXL; do
