@@ -526,12 +526,34 @@ fn train_control_adds_an_encoder_shaped_by_the_data() {
     let d = tempfile::tempdir().unwrap();
     let digits = repo("data/digits/digits.csv.gz");
     let pack = s(&d.path().join("sketch.pack"));
-    ok(&["pack", "--digits", &digits, "--control", "sketch", "--out", &pack]);
+    ok(&[
+        "pack",
+        "--digits",
+        &digits,
+        "--control",
+        "sketch",
+        "--out",
+        &pack,
+    ]);
     let run = d.path().join("run");
     ok(&[
-        "train", "--data", &pack, "--config", &repo("models/digits/config.json"), "--init-from",
-        &repo("models/digits/model.safetensors"), "--control", "replace", "--control-layers", "1",
-        "--steps", "1", "--batch-size", "4", "--out", &s(&run),
+        "train",
+        "--data",
+        &pack,
+        "--config",
+        &repo("models/digits/config.json"),
+        "--init-from",
+        &repo("models/digits/model.safetensors"),
+        "--control",
+        "replace",
+        "--control-layers",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        &s(&run),
     ]);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
@@ -543,8 +565,17 @@ fn train_control_adds_an_encoder_shaped_by_the_data() {
     ok(&["pack", "--digits", &digits, "--out", &plain]);
     fails(
         &[
-            "train", "--data", &plain, "--config", &repo("models/digits/config.json"), "--control",
-            "add", "--steps", "1", "--out", &s(&d.path().join("run2")),
+            "train",
+            "--data",
+            &plain,
+            "--config",
+            &repo("models/digits/config.json"),
+            "--control",
+            "add",
+            "--steps",
+            "1",
+            "--out",
+            &s(&d.path().join("run2")),
         ],
         &["--control", "plain.pack", "no conditions"],
     );

@@ -625,3 +625,131 @@ async fn sigterm_finishes_the_requests_in_flight_then_exits() {
     // Nothing listens any more.
     assert!(client().get(s.at("/health")).send().await.is_err());
 }
+
+/// A control model behind the server: a posted condition gives `arpg sample --condition`'s
+/// images, batched requests with different conditions each keep their own, and conditions
+/// are refused where they do not apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_posted_condition_steers_a_control_model_as_the_cli_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two digit sketches: a vertical bar and a ring.
+    let bar = image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb(
+            [if (3..5).contains(&x) && (1..7).contains(&y) {
+                255
+            } else {
+                0
+            }; 3],
+        )
+    });
+    let ring = image::RgbImage::from_fn(8, 8, |x, y| {
+        let edge =
+            (x == 2 || x == 5) && (1..7).contains(&y) || (y == 1 || y == 6) && (2..6).contains(&x);
+        image::Rgb([if edge { 255 } else { 0 }; 3])
+    });
+    let bar_path = dir.path().join("bar.png");
+    bar.save(&bar_path).unwrap();
+    let out = dir.path().join("cli");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_arpg"))
+        .args([
+            "sample",
+            "--model",
+            "digits-sketch",
+            "--classes",
+            "1",
+            "--per-class",
+            "3",
+        ])
+        .args(["--steps", "16", "--seed", "4", "--condition"])
+        .arg(&bar_path)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = Server::start_model("digits-sketch", &["--batch-window-ms", "300"]);
+    let body = |img: &image::RgbImage, class: u32| json!({"classes": [class], "per_class": 3, "steps": 16, "seed": 4, "condition": png_b64(img)});
+    // Sent together (one batch, by the window), each request keeps its own condition.
+    let (url, bar_body, ring_body) = (s.at("/v1/generate"), body(&bar, 1), body(&ring, 0));
+    let (a, b) = tokio::join!(post(&url, &bar_body), post(&url, &ring_body));
+    assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
+    for (i, (_, px)) in images(&a.1).iter().enumerate() {
+        let cli = image::open(out.join(format!("{i:06}_class1.png")))
+            .unwrap()
+            .to_rgb8()
+            .into_raw();
+        assert_eq!(&cli, px, "image {i} differs from arpg sample --condition's");
+    }
+    // The ring's samples draw the ring, not the bar: strokes (bright pixels) on its cells.
+    let on_ring = |px: &[u8]| {
+        let (mut hit, mut all) = (0, 0);
+        for (i, &v) in px.iter().step_by(3).enumerate() {
+            if v >= 128 {
+                all += 1;
+                hit += (ring.get_pixel((i % 8) as u32, (i / 8) as u32)[0] == 255) as usize;
+            }
+        }
+        hit as f64 / all.max(1) as f64
+    };
+    for (_, px) in images(&b.1) {
+        assert!(on_ring(&px) > 0.8, "{}", on_ring(&px));
+    }
+    // Refused with the field named.
+    let (st, v) = post(
+        &s.at("/v1/generate"),
+        &json!({"classes": [1], "condition": "!!"}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("condition")),
+        "{v}"
+    );
+    let (st, v) = post(
+        &s.at("/v1/generate"),
+        &json!({"classes": [1], "condition": png_b64(&bar), "control_guidance": "both"}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("control_guidance")),
+        "{v}"
+    );
+    let (st, v) = post(
+        &s.at("/v1/generate"),
+        &json!({"classes": [1], "canny": true}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("canny")),
+        "{v}"
+    );
+    let (st, v) = client()
+        .get(s.at("/v1/models"))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .unwrap();
+    let v: Value = v.json().await.unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(v["models"][0]["control"]["width"], 8, "{v}");
+    let plain = Server::start(&[]);
+    let (st, v) = post(
+        &plain.at("/v1/generate"),
+        &json!({"classes": [1], "condition": png_b64(&bar)}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("condition")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no control encoder"),
+        "{v}"
+    );
+}

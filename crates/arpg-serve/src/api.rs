@@ -269,6 +269,9 @@ decoding_fields! {
         pub classes: Option<Vec<ClassRef>>,
         pub per_class: Option<usize>,
         pub order_per_sample: Option<bool>,
+        pub condition: Option<String>,
+        pub canny: Option<bool>,
+        pub control_guidance: Option<String>,
     }
 }
 
@@ -280,6 +283,9 @@ decoding_fields! {
         pub mask: String,
         pub class: ClassRef,
         pub samples: Option<usize>,
+        pub condition: Option<String>,
+        pub canny: Option<bool>,
+        pub control_guidance: Option<String>,
     }
 }
 
@@ -311,6 +317,73 @@ pub struct ModelShape {
     pub patch: usize,
     pub vocab: usize,
     pub num_classes: usize,
+    /// A control model's condition shape `[C, H, W]` and whether it learned the null
+    /// condition (see `arpg::sampler::DecodeShape::control`).
+    pub control: Option<((usize, usize, usize), bool)>,
+}
+
+/// A request's condition for a control model (`condition`: base64 image; `canny`: it is a
+/// photo whose edges are used; `control_guidance`: `joint` or `class`), as `arpg sample
+/// --condition` reads one: `[1, C, H, W]` and whether guidance acts on it.
+pub fn condition(
+    image: Option<&str>,
+    canny: Option<bool>,
+    guidance: Option<&str>,
+    m: &ModelShape,
+    lim: &Limits,
+) -> Result<Option<(candle_core::Tensor, bool)>, ApiError> {
+    let Some(b64) = image else {
+        for (field, given) in [
+            ("canny", canny.is_some()),
+            ("control_guidance", guidance.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::bad(field, format!("{field} needs a condition")));
+            }
+        }
+        return match m.control {
+            Some((_, false)) => Err(ApiError::bad(
+                "condition",
+                "this control model was trained without condition dropout: it needs a condition",
+            )),
+            _ => Ok(None),
+        };
+    };
+    let Some(((c, side, _), dropout)) = m.control else {
+        return Err(ApiError::bad(
+            "condition",
+            "this model has no control encoder: it takes no condition",
+        ));
+    };
+    let guide = match guidance {
+        None => dropout,
+        Some("joint") if dropout => true,
+        Some("joint") => {
+            return Err(ApiError::bad(
+                "control_guidance",
+                "joint guidance needs a model trained with condition dropout: use \"class\"",
+            ))
+        }
+        Some("class") => false,
+        Some(g) => {
+            return Err(ApiError::bad(
+                "control_guidance",
+                format!("{g:?}: expected \"joint\" or \"class\""),
+            ))
+        }
+    };
+    let img = decode_image("condition", b64, lim.max_image_side)?;
+    let img = if canny.unwrap_or(false) {
+        let img = arpg::tokenizer::image::center_crop_resize(&img, side);
+        let e = arpg::control::canny(&img, arpg::control::CANNY_LOW, arpg::control::CANNY_HIGH)
+            .map_err(|e| ApiError::bad("canny", format!("{e:#}")))?;
+        image::DynamicImage::ImageLuma8(e).to_rgb8()
+    } else {
+        img
+    };
+    let (t, _, _) = arpg::control::condition_from_image(&img, c, side)
+        .map_err(|e| ApiError::bad("condition", format!("{e:#}")))?;
+    Ok(Some((t, guide)))
 }
 
 /// ImageNet models with no classes asked for: `arpg sample`'s demo classes.

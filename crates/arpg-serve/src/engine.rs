@@ -89,6 +89,9 @@ pub struct Key {
     top_k: usize,
     top_p: u32,
     n_known: usize,
+    /// 0 without a condition, 1 guided over it, 2 guided over the class alone: one batch
+    /// shares one guidance rule.
+    control: u8,
     /// Outpainting jobs are never batched: their own id.
     solo: u64,
 }
@@ -104,6 +107,9 @@ pub struct Job {
     pub enqueued: Instant,
     /// Test hook: panic inside the worker while decoding this job.
     pub panic: bool,
+    /// A control model's condition `[1, C, H, W]` for every image of the job, and whether
+    /// guidance acts on it.
+    pub condition: Option<(candle_core::Tensor, bool)>,
     chunks_total: usize,
 }
 
@@ -129,6 +135,7 @@ impl Job {
             cancel,
             enqueued: Instant::now(),
             panic: false,
+            condition: None,
             chunks_total,
         }
     }
@@ -162,6 +169,11 @@ impl Job {
             top_k: sc.filter.top_k,
             top_p: sc.filter.top_p.to_bits(),
             n_known,
+            control: match &self.condition {
+                None => 0,
+                Some((_, true)) => 1,
+                Some((_, false)) => 2,
+            },
             solo,
         }
     }
@@ -508,11 +520,28 @@ fn decode_groups(
             });
         }
     };
+    // One condition row per sequence, each job's own (a batch shares its guidance rule).
+    let cond_rows = match &batch[0].condition {
+        Some((_, guide)) => {
+            let mut rows = Vec::with_capacity(classes.len());
+            for (j, u) in batch.iter().zip(units) {
+                let (img, _) = j.condition.as_ref().context("a batch mixes conditions")?;
+                rows.extend(std::iter::repeat_n(img.clone(), u.classes.len()));
+            }
+            Some((candle_core::Tensor::cat(&rows, 0)?, *guide))
+        }
+        None => None,
+    };
     let req = Request {
         classes: &classes,
         known: &known,
         orders: &orders,
-        condition: None,
+        condition: cond_rows
+            .as_ref()
+            .map(|(images, guide)| sampler::Condition {
+                images,
+                guide: *guide,
+            }),
     };
     let out = sampler::decode_rows(
         &engine.model,

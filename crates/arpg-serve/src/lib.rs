@@ -107,6 +107,7 @@ pub async fn serve(
         patch: engine.tokenizer.patch_size(),
         vocab: mc.vocab_size,
         num_classes: mc.num_classes,
+        control: arpg::sampler::DecodeShape::of_config(&mc).control,
     };
     let engine = Arc::new(engine);
     let worker = {
@@ -277,6 +278,8 @@ async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
                 arpg::tokenizer::ImageTokenizer::Vq(_) => "vq",
             },
             "image_size": s.grid * s.patch,
+            "control": s.control.map(|((c, h, w), dropout)| serde_json::json!({
+                "channels": c, "height": h, "width": w, "condition_optional": dropout})),
             "patch_size": s.patch,
             "grid": s.grid,
             "classes": classes,
@@ -305,8 +308,19 @@ async fn generate(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let cond = api::condition(
+        r.condition.as_deref(),
+        r.canny,
+        r.control_guidance.as_deref(),
+        &app.shape,
+        &app.cfg.limits,
+    );
+    let cond = match cond {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
     match api::generate_work(&r, &app.names, &app.shape, &app.cfg.limits) {
-        Ok((work, sc, seed)) => answer(app, &headers, work, sc, seed, r.stream).await,
+        Ok((work, sc, seed)) => answer(app, &headers, work, sc, seed, cond, r.stream).await,
         Err(e) => e.into_response(),
     }
 }
@@ -325,6 +339,17 @@ async fn encode_image(app: &Arc<App>, img: image::RgbImage) -> anyhow::Result<Ve
 async fn inpaint(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let r: api::InpaintReq = match api::parse(&body) {
         Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let cond = api::condition(
+        r.condition.as_deref(),
+        r.canny,
+        r.control_guidance.as_deref(),
+        &app.shape,
+        &app.cfg.limits,
+    );
+    let cond = match cond {
+        Ok(c) => c,
         Err(e) => return e.into_response(),
     };
     // Validate and resize first; encoding (a VQ forward) runs off the async threads.
@@ -346,7 +371,7 @@ async fn inpaint(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
             k.1 = tokens[k.0];
         }
     }
-    answer(app, &headers, work, sc, seed, r.stream).await
+    answer(app, &headers, work, sc, seed, cond, r.stream).await
 }
 
 async fn outpaint(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -377,7 +402,14 @@ async fn outpaint(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
             canvas.cells[(top + i / g) * canvas.cols + left + i % g] = Some(t);
         }
     }
-    answer(app, &headers, work, sc, seed, r.stream).await
+    if app.shape.control.is_some_and(|c| !c.1) {
+        return ApiError::bad(
+            "image",
+            "outpainting takes no condition, and this control model needs one",
+        )
+        .into_response();
+    }
+    answer(app, &headers, work, sc, seed, None, r.stream).await
 }
 
 fn png_bytes(img: &image::RgbImage) -> Vec<u8> {
@@ -416,6 +448,7 @@ async fn answer(
     work: Work,
     sc: arpg::sampler::SampleConfig,
     seed: u64,
+    condition: Option<(candle_core::Tensor, bool)>,
     stream: Option<bool>,
 ) -> Response {
     let t = Instant::now();
@@ -424,6 +457,7 @@ async fn answer(
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     let steps = sc.steps;
     let mut job = Job::new(id, work, sc, seed, tx, cancel.clone());
+    job.condition = condition;
     job.panic = app.cfg.panic_seed == Some(seed);
     match app.queue.submit(job) {
         Ok(()) => {}

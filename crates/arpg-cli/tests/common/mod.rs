@@ -15,8 +15,13 @@ pub struct Server {
 impl Server {
     /// `arpg serve --model digits --port 0` plus `args`; waits for its address.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_model("digits", args)
+    }
+
+    /// [`Server::start`] with another built-in model.
+    pub fn start_model(model: &str, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arpg"))
-            .args(["serve", "--model", "digits", "--port", "0"])
+            .args(["serve", "--model", model, "--port", "0"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
