@@ -2,7 +2,7 @@
 
 use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
-use arpg::editor::{fill_canvas, inpaint, token_mask, Canvas};
+use arpg::editor::{fill_canvas_progress, inpaint, token_mask, Canvas};
 use arpg::model::Arpg;
 use arpg::sampler::{self, DecodeShape, Request, SampleConfig};
 use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
@@ -252,17 +252,29 @@ pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
     let canvas = base.pad(a.top / p, a.bottom / p, a.left / p, a.right / p);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
     let mut all = Vec::new();
-    // A long strip takes minutes a sample: show that work goes on.
+    // A long strip takes minutes a sample: progress per window.
     let pb = indicatif::ProgressBar::new(a.sampling.samples as u64).with_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} {pos}/{len} outpainted [{elapsed_precise}<{eta_precise}]",
+            "{spinner} {pos}/{len} windows [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .unwrap(),
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(250));
-    for _ in 0..a.sampling.samples {
-        let filled = fill_canvas(&model, &canvas, a.sampling.class, &sc, &mut rng)?;
-        pb.inc(1);
+    let n = a.sampling.samples;
+    for i in 0..n {
+        let mut on_window = |done: usize, total: usize| {
+            pb.set_length((n * total) as u64);
+            pb.set_position((i * total + done) as u64);
+            pb.set_message(format!("image {}/{n}", i + 1));
+        };
+        let filled = fill_canvas_progress(
+            &model,
+            &canvas,
+            a.sampling.class,
+            &sc,
+            &mut rng,
+            &mut on_window,
+        )?;
         all.push(
             filled
                 .tokens()

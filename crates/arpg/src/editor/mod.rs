@@ -141,6 +141,19 @@ pub fn fill_canvas<R: Rng>(
     cfg: &SampleConfig,
     rng: &mut R,
 ) -> Result<Canvas> {
+    fill_canvas_progress(model, canvas, class, cfg, rng, &mut |_, _| {})
+}
+
+/// [`fill_canvas`], calling `on_window(done, total)` before each window it decodes (a long
+/// strip takes many).
+pub fn fill_canvas_progress<R: Rng>(
+    model: &Arpg,
+    canvas: &Canvas,
+    class: usize,
+    cfg: &SampleConfig,
+    rng: &mut R,
+    on_window: &mut dyn FnMut(usize, usize),
+) -> Result<Canvas> {
     let g = model.config().grid_size();
     ensure!(
         canvas.rows >= g && canvas.cols >= g,
@@ -174,7 +187,9 @@ pub fn fill_canvas<R: Rng>(
         (cy - centre.0).powi(2) + (cx - centre.1).powi(2)
     };
     windows.sort_by(|a, b| dist(a).total_cmp(&dist(b)));
-    for (r0, c0) in windows {
+    let total = windows.len();
+    for (done, (r0, c0)) in windows.into_iter().enumerate() {
+        on_window(done, total);
         let idx = |r: usize, k: usize| (r0 + r) * c.cols + c0 + k;
         let mut win = Canvas::unknown(g, g);
         for r in 0..g {

@@ -1214,8 +1214,13 @@ mod tests {
             .unwrap()
             .pad(0, 0, 0, 3);
         let cfg = sc(3, 2.0, Linear, Arccos, 1.0, 0, 1.0);
-        let out = crate::editor::fill_canvas(&m, &big, 2, &cfg, &mut r).unwrap();
+        let mut windows = vec![];
+        let out = crate::editor::fill_canvas_progress(&m, &big, 2, &cfg, &mut r, &mut |d, t| {
+            windows.push((d, t))
+        })
+        .unwrap();
         assert_eq!(out.tokens().unwrap(), OUTPAINT_GOLDEN);
+        assert_eq!(windows, [(0, 3), (1, 3), (2, 3)], "progress before each window");
         for ((name, toks), (want_name, want)) in got.iter().zip(GOLDEN) {
             assert_eq!(name, want_name);
             assert_eq!(toks, &want.map(|r| r.to_vec()).to_vec(), "{name}");
