@@ -8,7 +8,6 @@ use arpg::train::{scaled_lr, TrainConfig, Trainer};
 use arpg::ArpgConfig;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -275,27 +274,14 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     }
     let world = tr.rank_and_world().1;
     if !main_rank {
-        return train_loop_worker(&mut tr, &data, until);
+        return arpg::train::run::run(&mut tr, &data, until, None, &mut |_, _| {});
     }
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create --out {}", a.out.display()))?;
-    arpg::util::write_atomic(
-        &a.out.join("config.json"),
-        serde_json::to_string_pretty(&mc)?.as_bytes(),
-    )?;
-    let log_path = a.out.join("train.jsonl");
-    if a.overwrite {
-        arpg::util::write_atomic(&log_path, b"")?;
-    } else {
-        // After a crash the log runs past the checkpoint (and may end in a cut line): keep
-        // what the resumed run will not log again.
-        trim_log(&log_path, tr.step)?;
-    }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let dir = arpg::train::run::RunDir {
+        out: a.out.clone(),
+        log_every: a.log_every,
+        ckpt_every: a.ckpt_every,
+        fresh_log: a.overwrite,
+    };
     eprintln!(
         "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {world} process(es), peak lr {:.3e}, final lr {:.3e}",
         tr.num_parameters(),
@@ -315,52 +301,23 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             )
             .unwrap(),
         );
-    let ckpt = a.out.join("checkpoint.safetensors");
-    let mut window = (std::time::Instant::now(), 0usize);
-    while tr.step < until {
-        if tr.any_rank(arpg::util::interrupted())? {
-            break;
-        }
-        let s = tr.train_step(&data)?;
-        window.1 += a.batch_size;
+    arpg::train::run::run(&mut tr, &data, until, Some(&dir), &mut |s, line| {
         pb.set_position(s.step as u64);
         pb.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
-        if s.step % a.log_every == 0 || s.step == until {
-            let ips = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (std::time::Instant::now(), 0);
-            let mut line = serde_json::json!({
-                "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
-                "images_per_sec": ips, "epoch": (s.step * a.batch_size) as f64 / data.len() as f64,
-                "processes": world,
-            });
-            if let Some(p) = s.phases_ms {
-                line["phases_ms"] = serde_json::json!(p);
-            }
-            writeln!(log, "{line}")?;
+        if let Some(line) = line {
             if pb.is_hidden() {
                 println!("{line}");
             } else {
                 pb.println(line.to_string());
             }
         }
-        if s.step % a.ckpt_every == 0 && s.step < until {
-            tr.save(&ckpt)?;
-        }
-    }
+    })?;
     pb.finish_and_clear();
-    // A second Ctrl-C now waits for both files instead of leaving neither.
-    let busy = arpg::util::Critical::enter();
-    tr.save(&ckpt)?;
-    arpg::checkpoint::save_safetensors_atomic(
-        &tr.export_weights(),
-        &a.out.join("model.safetensors"),
-    )?;
-    drop(busy);
     eprintln!(
         "step {}: checkpoint {}, inference weights {}",
         tr.step,
-        ckpt.display(),
-        a.out.join("model.safetensors").display()
+        dir.checkpoint().display(),
+        dir.weights().display()
     );
     Ok(())
 }
@@ -403,8 +360,7 @@ fn control_block(
     }
 }
 
-/// Files of a training run in --out.
-const RUN_FILES: &[&str] = &["checkpoint.safetensors", "model.safetensors", "train.jsonl"];
+use arpg::train::run::RUN_FILES;
 
 /// Refuse an --out holding another run unless it is resumed from there or --overwrite is given.
 fn check_out(a: &TrainArgs) -> Result<()> {
@@ -443,47 +399,6 @@ fn check_out(a: &TrainArgs) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Keep the log lines of steps up to `step` (those the resumed run does not log again),
-/// dropping a last line cut by a crash; rewritten atomically, untouched when nothing goes.
-fn trim_log(path: &std::path::Path, step: usize) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut kept = String::with_capacity(text.len());
-    let mut dropped = 0usize;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Option<serde_json::Value> = serde_json::from_str(line).ok();
-        match v.as_ref().and_then(|v| v["step"].as_u64()) {
-            Some(s) if s as usize <= step => {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-            _ => dropped += 1,
-        }
-    }
-    if dropped > 0 {
-        eprintln!(
-            "{}: dropping {dropped} line(s) past the checkpoint's step {step} (they are trained again)",
-            path.display()
-        );
-        arpg::util::write_atomic(path, kept.as_bytes())?;
-    }
-    Ok(())
-}
-
-/// Ranks other than 0 step in lockstep with rank 0 and write nothing.
-fn train_loop_worker(tr: &mut Trainer, data: &Packed, until: usize) -> Result<()> {
-    while tr.step < until {
-        if tr.any_rank(arpg::util::interrupted())? {
-            break;
-        }
-        tr.train_step(data)?;
-    }
-    Ok(())
 }
 
 #[derive(Args, Debug)]

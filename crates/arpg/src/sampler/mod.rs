@@ -1220,7 +1220,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(out.tokens().unwrap(), OUTPAINT_GOLDEN);
-        assert_eq!(windows, [(0, 3), (1, 3), (2, 3)], "progress before each window");
+        assert_eq!(
+            windows,
+            [(0, 3), (1, 3), (2, 3)],
+            "progress before each window"
+        );
         for ((name, toks), (want_name, want)) in got.iter().zip(GOLDEN) {
             assert_eq!(name, want_name);
             assert_eq!(toks, &want.map(|r| r.to_vec()).to_vec(), "{name}");

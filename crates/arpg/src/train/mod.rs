@@ -8,6 +8,7 @@
 pub mod dist;
 pub mod optim;
 pub mod plot;
+pub mod run;
 
 use crate::config::ArpgConfig;
 use crate::data::Packed;
