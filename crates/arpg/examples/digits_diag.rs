@@ -65,29 +65,26 @@ fn nll_forward(model: &Arpg, seqs: &[Seq]) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(256) {
         let b = chunk.len();
-        let (mut toks, mut kpos, mut qpos, mut tgt) = (vec![], vec![], vec![], vec![]);
-        for s in chunk {
-            toks.push(s.first);
-            kpos.push(0u32);
-            for (k, &p) in s.order.iter().enumerate() {
-                let t = s.pixels[p] as u32;
-                if k + 1 < 64 {
-                    toks.push(t);
-                    kpos.push(p as u32 + 1);
-                }
-                qpos.push(p as u32 + 1);
-                tgt.push(t);
-            }
-        }
-        let tokens = Tensor::from_vec(toks, (b, 64), dev)?;
-        let keys = Tensor::from_vec(kpos, (b, 64), dev)?;
-        let queries = Tensor::from_vec(qpos, (b, 64), dev)?;
-        let targets = Tensor::from_vec(tgt, (b, 64, 1), dev)?;
+        let rasters: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|s| s.pixels.iter().map(|&v| v as u32).collect())
+            .collect();
+        let seqs: Vec<arpg::train::TeacherSeq> = chunk
+            .iter()
+            .zip(&rasters)
+            .map(|(s, raster)| arpg::train::TeacherSeq {
+                first: s.first,
+                raster,
+                order: s.order,
+            })
+            .collect();
+        let batch = arpg::train::Batch::teacher_forced(&seqs, dev)?;
+        let targets = batch.targets.reshape((b, 64, 1))?;
         let logits = model.forward(
-            &tokens,
+            &batch.tokens,
             Positions {
-                keys: &keys,
-                queries: &queries,
+                keys: &batch.keys,
+                queries: &batch.queries,
                 control: None,
             },
             &mut Mode::inference(),

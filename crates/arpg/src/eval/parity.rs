@@ -78,26 +78,20 @@ pub fn teacher_inputs(
     if let Some(&t) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         anyhow::bail!("token {t} is out of range (0..{})", cfg.vocab_size);
     }
-    let (mut toks, mut kpos, mut qpos, mut targets) = (vec![], vec![], vec![], vec![]);
-    for s in 0..b {
-        toks.push(cfg.class_token(classes[s] as usize));
-        kpos.push(0u32);
-        for i in 0..l {
-            let p = orders[s * l + i] as usize;
-            if i + 1 < l {
-                toks.push(ids[s * l + p]);
-                kpos.push(p as u32 + 1);
-            }
-            qpos.push(p as u32 + 1);
-            targets.push(ids[s * l + p]);
-        }
-    }
-    Ok((
-        Tensor::from_vec(toks, (b, l), dev)?,
-        Tensor::from_vec(kpos, (b, l), dev)?,
-        Tensor::from_vec(qpos, (b, l), dev)?,
-        targets,
-    ))
+    let orders: Vec<Vec<usize>> = orders
+        .chunks(l)
+        .map(|o| o.iter().map(|&p| p as usize).collect())
+        .collect();
+    let seqs: Vec<crate::train::TeacherSeq> = (0..b)
+        .map(|s| crate::train::TeacherSeq {
+            first: cfg.class_token(classes[s] as usize),
+            raster: &ids[s * l..(s + 1) * l],
+            order: &orders[s],
+        })
+        .collect();
+    let batch = crate::train::Batch::teacher_forced(&seqs, dev)?;
+    let targets = batch.targets.to_vec1::<u32>()?;
+    Ok((batch.tokens, batch.keys, batch.queries, targets))
 }
 
 /// The fixtures' teacher-forced pass (`t` = the `teacher_forcing` object) through `model`:

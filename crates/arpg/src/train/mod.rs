@@ -151,7 +151,58 @@ pub struct Batch {
     pub control: Option<(Tensor, Tensor)>,
 }
 
+/// One sequence of a teacher-forced batch: its first token (class, or null class), its
+/// tokens in raster order, and the order they are generated in (a permutation of the cells).
+pub struct TeacherSeq<'a> {
+    pub first: u32,
+    pub raster: &'a [u32],
+    pub order: &'a [usize],
+}
+
 impl Batch {
+    /// The teacher-forced batch of `seqs` (the paper's recipe, and what the fixtures'
+    /// `teacher_forcing` feeds): each reads `[first, t_o0 .. t_o(L-2)]` at RoPE rows
+    /// `[0, 1 + o0 ..]`, its queries sit at rows `1 + o0 .. 1 + o(L-1)` and predict
+    /// `t_o0 .. t_o(L-1)`. The one builder of these inputs (training, parity, diagnostics).
+    pub fn teacher_forced(seqs: &[TeacherSeq], device: &Device) -> Result<Batch> {
+        let b = seqs.len();
+        ensure!(b > 0, "a teacher-forced batch of no sequences");
+        let l = seqs[0].order.len();
+        let (mut toks, mut kpos, mut qpos, mut tgt) = (
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+        );
+        for s in seqs {
+            ensure!(
+                s.order.len() == l && s.raster.len() == l,
+                "a sequence of {} tokens in an order of {} cells, expected {l}",
+                s.raster.len(),
+                s.order.len()
+            );
+            toks.push(s.first);
+            kpos.push(0u32);
+            for (k, &p) in s.order.iter().enumerate() {
+                ensure!(p < l, "order position {p} is out of range (0..{l})");
+                let tok = s.raster[p];
+                if k + 1 < l {
+                    toks.push(tok);
+                    kpos.push(p as u32 + 1);
+                }
+                qpos.push(p as u32 + 1);
+                tgt.push(tok);
+            }
+        }
+        Ok(Batch {
+            tokens: Tensor::from_vec(toks, (b, l), device)?,
+            keys: Tensor::from_vec(kpos, (b, l), device)?,
+            queries: Tensor::from_vec(qpos, (b, l), device)?,
+            targets: Tensor::from_vec(tgt, b * l, device)?,
+            control: None,
+        })
+    }
+
     /// Samples `start..start + len` (this rank's share of a global batch).
     pub fn rows(&self, start: usize, len: usize) -> Result<Batch> {
         let l = self.tokens.dim(1)?;
@@ -578,12 +629,8 @@ impl Trainer {
         };
         let mut conds: Vec<u8> = Vec::new();
         let mut keep: Vec<f32> = Vec::new();
-        let (mut toks, mut kpos, mut qpos, mut tgt) = (
-            Vec::with_capacity(b * l),
-            Vec::with_capacity(b * l),
-            Vec::with_capacity(b * l),
-            Vec::with_capacity(b * l),
-        );
+        // Per sample, in the generator's order: crop, class drop, control drop, order.
+        let mut seqs: Vec<(u32, Vec<u32>, Vec<usize>)> = Vec::with_capacity(b);
         for &i in idx {
             let crop = self.rng.random_range(0..data.n_crops(i));
             let t = data.tokens(i, crop);
@@ -595,50 +642,45 @@ impl Trainer {
                 mc.num_classes
             );
             let drop_class = self.rng.random::<f64>() < self.cfg.class_dropout;
-            toks.push(if drop_class {
+            let first = if drop_class {
                 mc.null_class_token()
             } else {
                 mc.class_token(label)
-            });
+            };
             if let Some((rate, _)) = control {
                 let dropped = rate > 0.0 && self.rng.random::<f64>() < rate;
                 keep.push(if dropped { 0.0 } else { 1.0 });
                 conds.extend_from_slice(data.condition(i, crop));
             }
-            kpos.push(0u32);
             let mut order: Vec<usize> = (0..l).collect();
             rand::seq::SliceRandom::shuffle(&mut order[..], &mut self.rng);
-            for (k, &p) in order.iter().enumerate() {
-                let tok = t[p] as u32;
-                ensure!(
-                    (tok as usize) < mc.vocab_size,
+            if let Some(&tok) = t.iter().find(|&&x| x as usize >= mc.vocab_size) {
+                bail!(
                     "{}: token {tok} >= vocab_size {}",
                     data.path.display(),
                     mc.vocab_size
                 );
-                if k + 1 < l {
-                    toks.push(tok);
-                    kpos.push(p as u32 + 1);
-                }
-                qpos.push(p as u32 + 1);
-                tgt.push(tok);
             }
+            seqs.push((first, t.iter().map(|&x| x as u32).collect(), order));
         }
         let d = &self.device;
-        let control = match control {
+        let views: Vec<TeacherSeq> = seqs
+            .iter()
+            .map(|(first, raster, order)| TeacherSeq {
+                first: *first,
+                raster,
+                order,
+            })
+            .collect();
+        let mut batch = Batch::teacher_forced(&views, d)?;
+        batch.control = match control {
             Some((_, (c, h, w))) => {
                 let cond = Tensor::from_vec(conds, (b, c, h, w), d)?.to_dtype(DType::F32)?;
                 Some(((cond / 255.0)?, Tensor::from_vec(keep, b, d)?))
             }
             None => None,
         };
-        Ok(Batch {
-            tokens: Tensor::from_vec(toks, (b, l), d)?,
-            keys: Tensor::from_vec(kpos, (b, l), d)?,
-            queries: Tensor::from_vec(qpos, (b, l), d)?,
-            targets: Tensor::from_vec(tgt, b * l, d)?,
-            control,
-        })
+        Ok(batch)
     }
 
     /// Inference weights in the official key layout: the EMA if kept, else the model.
