@@ -60,8 +60,7 @@ pub struct SampleFidArgs {
 
 /// A deterministic seed per shard, so a shard's images do not depend on who samples it.
 fn shard_seed(seed: u64, shard: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (shard as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+    arpg::util::seed_for(seed, arpg::util::SeedFor::Shard(shard as u64))
 }
 
 fn shard_path(out: &Path, s: usize) -> PathBuf {

@@ -317,3 +317,64 @@ mod tests {
         assert!(ms >= 6.0, "{ms} ms");
     }
 }
+
+/// What a run's one seed is split into: each purpose draws from a stream of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedFor {
+    /// A trainer's fresh weights.
+    TrainInit,
+    /// A trainer's dropout masks on the CPU (one stream per rank, set on the generator).
+    TrainDropout,
+    /// The device generator of training rank `r`.
+    TrainRank(u64),
+    /// The sample permutation of training epoch `e`.
+    Epoch(u64),
+    /// `--init random`'s VQ tokenizer weights (beside the model's, drawn from `seed`).
+    RandomVq,
+    /// `sample-fid`'s shard `s`: its images do not depend on who samples it.
+    Shard(u64),
+}
+
+/// The seed for `purpose` derived from a run's `seed`: the one place the derivations live
+/// (the constants are those every earlier version used, so runs repeat bit for bit).
+pub fn seed_for(seed: u64, purpose: SeedFor) -> u64 {
+    match purpose {
+        SeedFor::TrainInit => seed ^ 0xA5A5_0000,
+        SeedFor::TrainDropout => seed ^ 0x0D20_9D20,
+        SeedFor::TrainRank(r) => seed.wrapping_add(r.wrapping_mul(0x9E37_79B9)),
+        SeedFor::Epoch(e) => seed.wrapping_mul(0x9E37_79B9).wrapping_add(e),
+        SeedFor::RandomVq => seed ^ 0x5151,
+        SeedFor::Shard(s) => {
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ s.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+        }
+    }
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::*;
+
+    #[test]
+    fn purposes_get_distinct_streams_with_the_historical_values() {
+        let s = 7u64;
+        let all = [
+            seed_for(s, SeedFor::TrainInit),
+            seed_for(s, SeedFor::TrainDropout),
+            seed_for(s, SeedFor::TrainRank(1)),
+            seed_for(s, SeedFor::Epoch(1)),
+            seed_for(s, SeedFor::RandomVq),
+            seed_for(s, SeedFor::Shard(1)),
+        ];
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+        // The derivations earlier versions used inline (checkpoints and runs depend on them).
+        assert_eq!(all[0], 7 ^ 0xA5A5_0000);
+        assert_eq!(all[2], 7 + 0x9E37_79B9);
+        assert_eq!(
+            seed_for(s, SeedFor::Shard(0)),
+            7u64.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03
+        );
+        assert_eq!(seed_for(s, SeedFor::TrainRank(0)), s);
+    }
+}

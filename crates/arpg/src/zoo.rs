@@ -205,7 +205,11 @@ impl VqSpec {
             None if self.random => {
                 return VqModel::new(
                     &cfg,
-                    random_var_builder_dense(self.seed ^ 0x5151, dtype, device),
+                    random_var_builder_dense(
+                        crate::util::seed_for(self.seed, crate::util::SeedFor::RandomVq),
+                        dtype,
+                        device,
+                    ),
                 )
             }
             None => hub::fetch(hub::VQ_REPO, hub::VQ_FILE, "--vq-weights")?,

@@ -13,6 +13,7 @@ pub mod run;
 use crate::config::ArpgConfig;
 use crate::data::Packed;
 use crate::model::{Arpg, Mode, Positions};
+use crate::util::{seed_for, SeedFor};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
@@ -304,7 +305,7 @@ impl Trainer {
         model_cfg.validate()?;
         cfg.validate()?;
         check_training_memory(model_cfg, cfg)?;
-        let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xA5A5_0000);
+        let mut init_rng = ChaCha8Rng::seed_from_u64(seed_for(cfg.seed, SeedFor::TrainInit));
         let mut names = Vec::new();
         let mut params = Vec::new();
         for (name, shape) in model_cfg.parameter_shapes()? {
@@ -349,7 +350,7 @@ impl Trainer {
             ema,
             step: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            drop_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0D20_9D20),
+            drop_rng: ChaCha8Rng::seed_from_u64(seed_for(cfg.seed, SeedFor::TrainDropout)),
             group: None,
             dtype,
             device: device.clone(),
@@ -391,7 +392,7 @@ impl Trainer {
         self.drop_rng.set_stream(rank as u64);
         if !self.device.is_cpu() {
             self.device
-                .set_seed(self.cfg.seed.wrapping_add(rank as u64 * 0x9E37_79B9))?;
+                .set_seed(seed_for(self.cfg.seed, SeedFor::TrainRank(rank as u64)))?;
         }
         self.group = Some(group);
         Ok(())
@@ -443,12 +444,10 @@ impl Trainer {
                 let pos = micro * size + k;
                 let epoch = pos / n;
                 if self.perm_cache.as_ref().map(|c| c.0) != Some(epoch) {
-                    let mut r = ChaCha8Rng::seed_from_u64(
-                        self.cfg
-                            .seed
-                            .wrapping_mul(0x9E37_79B9)
-                            .wrapping_add(epoch as u64),
-                    );
+                    let mut r = ChaCha8Rng::seed_from_u64(seed_for(
+                        self.cfg.seed,
+                        SeedFor::Epoch(epoch as u64),
+                    ));
                     let mut p: Vec<usize> = (0..n).collect();
                     rand::seq::SliceRandom::shuffle(&mut p[..], &mut r);
                     self.perm_cache = Some((epoch, p));
