@@ -4,16 +4,13 @@
 use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use crate::launch;
 use anyhow::{bail, ensure, Context, Result};
-use arpg::data::npy;
 use arpg::eval::inception::{self, InceptionV3, Preprocess};
 use arpg::eval::npz;
+use arpg::eval::sample_fid::{Sampling, Shards};
 use arpg::eval::stats::{self, Gaussian, IsSplits};
-use arpg::sampler::{self, random_order};
-use arpg::tokenizer::image as img;
+use arpg::sampler;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -56,45 +53,6 @@ pub struct SampleFidArgs {
     /// launcher, RANK / WORLD_SIZE / LOCAL_RANK are read instead.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
-}
-
-/// A deterministic seed per shard, so a shard's images do not depend on who samples it.
-fn shard_seed(seed: u64, shard: usize) -> u64 {
-    arpg::util::seed_for(seed, arpg::util::SeedFor::Shard(shard as u64))
-}
-
-fn shard_path(out: &Path, s: usize) -> PathBuf {
-    out.join("shards").join(format!("shard_{s:05}.npy"))
-}
-
-/// A finished shard: a complete `.npy` of `n` uint8 images; its (height, width). A shard file
-/// that is truncated or of another shape is reported (by name) and counts as not done, so
-/// that it is sampled again rather than failing every later assembly.
-fn shard_done(out: &Path, s: usize, n: usize, warn: bool) -> Option<(usize, usize)> {
-    let p = shard_path(out, s);
-    if !p.exists() {
-        return None;
-    }
-    let check = || -> Result<(usize, usize)> {
-        let (h, _) = npz::npy_body(&p)?;
-        let shape = &h.shape;
-        ensure!(
-            h.is_u8() && shape.len() == 4 && shape[0] == n && shape[3] == 3,
-            "{}: {} {shape:?}, expected {n} uint8 images (N x H x W x 3)",
-            p.display(),
-            h.descr
-        );
-        Ok((shape[1], shape[2]))
-    };
-    match check() {
-        Ok(hw) => Some(hw),
-        Err(e) => {
-            if warn {
-                eprintln!("warning: shard {s} is unusable, sampling it again: {e:#}");
-            }
-            None
-        }
-    }
 }
 
 pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
@@ -145,12 +103,12 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
         "--num-samples {n} in shards of --shard-size {} makes {n_shards} shards; at most {MAX_SHARDS}",
         a.shard_size
     );
-    let range = |s: usize| {
-        (
-            s.saturating_mul(a.shard_size).min(n),
-            (s + 1).saturating_mul(a.shard_size).min(n),
-        )
+    let shards = Shards {
+        out: a.out.clone(),
+        n,
+        shard_size: a.shard_size,
     };
+    let range = |s: usize| shards.range(s);
     // A shard is held in memory until written: its images must fit.
     let mcfg = a.model.spec(a.sampling.seed).config()?;
     let patch = match a.vq.tokenizer.as_str() {
@@ -176,23 +134,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
         // Graphs or not, the tokens are the same: that flag must not block a resume.
         "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
     });
-    let meta_path = a.out.join("shards").join("meta.json");
-    match std::fs::read_to_string(&meta_path) {
-        Ok(text) => {
-            let old: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("corrupt {}", meta_path.display()))?;
-            if old != meta {
-                bail!(
-                    "--out {} holds shards of other settings ({}); use another --out or delete it.\n  theirs: {old}\n  ours:   {meta}",
-                    a.out.display(),
-                    meta_path.display()
-                );
-            }
-        }
-        Err(_) => {
-            arpg::util::write_atomic(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?
-        }
-    }
+    shards.check_settings(&meta)?;
 
     // Many shards take a while to check: show it.
     let scan = if n_shards >= 1000 && rank == 0 {
@@ -203,8 +145,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     let pending: Vec<usize> = (0..n_shards)
         .filter(|&s| {
             scan.inc(1);
-            let (b, e) = range(s);
-            shard_done(&a.out, s, e - b, rank == 0).is_none()
+            shards.done(s, rank == 0).is_none()
         })
         .collect();
     scan.finish_and_clear();
@@ -223,7 +164,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     }
     let start = Instant::now();
     if !mine.is_empty() {
-        sample_shards(&a, &mine, range, rank, world)?;
+        sample_shards(&a, &shards, &mine, rank, world)?;
     }
     if arpg::util::interrupted() || rank != 0 {
         return Ok(());
@@ -232,7 +173,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     let mut waited = false;
     loop {
         let missing = (0..n_shards)
-            .filter(|&s| shard_done(&a.out, s, range(s).1 - range(s).0, false).is_none())
+            .filter(|&s| shards.done(s, false).is_none())
             .count();
         if missing == 0 {
             break;
@@ -249,7 +190,7 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let npz_path = a.out.join("samples.npz");
     if pending_images > 0 || !npz_path.exists() {
-        assemble(&a.out, n_shards, range, &npz_path)?;
+        shards.assemble(&npz_path)?;
     }
     if pending_images > 0 {
         eprintln!(
@@ -264,8 +205,8 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
 
 fn sample_shards(
     a: &SampleFidArgs,
+    shards: &Shards,
     mine: &[usize],
-    range: impl Fn(usize) -> (usize, usize),
     rank: usize,
     world: usize,
 ) -> Result<()> {
@@ -287,9 +228,10 @@ fn sample_shards(
         dtype,
         &vq_device,
     )?;
-    let grid = mcfg.grid_size();
-    let positions: Vec<usize> = (0..mcfg.block_size).collect();
-    let total: usize = mine.iter().map(|&s| range(s).1 - range(s).0).sum();
+    let total: usize = mine
+        .iter()
+        .map(|&s| shards.range(s).1 - shards.range(s).0)
+        .sum();
     // One bar, on rank 0: several processes drawing on one terminal garble each other.
     let pb = if rank == 0 {
         ProgressBar::new(total as u64)
@@ -305,79 +247,27 @@ fn sample_shards(
     if world > 1 {
         pb.set_message(format!("(rank 0 of {world})"));
     }
-    // Every batch of every shard, in order: (shard, index of its first image, classes).
-    let mut jobs = Vec::new();
-    for &s in mine {
-        let (b, e) = range(s);
-        let classes: Vec<usize> = (b..e)
-            .map(|i| (i / a.per_class) % mcfg.num_classes)
-            .collect();
-        for (bi, batch) in classes.chunks(a.batch_size).enumerate() {
-            jobs.push((s, b + bi * a.batch_size, batch.to_vec()));
-        }
-    }
     let start = Instant::now();
     let mut graphs = a.sampling.graphs();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let produce = |i: usize| -> Result<Option<candle_core::Tensor>> {
-        let Some((s, first, classes)) = jobs.get(i) else {
-            return Ok(None);
-        };
-        if arpg::util::interrupted() {
-            return Ok(None);
-        }
-        if *first == range(*s).0 {
-            // A shard's images depend on its seed alone, whoever samples it.
-            let seed = shard_seed(a.sampling.seed, *s);
-            rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            arpg::device::seed(&device, seed)?;
-        }
-        let orders = vec![random_order(&positions, &mut rng); classes.len()];
-        // The tokens stay on the device: the decoder thread takes them from there.
-        let toks =
-            sampler::generate_classes(&model, classes, &orders, &sc, &mut rng, Some(&mut graphs))?;
-        arpg::device::tokens_ready(&device)?;
-        Ok(Some(toks))
-    };
-    let decode = |toks: candle_core::Tensor| tk.decode_u8(&toks, (grid, grid));
-    // PNG encoding off the sampling thread (the reference encodes on it, between batches).
-    let png_threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-    let pngs = (!a.no_png).then(|| img::PngWriter::new(png_threads));
-    let mut bytes = Vec::new();
-    let sink = |i: usize, px: img::Pixels| -> Result<()> {
-        let (s, first, classes) = &jobs[i];
-        if let Some(pngs) = &pngs {
-            for (j, class) in classes.iter().enumerate() {
-                let p = a
-                    .out
-                    .join("images")
-                    .join(format!("{:06}_class{class}.png", first + j));
-                pngs.submit(p, px.image(j))?;
-            }
-        }
-        bytes.extend_from_slice(&px.data);
-        pb.inc(classes.len() as u64);
-        let (b, e) = range(*s);
-        if first + classes.len() == e {
-            // The shard file is the mark of a finished shard, so it is written last,
-            // atomically, once the shard's PNGs are on disk.
-            if let Some(pngs) = &pngs {
-                pngs.flush()?;
-            }
-            let body = npy::to_bytes("|u1", &[e - b, px.h, px.w, 3], &bytes);
-            arpg::util::write_atomic(&shard_path(&a.out, *s), &body)?;
-            bytes.clear();
-        }
-        Ok(())
-    };
-    let done = arpg::pipeline::run(overlap, produce, decode, sink)?;
-    let made: usize = jobs[..done].iter().map(|j| j.2.len()).sum();
-    if done < jobs.len() {
+    let made = arpg::eval::sample_fid::sample_shards(
+        shards,
+        mine,
+        Sampling {
+            model: &model,
+            tokenizer: &tk,
+            device: &device,
+            sc: &sc,
+            graphs: &mut graphs,
+            seed: a.sampling.seed,
+            per_class: a.per_class,
+            batch_size: a.batch_size,
+            overlap,
+            png: !a.no_png,
+        },
+        &mut |n| pb.inc(n as u64),
+    )?;
+    if made < total {
         pb.abandon();
-        eprintln!(
-            "interrupted: the unfinished shard {} is dropped; rerun to resume",
-            jobs[done].0
-        );
         return Ok(());
     }
     pb.finish_and_clear();
@@ -387,58 +277,6 @@ fn sample_shards(
         made as f64 / secs
     );
     Ok(())
-}
-
-/// Concatenate the shards' image data into `arr_0` of one `.npz`, streaming.
-fn assemble(
-    out: &Path,
-    n_shards: usize,
-    range: impl Fn(usize) -> (usize, usize),
-    npz_path: &Path,
-) -> Result<()> {
-    let mut hw = None;
-    let mut readers: Vec<Box<dyn Read>> = Vec::with_capacity(n_shards);
-    for s in 0..n_shards {
-        let p = shard_path(out, s);
-        let (h, body) = npz::npy_body(&p)?;
-        let shape = h.shape.clone();
-        let (b, e) = range(s);
-        ensure!(
-            h.is_u8() && shape.len() == 4 && shape[0] == e - b && shape[3] == 3,
-            "{}: shape {shape:?}, expected {} images",
-            p.display(),
-            e - b
-        );
-        let this = (shape[1], shape[2]);
-        if *hw.get_or_insert(this) != this {
-            bail!(
-                "{}: images of {}x{}, the others are {}x{}",
-                p.display(),
-                this.0,
-                this.1,
-                hw.unwrap().0,
-                hw.unwrap().1
-            );
-        }
-        readers.push(Box::new(
-            body.take((e - b) as u64 * (this.0 * this.1 * 3) as u64),
-        ));
-    }
-    let (h, w) = hw.context("no shards")?;
-    let n = range(n_shards - 1).1;
-    let chain = readers
-        .into_iter()
-        .reduce(|x, y| Box::new(x.chain(y)))
-        .context("no shards")?;
-    npz::write(
-        npz_path,
-        vec![npz::Entry {
-            name: "arr_0".into(),
-            descr: "|u1".into(),
-            shape: vec![n, h, w, 3],
-            body: chain,
-        }],
-    )
 }
 
 #[derive(Args, Debug)]
