@@ -1186,3 +1186,39 @@ fn late_and_weak_errors_come_early_and_name_the_culprit() {
         &["--is-splits"],
     );
 }
+
+#[test]
+fn a_pickle_that_panics_candles_reader_is_an_error_without_a_panic_message() {
+    // `archive/data.pkl` holding a LONG1 of 9 bytes: candle's unpickler shifts past 64 bits
+    // (a panic in a build with overflow checks), which the loader turns into an error.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bad.pt");
+    let mut z = Vec::new();
+    {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(&mut z));
+        w.start_file(
+            "archive/data.pkl",
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
+        let pickle = [0x80, 0x02, 0x8a, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, b'.'];
+        std::io::Write::write_all(&mut w, &pickle).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(&p, &z).unwrap();
+    let cfg = tiny_config(d.path(), "");
+    let err = fails(
+        &[
+            "sample",
+            "--config",
+            &cfg,
+            "--weights",
+            s(&p),
+            "--out",
+            s(&d.path().join("o")),
+        ],
+        &["bad.pt"],
+    );
+    assert!(!err.contains("thread '"), "{err}");
+}

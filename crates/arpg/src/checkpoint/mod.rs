@@ -240,6 +240,32 @@ pub fn load_safetensors_with_metadata(
 /// Run one of candle's pickle readers, turning its panics into errors: on corrupt input it
 /// indexes tuples unchecked (`rebuild_args`) and shifts past 64 bits (a long `LONG1`).
 pub(crate) fn pickle_guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| anyhow::bail!("corrupt {what}: malformed tensor record"))
+    quiet_panics::install();
+    quiet_panics::QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    quiet_panics::QUIET.with(|q| q.set(false));
+    r.unwrap_or_else(|_| anyhow::bail!("corrupt {what}: malformed tensor record"))
+}
+
+/// A panic caught by [`pickle_guard`] becomes an error naming the file; the default hook
+/// would still print "thread panicked at ..." first. This hook stays silent for panics on a
+/// thread inside a guard and defers to the previous hook otherwise.
+mod quiet_panics {
+    use std::cell::Cell;
+
+    thread_local! {
+        pub static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub fn install() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !QUIET.with(|q| q.get()) {
+                    previous(info);
+                }
+            }));
+        });
+    }
 }
