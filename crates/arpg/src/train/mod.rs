@@ -438,7 +438,7 @@ impl Trainer {
 
     /// Sample indices of micro-batch `micro` (counted over the whole run): epochs are
     /// permutations seeded by (seed, epoch), so resuming needs only the step count.
-    fn batch_indices(&mut self, micro: usize, size: usize, n: usize) -> Vec<usize> {
+    pub fn batch_indices(&mut self, micro: usize, size: usize, n: usize) -> Vec<usize> {
         (0..size)
             .map(|k| {
                 let pos = micro * size + k;
