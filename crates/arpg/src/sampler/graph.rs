@@ -84,6 +84,7 @@ impl DecodeGraphs {
                 g.launch()
                     .map_err(|err| anyhow::anyhow!("replaying the decode graph: {err:?}"))?;
                 self.replays += 1;
+                e.buf.check_finite(plan.counts.len())?;
                 return Ok(e.buf.drawn.clone());
             }
             if self.enabled {
@@ -93,6 +94,7 @@ impl DecodeGraphs {
                     let _params = dev.enable_cuda_graph_htod_cache();
                     run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
                 }
+                e.buf.check_finite(plan.counts.len())?;
                 // A copy: the capture below records into the same buffers.
                 let drawn = e.buf.drawn.copy()?;
                 match capture(dev, model, plan, &mut e.buf) {
@@ -109,6 +111,7 @@ impl DecodeGraphs {
             }
         }
         run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
+        e.buf.check_finite(plan.counts.len())?;
         Ok(e.buf.drawn.clone())
     }
 }

@@ -497,6 +497,7 @@ fn generate_on<R: Rng>(
                     let mut buf = Buffers::new(model, &plan)?;
                     buf.load(model, &inputs)?;
                     run_loop(model, &plan, &mut buf, &mut DeviceDraw)?;
+                    buf.check_finite(plan.counts.len())?;
                     buf.drawn
                 }
             }
@@ -661,6 +662,9 @@ struct Buffers {
     drawn: Tensor,
     /// The condition's query table `[rows, grid rows, dim]` (see [`Arpg::control_queries`]).
     control: Option<Tensor>,
+    /// The sum of the last step's logits, written inside the loop: NaN or infinite when the
+    /// model produced non-finite logits, which the device draw would turn into token 0.
+    last_sum: Tensor,
 }
 
 impl Buffers {
@@ -682,7 +686,15 @@ impl Buffers {
                 }
                 false => None,
             },
+            last_sum: Tensor::zeros(1, model.dtype(), dev)?,
         })
+    }
+
+    /// Refuse a decode whose last step's logits were not finite (a device draw does not
+    /// look at them; one read after the loop instead of one per step).
+    fn check_finite(&self, steps: usize) -> Result<()> {
+        let sum = self.last_sum.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
+        finite(&[sum], steps - 1)
     }
 
     /// Copy a decode's inputs into the buffers, in place (a condition is encoded here, once
@@ -869,6 +881,10 @@ fn run_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers, pick: &mut dyn Select)
         let logits = model
             .step_native_logits(&mut buf.cache, &ids, positions, done == 0)?
             .expect("queries were given");
+        if s + 1 == plan.counts.len() {
+            buf.last_sum
+                .slice_set(&logits.sum_all()?.reshape(1)?, 0, 0)?;
+        }
         let picked = pick.select(&logits, s, plan, &buf.seed)?;
         buf.drawn.slice_set(&picked, 1, done)?;
         // The same drawn tokens are fed to both guidance halves.
@@ -898,6 +914,45 @@ mod tests {
             let e = finite(&[0.0, bad], 4).unwrap_err().to_string();
             assert!(e.contains("non-finite logits at decoding step 5"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_device_draw_refuses_non_finite_logits_too() {
+        let cfg = crate::zoo::digits_config();
+        let tr = crate::train::Trainer::new(&cfg, &Default::default(), DType::F32, &Device::Cpu)
+            .unwrap();
+        for (name, v) in tr.parameters() {
+            if name == "head.weight" {
+                let nan = (v.as_tensor().ones_like().unwrap() * f64::NAN).unwrap();
+                v.set(&nan).unwrap();
+            }
+        }
+        let m = tr.model().unwrap();
+        let known = vec![vec![]; 2];
+        let orders = vec![(0..64).collect::<Vec<_>>(); 2];
+        let req = Request {
+            classes: &[1, 2],
+            known: &known,
+            orders: &orders,
+            condition: None,
+        };
+        let cfg = SampleConfig {
+            steps: 4,
+            ..Default::default()
+        };
+        for device_draw in [true, false] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+            let e = decode_impl(&m, &req, &cfg, &mut rng, None, device_draw).unwrap_err();
+            assert!(
+                e.to_string().contains("non-finite logits"),
+                "{device_draw}: {e}"
+            );
+        }
+        // Through the graph cache (on the CPU: the eager loop) as well.
+        let mut g = DecodeGraphs::new(true);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let e = decode_impl(&m, &req, &cfg, &mut rng, Some(&mut g), true).unwrap_err();
+        assert!(e.to_string().contains("non-finite logits"), "{e}");
     }
 
     fn tiny() -> Arpg {
