@@ -1,15 +1,18 @@
 //! `arpg plot`: training curves (loss, learning rate, gradient norm) from a `train.jsonl` log,
-//! drawn into a PNG with a tiny built-in bitmap font (no font files needed).
+//! drawn with `plotters` into a PNG: one panel per series, axes with ticks and labels, in
+//! DejaVu Sans Mono built into the binary (`assets/`, its license beside it), so that no font
+//! needs to be installed.
 
 use anyhow::{bail, Context, Result};
-use image::{Rgb, RgbImage};
+use image::RgbImage;
+use plotters::prelude::*;
 use std::path::Path;
 
-const W: u32 = 640;
-const PANEL_H: u32 = 180;
-const LEFT: u32 = 70;
-const BOTTOM: u32 = 22;
-const TOP: u32 = 22;
+const W: u32 = 720;
+const PANEL_H: u32 = 220;
+/// The curves' colour (the tests look for it).
+const CURVE: RGBColor = RGBColor(200, 40, 40);
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 
 /// The curves of a log: step and the logged series.
 pub struct Curves {
@@ -68,48 +71,64 @@ pub fn read_log(path: &Path) -> Result<Curves> {
 }
 
 pub fn draw(c: &Curves) -> RgbImage {
+    static FONT_ONCE: std::sync::Once = std::sync::Once::new();
+    FONT_ONCE.call_once(|| {
+        // The bytes are a valid TrueType file (checked by the test below).
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
     let n = c.series.len() as u32;
-    let mut img = RgbImage::from_pixel(W, PANEL_H * n, Rgb([255, 255, 255]));
-    let (x0, x1) = bounds(&c.steps);
-    for (p, (name, ys)) in c.series.iter().enumerate() {
-        let top = p as u32 * PANEL_H;
-        let (y0, y1) = bounds(ys);
-        let (pl, pr, pt, pb) = (LEFT, W - 10, top + TOP, top + PANEL_H - BOTTOM);
-        for x in pl..=pr {
-            img.put_pixel(x, pb, Rgb([0, 0, 0]));
-        }
-        for y in pt..=pb {
-            img.put_pixel(pl, y, Rgb([0, 0, 0]));
-        }
-        text(&mut img, name, pl + 4, top + 4, 2);
-        text(&mut img, &fmt(y1), 4, pt, 2);
-        text(&mut img, &fmt(y0), 4, pb - 10, 2);
-        text(&mut img, &fmt(x0), pl, pb + 6, 2);
-        let xs = fmt(x1);
-        text(
-            &mut img,
-            &xs,
-            pr.saturating_sub(8 * xs.len() as u32),
-            pb + 6,
-            2,
-        );
-        let map = |x: f64, y: f64| {
-            let fx = if x1 > x0 { (x - x0) / (x1 - x0) } else { 0.5 };
-            let fy = if y1 > y0 { (y - y0) / (y1 - y0) } else { 0.5 };
-            (
-                (pl as f64 + fx * (pr - pl) as f64) as i64,
-                (pb as f64 - fy * (pb - pt) as f64) as i64,
-            )
-        };
-        let pts: Vec<(i64, i64)> = c.steps.iter().zip(ys).map(|(&x, &y)| map(x, y)).collect();
-        for w in pts.windows(2) {
-            line(&mut img, w[0], w[1], Rgb([200, 40, 40]));
-        }
-        if pts.len() == 1 {
-            line(&mut img, pts[0], pts[0], Rgb([200, 40, 40]));
-        }
+    let mut buf = vec![255u8; (W * PANEL_H * n * 3) as usize];
+    if let Err(e) = draw_into(c, &mut buf, n) {
+        // Drawing into memory only fails on a broken font: say so in the image's stead.
+        tracing::warn!("plot: {e}");
     }
-    img
+    RgbImage::from_raw(W, PANEL_H * n, buf).expect("sized buffer")
+}
+
+fn draw_into<'a>(
+    c: &Curves,
+    buf: &'a mut [u8],
+    n: u32,
+) -> std::result::Result<(), Box<dyn std::error::Error + 'a>> {
+    let root = BitMapBackend::with_buffer(buf, (W, PANEL_H * n)).into_drawing_area();
+    let panels = root.split_evenly((n as usize, 1));
+    let (x0, x1) = bounds(&c.steps);
+    let (x0, x1) = if x1 > x0 {
+        (x0, x1)
+    } else {
+        (x0 - 0.5, x0 + 0.5)
+    };
+    for ((name, ys), area) in c.series.iter().zip(panels.iter()) {
+        let (y0, y1) = bounds(ys);
+        let pad = if y1 > y0 {
+            (y1 - y0) * 0.05
+        } else {
+            y0.abs().max(1e-12) * 0.05
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(*name, ("sans-serif", 16))
+            .margin(8)
+            .margin_right(24)
+            .x_label_area_size(28)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_labels(6)
+            .y_labels(5)
+            .y_label_formatter(&|v| fmt(*v))
+            .x_label_formatter(&|v| fmt(*v))
+            .label_style(("sans-serif", 12))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
+        chart.draw_series(LineSeries::new(
+            c.steps.iter().copied().zip(ys.iter().copied()),
+            CURVE.stroke_width(2),
+        ))?;
+    }
+    root.present()?;
+    Ok(())
 }
 
 fn bounds(v: &[f64]) -> (f64, f64) {
@@ -125,80 +144,6 @@ fn fmt(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.3}")
-    }
-}
-
-fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u8>) {
-    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-    loop {
-        if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
-            img.put_pixel(x as u32, y as u32, c);
-        }
-        if x == x1 && y == y1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
-        }
-    }
-}
-
-/// 3x5 glyphs, one row of 3 bits per entry, top to bottom.
-fn glyph(ch: char) -> [u8; 5] {
-    match ch {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' | 's' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' | 'g' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        '+' => [0, 2, 7, 2, 0],
-        'e' => [7, 5, 7, 4, 7],
-        'l' => [4, 4, 4, 4, 7],
-        'o' => [0, 7, 5, 5, 7],
-        'r' => [0, 7, 4, 4, 4],
-        'a' => [0, 7, 1, 7, 7],
-        'd' => [1, 1, 7, 5, 7],
-        'n' => [0, 7, 5, 5, 5],
-        'm' => [0, 7, 7, 5, 5],
-        _ => [0; 5],
-    }
-}
-
-fn text(img: &mut RgbImage, s: &str, x: u32, y: u32, scale: u32) {
-    for (i, ch) in s.chars().enumerate() {
-        let g = glyph(ch);
-        for (r, bits) in g.iter().enumerate() {
-            for c in 0..3u32 {
-                if bits & (4 >> c) != 0 {
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            let (px, py) = (
-                                x + (i as u32 * 4 + c) * scale + dx,
-                                y + r as u32 * scale + dy,
-                            );
-                            if px < img.width() && py < img.height() {
-                                img.put_pixel(px, py, Rgb([0, 0, 0]));
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -220,14 +165,22 @@ mod tests {
             })
             .collect();
         std::fs::write(&p, lines.join("\n")).unwrap();
+        assert!(plotters::style::register_font("check", FontStyle::Normal, FONT).is_ok());
         let img = draw(&read_log(&p).unwrap());
         assert_eq!((img.width(), img.height()), (W, 3 * PANEL_H));
         for panel in 0..3 {
-            let red = (panel * PANEL_H..(panel + 1) * PANEL_H)
-                .flat_map(|y| (0..W).map(move |x| (x, y)))
-                .filter(|&(x, y)| img.get_pixel(x, y).0 == [200, 40, 40])
-                .count();
+            let rows = panel * PANEL_H..(panel + 1) * PANEL_H;
+            let count = |rgb: [u8; 3]| {
+                rows.clone()
+                    .flat_map(|y| (0..W).map(move |x| (x, y)))
+                    .filter(|&(x, y)| img.get_pixel(x, y).0 == rgb)
+                    .count()
+            };
+            let red = count([200, 40, 40]);
             assert!(red > 50, "panel {panel} has {red} curve pixels");
+            // Axes, ticks and labels: black text and lines.
+            let black = count([0, 0, 0]);
+            assert!(black > 300, "panel {panel} has {black} black pixels");
         }
         std::fs::write(&p, "{\"step\":1}\nnot json").unwrap();
         let e = format!("{:#}", read_log(&p).err().unwrap());
