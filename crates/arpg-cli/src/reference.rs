@@ -93,6 +93,8 @@ pub fn apply(a: &mut TrainArgs, samples: usize) -> Result<()> {
         }
         a.steps = epochs * per_epoch;
         a.warmup_steps = warmup * per_epoch;
+        // Its lr is lr * epoch / warmup_epochs over fractional epochs: 0 at the first step.
+        a.warmup_counting = arpg::train::optim::Warmup::Reference;
     }
     eprintln!(
         "reference flags: batch {}, lr {:e} (absolute), {} steps ({} per epoch), warm-up {} steps",

@@ -107,6 +107,9 @@ pub struct TrainArgs {
     /// GPU with a launcher's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
+    /// Set by the reference's flags (--epochs): warm up as train_c2i.py does.
+    #[arg(skip)]
+    pub warmup_counting: arpg::train::optim::Warmup,
     /// train_c2i.py's flags (--epochs, --global-batch-size, ...), with its meaning.
     #[command(flatten)]
     pub reference: crate::reference::ReferenceTrainFlags,
@@ -184,6 +187,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         class_dropout: a.class_dropout,
         dropout: a.dropout,
         seed: a.seed,
+        warmup: a.warmup_counting,
     };
     tc.validate()?;
     let mut tr = match &a.resume {

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use dist::Collective;
-use optim::{clip_grad_norm, lr_at, AdamW};
+use optim::{clip_grad_norm, AdamW};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ pub struct TrainConfig {
     /// Dropout on token embeddings, residuals (after proj) and FFN outputs.
     pub dropout: f64,
     pub seed: u64,
+    /// How the warm-up counts its steps (the paper's flags take the paper's way).
+    #[serde(default)]
+    pub warmup: optim::Warmup,
 }
 
 impl Default for TrainConfig {
@@ -65,6 +68,7 @@ impl Default for TrainConfig {
             class_dropout: 0.1,
             dropout: 0.1,
             seed: 0,
+            warmup: optim::Warmup::FromFirstStep,
         }
     }
 }
@@ -525,7 +529,8 @@ impl Trainer {
         lap(&self.device, 1)?;
         let loss_sum: f64 = losses.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
-        let lr = lr_at(
+        let lr = optim::lr_with(
+            self.cfg.warmup,
             self.step,
             self.cfg.warmup_steps,
             self.cfg.steps,

@@ -4,10 +4,31 @@
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 
+/// How a linear warm-up counts its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Warmup {
+    /// Step i trains at `peak * (i + 1) / warmup`: the first step already learns.
+    #[default]
+    FromFirstStep,
+    /// Step i trains at `peak * i / warmup`, as the paper's `train_c2i.py` computes it
+    /// (`lr * epoch / warmup_epochs` with fractional epochs): its first step at lr 0.
+    Reference,
+}
+
 /// Warmup from 0 to `peak` over `warmup` steps, then cosine down to `min` at `total`.
 pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64, min: f64) -> f64 {
+    lr_with(Warmup::FromFirstStep, step, warmup, total, peak, min)
+}
+
+/// [`lr_at`] with the warm-up counted as `how` says.
+pub fn lr_with(how: Warmup, step: usize, warmup: usize, total: usize, peak: f64, min: f64) -> f64 {
     if step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
+        let done = match how {
+            Warmup::FromFirstStep => step + 1,
+            Warmup::Reference => step,
+        };
+        return peak * done as f64 / warmup as f64;
     }
     let span = total.saturating_sub(warmup).max(1);
     let t = ((step - warmup) as f64 / span as f64).min(1.0);
@@ -107,6 +128,21 @@ mod tests {
         assert!((lr_at(10, 10, 100, 1.0, 0.1) - 1.0).abs() < 1e-12);
         assert!((lr_at(100, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-12);
         assert!(lr_at(55, 10, 100, 1.0, 0.1) < 0.6 && lr_at(55, 10, 100, 1.0, 0.1) > 0.5);
+        // The paper's: lr * e / W over fractional epochs e = i / P, then cosine over
+        // (e - W) / (E - W); P = 7 iterations per epoch, W = 3, E = 20 epochs.
+        let (p, w, e, peak, min) = (7usize, 3usize, 20usize, 4e-4, 1e-5);
+        for i in 0..e * p {
+            let ep = i as f64 / p as f64;
+            let want = if ep < w as f64 {
+                peak * ep / w as f64
+            } else {
+                min + (peak - min)
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * (ep - w as f64) / (e - w) as f64).cos())
+            };
+            let got = lr_with(Warmup::Reference, i, w * p, e * p, peak, min);
+            assert!((got - want).abs() < 1e-15, "iteration {i}: {got} vs {want}");
+        }
     }
 
     #[test]
