@@ -295,3 +295,188 @@ async fn the_page_generates_and_inpaints_in_headless_chromium() {
     assert_eq!(errors, serde_json::json!(""));
     c.close().await.unwrap();
 }
+
+/// chromedriver and a headless Chromium session (None only when the opt-out is set).
+async fn browser_session() -> Option<(fantoccini::Client, Driver, tempfile::TempDir)> {
+    let driver_bin = std::env::var_os("CHROMEDRIVER")
+        .map(PathBuf::from)
+        .or_else(|| find_on_path("chromedriver"));
+    let Some(driver_bin) = driver_bin else {
+        if std::env::var("ARPG_SKIP_BROWSER_TEST").as_deref() == Ok("1") {
+            eprintln!("SKIPPED: no chromedriver, and ARPG_SKIP_BROWSER_TEST=1");
+            return None;
+        }
+        panic!("chromedriver not found: install chromium and chromium-driver");
+    };
+    let browser = std::env::var_os("CHROME")
+        .map(PathBuf::from)
+        .or_else(|| find_on_path("chromium"))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let port = free_port();
+    let driver = Driver(
+        Command::new(&driver_bin)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "chromedriver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert("browserName".into(), "chrome".into());
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": browser,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                     "--window-size=1200,1100",
+                     format!("--user-data-dir={}", profile.path().display())],
+        }),
+    );
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("WebDriver session");
+    Some((c, driver, profile))
+}
+
+/// With a control model the page shows the condition controls, uploads the condition and
+/// gets the images the API gives for that condition.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_sends_a_condition_to_a_control_model() {
+    let server = Server::start_model("digits-sketch", &[]);
+    let Some((c, _driver, _profile)) = browser_session().await else {
+        return;
+    };
+    let limit = Duration::from_secs(120);
+    c.goto(&server.url).await.unwrap();
+    wait_for(
+        &c,
+        "the condition controls",
+        "return !document.getElementById('condRow').hidden
+           && document.getElementById('condInfo').textContent.startsWith('8x8')",
+        limit,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sketch = dir.path().join("bar.png");
+    let bar = image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb(
+            [if (3..5).contains(&x) && (1..7).contains(&y) {
+                255
+            } else {
+                0
+            }; 3],
+        )
+    });
+    bar.save(&sketch).unwrap();
+    c.find(Locator::Id("condFile"))
+        .await
+        .unwrap()
+        .send_keys(sketch.to_str().unwrap())
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        "the condition read",
+        "return document.getElementById('condInfo').textContent === 'condition: bar.png'",
+        limit,
+    )
+    .await;
+    c.find(Locator::Id("classSearch"))
+        .await
+        .unwrap()
+        .send_keys("1")
+        .await
+        .unwrap();
+    let options = c.find_all(Locator::Css(".class-option")).await.unwrap();
+    options[0].click().await.unwrap();
+    for (id, v) in [("perClass", "2"), ("steps", "16"), ("seed", "4")] {
+        let e = c.find(Locator::Id(id)).await.unwrap();
+        e.clear().await.unwrap();
+        e.send_keys(v).await.unwrap();
+    }
+    c.find(Locator::Id("generateBtn"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        "2 generated images",
+        "const ims = document.querySelectorAll('#genResults img.result');
+         return ims.length === 2 && [...ims].every(i => i.complete && i.naturalWidth === 8)",
+        limit,
+    )
+    .await;
+    let srcs = c
+        .execute(
+            "return [...document.querySelectorAll('#genResults img.result')].map(i => i.src)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    // The same request through the API, the condition as a base64 PNG.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let png = b64.encode(std::fs::read(&sketch).unwrap());
+    let body = serde_json::json!({"classes": [1], "per_class": 2, "steps": 16, "cfg": 4.0,
+                                  "temperature": 1.0, "seed": 4, "condition": png});
+    let v: serde_json::Value = common::client()
+        .post(format!("{}/v1/generate", server.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api = common::images(&v);
+    let decode = |src: &str| {
+        let data = b64
+            .decode(src.strip_prefix("data:image/png;base64,").unwrap())
+            .unwrap();
+        image::load_from_memory(&data).unwrap().to_rgb8().into_raw()
+    };
+    let page: Vec<Vec<u8>> = srcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| decode(s.as_str().unwrap()))
+        .collect();
+    assert_eq!(page.len(), api.len());
+    for (p, (_, a)) in page.iter().zip(&api) {
+        assert_eq!(
+            p, a,
+            "the page's image differs from the API's with the condition"
+        );
+    }
+    // And the condition mattered: without it the images differ.
+    let mut plain = body.clone();
+    plain.as_object_mut().unwrap().remove("condition");
+    let v: serde_json::Value = common::client()
+        .post(format!("{}/v1/generate", server.url))
+        .json(&plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let without: Vec<Vec<u8>> = common::images(&v).into_iter().map(|x| x.1).collect();
+    assert_ne!(page, without);
+    c.close().await.unwrap();
+}
