@@ -686,14 +686,14 @@ impl Buffers {
                 }
                 false => None,
             },
-            last_sum: Tensor::zeros(1, model.dtype(), dev)?,
+            last_sum: Tensor::zeros(1, DType::F32, dev)?,
         })
     }
 
     /// Refuse a decode whose last step's logits were not finite (a device draw does not
     /// look at them; one read after the loop instead of one per step).
     fn check_finite(&self, steps: usize) -> Result<()> {
-        let sum = self.last_sum.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
+        let sum = self.last_sum.to_vec1::<f32>()?[0];
         finite(&[sum], steps - 1)
     }
 
@@ -882,8 +882,12 @@ fn run_loop(model: &Arpg, plan: &Plan, buf: &mut Buffers, pick: &mut dyn Select)
             .step_native_logits(&mut buf.cache, &ids, positions, done == 0)?
             .expect("queries were given");
         if s + 1 == plan.counts.len() {
-            buf.last_sum
-                .slice_set(&logits.sum_all()?.reshape(1)?, 0, 0)?;
+            // f16 would overflow summing finite logits (bf16 and f32 cannot): widen first.
+            let sum = match logits.dtype() {
+                DType::F16 => logits.to_dtype(DType::F32)?.sum_all()?,
+                _ => logits.sum_all()?.to_dtype(DType::F32)?,
+            };
+            buf.last_sum.slice_set(&sum.reshape(1)?, 0, 0)?;
         }
         let picked = pick.select(&logits, s, plan, &buf.seed)?;
         buf.drawn.slice_set(&picked, 1, done)?;
