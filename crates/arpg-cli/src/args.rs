@@ -233,9 +233,9 @@ impl ControlArgs {
                 path.display()
             );
         };
-        let side = mc.grid_size() * c.patch;
+        let (channels, side, _) = mc.control_shape().expect("a control block");
         let canny = self.canny.then_some((self.canny_low, self.canny_high));
-        let (t, used, resized) = arpg::control::load_condition(path, c.channels, side, canny)?;
+        let (t, used, resized) = arpg::control::load_condition(path, channels, side, canny)?;
         if resized {
             eprintln!(
                 "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \

@@ -255,9 +255,12 @@ impl ArpgConfig {
         h.div_ceil(self.multiple_of).checked_mul(self.multiple_of)
     }
 
-    /// The condition image's side in pixels, for a model with a control encoder.
-    pub fn control_side(&self) -> Option<usize> {
-        self.control.as_ref().map(|c| self.grid_size() * c.patch)
+    /// The condition shape `[channels, side, side]` a control model takes (side = grid x
+    /// patch); `None` without a control encoder.
+    pub fn control_shape(&self) -> Option<(usize, usize, usize)> {
+        let c = self.control.as_ref()?;
+        let side = self.grid_size() * c.patch;
+        Some((c.channels, side, side))
     }
 
     /// The parameter count, None on overflow.

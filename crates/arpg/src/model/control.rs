@@ -38,6 +38,8 @@ impl Block {
 
 pub struct ControlEncoder {
     cfg: ControlConfig,
+    /// The condition shape `[C, H, W]` (`ArpgConfig::control_shape`).
+    shape: (usize, usize, usize),
     grid: usize,
     n_head: usize,
     patch_embed: Linear,
@@ -48,7 +50,12 @@ pub struct ControlEncoder {
 }
 
 impl ControlEncoder {
-    pub fn new(mc: &ArpgConfig, cfg: &ControlConfig, vb: VarBuilder) -> Result<Self> {
+    /// The encoder of `mc`'s `control` block.
+    pub fn new(mc: &ArpgConfig, vb: VarBuilder) -> Result<Self> {
+        let (cfg, shape) = match (&mc.control, mc.control_shape()) {
+            (Some(c), Some(s)) => (c, s),
+            _ => anyhow::bail!("the model config has no control block"),
+        };
         let d = mc.dim;
         let patch = cfg.channels * cfg.patch * cfg.patch;
         let l = vb.pp("layers");
@@ -68,6 +75,7 @@ impl ControlEncoder {
             .collect::<Result<_>>()?;
         Ok(Self {
             cfg: cfg.clone(),
+            shape,
             grid: mc.grid_size(),
             n_head: mc.n_head,
             patch_embed: linear(&vb, "patch_embed", patch, d)?,
@@ -84,8 +92,7 @@ impl ControlEncoder {
 
     /// The condition's expected shape `[channels, side, side]`.
     pub fn input_shape(&self) -> (usize, usize, usize) {
-        let side = self.grid * self.cfg.patch;
-        (self.cfg.channels, side, side)
+        self.shape
     }
 
     /// Embeddings `[b, cells, dim]` (raster order) of conditions `[b, C, H, W]` in [0, 1].

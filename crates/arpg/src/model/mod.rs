@@ -266,7 +266,7 @@ impl Arpg {
             None
         };
         let control = match &cfg.control {
-            Some(c) => Some(control::ControlEncoder::new(cfg, c, vb.pp("control"))?),
+            Some(_) => Some(control::ControlEncoder::new(cfg, vb.pp("control"))?),
             None => None,
         };
         Ok(Self {

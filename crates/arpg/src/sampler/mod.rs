@@ -76,9 +76,7 @@ impl DecodeShape {
     }
 
     fn control_of(mc: &ArpgConfig) -> Option<((usize, usize, usize), bool)> {
-        let c = mc.control.as_ref()?;
-        let side = mc.grid_size() * c.patch;
-        Some(((c.channels, side, side), c.dropout > 0.0))
+        Some((mc.control_shape()?, mc.control.as_ref()?.dropout > 0.0))
     }
 
     /// The shape of a configuration's own grid, to check a request before loading weights.
@@ -610,9 +608,9 @@ impl Inputs {
         let copies = if halves == Halves::Both { 2 } else { 1 };
         let (mut first_ids, mut first_pos, mut q_rows) = (vec![], vec![], vec![]);
         let mut keep = vec![];
+        let guide = req.condition.as_ref().is_some_and(|c| c.1);
         for half in 0..copies {
             let uncond = halves == Halves::Uncond || half == 1;
-            let guide = req.condition.as_ref().is_some_and(|c| c.1);
             keep.extend(std::iter::repeat_n(
                 if uncond && guide { 0f32 } else { 1.0 },
                 req.len(),

@@ -616,8 +616,7 @@ impl Trainer {
         // A control model reads each sample's condition; its dropout draws after the class's.
         let control = match &mc.control {
             Some(c) => {
-                let side = mc.grid_size() * c.patch;
-                let want = (c.channels, side, side);
+                let want = mc.control_shape().expect("a control block");
                 ensure!(
                     data.condition_shape() == Some(want),
                     "{}: the model's control encoder takes {want:?} conditions, the data has {}",
