@@ -373,15 +373,10 @@ pub fn condition(
         }
     };
     let img = decode_image("condition", b64, lim.max_image_side)?;
-    let img = if canny.unwrap_or(false) {
-        let img = arpg::tokenizer::image::center_crop_resize(&img, side);
-        let e = arpg::control::canny(&img, arpg::control::CANNY_LOW, arpg::control::CANNY_HIGH)
-            .map_err(|e| ApiError::bad("canny", format!("{e:#}")))?;
-        image::DynamicImage::ImageLuma8(e).to_rgb8()
-    } else {
-        img
-    };
-    let (t, _, _) = arpg::control::condition_from_image(&img, c, side)
+    let thresholds = canny
+        .unwrap_or(false)
+        .then_some((arpg::control::CANNY_LOW, arpg::control::CANNY_HIGH));
+    let (t, _, _) = arpg::control::condition_of(&img, c, side, thresholds)
         .map_err(|e| ApiError::bad("condition", format!("{e:#}")))?;
     Ok(Some((t, guide)))
 }

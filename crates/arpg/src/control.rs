@@ -36,37 +36,41 @@ pub fn condition_from_image(
     } else {
         img.clone()
     };
-    let data: Vec<f32> = match channels {
-        1 => image::DynamicImage::ImageRgb8(img.clone())
-            .to_luma8()
-            .into_raw()
-            .into_iter()
-            .map(|v| v as f32 / 255.0)
-            .collect(),
-        3 => {
-            let mut planes = vec![0f32; 3 * side * side];
-            for (i, px) in img.pixels().enumerate() {
-                for c in 0..3 {
-                    planes[c * side * side + i] = px[c] as f32 / 255.0;
-                }
-            }
-            planes
-        }
-        c => bail!("conditions have 1 or 3 channels, not {c}"),
-    };
+    let bytes = condition_bytes(&img, channels)?;
     let used = match channels {
-        1 => {
-            let g = image::DynamicImage::ImageRgb8(img).to_luma8();
-            image::DynamicImage::ImageLuma8(g).to_rgb8()
-        }
+        1 => image::DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(img.width(), img.height(), bytes.clone())
+                .expect("one byte per pixel"),
+        )
+        .to_rgb8(),
         _ => img,
     };
+    let data: Vec<f32> = bytes.iter().map(|&v| v as f32 / 255.0).collect();
     let t = Tensor::from_vec(data, (1, channels, side, side), &Device::Cpu)?;
     Ok((t, used, resized))
 }
 
-/// [`condition_from_image`] of a file; with `canny = Some((low, high))` the file is a photo
-/// whose edges are the condition (extracted after the resize, at the model's resolution).
+/// An image as condition bytes `[C, H, W]`: its luma for one channel, its planes for three.
+pub fn condition_bytes(img: &RgbImage, channels: usize) -> Result<Vec<u8>> {
+    match channels {
+        1 => Ok(image::DynamicImage::ImageRgb8(img.clone())
+            .to_luma8()
+            .into_raw()),
+        3 => {
+            let n = img.pixels().len();
+            let mut planes = vec![0u8; 3 * n];
+            for (i, px) in img.pixels().enumerate() {
+                for c in 0..3 {
+                    planes[c * n + i] = px[c];
+                }
+            }
+            Ok(planes)
+        }
+        c => bail!("conditions have 1 or 3 channels, not {c}"),
+    }
+}
+
+/// [`condition_of`] the image in a file (an error names the file as `--condition`).
 pub fn load_condition(
     path: &Path,
     channels: usize,
@@ -75,19 +79,28 @@ pub fn load_condition(
 ) -> Result<(Tensor, RgbImage, bool)> {
     let img =
         load_rgb(path).map_err(|e| anyhow::anyhow!("--condition {}: {e:#}", path.display()))?;
-    match canny_thresholds {
-        None => condition_from_image(&img, channels, side),
-        Some((lo, hi)) => {
-            let resized = img.width() as usize != side || img.height() as usize != side;
-            let img = match resized {
-                true => center_crop_resize(&img, side),
-                false => img,
-            };
-            let edges = image::DynamicImage::ImageLuma8(canny(&img, lo, hi)?).to_rgb8();
-            let (t, used, _) = condition_from_image(&edges, channels, side)?;
-            Ok((t, used, resized))
-        }
-    }
+    condition_of(&img, channels, side, canny_thresholds)
+}
+
+/// [`condition_from_image`]; with `canny = Some((low, high))` the image is a photo whose
+/// edges are the condition (extracted after the resize, at the model's resolution).
+pub fn condition_of(
+    img: &RgbImage,
+    channels: usize,
+    side: usize,
+    canny_thresholds: Option<(f32, f32)>,
+) -> Result<(Tensor, RgbImage, bool)> {
+    let Some((lo, hi)) = canny_thresholds else {
+        return condition_from_image(img, channels, side);
+    };
+    let resized = img.width() as usize != side || img.height() as usize != side;
+    let img = match resized {
+        true => center_crop_resize(img, side),
+        false => img.clone(),
+    };
+    let edges = image::DynamicImage::ImageLuma8(canny(&img, lo, hi)?).to_rgb8();
+    let (t, used, _) = condition_from_image(&edges, channels, side)?;
+    Ok((t, used, resized))
 }
 
 /// The `digits-sketch` condition: a digit's binary stroke mask, pixel value >= 8 of 0..16,

@@ -182,11 +182,6 @@ pub fn conditions(
     size: usize,
     ten_crop: bool,
 ) -> Result<super::layouts::Conditions> {
-    let luma = |c: &RgbImage| {
-        image::DynamicImage::ImageRgb8(c.clone())
-            .to_luma8()
-            .into_raw()
-    };
     match src {
         ControlSource::Canny(lo, hi) => {
             let e = crops
@@ -226,19 +221,8 @@ pub fn conditions(
             let cc = augmentations(&cond, size, ten_crop);
             let out = cc
                 .iter()
-                .map(|c| match channels {
-                    1 => luma(c),
-                    _ => {
-                        let mut planes = vec![0u8; 3 * size * size];
-                        for (i, px) in c.pixels().enumerate() {
-                            for k in 0..3 {
-                                planes[k * size * size + i] = px[k];
-                            }
-                        }
-                        planes
-                    }
-                })
-                .collect();
+                .map(|c| crate::control::condition_bytes(c, *channels))
+                .collect::<Result<_>>()?;
             Ok(((*channels, size, size), out))
         }
     }
