@@ -64,8 +64,16 @@ impl DecodeGraphs {
 
     /// Run one decode (the device-draw loop); returns the drawn tokens `[b, n_unknown]` in
     /// generation order, on the device. A replay returns the graph's own buffer: read it
-    /// before the next run.
+    /// before the next run. Non-finite logits are refused, however the decode ran (a capture
+    /// only records, so the buffers then hold the eager run's values).
     pub(super) fn run(&mut self, model: &Arpg, plan: &Plan, inputs: &Inputs) -> Result<Tensor> {
+        let drawn = self.decode(model, plan, inputs)?;
+        let e = self.entry.as_ref().expect("set by decode");
+        e.buf.check_finite(plan.counts.len())?;
+        Ok(drawn)
+    }
+
+    fn decode(&mut self, model: &Arpg, plan: &Plan, inputs: &Inputs) -> Result<Tensor> {
         if self.entry.as_ref().map(|e| &e.plan) != Some(plan) {
             // Free the old graph and buffers before allocating new ones.
             self.entry = None;
@@ -84,7 +92,6 @@ impl DecodeGraphs {
                 g.launch()
                     .map_err(|err| anyhow::anyhow!("replaying the decode graph: {err:?}"))?;
                 self.replays += 1;
-                e.buf.check_finite(plan.counts.len())?;
                 return Ok(e.buf.drawn.clone());
             }
             if self.enabled {
@@ -94,7 +101,6 @@ impl DecodeGraphs {
                     let _params = dev.enable_cuda_graph_htod_cache();
                     run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
                 }
-                e.buf.check_finite(plan.counts.len())?;
                 // A copy: the capture below records into the same buffers.
                 let drawn = e.buf.drawn.copy()?;
                 match capture(dev, model, plan, &mut e.buf) {
@@ -111,7 +117,6 @@ impl DecodeGraphs {
             }
         }
         run_loop(model, plan, &mut e.buf, &mut DeviceDraw)?;
-        e.buf.check_finite(plan.counts.len())?;
         Ok(e.buf.drawn.clone())
     }
 }
