@@ -439,60 +439,58 @@ pub fn pack(a: PackArgs) -> Result<()> {
         (Some("stored"), _, None) => bail!("--control stored is for --paper"),
         _ => {}
     }
-    let mut w = PackWriter::new();
-    if let (Some(r), Some(_)) = (&a.paper, &a.control) {
-        for (s, (shape, conds)) in layouts::read_paper_layout_with_conditions(r, a.vocab_size)? {
-            w.push_with_conditions(&s, shape, &conds)?;
+    let with_conditions = a.control.is_some();
+    // Each sample, and its conditions when --control asks for them.
+    let samples: Vec<(Sample, Option<layouts::Conditions>)> = if let Some(r) = &a.paper {
+        if with_conditions {
+            layouts::read_paper_layout_with_conditions(r, a.vocab_size)?
+                .into_iter()
+                .map(|(s, c)| (s, Some(c)))
+                .collect()
+        } else {
+            plain(layouts::read_paper_layout(r, a.vocab_size)?)
         }
-        w.write(&a.out)?;
-        eprintln!(
-            "packed {} samples with conditions into {}",
-            w.len(),
-            a.out.display()
-        );
-        return Ok(());
-    }
-    if let (Some(p), Some(_)) = (&a.digits, &a.control) {
-        let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
-        let part = if a.split == "train" { train } else { test };
-        for d in part {
-            let s = Sample {
-                label: d.label,
-                crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
-            };
-            let sketch = arpg::control::digit_sketch(&d.pixels).to_vec();
-            w.push_with_conditions(&s, (1, 8, 8), &[sketch])?;
-        }
-        w.write(&a.out)?;
-        eprintln!(
-            "packed {} digits with their sketches into {}",
-            w.len(),
-            a.out.display()
-        );
-        return Ok(());
-    }
-    let samples: Vec<Sample> = if let Some(r) = &a.paper {
-        layouts::read_paper_layout(r, a.vocab_size)?
     } else if let Some(r) = &a.llamagen {
-        layouts::read_llamagen_layout(r, a.vocab_size)?
+        plain(layouts::read_llamagen_layout(r, a.vocab_size)?)
     } else if let Some(p) = &a.digits {
         let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
         let part = if a.split == "train" { train } else { test };
-        part.into_iter()
-            .map(|d| Sample {
-                label: d.label,
-                crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
+        part.iter()
+            .map(|d| {
+                let s = Sample {
+                    label: d.label,
+                    crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
+                };
+                let sketch = arpg::control::digit_sketch(&d.pixels).to_vec();
+                (s, with_conditions.then(|| ((1, 8, 8), vec![sketch])))
             })
             .collect()
     } else {
         bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz");
     };
-    for s in &samples {
-        w.push(s)?;
+    let mut w = PackWriter::new();
+    for (s, c) in &samples {
+        match c {
+            Some((shape, conds)) => w.push_with_conditions(s, *shape, conds)?,
+            None => w.push(s)?,
+        }
     }
     w.write(&a.out)?;
-    eprintln!("packed {} samples into {}", w.len(), a.out.display());
+    eprintln!(
+        "packed {} samples{} into {}",
+        w.len(),
+        if with_conditions {
+            " with their conditions"
+        } else {
+            ""
+        },
+        a.out.display()
+    );
     Ok(())
+}
+
+fn plain(samples: Vec<Sample>) -> Vec<(Sample, Option<layouts::Conditions>)> {
+    samples.into_iter().map(|s| (s, None)).collect()
 }
 
 #[derive(Args, Debug)]

@@ -96,27 +96,25 @@ pub fn run_task(
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<DigitsReport> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (classes, knowns, sketches): Columns = match task {
+    let classes: Vec<usize> = match task {
+        DigitsTask::Sample { per_class } => (0..10)
+            .flat_map(|c| std::iter::repeat_n(c, per_class))
+            .collect(),
+        _ => test.iter().map(|d| d.label as usize).collect(),
+    };
+    let knowns: Vec<Vec<(usize, u32)>> = match task {
         DigitsTask::Inpaint => test
             .iter()
-            .map(|d| {
-                let known = (0..32).map(|p| (p, d.pixels[p] as u32)).collect();
-                (d.label as usize, known, [0; 64])
-            })
-            .fold((vec![], vec![], vec![]), push3),
+            .map(|d| (0..32).map(|p| (p, d.pixels[p] as u32)).collect())
+            .collect(),
+        _ => vec![vec![]; classes.len()],
+    };
+    let sketches: Vec<[u8; 64]> = match task {
         DigitsTask::Sketch => test
             .iter()
-            .map(|d| {
-                (
-                    d.label as usize,
-                    vec![],
-                    crate::control::digit_sketch(&d.pixels),
-                )
-            })
-            .fold((vec![], vec![], vec![]), push3),
-        DigitsTask::Sample { per_class } => (0..10)
-            .flat_map(|c| std::iter::repeat_n((c, vec![], [0; 64]), per_class))
-            .fold((vec![], vec![], vec![]), push3),
+            .map(|d| crate::control::digit_sketch(&d.pixels))
+            .collect(),
+        _ => vec![[0; 64]; classes.len()],
     };
     let sc = SampleConfig {
         steps: match task {
@@ -177,15 +175,6 @@ pub fn run_task(
         r.sketch_iou = Some(ious.iter().sum::<f64>() / ious.len().max(1) as f64);
     }
     Ok(r)
-}
-
-type Columns = (Vec<usize>, Vec<Vec<(usize, u32)>>, Vec<[u8; 64]>);
-
-fn push3(mut acc: Columns, x: (usize, Vec<(usize, u32)>, [u8; 64])) -> Columns {
-    acc.0.push(x.0);
-    acc.1.push(x.1);
-    acc.2.push(x.2);
-    acc
 }
 
 /// Score `samples` (requested class, pixels 0..=16) against the training digits.
