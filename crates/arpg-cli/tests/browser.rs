@@ -62,62 +62,10 @@ async fn wait_for(c: &fantoccini::Client, what: &str, js: &str, limit: Duration)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_page_generates_and_inpaints_in_headless_chromium() {
-    let driver_bin = std::env::var_os("CHROMEDRIVER")
-        .map(PathBuf::from)
-        .or_else(|| find_on_path("chromedriver"));
-    let Some(driver_bin) = driver_bin else {
-        if std::env::var("ARPG_SKIP_BROWSER_TEST").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: no chromedriver, and ARPG_SKIP_BROWSER_TEST=1");
-            return;
-        }
-        panic!(
-            "chromedriver not found: install chromium and chromium-driver \
-             (apt-get install -y chromium chromium-driver), or set ARPG_SKIP_BROWSER_TEST=1 to opt out"
-        );
-    };
-    let browser = std::env::var_os("CHROME")
-        .map(PathBuf::from)
-        .or_else(|| find_on_path("chromium"))
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-
     let server = Server::start(&[]);
-    let port = free_port();
-    let _driver = Driver(
-        Command::new(&driver_bin)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver"),
-    );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "chromedriver did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert("browserName".into(), "chrome".into());
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": browser,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                     "--no-first-run", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                     "--window-size=1200,1100",
-                     format!("--user-data-dir={}", profile.path().display())],
-        }),
-    );
-    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session");
+    let Some((c, _driver, _profile)) = browser_session().await else {
+        return;
+    };
     let limit = Duration::from_secs(120);
 
     c.goto(&server.url).await.unwrap();
@@ -306,7 +254,10 @@ async fn browser_session() -> Option<(fantoccini::Client, Driver, tempfile::Temp
             eprintln!("SKIPPED: no chromedriver, and ARPG_SKIP_BROWSER_TEST=1");
             return None;
         }
-        panic!("chromedriver not found: install chromium and chromium-driver");
+        panic!(
+            "chromedriver not found: install chromium and chromium-driver \
+             (apt-get install -y chromium chromium-driver), or set ARPG_SKIP_BROWSER_TEST=1 to opt out"
+        );
     };
     let browser = std::env::var_os("CHROME")
         .map(PathBuf::from)

@@ -37,6 +37,23 @@ fn fails(args: &[&str], needles: &[&str]) -> String {
     err
 }
 
+/// A zip archive at `path` holding one uncompressed entry.
+fn write_stored_zip(path: &Path, name: &str, bytes: &[u8]) {
+    let mut z = Vec::new();
+    {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(&mut z));
+        w.start_file(
+            name,
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut w, bytes).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(path, &z).unwrap();
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -890,20 +907,8 @@ fn crash_class_unbounded_sizes_are_refused_before_allocating() {
     );
     // An .npz whose header claims 100000 x 100000 images.
     let p = d.path().join("huge.npz");
-    let mut z = Vec::new();
-    {
-        let h = arpg::data::npy::to_bytes("|u1", &[10, 100000, 100000, 3], &[1, 2, 3]);
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(&mut z));
-        w.start_file(
-            "arr_0.npy",
-            zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored),
-        )
-        .unwrap();
-        std::io::Write::write_all(&mut w, &h).unwrap();
-        w.finish().unwrap();
-    }
-    std::fs::write(&p, &z).unwrap();
+    let h = arpg::data::npy::to_bytes("|u1", &[10, 100000, 100000, 3], &[1, 2, 3]);
+    write_stored_zip(&p, "arr_0.npy", &h);
     fails(
         &[
             "eval",
@@ -1193,20 +1198,8 @@ fn a_pickle_that_panics_candles_reader_is_an_error_without_a_panic_message() {
     // (a panic in a build with overflow checks), which the loader turns into an error.
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("bad.pt");
-    let mut z = Vec::new();
-    {
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(&mut z));
-        w.start_file(
-            "archive/data.pkl",
-            zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored),
-        )
-        .unwrap();
-        let pickle = [0x80, 0x02, 0x8a, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, b'.'];
-        std::io::Write::write_all(&mut w, &pickle).unwrap();
-        w.finish().unwrap();
-    }
-    std::fs::write(&p, &z).unwrap();
+    let pickle = [0x80, 0x02, 0x8a, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, b'.'];
+    write_stored_zip(&p, "archive/data.pkl", &pickle);
     let cfg = tiny_config(d.path(), "");
     let err = fails(
         &[
