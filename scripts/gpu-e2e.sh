@@ -8,6 +8,9 @@
 #     bash scripts/gpu-e2e.sh sizes   # ARPG-XL and ARPG-XXL, ours and the reference
 #     bash scripts/gpu-e2e.sh final   # the short version of both (what docs/benchmarks.md shows),
 #                                     # then the `arpg serve` load test (scripts/gpu-serve-load.sh)
+#     bash scripts/gpu-e2e.sh nhwc    # parity (NHWC VQ), VQ decode per dtype and layout, ARPG-L
+#                                     # sample-fid with bf16 and TF32 VQs + the reference
+#     bash scripts/gpu-e2e.sh nhwc2   # PNGs on, ARPG-XL and ARPG-XXL, ours and the reference
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -110,6 +113,31 @@ PY
   for s in 64 32; do fid ARPG-L $s nopng; done
   ref ARPG-L --steps 64 32
   echo "== serve load test"; OUT=$OUT/serve ARPG=$A REQUESTS=128 timeout 150 bash scripts/gpu-serve-load.sh 2>&1 | tail -14; el
+elif [ "$MODE" = nhwc ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  echo "== parity bf16"; $A check-parity --device cuda:0 --dtype bf16 2>&1 | tail -2; el
+  bench "VQ bf16 NHWC" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ tf32 NHWC" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype tf32
+  bench "VQ f32 exact NHWC" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype f32
+  bench "VQ tf32 NCHW (before)" ARPG_VQ_LAYOUT=nchw --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype tf32
+  bench "VQ bf16 NHWC per part (synchronises per op)" ARPG_PROFILE=1 --model ARPG-L --steps 2 --repeats 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph
+  el
+  for s in 64 32; do
+    bench "ARPG-L tokens + e2e bf16 VQ, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10 --vq-dtype bf16
+  done
+  for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype bf16"; done
+  ref ARPG-L --steps 64 32
+elif [ "$MODE" = nhwc2 ]; then
+  for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype tf32"; done
+  fid ARPG-L 64 nopng "--vq-dtype bf16 --no-overlap"
+  N=640 fid ARPG-L 64 png "--vq-dtype bf16"
+  N=640 ref ARPG-L --steps 64 --png /tmp/refpng
+  for s in 64 32; do N=640 fid ARPG-XL $s nopng "--vq-dtype bf16"; done
+  N=640 ref ARPG-XL --steps 64 32
+  N=640 fid ARPG-XXL 64 nopng "--vq-dtype bf16"
+  N=640 ref ARPG-XXL --steps 64
+  echo "== serve on CUDA == sample on CUDA (issue #15)"
+  ARPG=$A timeout 200 bash scripts/gpu-serve-same.sh 2>&1 | tail -8; el
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng

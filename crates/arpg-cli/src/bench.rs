@@ -178,6 +178,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             out["vq_peak_pool_gib"] = (p.pool as f64 / (1u64 << 30) as f64).into();
         }
         out["vq_dtype"] = format!("{vq_dtype:?}").into();
+        out["vq_format"] = format!("{:?}", vq.format()).into();
         out["vq_tf32"] = arpg::kernels::cudnn::allow_tf32().into();
         if vq_dtype != candle_core::DType::F32 || arpg::kernels::cudnn::allow_tf32() {
             // The low-precision decode against f32 with the same weights: the decoder's

@@ -141,8 +141,11 @@ pub struct ParityReport {
     pub vq_decode_rel_err: f64,
     /// VQ encode of the fixture image: codes equal to the reference's.
     pub vq_encode_equal: bool,
-    /// CUDA only: the fused GroupNorm kernel against the unfused ops, `[f32, bf16]` relative.
-    pub fused_group_norm_rel_diff: Option<[f64; 2]>,
+    /// CUDA only: the fused GroupNorm kernels against the unfused ops, relative, as
+    /// `[NCHW f32, NCHW bf16, NHWC f32, NHWC bf16]`.
+    pub fused_group_norm_rel_diff: Option<[f64; 4]>,
+    /// The VQ decoder's activation layout on this device ("Nchw", or "Nhwc" with cuDNN).
+    pub vq_format: String,
     /// CUDA only: the fused training softmax against the unfused ops, relative, as
     /// `[f32 forward, f32 backward, bf16 forward, bf16 backward]`.
     pub fused_attn_softmax_rel_diff: Option<[f64; 4]>,
@@ -285,7 +288,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         replays += graphs.replays();
         greedy_equal_replayed.push(same);
     }
-    let (vq_decode_rel_err, vq_encode_equal) = vq_check(dir, j, dtype, device)?;
+    let (vq_decode_rel_err, vq_encode_equal, vq_format) = vq_check(dir, j, dtype, device)?;
     Ok(ParityReport {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
@@ -298,6 +301,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         graph_replays: replays,
         vq_decode_rel_err,
         vq_encode_equal,
+        vq_format,
         fused_group_norm_rel_diff: crate::kernels::group_norm::check(device)?,
         fused_attn_softmax_rel_diff: crate::kernels::attn_softmax::check(device)?,
         fused_rope_grad_rel_diff: crate::kernels::rope::check(device)?,
@@ -305,8 +309,9 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
     })
 }
 
-/// The fixtures' VQ decode (relative error) and encode (codes equal) on this device and dtype.
-fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64, bool)> {
+/// The fixtures' VQ decode (relative error) and encode (codes equal) on this device and dtype,
+/// and the layout the decoder ran in.
+fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64, bool, String)> {
     use crate::config::VqConfig;
     use crate::tokenizer::vq::VqModel;
     let cfg: VqConfig =
@@ -357,7 +362,7 @@ fn vq_check(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<(f64
     );
     let images = Tensor::from_vec(img, (n_img, 3, side, side), device)?;
     let codes = vq.encode(&images)?.flatten_all()?.to_vec1::<u32>()?;
-    Ok((err, codes == indices))
+    Ok((err, codes == indices, format!("{:?}", vq.format())))
 }
 
 /// max |got - want| / max |want|.

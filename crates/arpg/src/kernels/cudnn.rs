@@ -7,9 +7,8 @@
 //! algorithm are cached per shape, and the math type is explicit: f32 stays true f32 (FMA, no
 //! TF32, so it matches the reference fixtures), bf16/f16 use tensor cores.
 //!
-//! Algorithms come from cuDNN's heuristics (`cudnnGetConvolutionForwardAlgorithm_v7`), not from
-//! timing runs (`Find`): the choice is then the same on every run and every GPU process, so
-//! `sample-fid` shards stay byte-identical whatever the GPU count.
+//! Algorithms are timed once per shape (`FindEx`, with a stable pick among near-ties; see
+//! `stable_pick`). Both layouts are supported: NHWC is what the VQ runs on a GPU.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -34,15 +33,39 @@ pub fn enabled() -> bool {
     std::env::var_os("ARPG_NO_CUDNN").is_none_or(|v| v.is_empty() || v == "0")
 }
 
-/// `conv2d(x, w) + b` (NCHW, square kernel, symmetric `pad`, `stride`, no dilation or groups) on
-/// cuDNN. `Ok(None)` where it does not apply (CPU, cuDNN missing or turned off, an unsupported
-/// dtype): the caller then runs candle's convolution.
+/// Memory layout of a convolution's activations and weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// x `[n, c, h, w]`, weights `[cout, cin, kh, kw]` (torch's, candle's).
+    Nchw,
+    /// x `[n, h, w, c]`, weights `[cout, kh, kw, cin]`: the layout cuDNN's tensor-core kernels
+    /// read directly (NCHW bf16 pays a transpose in each convolution).
+    Nhwc,
+}
+
+/// Whether [`conv2d`] runs on `device`: CUDA with cuDNN loaded and not turned off.
+pub fn available(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        device.is_cuda() && enabled() && imp::library().is_some()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// `conv2d(x, w) + b` (square kernel, symmetric `pad`, `stride`, no dilation or groups) on
+/// cuDNN, in `format`. `Ok(None)` where it does not apply (CPU, cuDNN missing or turned off, an
+/// unsupported dtype): the caller then runs candle's convolution (NCHW only).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     pad: usize,
     stride: usize,
+    format: Format,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
@@ -60,11 +83,15 @@ pub fn conv2d(
             return Ok(Some(x.apply_op3_no_bwd(
                 &w,
                 &b,
-                &imp::Conv { pad, stride },
+                &imp::Conv {
+                    pad,
+                    stride,
+                    nhwc: format == Format::Nhwc,
+                },
             )?));
         }
     }
-    let _ = (x, w, b, pad, stride);
+    let _ = (x, w, b, pad, stride, format);
     Ok(None)
 }
 
@@ -93,6 +120,7 @@ mod imp {
 
     // cudnn_graph.h / cudnn_cnn.h enums (stable across cuDNN 8 and 9).
     const FORMAT_NCHW: c_int = 0;
+    const FORMAT_NHWC: c_int = 1;
     const DT_FLOAT: c_int = 0;
     const DT_HALF: c_int = 2;
     const DT_BFLOAT16: c_int = 9;
@@ -232,6 +260,7 @@ mod imp {
         pad: c_int,
         stride: c_int,
         tf32: bool,
+        nhwc: bool,
     }
 
     struct State {
@@ -253,7 +282,9 @@ mod imp {
         })
     }
 
-    fn tensor_desc(lib: &Lib, dt: c_int, d: [c_int; 4]) -> candle_core::Result<Desc> {
+    /// `d` in cuDNN's order (n, c, h, w) whatever the memory format.
+    fn tensor_desc(lib: &Lib, dt: c_int, d: [c_int; 4], nhwc: bool) -> candle_core::Result<Desc> {
+        let format = if nhwc { FORMAT_NHWC } else { FORMAT_NCHW };
         let mut desc = std::ptr::null_mut();
         // Safety: `desc` is written by create and then configured.
         unsafe {
@@ -262,7 +293,7 @@ mod imp {
                 "create tensor",
                 (lib.cudnnCreateTensorDescriptor)(&mut desc),
             )?;
-            let s = (lib.cudnnSetTensor4dDescriptor)(desc, FORMAT_NCHW, dt, d[0], d[1], d[2], d[3]);
+            let s = (lib.cudnnSetTensor4dDescriptor)(desc, format, dt, d[0], d[1], d[2], d[3]);
             check(lib, &format!("tensor {d:?}"), s)?;
         }
         Ok(desc)
@@ -303,9 +334,9 @@ mod imp {
     ) -> candle_core::Result<Plan> {
         let oh = (k.x[2] + 2 * k.pad - k.w[2]) / k.stride + 1;
         let ow = (k.x[3] + 2 * k.pad - k.w[3]) / k.stride + 1;
-        let x = tensor_desc(lib, k.dtype, k.x)?;
-        let y = tensor_desc(lib, k.dtype, [k.x[0], k.w[0], oh, ow])?;
-        let bias = tensor_desc(lib, k.dtype, [1, k.w[0], 1, 1])?;
+        let x = tensor_desc(lib, k.dtype, k.x, k.nhwc)?;
+        let y = tensor_desc(lib, k.dtype, [k.x[0], k.w[0], oh, ow], k.nhwc)?;
+        let bias = tensor_desc(lib, k.dtype, [1, k.w[0], 1, 1], k.nhwc)?;
         let (mut w, mut conv) = (std::ptr::null_mut(), std::ptr::null_mut());
         let mut perf = [AlgoPerf::default(); 16];
         let mut found = 0;
@@ -322,7 +353,7 @@ mod imp {
             let s = (lib.cudnnSetFilter4dDescriptor)(
                 w,
                 k.dtype,
-                FORMAT_NCHW,
+                if k.nhwc { FORMAT_NHWC } else { FORMAT_NCHW },
                 k.w[0],
                 k.w[1],
                 k.w[2],
@@ -452,7 +483,8 @@ mod imp {
             check(lib, "workspace size", s)?;
         }
         tracing::debug!(
-            "cuDNN conv x {:?} w {:?}: algorithm {} math {} workspace {} MiB ({})",
+            "cuDNN conv{} x {:?} w {:?}: algorithm {} math {} workspace {} MiB ({})",
+            if k.nhwc { " NHWC" } else { "" },
             k.x,
             k.w,
             best.algo,
@@ -478,11 +510,18 @@ mod imp {
     pub(super) struct Conv {
         pub pad: usize,
         pub stride: usize,
+        pub nhwc: bool,
     }
 
-    fn dims(l: &Layout) -> candle_core::Result<[c_int; 4]> {
+    /// A 4-d shape in cuDNN's (n, c, h, w) order: NHWC tensors and OHWI filters are permuted.
+    fn dims(l: &Layout, nhwc: bool) -> candle_core::Result<[c_int; 4]> {
         let (a, b, c, d) = l.shape().dims4()?;
-        Ok([a as c_int, b as c_int, c as c_int, d as c_int])
+        let d4 = [a as c_int, b as c_int, c as c_int, d as c_int];
+        Ok(if nhwc {
+            [d4[0], d4[3], d4[1], d4[2]]
+        } else {
+            d4
+        })
     }
 
     impl CustomOp3 for Conv {
@@ -512,7 +551,7 @@ mod imp {
             bl: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
             let lib = library().ok_or_else(|| candle_core::Error::Msg("cuDNN missing".into()))?;
-            let (xd, wd) = (dims(xl)?, dims(wl)?);
+            let (xd, wd) = (dims(xl, self.nhwc)?, dims(wl, self.nhwc)?);
             if xd[1] != wd[1] || wd[2] != wd[3] || bl.shape().elem_count() != wd[0] as usize {
                 candle_core::bail!(
                     "cuDNN conv: x {:?}, w {:?}, b {:?}",
@@ -542,11 +581,16 @@ mod imp {
                 pad: self.pad as c_int,
                 stride: self.stride as c_int,
                 tf32: super::allow_tf32(),
+                nhwc: self.nhwc,
             };
             let (pad, st) = (key.pad, key.stride);
             let oh = ((xd[2] + 2 * pad - wd[2]) / st + 1) as usize;
             let ow = ((xd[3] + 2 * pad - wd[3]) / st + 1) as usize;
-            let out_shape = Shape::from((xd[0] as usize, wd[0] as usize, oh, ow));
+            let out_shape = if self.nhwc {
+                Shape::from((xd[0] as usize, oh, ow, wd[0] as usize))
+            } else {
+                Shape::from((xd[0] as usize, wd[0] as usize, oh, ow))
+            };
             let mut guard = state().lock().unwrap_or_else(|p| p.into_inner());
             let st = &mut *guard;
             let handle = match st.handles.get(&dev.id()) {

@@ -1,6 +1,6 @@
 //! One token per row of logits by the Gumbel-max trick, classifier-free guidance and
-//! temperature mixed in, in one kernel, with counter-based noise (splitmix64 of seed, salt,
-//! row and column) so that a CUDA graph can replay it: a generator's state would be frozen
+//! temperature mixed in, in one kernel, with counter-based noise (splitmix64 of the sequence's
+//! seed, salt, query and column) so that a CUDA graph can replay it: a generator's state would be frozen
 //! into the graph. The same arithmetic and noise on the CPU and the GPU. `sampler::draw` says
 //! what the settings mean.
 
@@ -17,8 +17,8 @@ pub struct GumbelArgmax {
 
 impl GumbelArgmax {
     /// Tokens `[rows]` (u32) from contiguous logits `[copies * b, n, vocab]` (f32, or bf16 on
-    /// CUDA) and an i64 seed `[1]` read on the device, `rows = b * n`. Where the PTX does not
-    /// load, the CPU version on copies (with one warning).
+    /// CUDA) and i64 seeds `[b]`, one per sequence, read on the device; `rows = b * n`. Where
+    /// the PTX does not load, the CPU version on copies (with one warning).
     pub fn apply(&self, logits: &Tensor, seed: &Tensor) -> Result<Tensor> {
         let dev = logits.device();
         if dev.is_cuda() && !super::loaded(dev) {
@@ -30,15 +30,27 @@ impl GumbelArgmax {
         Ok(logits.contiguous()?.apply_op2_no_bwd(seed, self)?)
     }
 
-    /// Rows drawn: one per query of the conditional half.
-    fn out_rows(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
+    /// Rows drawn (one per query of the conditional half), queries per sequence, vocabulary.
+    fn out_rows(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         let (rows, n, v) = l.shape().dims3()?;
         let half = if self.guidance.is_some() {
             rows / 2
         } else {
             rows
         };
-        Ok((half * n, v))
+        Ok((half * n, n, v))
+    }
+
+    /// The seeds' offset, checked to hold one per sequence.
+    fn seeds(&self, rows: usize, n: usize, sl: &Layout) -> candle_core::Result<usize> {
+        if sl.shape().elem_count() * n != rows || !sl.is_contiguous() {
+            candle_core::bail!(
+                "draw: {} seeds for {} sequences",
+                sl.shape().elem_count(),
+                rows / n.max(1)
+            );
+        }
+        Ok(sl.start_offset())
     }
 
     fn kernel_args(&self) -> (i32, f32, f32, i32) {
@@ -52,7 +64,8 @@ impl GumbelArgmax {
     }
 }
 
-fn mix64(mut z: u64) -> u64 {
+/// splitmix64's finaliser (the kernel's `mix64`).
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -71,12 +84,12 @@ impl CustomOp2 for GumbelArgmax {
         s: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, v) = self.out_rows(ll)?;
+        let (rows, n, v) = self.out_rows(ll)?;
         let (lo, hi) = ll
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("draw: strided logits".into()))?;
         let logits = &l.as_slice::<f32>()?[lo..hi];
-        let seed = s.as_slice::<i64>()?[sl.start_offset()] as u64;
+        let seeds = &s.as_slice::<i64>()?[self.seeds(rows, n, sl)?..];
         let (mix, w, t, noise) = self.kernel_args();
         let out: Vec<u32> = (0..rows)
             .map(|r| {
@@ -86,7 +99,8 @@ impl CustomOp2 for GumbelArgmax {
                 } else {
                     &[][..]
                 };
-                let base = mix64(seed ^ mix64(((self.salt as u64) << 32) | r as u64));
+                let (seed, q) = (seeds[r / n] as u64, (r % n) as u64);
+                let base = mix64(seed ^ mix64(((self.salt as u64) << 32) | q));
                 let (mut best, mut arg) = (f32::NEG_INFINITY, u32::MAX);
                 for (j, &cj) in c.iter().enumerate() {
                     let mut x = cj;
@@ -119,14 +133,14 @@ impl CustomOp2 for GumbelArgmax {
         use super::cuda::{launch, view};
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-        let (rows, v) = self.out_rows(ll)?;
+        let (rows, n, v) = self.out_rows(ll)?;
         let dev = l.device().clone();
-        let so = sl.start_offset();
-        let ss = s.as_cuda_slice::<i64>()?.slice(so..so + 1);
+        let so = self.seeds(rows, n, sl)?;
+        let ss = s.as_cuda_slice::<i64>()?.slice(so..so + rows / n);
         // Safety: the kernel writes one token per row.
         let mut dst = unsafe { dev.alloc::<u32>(rows) }?;
         let (mix, w, t, noise) = self.kernel_args();
-        let (rows_u, v_u) = (rows as u32, v as u32);
+        let (rows_u, n_u, v_u) = (rows as u32, n as u32, v as u32);
         let cfg = LaunchConfig {
             grid_dim: (rows_u, 1, 1),
             block_dim: (256, 1, 1),
@@ -136,7 +150,7 @@ impl CustomOp2 for GumbelArgmax {
             ($t:ty, $name:literal) => {{
                 let ls = view::<$t>(l, ll, "draw")?;
                 launch!(dev, $name, cfg;
-                    &ls, &mut dst, &ss, &rows_u, &v_u, &mix, &w, &t, &noise, &self.salt);
+                    &ls, &mut dst, &ss, &rows_u, &n_u, &v_u, &mix, &w, &t, &noise, &self.salt);
             }};
         }
         match l.dtype() {

@@ -49,19 +49,21 @@ __device__ __forceinline__ float load_f32(const unsigned short *p, size_t i) { r
 // One token per row of logits [rows, v] (f32, or bf16 widened exactly to f32) by the
 // Gumbel-max trick, with classifier-free guidance mixed in: l = u + (c - u) * w (c = row r,
 // u = row r + rows when mix), then argmax(l / temperature + G) (plain argmax when noise == 0).
+// Row r is query r % n of sequence r / n, whose noise comes from seed[r / n]: a sequence's
+// draws do not depend on the other sequences of the batch (the server batches requests).
 // One block of 256 threads per row; ties go to the lower index, as torch.argmax. Rounded step
 // by step (no fused multiply-add), as the unfused tensor ops do.
 template <typename T>
 __device__ void cfg_gumbel_argmax(
     const T *logits, unsigned int *out, const unsigned long long *seed,
-    unsigned int rows, unsigned int v, int mix, float w, float temperature, int noise,
-    unsigned int salt) {
+    unsigned int rows, unsigned int n, unsigned int v, int mix, float w, float temperature,
+    int noise, unsigned int salt) {
     __shared__ float s_best[256];
     __shared__ unsigned int s_arg[256];
     unsigned int r = blockIdx.x;
     size_t c0 = (size_t)r * v;
     size_t u0 = c0 + (size_t)rows * v;
-    unsigned long long base = mix64(seed[0] ^ mix64(((unsigned long long)salt << 32) | r));
+    unsigned long long base = mix64(seed[r / n] ^ mix64(((unsigned long long)salt << 32) | (r % n)));
     float best = -INFINITY;
     unsigned int arg = 0xffffffffu;
     for (unsigned int j = threadIdx.x; j < v; j += blockDim.x) {
@@ -102,15 +104,16 @@ __device__ void cfg_gumbel_argmax(
 
 extern "C" __global__ void cfg_gumbel_argmax_f32(
     const float *logits, unsigned int *out, const unsigned long long *seed, unsigned int rows,
-    unsigned int v, int mix, float w, float temperature, int noise, unsigned int salt) {
-    cfg_gumbel_argmax(logits, out, seed, rows, v, mix, w, temperature, noise, salt);
+    unsigned int n, unsigned int v, int mix, float w, float temperature, int noise,
+    unsigned int salt) {
+    cfg_gumbel_argmax(logits, out, seed, rows, n, v, mix, w, temperature, noise, salt);
 }
 
 extern "C" __global__ void cfg_gumbel_argmax_bf16(
     const unsigned short *logits, unsigned int *out, const unsigned long long *seed,
-    unsigned int rows, unsigned int v, int mix, float w, float temperature, int noise,
-    unsigned int salt) {
-    cfg_gumbel_argmax(logits, out, seed, rows, v, mix, w, temperature, noise, salt);
+    unsigned int rows, unsigned int n, unsigned int v, int mix, float w, float temperature,
+    int noise, unsigned int salt) {
+    cfg_gumbel_argmax(logits, out, seed, rows, n, v, mix, w, temperature, noise, salt);
 }
 
 __device__ __forceinline__ void store_f32(float *p, size_t i, float v) { p[i] = v; }
@@ -170,6 +173,110 @@ extern "C" __global__ void group_norm_bf16(
     const unsigned short *x, const float *w, const float *b, unsigned short *y, unsigned int n,
     unsigned int hw, unsigned int cpg, unsigned int groups, float eps, int silu) {
     group_norm(x, w, b, y, n, hw, cpg, groups, eps, silu);
+}
+
+// GroupNorm of NHWC x [n, hw, c] in three kernels (group_norm.rs has the CPU twin).
+// (1) Per-channel partials of position ranges: block (chunk, image); thread (lane, channel)
+// reads positions chunk * rows + lane, + lanes, ... (a warp reads consecutive channels of one
+// position), shifted by its first value so that the sums stay well conditioned, and stores
+// (count, mean, M2) at ((image * chunks + chunk) * lanes + lane) * c + channel.
+template <typename T>
+__device__ void gn_nhwc_partial(
+    const T *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
+    unsigned int lanes) {
+    unsigned int chunk = blockIdx.x, img = blockIdx.y, chunks = gridDim.x;
+    unsigned int lane = lanes > 1 ? threadIdx.x / c : 0;
+    if (lane >= lanes) return;
+    unsigned int step = lanes > 1 ? c : blockDim.x;
+    unsigned int p0 = chunk * rows + lane, p1 = min(chunk * rows + rows, hw);
+    const T *xi = x + (size_t)img * hw * c;
+    for (unsigned int ch = lanes > 1 ? threadIdx.x % c : threadIdx.x; ch < c; ch += step) {
+        float k = p0 < p1 ? load_f32(xi, (size_t)p0 * c + ch) : 0.0f;
+        float s = 0.0f, q = 0.0f;
+        unsigned int cnt = 0;
+        for (unsigned int p = p0; p < p1; p += lanes) {
+            float d = load_f32(xi, (size_t)p * c + ch) - k;
+            s += d;
+            q += d * d;
+            cnt++;
+        }
+        float fc = (float)cnt;
+        size_t o = ((((size_t)img * chunks + chunk) * lanes + lane) * c + ch) * 3;
+        part[o] = fc;
+        part[o + 1] = cnt ? k + s / fc : 0.0f;
+        part[o + 2] = cnt ? fmaxf(q - s * s / fc, 0.0f) : 0.0f;
+    }
+}
+
+extern "C" __global__ void gn_nhwc_partial_f32(
+    const float *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
+    unsigned int lanes) {
+    gn_nhwc_partial(x, part, hw, c, rows, lanes);
+}
+
+extern "C" __global__ void gn_nhwc_partial_bf16(
+    const unsigned short *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
+    unsigned int lanes) {
+    gn_nhwc_partial(x, part, hw, c, rows, lanes);
+}
+
+// (2) One block per (image, group): the group's `parts` partials per channel combined exactly
+// (Chan et al.) into (mean, sqrt(var + eps)) at stats[2 * (image * groups + group)].
+extern "C" __global__ void gn_nhwc_stats(
+    const float *part, float *stats, unsigned int c, unsigned int cpg, unsigned int groups,
+    unsigned int parts, float count, float eps) {
+    __shared__ float red[32];
+    unsigned int g = blockIdx.x % groups, img = blockIdx.x / groups;
+    unsigned int items = parts * cpg;
+    float sum = 0.0f;
+    for (unsigned int i = threadIdx.x; i < items; i += blockDim.x) {
+        size_t o = (((size_t)img * parts + i / cpg) * c + g * cpg + i % cpg) * 3;
+        sum += part[o] * part[o + 1];
+    }
+    float mean = block_sum(sum, red) / count;
+    float m2 = 0.0f;
+    for (unsigned int i = threadIdx.x; i < items; i += blockDim.x) {
+        size_t o = (((size_t)img * parts + i / cpg) * c + g * cpg + i % cpg) * 3;
+        float d = part[o + 1] - mean;
+        m2 += part[o + 2] + part[o] * d * d;
+    }
+    m2 = block_sum(m2, red);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = sqrtf(m2 / count + eps);
+    }
+}
+
+// (3) The affine (and SiLU) of the NCHW kernel, elementwise; grid (blocks, image).
+template <typename T>
+__device__ void gn_nhwc_apply(
+    const T *x, const float *stats, const float *w, const float *b, T *y, unsigned int hw,
+    unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
+    unsigned int hwc = hw * c;
+    size_t base = (size_t)blockIdx.y * hwc;
+    const float *st = stats + 2 * (size_t)blockIdx.y * groups;
+    for (unsigned int j = blockIdx.x * blockDim.x + threadIdx.x; j < hwc;
+         j += gridDim.x * blockDim.x) {
+        unsigned int ch = j % c, g = ch / cpg;
+        float v = __fadd_rn(
+            __fmul_rn(__fdiv_rn(load_f32(x, base + j) - st[2 * g], st[2 * g + 1]), w[ch]), b[ch]);
+        v = round_to(x, v);
+        if (silu) v = __fdiv_rn(v, 1.0f + expf(-v));
+        store_f32(y, base + j, v);
+    }
+}
+
+extern "C" __global__ void gn_nhwc_apply_f32(
+    const float *x, const float *stats, const float *w, const float *b, float *y,
+    unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
+    gn_nhwc_apply(x, stats, w, b, y, hw, c, cpg, groups, silu);
+}
+
+extern "C" __global__ void gn_nhwc_apply_bf16(
+    const unsigned short *x, const float *stats, const float *w, const float *b,
+    unsigned short *y, unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups,
+    int silu) {
+    gn_nhwc_apply(x, stats, w, b, y, hw, c, cpg, groups, silu);
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -17,15 +17,12 @@ pub struct Draw {
     pub salt: u32,
 }
 
-/// Tokens `[b, n]` (u32) from logits `[copies * b, n, vocab]` and a seed `[1]` (i64, read on
-/// the device). Logits are used in f32 (bf16 ones are widened inside the CUDA kernel, which is
+/// Tokens `[b, n]` (u32) from logits `[copies * b, n, vocab]` and seeds `[b]` (i64, one per
+/// sequence, read on/// the device). Logits are used in f32 (bf16 ones are widened inside the CUDA kernel, which is
 /// exact and saves an f32 copy). Same arithmetic and noise on the CPU and the GPU.
 pub fn draw(logits: &Tensor, seed: &Tensor, d: Draw) -> Result<Tensor> {
     let (rows, n, _) = logits.dims3()?;
-    ensure!(
-        seed.dtype() == DType::I64 && seed.elem_count() == 1,
-        "draw: one i64 seed expected"
-    );
+    ensure!(seed.dtype() == DType::I64, "draw: i64 seeds expected");
     let native = logits.dtype() == DType::F32
         || (logits.dtype() == DType::BF16 && logits.device().is_cuda());
     let logits = if native {
@@ -45,8 +42,22 @@ pub fn draw(logits: &Tensor, seed: &Tensor, d: Draw) -> Result<Tensor> {
         temperature: d.temperature,
         salt: d.salt,
     };
+    ensure!(
+        seed.elem_count() == b,
+        "draw: {} seeds for {b} sequences",
+        seed.elem_count()
+    );
     let out = op.apply(&logits, seed)?;
     Ok(out.reshape((b, n))?)
+}
+
+/// The seeds of a decode's `b` sequences from the one seed its generator gives: sequence `i`'s
+/// noise depends on the decode's seed and `i` only, so a sequence draws the same tokens in any
+/// batch that gives it the same pair (the server's batching relies on it).
+pub fn sequence_seeds(seed: i64, b: usize) -> Vec<i64> {
+    (0..b as u64)
+        .map(|i| crate::kernels::draw::mix64(seed as u64 ^ crate::kernels::draw::mix64(i)) as i64)
+        .collect()
 }
 
 #[cfg(test)]
@@ -120,6 +131,25 @@ mod tests {
         }
         let again = tokens(&l, &seed(42), d);
         assert_eq!(a, again, "same seed and salt, same draws");
+        // A sequence's draws depend on its own seed, not on its place in the batch.
+        let two = Tensor::cat(
+            &[
+                &l,
+                &l.narrow(1, 0, 5)
+                    .unwrap()
+                    .pad_with_zeros(1, 0, 29995)
+                    .unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let both = draw(&two, &Tensor::new(&[9i64, 42], &Device::Cpu).unwrap(), d)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap();
+        assert_eq!(both[0], tokens(&l, &seed(9), d));
+        assert_eq!(both[1][..5], a[..5]);
+        assert!(draw(&two, &seed(1), d).is_err(), "one seed per sequence");
         let other_seed = tokens(&l, &seed(43), d);
         let other_salt = tokens(&l, &seed(42), Draw { salt: 8, ..d });
         for o in [other_seed, other_salt] {

@@ -488,7 +488,8 @@ fn generate_on<R: Rng>(
     let plan = Plan::new(model, req);
     let drawn = match on {
         DrawOn::Device => {
-            let inputs = Inputs::new(model, req, rng.random::<i64>());
+            let seeds = draw::sequence_seeds(rng.random::<i64>(), req.len());
+            let inputs = Inputs::new(model, req, seeds);
             match graphs {
                 Some(g) => g.run(model, &plan, &inputs)?,
                 None => {
@@ -502,7 +503,7 @@ fn generate_on<R: Rng>(
         }
         DrawOn::Host => {
             let mut buf = Buffers::new(model, &plan)?;
-            buf.load(model, &Inputs::new(model, req, 0))?;
+            buf.load(model, &Inputs::new(model, req, vec![0; req.len()]))?;
             let mut host = HostDraw {
                 filter: req.cfg.filter,
                 weights: req.weights(),
@@ -594,7 +595,8 @@ struct Inputs {
     first_ids: Vec<u32>,
     first_pos: Vec<u32>,
     q_rows: Vec<u32>,
-    seed: i64,
+    /// One per sequence (see [`draw::sequence_seeds`]).
+    seeds: Vec<i64>,
     /// Conditions `[rows, C, H, W]` and which are kept `[rows]` (the CFG halves' choice).
     condition: Option<(Tensor, Tensor)>,
 }
@@ -602,7 +604,7 @@ struct Inputs {
 impl Inputs {
     /// Step 0 feeds the class token (row 0 of the RoPE table) and every known token; every
     /// query's RoPE row is known from the orders, so one upload serves the whole decode.
-    fn new(model: &Arpg, req: &ValidRequest, seed: i64) -> Self {
+    fn new(model: &Arpg, req: &ValidRequest, seeds: Vec<i64>) -> Self {
         let mc = model.config();
         let halves = req.halves();
         let copies = if halves == Halves::Both { 2 } else { 1 };
@@ -643,7 +645,7 @@ impl Inputs {
             first_ids,
             first_pos,
             q_rows,
-            seed,
+            seeds,
             condition,
         }
     }
@@ -675,7 +677,7 @@ impl Buffers {
             first_ids: Tensor::zeros(first, DType::U32, dev)?,
             first_pos: Tensor::zeros(first, DType::U32, dev)?,
             q_rows: Tensor::zeros((rows, plan.n_unknown), DType::U32, dev)?,
-            seed: Tensor::zeros(1, DType::I64, dev)?,
+            seed: Tensor::zeros(plan.b, DType::I64, dev)?,
             drawn: Tensor::zeros((plan.b, plan.n_unknown), DType::U32, dev)?,
             control: match plan.control {
                 true => {
@@ -712,8 +714,8 @@ impl Buffers {
         put(&self.first_ids, &x.first_ids)?;
         put(&self.first_pos, &x.first_pos)?;
         put(&self.q_rows, &x.q_rows)?;
-        self.seed
-            .slice_set(&Tensor::from_slice(&[x.seed], 1, &dev)?, 0, 0)?;
+        let seeds = Tensor::from_slice(&x.seeds, self.seed.shape(), &dev)?;
+        self.seed.slice_set(&seeds, 0, 0)?;
         Ok(())
     }
 }
@@ -809,14 +811,26 @@ pub struct Rows<'a> {
 /// Validate `req` and decode it with one generator per group of sequences (e.g. one per server
 /// request batched together): a group's tokens are drawn from its own generator, in the order
 /// a decode of that group alone draws them, so they do not depend on what else is in the
-/// batch. Always draws on the host (the device draw's noise depends on the row index in the
-/// batch), so on the CPU a group gets the tokens that [`decode`] gives it alone with the same
-/// generator. Tokens on the host, raster order.
+/// batch: a group gets the tokens that [`generate`] gives it alone with the same generator,
+/// on the device as on the host. On a GPU (no top-k / top-p) each group draws its decode seed
+/// first and its sequences draw on the device ([`draw::sequence_seeds`]); elsewhere every
+/// token is drawn on the host. Tokens on the host, raster order.
 pub fn decode_rows(
     model: &Arpg,
     req: &Request,
     cfg: &SampleConfig,
     rows: &mut Rows,
+) -> Result<Vec<Vec<u32>>> {
+    let on = DrawOn::pick(model.device(), &cfg.filter);
+    decode_rows_on(model, req, cfg, rows, on)
+}
+
+fn decode_rows_on(
+    model: &Arpg,
+    req: &Request,
+    cfg: &SampleConfig,
+    rows: &mut Rows,
+    on: DrawOn,
 ) -> Result<Vec<Vec<u32>>> {
     ensure!(
         rows.of.len() == req.classes.len() && rows.of.iter().all(|&g| g < rows.rngs.len()),
@@ -825,16 +839,55 @@ pub fn decode_rows(
     let req = req.validate(DecodeShape::of(model), cfg)?;
     let plan = Plan::new(model, &req);
     let mut buf = Buffers::new(model, &plan)?;
-    buf.load(model, &Inputs::new(model, &req, 0))?;
-    let mut pick = RowsDraw {
-        filter: req.cfg.filter,
-        weights: req.weights(),
-        b: req.len(),
-        steps: plan.counts.len(),
-        rows,
-    };
-    run_loop(model, &plan, &mut buf, &mut pick)?;
+    let steps = plan.counts.len();
+    match on {
+        DrawOn::Device => {
+            // Each group's seeds as a decode of the group alone derives them.
+            let mut group_seeds: Vec<Option<Vec<i64>>> = vec![None; rows.rngs.len()];
+            let mut next = vec![0; rows.rngs.len()];
+            let mut seeds = Vec::with_capacity(req.len());
+            for &g in rows.of {
+                let n = rows.of.iter().filter(|&&h| h == g).count();
+                let mine = group_seeds[g]
+                    .get_or_insert_with(|| draw::sequence_seeds(rows.rngs[g].random::<i64>(), n));
+                seeds.push(mine[next[g]]);
+                next[g] += 1;
+            }
+            buf.load(model, &Inputs::new(model, &req, seeds))?;
+            let on_step = &mut *rows.on_step;
+            let mut pick = DeviceSteps { on_step, steps };
+            run_loop(model, &plan, &mut buf, &mut pick)?;
+            buf.check_finite(steps)?;
+        }
+        DrawOn::Host => {
+            buf.load(model, &Inputs::new(model, &req, vec![0; req.len()]))?;
+            let mut pick = RowsDraw {
+                filter: req.cfg.filter,
+                weights: req.weights(),
+                b: req.len(),
+                steps,
+                rows,
+            };
+            run_loop(model, &plan, &mut buf, &mut pick)?;
+        }
+    }
     Ok(to_raster(&req, &buf.drawn)?.to_vec2()?)
+}
+
+/// [`DeviceDraw`] with a step callback, called once the step's tokens are drawn.
+struct DeviceSteps<'a> {
+    on_step: &'a mut dyn FnMut(usize, usize),
+    steps: usize,
+}
+
+impl Select for DeviceSteps<'_> {
+    fn select(&mut self, logits: &Tensor, s: usize, plan: &Plan, seed: &Tensor) -> Result<Tensor> {
+        let toks = draw::draw(logits, seed, plan.draws[s])?;
+        // Progress means done: wait for the step (a server's decode is not graph-captured).
+        toks.device().synchronize()?;
+        (self.on_step)(s + 1, self.steps);
+        Ok(toks)
+    }
 }
 
 /// [`HostDraw`] with each sequence's generator taken from its group, and a step callback.
@@ -1039,6 +1092,59 @@ mod tests {
     }
 
     #[test]
+    fn device_drawn_groups_get_the_tokens_they_get_decoded_alone() {
+        let m = tiny();
+        let sc = settings(1.0, CfgSchedule::Linear);
+        let all: Vec<usize> = (0..16).collect();
+        // Groups interleaved in the batch: 0, 1, 0, 2, 1.
+        let of = [0usize, 1, 0, 2, 1];
+        let classes = [0usize, 2, 1, 2, 0];
+        let mut rngs: Vec<ChaCha8Rng> = (0..3).map(|g| ChaCha8Rng::seed_from_u64(40 + g)).collect();
+        let orders: Vec<Vec<usize>> = of
+            .iter()
+            .map(|&g| random_order(&all, &mut rngs[g]))
+            .collect();
+        let alone: Vec<Vec<Vec<u32>>> = (0..3)
+            .map(|g| {
+                let mine: Vec<usize> = (0..of.len()).filter(|&i| of[i] == g).collect();
+                let c: Vec<usize> = mine.iter().map(|&i| classes[i]).collect();
+                let o: Vec<Vec<usize>> = mine.iter().map(|&i| orders[i].clone()).collect();
+                let known = vec![vec![]; c.len()];
+                let req = Request {
+                    classes: &c,
+                    known: &known,
+                    orders: &o,
+                    condition: None,
+                };
+                decode_impl(&m, &req, &sc, &mut rngs[g].clone(), None, true).unwrap()
+            })
+            .collect();
+        let known = vec![vec![]; of.len()];
+        let req = Request {
+            classes: &classes,
+            known: &known,
+            orders: &orders,
+            condition: None,
+        };
+        let mut steps = 0;
+        let mut on_step = |_: usize, _: usize| steps += 1;
+        let mut rows = Rows {
+            rngs: &mut rngs,
+            of: &of,
+            on_step: &mut on_step,
+        };
+        let batched = decode_rows_on(&m, &req, &sc, &mut rows, DrawOn::Device).unwrap();
+        let mut next = [0usize; 3];
+        for (i, &g) in of.iter().enumerate() {
+            assert_eq!(batched[i], alone[g][next[g]], "sequence {i} (group {g})");
+            next[g] += 1;
+        }
+        assert_eq!(steps, 5);
+        // Not all alike: the noise differs between sequences.
+        assert_ne!(batched[0], batched[2]);
+    }
+
+    #[test]
     fn a_graph_cache_repeats_the_eager_draws_for_the_same_seed_and_reuses_its_buffers() {
         let m = tiny();
         let orders = vec![(0..16).rev().collect::<Vec<_>>(); 2];
@@ -1104,7 +1210,9 @@ mod tests {
 
     /// Expected tokens printed by the code before the one-loop refactor (commit f78af33: two
     /// loops in `decode_impl`), run on the CPU with the cases below; not generated by the code
-    /// under test.
+    /// under test. Except the two `device_*` cases: their noise is now per sequence
+    /// (`draw::sequence_seeds`, for the server's batching), so they were printed again when
+    /// that changed; every host case and the outpaint are the old ones.
     const GOLDEN: &[(&str, [[u32; 16]; 2])] = &[
         (
             "host_linear",
@@ -1144,15 +1252,15 @@ mod tests {
         (
             "device_linear",
             [
-                [2, 6, 6, 3, 3, 12, 3, 11, 2, 8, 9, 11, 9, 4, 8, 1],
-                [7, 12, 11, 5, 9, 0, 5, 9, 6, 8, 6, 12, 9, 1, 11, 10],
+                [11, 12, 11, 8, 11, 12, 2, 6, 8, 12, 2, 9, 6, 9, 8, 2],
+                [12, 9, 12, 6, 12, 12, 12, 1, 0, 4, 4, 10, 6, 9, 4, 10],
             ],
         ),
         (
             "device_known",
             [
-                [7, 9, 6, 5, 6, 3, 9, 4, 5, 1, 0, 6, 2, 5, 6, 9],
-                [12, 10, 2, 7, 8, 4, 0, 7, 5, 7, 7, 10, 11, 2, 11, 2],
+                [6, 1, 3, 5, 6, 5, 9, 6, 5, 1, 0, 6, 4, 11, 7, 7],
+                [12, 2, 3, 1, 12, 6, 3, 7, 1, 12, 0, 2, 9, 9, 1, 2],
             ],
         ),
         (

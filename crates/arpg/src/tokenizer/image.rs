@@ -138,8 +138,13 @@ pub fn images_to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
 /// From decoder output [N, 3, H, W] (any float dtype/device): pixel = clamp(127.5 x + 128, 0, 255)
 /// truncated to u8, as the reference's `.to(torch.uint8)` after the clamp.
 pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
-    let (n, _, h, w) = t.dims4()?;
-    let raw = tensor_to_u8_nhwc(t)?
+    nhwc_to_images(&t.permute((0, 2, 3, 1))?)
+}
+
+/// [`tensor_to_images`] of a decoder output in NHWC, `[N, H, W, 3]`.
+pub fn nhwc_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, h, w, _) = t.dims4()?;
+    let raw = nhwc_to_u8(t)?
         .to_device(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<u8>()?;
@@ -156,9 +161,20 @@ pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
 /// the reference's `sample_c2i_ddp.py` converts it: `clamp(127.5 * x + 128, 0, 255)` truncated
 /// to uint8. On a GPU only the uint8 pixels cross to the host (a quarter of the f32 bytes).
 pub fn tensor_to_u8_nhwc(t: &Tensor) -> Result<Tensor> {
-    let (_, c, _, _) = t.dims4().with_context(|| {
+    t.dims4().with_context(|| {
         format!(
             "tensor_to_images: expected [N, 3, H, W], got shape {:?}",
+            t.dims()
+        )
+    })?;
+    nhwc_to_u8(&t.permute((0, 2, 3, 1))?)
+}
+
+/// [`tensor_to_u8_nhwc`] of a decoder output already in NHWC, `[N, H, W, 3]`.
+pub fn nhwc_to_u8(t: &Tensor) -> Result<Tensor> {
+    let (_, _, _, c) = t.dims4().with_context(|| {
+        format!(
+            "tensor_to_images: expected [N, H, W, 3], got shape {:?}",
             t.dims()
         )
     })?;
@@ -166,7 +182,6 @@ pub fn tensor_to_u8_nhwc(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?
         .affine(127.5, 128.0)?
         .clamp(0f32, 255f32)?
-        .permute((0, 2, 3, 1))?
         .contiguous()?
         .to_dtype(DType::U8)?)
 }

@@ -49,7 +49,7 @@ impl ImageTokenizer {
     /// as the sampler returns them: the VQ decoder takes them where they are.
     pub fn decode_tensor(&self, tokens: &Tensor, grid: (usize, usize)) -> Result<Vec<RgbImage>> {
         match self {
-            Self::Vq(vq) => image::tensor_to_images(&vq.decode(tokens, grid)?),
+            Self::Vq(vq) => image::nhwc_to_images(&vq.decode_nhwc(tokens, grid)?),
             Self::Pixel => self.decode(&tokens.to_vec2::<u32>()?, grid, tokens.device()),
         }
     }
@@ -65,7 +65,7 @@ impl ImageTokenizer {
                     // The copy must be done before `tokens` is freed from this thread.
                     vq.device().synchronize()?;
                 }
-                let u8s = image::tensor_to_u8_nhwc(&vq.decode(&codes, grid)?)?;
+                let u8s = image::nhwc_to_u8(&vq.decode_nhwc(&codes, grid)?)?;
                 let (n, h, w, _) = u8s.dims4()?;
                 let data = u8s.flatten_all()?.to_vec1::<u8>()?;
                 Ok(image::Pixels { data, n, h, w })

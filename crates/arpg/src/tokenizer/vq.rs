@@ -6,10 +6,11 @@
 //! softmax and the quantiser's distances run in f32 so bf16/f16 weights stay close to f32.
 
 use crate::config::VqConfig;
+use crate::kernels::cudnn::{self, Format};
 use crate::kernels::group_norm;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 
 const GROUPS: usize = 32;
 const GN_EPS: f64 = 1e-6;
@@ -28,43 +29,96 @@ fn compute_dtype(device: &Device, dtype: DType) -> DType {
     }
 }
 
+/// The layout the VQ runs in on `device`: NHWC where cuDNN runs the convolutions (its
+/// tensor-core kernels read NHWC directly; in NCHW each bf16 convolution pays transposes, and
+/// the decoder was 3x slower), else NCHW (candle's convolution). `ARPG_VQ_LAYOUT=nchw` keeps
+/// NCHW everywhere (A/B runs).
+pub fn default_format(device: &Device) -> Format {
+    let nchw = std::env::var("ARPG_VQ_LAYOUT").is_ok_and(|v| v.eq_ignore_ascii_case("nchw"));
+    if cudnn::available(device) && !nchw {
+        Format::Nhwc
+    } else {
+        Format::Nchw
+    }
+}
+
+/// `(n, c, h, w)` of an activation in `format`.
+fn dims(x: &Tensor, format: Format) -> Result<(usize, usize, usize, usize)> {
+    let (a, b, c, d) = x.dims4()?;
+    Ok(match format {
+        Format::Nchw => (a, b, c, d),
+        Format::Nhwc => (a, d, b, c),
+    })
+}
+
 /// A convolution with bias: cuDNN on CUDA where it is loaded (`kernels::cudnn`), else candle's
-/// im2col + GEMM.
+/// im2col + GEMM (NCHW; an NHWC activation goes through it between transposes).
 struct Conv {
-    inner: Conv2d,
+    /// `[cout, cin, k, k]` in NCHW, `[cout, k, k, cin]` in NHWC.
+    weight: Tensor,
+    bias: Tensor,
     pad: usize,
     stride: usize,
+    format: Format,
 }
 
 impl Conv {
-    fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    fn kernel(&self) -> Result<usize> {
+        Ok(self.weight.dim(2)?)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let bias = self.inner.bias().expect("VQ convs have a bias");
-        if let Some(y) =
-            crate::kernels::cudnn::conv2d(x, self.inner.weight(), bias, self.pad, self.stride)?
-        {
-            return Ok(y);
+        let (w, b) = (&self.weight, &self.bias);
+        match cudnn::conv2d(x, w, b, self.pad, self.stride, self.format) {
+            Ok(Some(y)) => return Ok(y),
+            Ok(None) => {}
+            Err(e) if self.format == Format::Nhwc => {
+                static WARN: std::sync::Once = std::sync::Once::new();
+                WARN.call_once(|| {
+                    tracing::warn!("cuDNN NHWC convolution failed ({e}); transposing to NCHW")
+                });
+            }
+            Err(e) => return Err(e),
         }
+        match self.format {
+            Format::Nchw => self.nchw(x, w),
+            Format::Nhwc => {
+                let w = w.permute((0, 3, 1, 2))?.contiguous()?;
+                let y = self.nchw(&x.permute((0, 3, 1, 2))?.contiguous()?, &w)?;
+                Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+            }
+        }
+    }
+
+    /// The NCHW convolution with NCHW weights `w`: cuDNN where it runs, else candle's.
+    fn nchw(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let b = &self.bias;
+        if self.format == Format::Nhwc {
+            if let Some(y) = cudnn::conv2d(x, w, b, self.pad, self.stride, Format::Nchw)? {
+                return Ok(y);
+            }
+        }
+        let conv = |x: &Tensor| -> Result<Tensor> {
+            let y = x.conv2d(w, self.pad, self.stride, 1, 1)?;
+            Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?)
+        };
         // candle's CUDA im2col indexes its buffer with 32-bit integers: past 2^31 elements
         // (a 3x3 conv over 28 images of 256x256x128) it silently writes garbage, so split the
         // batch below that.
-        let (n, cin, h, w) = x.dims4()?;
-        let k = self.inner.weight().dim(3)?;
+        let (n, cin, h, wd) = x.dims4()?;
+        let k = w.dim(3)?;
         let (oh, ow) = (
             (h + 2 * self.pad - k) / self.stride + 1,
-            (w + 2 * self.pad - k) / self.stride + 1,
+            (wd + 2 * self.pad - k) / self.stride + 1,
         );
         let per_image = (oh * ow * cin * k * k).max(1);
         let chunk = ((i32::MAX as usize) / per_image).clamp(1, n.max(1));
         if x.device().is_cpu() || chunk >= n {
-            return Ok(self.inner.forward(x)?);
+            return conv(x);
         }
         let parts = (0..n)
             .step_by(chunk)
-            .map(|s| Ok(self.inner.forward(&x.narrow(0, s, chunk.min(n - s))?)?))
+            .map(|s| conv(&x.narrow(0, s, chunk.min(n - s))?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
     }
@@ -72,30 +126,30 @@ impl Conv {
 
 fn conv(
     vb: VarBuilder,
-    cin: usize,
-    cout: usize,
+    (cin, cout): (usize, usize),
     k: usize,
     stride: usize,
     pad: usize,
+    format: Format,
 ) -> Result<Conv> {
     let dt = compute_dtype(vb.device(), vb.dtype());
     let weight = vb.get((cout, cin, k, k), "weight")?.to_dtype(dt)?;
-    let bias = vb.get(cout, "bias")?.to_dtype(dt)?;
-    let cfg = Conv2dConfig {
-        padding: pad,
-        stride,
-        ..Default::default()
+    let weight = match format {
+        Format::Nchw => weight,
+        Format::Nhwc => weight.permute((0, 2, 3, 1))?.contiguous()?,
     };
     Ok(Conv {
-        inner: Conv2d::new(weight, Some(bias), cfg),
+        weight,
+        bias: vb.get(cout, "bias")?.to_dtype(dt)?,
         pad,
         stride,
+        format,
     })
 }
 
 /// A conv in a profiling span named by its kernel size.
 fn conv_t(c: &Conv, x: &Tensor) -> Result<Tensor> {
-    let span = if c.weight().dim(3)? == 3 {
+    let span = if c.kernel()? == 3 {
         tracing::trace_span!("vq.conv3x3")
     } else {
         tracing::trace_span!("vq.conv1x1")
@@ -104,36 +158,36 @@ fn conv_t(c: &Conv, x: &Tensor) -> Result<Tensor> {
     c.forward(x)
 }
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv> {
-    conv(vb, cin, cout, 3, 1, 1)
+fn conv3(vb: VarBuilder, cin: usize, cout: usize, f: Format) -> Result<Conv> {
+    conv(vb, (cin, cout), 3, 1, 1, f)
 }
 
-fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv> {
-    conv(vb, cin, cout, 1, 1, 0)
+fn conv1(vb: VarBuilder, cin: usize, cout: usize, f: Format) -> Result<Conv> {
+    conv(vb, (cin, cout), 1, 1, 0, f)
 }
 
 /// GroupNorm(32, eps 1e-6) computed entirely in f32 (statistics and affine), whatever the input dtype.
 struct GroupNorm {
+    /// f32 `[c]`.
     weight: Tensor,
     bias: Tensor,
+    format: Format,
 }
 
 impl GroupNorm {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, format: Format) -> Result<Self> {
         ensure!(
             channels.is_multiple_of(GROUPS),
             "GroupNorm at {}: {channels} channels are not divisible by {GROUPS} groups",
             vb.prefix()
         );
-        let weight = vb
-            .get(channels, "weight")?
-            .to_dtype(DType::F32)?
-            .reshape((1, channels, 1, 1))?;
-        let bias = vb
-            .get(channels, "bias")?
-            .to_dtype(DType::F32)?
-            .reshape((1, channels, 1, 1))?;
-        Ok(Self { weight, bias })
+        let weight = vb.get(channels, "weight")?.to_dtype(DType::F32)?;
+        let bias = vb.get(channels, "bias")?.to_dtype(DType::F32)?;
+        Ok(Self {
+            weight,
+            bias,
+            format,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -147,13 +201,18 @@ impl GroupNorm {
         self.norm(x, true)
     }
 
-    /// One fused kernel on CUDA; elsewhere tensor ops in f32 (then SiLU in `x`'s dtype).
+    /// One fused op where it runs; elsewhere tensor ops in f32 (then SiLU in `x`'s dtype).
     fn norm(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let (w, b) = (&self.weight, &self.bias);
-        if let Some(y) = group_norm::fused(x, w, b, GROUPS, GN_EPS, silu)? {
+        let (fused, slow): (fn(_, _, _, _, _, _) -> _, fn(_, _, _, _, _, _) -> _) =
+            match self.format {
+                Format::Nchw => (group_norm::fused, group_norm::slow),
+                Format::Nhwc => (group_norm::fused_nhwc, group_norm::slow_nhwc),
+            };
+        if let Some(y) = fused(x, w, b, GROUPS, GN_EPS, silu)? {
             return Ok(y);
         }
-        let y = group_norm::slow(x, w, b, GROUPS, GN_EPS, false)?;
+        let y = slow(x, w, b, GROUPS, GN_EPS, false)?;
         Ok(if silu { y.silu()? } else { y })
     }
 }
@@ -167,17 +226,17 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, f: Format) -> Result<Self> {
         let nin_shortcut = if cin != cout {
-            Some(conv1(vb.pp("nin_shortcut"), cin, cout)?)
+            Some(conv1(vb.pp("nin_shortcut"), cin, cout, f)?)
         } else {
             None
         };
         Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), cin)?,
-            conv1: conv3(vb.pp("conv1"), cin, cout)?,
-            norm2: GroupNorm::new(vb.pp("norm2"), cout)?,
-            conv2: conv3(vb.pp("conv2"), cout, cout)?,
+            norm1: GroupNorm::new(vb.pp("norm1"), cin, f)?,
+            conv1: conv3(vb.pp("conv1"), cin, cout, f)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cout, f)?,
+            conv2: conv3(vb.pp("conv2"), cout, cout, f)?,
             nin_shortcut,
         })
     }
@@ -202,39 +261,74 @@ struct AttnBlock {
     v: Conv,
     proj_out: Conv,
     scale: f64,
+    format: Format,
 }
 
 impl AttnBlock {
-    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, c: usize, format: Format) -> Result<Self> {
         Ok(Self {
-            norm: GroupNorm::new(vb.pp("norm"), c)?,
-            q: conv1(vb.pp("q"), c, c)?,
-            k: conv1(vb.pp("k"), c, c)?,
-            v: conv1(vb.pp("v"), c, c)?,
-            proj_out: conv1(vb.pp("proj_out"), c, c)?,
+            norm: GroupNorm::new(vb.pp("norm"), c, format)?,
+            q: conv1(vb.pp("q"), c, c, format)?,
+            k: conv1(vb.pp("k"), c, c, format)?,
+            v: conv1(vb.pp("v"), c, c, format)?,
+            proj_out: conv1(vb.pp("proj_out"), c, c, format)?,
             scale: 1.0 / (c as f64).sqrt(),
+            format,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = tracing::trace_span!("vq.attention_block").entered();
-        let (b, c, h, w) = x.dims4()?;
+        let (b, c, h, w) = dims(x, self.format)?;
         let hn = self.norm.forward(x)?;
-        let q = self
-            .q
-            .forward(&hn)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
-        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?;
-        // [b, hw(query), hw(key)]; softmax in f32 so bf16/f16 weights do not lose the tail.
-        let att = q.matmul(&k)?.to_dtype(DType::F32)?;
-        let att = candle_nn::ops::softmax_last_dim(&(att * self.scale)?)?.to_dtype(x.dtype())?;
-        // out[b, c, i] = sum_j v[b, c, j] * att[b, i, j]
-        let out = v.matmul(&att.t()?.contiguous()?)?.reshape((b, c, h, w))?;
+        let (q, k, v) = (
+            self.q.forward(&hn)?,
+            self.k.forward(&hn)?,
+            self.v.forward(&hn)?,
+        );
+        let out = match self.format {
+            Format::Nchw => {
+                let q = q.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+                let (k, v) = (k.reshape((b, c, h * w))?, v.reshape((b, c, h * w))?);
+                // out[b, c, i] = sum_j v[b, c, j] * att[b, i, j]
+                let att = self.softmax(&q.matmul(&k)?, x.dtype())?;
+                v.matmul(&att.t()?.contiguous()?)?.reshape((b, c, h, w))?
+            }
+            Format::Nhwc => {
+                // Rows of positions already: [b, hw, c].
+                let (q, v) = (q.reshape((b, h * w, c))?, v.reshape((b, h * w, c))?);
+                let k = k.reshape((b, h * w, c))?.t()?.contiguous()?;
+                let att = self.softmax(&q.matmul(&k)?, x.dtype())?;
+                att.matmul(&v)?.reshape((b, h, w, c))?
+            }
+        };
         Ok((x + self.proj_out.forward(&out)?)?)
     }
+
+    /// Softmax over keys of scores `[b, hw(query), hw(key)]` in f32, so that bf16/f16 weights
+    /// do not lose the tail.
+    fn softmax(&self, scores: &Tensor, dt: DType) -> Result<Tensor> {
+        let att = (scores.to_dtype(DType::F32)? * self.scale)?;
+        Ok(candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dt)?)
+    }
+}
+
+/// Nearest-neighbour 2x upsampling.
+fn upsample2(x: &Tensor, format: Format) -> Result<Tensor> {
+    let _enter = tracing::trace_span!("vq.upsample").entered();
+    Ok(match format {
+        Format::Nchw => {
+            let (_, _, h, w) = x.dims4()?;
+            x.upsample_nearest2d(h * 2, w * 2)?
+        }
+        Format::Nhwc => {
+            let (n, h, w, c) = x.dims4()?;
+            x.reshape((n, h, 1, w, 1, c))?
+                .broadcast_as((n, h, 2, w, 2, c))?
+                .contiguous()?
+                .reshape((n, h * 2, w * 2, c))?
+        }
+    })
 }
 
 struct Level {
@@ -255,15 +349,14 @@ impl Level {
         }
         if let Some(conv) = &self.resample {
             h = if upsample {
-                let (_, _, hh, ww) = h.dims4()?;
-                let up = {
-                    let _enter = tracing::trace_span!("vq.upsample").entered();
-                    h.upsample_nearest2d(hh * 2, ww * 2)?
-                };
-                conv_t(conv, &up)?
+                conv_t(conv, &upsample2(&h, conv.format)?)?
             } else {
                 // torch convs pad symmetrically only, so the reference pads right/bottom by hand.
-                conv.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?
+                let (hd, wd) = match conv.format {
+                    Format::Nchw => (2, 3),
+                    Format::Nhwc => (1, 2),
+                };
+                conv.forward(&h.pad_with_zeros(wd, 0, 1)?.pad_with_zeros(hd, 0, 1)?)?
             };
         }
         Ok(h)
@@ -277,11 +370,11 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, c: usize, f: Format) -> Result<Self> {
         Ok(Self {
-            res0: ResnetBlock::new(vb.pp("0"), c, c)?,
-            attn: AttnBlock::new(vb.pp("1"), c)?,
-            res1: ResnetBlock::new(vb.pp("2"), c, c)?,
+            res0: ResnetBlock::new(vb.pp("0"), c, c, f)?,
+            attn: AttnBlock::new(vb.pp("1"), c, f)?,
+            res1: ResnetBlock::new(vb.pp("2"), c, c, f)?,
         })
     }
 
@@ -300,9 +393,9 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VqConfig, vb: VarBuilder, f: Format) -> Result<Self> {
         let n = cfg.ch_mult.len();
-        let conv_in = conv3(vb.pp("conv_in"), 3, cfg.ch)?;
+        let conv_in = conv3(vb.pp("conv_in"), 3, cfg.ch, f)?;
         let mut levels = Vec::with_capacity(n);
         let mut block_in = cfg.ch;
         for i in 0..n {
@@ -310,21 +403,20 @@ impl Encoder {
             let block_out = cfg.ch * cfg.ch_mult[i];
             let (mut res, mut attn) = (Vec::new(), Vec::new());
             for j in 0..cfg.num_res_blocks {
-                res.push(ResnetBlock::new(vbl.pp("res").pp(j), block_in, block_out)?);
+                res.push(ResnetBlock::new(
+                    vbl.pp("res").pp(j),
+                    block_in,
+                    block_out,
+                    f,
+                )?);
                 block_in = block_out;
                 if i == n - 1 {
-                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in)?);
+                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in, f)?);
                 }
             }
             let resample = if i != n - 1 {
-                Some(conv(
-                    vbl.pp("downsample").pp("conv"),
-                    block_in,
-                    block_in,
-                    3,
-                    2,
-                    0,
-                )?)
+                let vbd = vbl.pp("downsample").pp("conv");
+                Some(conv(vbd, (block_in, block_in), 3, 2, 0, f)?)
             } else {
                 None
             };
@@ -337,9 +429,9 @@ impl Encoder {
         Ok(Self {
             conv_in,
             levels,
-            mid: Mid::new(vb.pp("mid"), block_in)?,
-            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in)?,
-            conv_out: conv3(vb.pp("conv_out"), block_in, cfg.z_channels)?,
+            mid: Mid::new(vb.pp("mid"), block_in, f)?,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in, f)?,
+            conv_out: conv3(vb.pp("conv_out"), block_in, cfg.z_channels, f)?,
         })
     }
 
@@ -363,25 +455,30 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VqConfig, vb: VarBuilder, f: Format) -> Result<Self> {
         let n = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[n - 1];
-        let conv_in = conv3(vb.pp("conv_in"), cfg.z_channels, block_in)?;
-        let mid = Mid::new(vb.pp("mid"), block_in)?;
+        let conv_in = conv3(vb.pp("conv_in"), cfg.z_channels, block_in, f)?;
+        let mid = Mid::new(vb.pp("mid"), block_in, f)?;
         let mut levels = Vec::with_capacity(n);
         for (i, i_level) in (0..n).rev().enumerate() {
             let vbl = vb.pp("conv_blocks").pp(i);
             let block_out = cfg.ch * cfg.ch_mult[i_level];
             let (mut res, mut attn) = (Vec::new(), Vec::new());
             for j in 0..cfg.num_res_blocks + 1 {
-                res.push(ResnetBlock::new(vbl.pp("res").pp(j), block_in, block_out)?);
+                res.push(ResnetBlock::new(
+                    vbl.pp("res").pp(j),
+                    block_in,
+                    block_out,
+                    f,
+                )?);
                 block_in = block_out;
                 if i_level == n - 1 {
-                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in)?);
+                    attn.push(AttnBlock::new(vbl.pp("attn").pp(j), block_in, f)?);
                 }
             }
             let resample = if i_level != 0 {
-                Some(conv3(vbl.pp("upsample").pp("conv"), block_in, block_in)?)
+                Some(conv3(vbl.pp("upsample").pp("conv"), block_in, block_in, f)?)
             } else {
                 None
             };
@@ -395,8 +492,8 @@ impl Decoder {
             conv_in,
             mid,
             levels,
-            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in)?,
-            conv_out: conv3(vb.pp("conv_out"), block_in, 3)?,
+            norm_out: GroupNorm::new(vb.pp("norm_out"), block_in, f)?,
+            conv_out: conv3(vb.pp("conv_out"), block_in, 3, f)?,
         })
     }
 
@@ -428,11 +525,22 @@ pub struct VqModel {
     codebook_sq: Tensor,
     /// Dtype the network runs in (see `compute_dtype`); inputs are converted to it.
     dtype: DType,
+    /// Layout of the activations (see [`default_format`]).
+    format: Format,
     device: Device,
 }
 
 impl VqModel {
+    /// The tokenizer in the layout that is fastest on `vb`'s device ([`default_format`]).
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        let format = default_format(vb.device());
+        Self::with_format(cfg, vb, format)
+    }
+
+    /// The tokenizer with activations in `format` (NHWC runs anywhere: without cuDNN its
+    /// convolutions go through candle's between transposes, which is how the CPU tests check
+    /// the layout).
+    pub fn with_format(cfg: &VqConfig, vb: VarBuilder, format: Format) -> Result<Self> {
         ensure!(
             !cfg.ch_mult.is_empty(),
             "VQ config: ch_mult must not be empty"
@@ -458,10 +566,12 @@ impl VqModel {
         let dtype = compute_dtype(vb.device(), vb.dtype());
         let device = vb.device().clone();
         let load = || -> Result<Self> {
-            let encoder = Encoder::new(cfg, vb.pp("encoder"))?;
-            let decoder = Decoder::new(cfg, vb.pp("decoder"))?;
-            let quant_conv = conv1(vb.pp("quant_conv"), cfg.z_channels, cfg.embed_dim)?;
-            let post_quant_conv = conv1(vb.pp("post_quant_conv"), cfg.embed_dim, cfg.z_channels)?;
+            let f = format;
+            let encoder = Encoder::new(cfg, vb.pp("encoder"), f)?;
+            let decoder = Decoder::new(cfg, vb.pp("decoder"), f)?;
+            let quant_conv = conv1(vb.pp("quant_conv"), cfg.z_channels, cfg.embed_dim, f)?;
+            let post_quant_conv =
+                conv1(vb.pp("post_quant_conv"), cfg.embed_dim, cfg.z_channels, f)?;
             let emb = vb
                 .pp("quantize")
                 .pp("embedding")
@@ -477,6 +587,7 @@ impl VqModel {
                 codebook,
                 codebook_sq,
                 dtype,
+                format,
                 device: device.clone(),
             })
         };
@@ -495,6 +606,11 @@ impl VqModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The activations' layout.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// A lower bound on the memory an encode or decode of `n` grids of `gh x gw` tokens takes:
@@ -535,12 +651,17 @@ impl VqModel {
         );
         self.check_activation_memory(n, h / p, w / p, "encode")?;
         let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = match self.format {
+            Format::Nchw => x,
+            Format::Nhwc => x.permute((0, 2, 3, 1))?.contiguous()?,
+        };
         let z = self.quant_conv.forward(&self.encoder.forward(&x)?)?;
-        let (_, d, gh, gw) = z.dims4()?;
-        let z = z
-            .to_dtype(DType::F32)?
-            .permute((0, 2, 3, 1))?
-            .reshape((n * gh * gw, d))?;
+        let (_, d, gh, gw) = dims(&z, self.format)?;
+        let z = match self.format {
+            Format::Nchw => z.permute((0, 2, 3, 1))?,
+            Format::Nhwc => z,
+        };
+        let z = z.to_dtype(DType::F32)?.reshape((n * gh * gw, d))?;
         let rows = (QUANT_CHUNK_ELEMS / self.cfg.codebook_size).max(1);
         let idx = self.nearest_codes(&l2_normalize(&z)?, rows)?;
         // A NaN latent matches no row and comes out as `codebook_size`: refuse it here rather
@@ -578,6 +699,24 @@ impl VqModel {
 
     /// codes: [N, h*w] u32 (or i64) raster order on a grid of `grid = (h, w)` tokens. Returns the decoder's raw f32 output [N, 3, h*p, w*p] (no clamping).
     pub fn decode(&self, codes: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let out = self.decode_raw(codes, grid)?;
+        Ok(match self.format {
+            Format::Nchw => out,
+            Format::Nhwc => out.permute((0, 3, 1, 2))?.contiguous()?,
+        })
+    }
+
+    /// [`Self::decode`] as `[N, h*p, w*p, 3]` (what images and `.npz` files store).
+    pub fn decode_nhwc(&self, codes: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let out = self.decode_raw(codes, grid)?;
+        Ok(match self.format {
+            Format::Nchw => out.permute((0, 2, 3, 1))?.contiguous()?,
+            Format::Nhwc => out,
+        })
+    }
+
+    /// The decoder's f32 output in [`Self::format`].
+    fn decode_raw(&self, codes: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         let (n, l) = codes.dims2().with_context(|| {
             format!(
                 "VQ decode: expected codes [N, h*w], got shape {:?}",
@@ -606,10 +745,11 @@ impl VqModel {
             false => Tensor::from_vec(self.checked_ids(codes)?, n * l, &self.device)?,
         };
         let zq = self.codebook.index_select(&ids, 0)?;
-        let zq = zq
-            .reshape((n, gh, gw, self.cfg.embed_dim))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
+        let zq = zq.reshape((n, gh, gw, self.cfg.embed_dim))?;
+        let zq = match self.format {
+            Format::Nchw => zq.permute((0, 3, 1, 2))?.contiguous()?,
+            Format::Nhwc => zq,
+        };
         let zq = zq.to_dtype(self.dtype)?;
         let out = self.decoder.forward(&self.post_quant_conv.forward(&zq)?)?;
         Ok(out.to_dtype(DType::F32)?)
@@ -795,5 +935,56 @@ mod tests {
             // The zero vector stays zero after normalising: all rows tie, so index 0.
             assert_eq!(got, vec![1, 2, 4, 4, 0, 0], "rows per chunk {rows}");
         }
+    }
+
+    /// A small VQ (two levels, attention, a channel change) with dense random weights.
+    fn random_model(format: Format, dtype: DType) -> VqModel {
+        let cfg = VqConfig {
+            ch: 32,
+            ch_mult: vec![1, 2],
+            z_channels: 32,
+            codebook_size: 64,
+            embed_dim: 8,
+            num_res_blocks: 1,
+        };
+        let vb = crate::checkpoint::random_var_builder_dense(7, dtype, &Device::Cpu);
+        VqModel::with_format(&cfg, vb, format).unwrap()
+    }
+
+    #[test]
+    fn nhwc_decodes_and_encodes_as_nchw() {
+        let (a, b) = (
+            random_model(Format::Nchw, DType::F32),
+            random_model(Format::Nhwc, DType::F32),
+        );
+        let codes: Vec<u32> = (0..2 * 16).map(|i| (i * 37 + 5) % 64).collect();
+        let codes = Tensor::from_vec(codes, (2, 16), &Device::Cpu).unwrap();
+        let (x, y) = (
+            a.decode(&codes, (4, 4)).unwrap(),
+            b.decode(&codes, (4, 4)).unwrap(),
+        );
+        assert_eq!(x.dims(), &[2, 3, 8, 8]);
+        assert_eq!(y.dims(), x.dims());
+        let rel = crate::kernels::rel_diff(&y, &x).unwrap();
+        assert!(rel < 1e-5, "NHWC decode differs from NCHW by {rel}");
+        // The NHWC output is the same image, transposed.
+        let z = b.decode_nhwc(&codes, (4, 4)).unwrap();
+        let rel = crate::kernels::rel_diff(&z.permute((0, 3, 1, 2)).unwrap(), &x).unwrap();
+        assert!(rel < 1e-5, "{rel}");
+        // Non-trivial output: the random weights do not decode to a constant.
+        let spread = (x.max_all().unwrap().to_scalar::<f32>().unwrap()
+            - x.min_all().unwrap().to_scalar::<f32>().unwrap())
+        .abs();
+        assert!(spread > 1e-3, "{spread}");
+        let images = x.clamp(-1f32, 1f32).unwrap();
+        assert_eq!(
+            a.encode(&images).unwrap().to_vec2::<u32>().unwrap(),
+            b.encode(&images).unwrap().to_vec2::<u32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_cpu_picks_nchw() {
+        assert_eq!(default_format(&Device::Cpu), Format::Nchw);
     }
 }
