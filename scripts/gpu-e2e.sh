@@ -123,10 +123,24 @@ elif [ "$MODE" = nhwc ]; then
   bench "VQ bf16 NHWC per part (synchronises per op)" ARPG_PROFILE=1 --model ARPG-L --steps 2 --repeats 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph
   el
   for s in 64 32; do
-    bench "ARPG-L tokens + e2e bf16 VQ, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10 --vq-dtype bf16
+    bench "ARPG-L tokens + e2e bf16 VQ, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10 --dtype bf16 --vq-dtype bf16
   done
   for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype bf16"; done
   ref ARPG-L --steps 64 32
+elif [ "$MODE" = nhwc3 ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  echo "== parity bf16"; $A check-parity --device cuda:0 --dtype bf16 2>&1 | tail -2; el
+  bench "VQ bf16 NHWC" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ tf32 NHWC" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype tf32
+  bench "VQ bf16 NHWC per part (synchronises per op)" ARPG_PROFILE=1 --model ARPG-L --steps 2 --repeats 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph
+  el
+  for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype bf16"; done
+  ref ARPG-L --steps 64 32
+  echo "== serve on CUDA == sample on CUDA (issue #15)"
+  ARPG=$A timeout 200 bash scripts/gpu-serve-same.sh 2>&1 | tail -8; el
+  N=640 fid ARPG-XL 64 nopng "--vq-dtype bf16"
+  N=640 ref ARPG-XL --steps 64
+  N=640 fid ARPG-L 64 png "--vq-dtype bf16"
 elif [ "$MODE" = nhwc2 ]; then
   for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype tf32"; done
   fid ARPG-L 64 nopng "--vq-dtype bf16 --no-overlap"

@@ -203,9 +203,21 @@ pub fn fused_nhwc(
 /// Threads per block of the NHWC statistics kernel.
 const NHWC_BLOCK: usize = 256;
 
-/// How the NHWC statistics split an image of `hw` positions and `c` channels: `chunks` ranges
-/// of `rows` positions, each read by `lanes` threads per channel (positions `lane`, `lane +
-/// lanes`, ...), so that a block's 256 threads are busy however few the channels.
+/// Channels a thread of the NHWC kernels reads at once: one 16-byte vector (8 bf16 or 4 f32)
+/// where the channels fill whole vectors, else 1.
+fn width(dt: DType, c: usize) -> usize {
+    let v = 16 / dt.size_in_bytes();
+    if c.is_multiple_of(v) {
+        v
+    } else {
+        1
+    }
+}
+
+/// How the NHWC statistics split an image of `hw` positions and `c` channels read `v` at a
+/// time: `chunks` ranges of `rows` positions, each read by `lanes` threads per vector of
+/// channels (positions `lane`, `lane + lanes`, ...), so that a block's 256 threads are busy
+/// however few the channels.
 #[derive(Clone, Copy, Debug)]
 struct Split {
     chunks: usize,
@@ -214,14 +226,15 @@ struct Split {
 }
 
 impl Split {
-    fn new(n: usize, hw: usize, c: usize) -> Self {
+    fn new(n: usize, hw: usize, c: usize, v: usize) -> Self {
+        let cv = c / v;
         // About 2,048 blocks over the batch (each H200 SM gets several), at least 8 rows each.
         let want = (2048 / n.max(1)).clamp(1, hw.div_ceil(8).max(1));
         let rows = hw.div_ceil(want).max(1);
         Self {
             chunks: hw.div_ceil(rows),
             rows,
-            lanes: if c < NHWC_BLOCK { NHWC_BLOCK / c } else { 1 },
+            lanes: if cv < NHWC_BLOCK { NHWC_BLOCK / cv } else { 1 },
         }
     }
 
@@ -284,7 +297,7 @@ impl CustomOp3 for GroupNormNhwc {
         let mut xs = cpu_f32(x, xl, "group norm")?;
         let (ws, bs) = (cpu_f32(w, wl, "group norm")?, cpu_f32(b, bl, "group norm")?);
         let (hw, cpg) = (h * wd, c / self.groups);
-        let sp = Split::new(n, hw, c);
+        let sp = Split::new(n, hw, c, width(dt, c));
         for img in xs.chunks_mut(hw * c) {
             // Partials in the kernel's order: (chunk, lane, channel).
             let mut parts = vec![[0f32; 3]; sp.parts() * c];
@@ -337,7 +350,9 @@ impl CustomOp3 for GroupNormNhwc {
         let ws = view::<f32>(w, wl, "fused group norm")?;
         let bs = view::<f32>(b, bl, "fused group norm")?;
         let (hw, cpg) = (h * wd, c / self.groups);
-        let sp = Split::new(n, hw, c);
+        let aligned = xl.start_offset() * x.dtype().size_in_bytes() % 16 == 0;
+        let v = if aligned { width(x.dtype(), c) } else { 1 };
+        let sp = Split::new(n, hw, c, v);
         // Safety: the partial kernel writes every partial, the statistics kernel every pair.
         let mut parts = unsafe { dev.alloc::<f32>(n * sp.parts() * c * 3) }?;
         let mut stats = unsafe { dev.alloc::<f32>(n * self.groups * 2) }?;
@@ -356,7 +371,7 @@ impl CustomOp3 for GroupNormNhwc {
             shared_mem_bytes: 0,
         };
         let apply_cfg = LaunchConfig {
-            grid_dim: ((hw * c).div_ceil(256).min(1024) as u32, n as u32, 1),
+            grid_dim: ((hw * c / v).div_ceil(256).min(1024) as u32, n as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -374,10 +389,16 @@ impl CustomOp3 for GroupNormNhwc {
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }};
         }
-        let out = match x.dtype() {
-            DType::F32 => run!(f32, "gn_nhwc_partial_f32", "gn_nhwc_apply_f32"),
-            DType::BF16 => run!(half::bf16, "gn_nhwc_partial_bf16", "gn_nhwc_apply_bf16"),
-            dt => candle_core::bail!("fused group norm: {dt:?}"),
+        let out = match (x.dtype(), v > 1) {
+            (DType::F32, false) => run!(f32, "gn_nhwc_partial_f32", "gn_nhwc_apply_f32"),
+            (DType::F32, true) => run!(f32, "gn_nhwc_partial_v_f32", "gn_nhwc_apply_v_f32"),
+            (DType::BF16, false) => {
+                run!(half::bf16, "gn_nhwc_partial_bf16", "gn_nhwc_apply_bf16")
+            }
+            (DType::BF16, true) => {
+                run!(half::bf16, "gn_nhwc_partial_v_bf16", "gn_nhwc_apply_v_bf16")
+            }
+            (dt, _) => candle_core::bail!("fused group norm: {dt:?}"),
         };
         Ok((out, xl.shape().clone()))
     }
@@ -472,14 +493,14 @@ mod tests {
 
     #[test]
     fn nhwc_splits_cover_every_position_once() {
-        for (n, hw, c) in [
-            (1, 1, 512),
-            (64, 256, 512),
-            (64, 65536, 128),
-            (3, 63, 96),
-            (2, 7, 3),
-        ] {
-            let sp = Split::new(n, hw, c);
+        let cases = [
+            (1, 1, 512, 8),
+            (64, 256, 512, 8),
+            (64, 65536, 128, 8),
+            (3, 63, 96, 4),
+        ];
+        for (n, hw, c, v) in cases.into_iter().chain([(2, 7, 3, 1), (2, 9, 96, 1)]) {
+            let sp = Split::new(n, hw, c, v);
             let mut seen = vec![0u32; hw];
             for chunk in 0..sp.chunks {
                 for lane in 0..sp.lanes {
@@ -490,7 +511,7 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&k| k == 1), "{n} {hw} {c}: {sp:?}");
-            assert!(sp.lanes * c.min(NHWC_BLOCK) <= NHWC_BLOCK);
+            assert!(sp.lanes * (c / v).min(NHWC_BLOCK) <= NHWC_BLOCK);
         }
     }
 }

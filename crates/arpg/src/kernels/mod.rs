@@ -19,6 +19,7 @@ pub mod draw;
 pub mod group_norm;
 pub mod rms_norm;
 pub mod rope;
+pub mod upsample;
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;

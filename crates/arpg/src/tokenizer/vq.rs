@@ -29,13 +29,15 @@ fn compute_dtype(device: &Device, dtype: DType) -> DType {
     }
 }
 
-/// The layout the VQ runs in on `device`: NHWC where cuDNN runs the convolutions (its
-/// tensor-core kernels read NHWC directly; in NCHW each bf16 convolution pays transposes, and
-/// the decoder was 3x slower), else NCHW (candle's convolution). `ARPG_VQ_LAYOUT=nchw` keeps
-/// NCHW everywhere (A/B runs).
-pub fn default_format(device: &Device) -> Format {
+/// The layout the VQ runs in on `device` with weights in `dtype`: NHWC where cuDNN runs
+/// tensor-core convolutions (bf16, f16, or f32 with TF32 allowed: those kernels read NHWC
+/// directly; in NCHW each pays transposes, and the decoder was 2-3x slower), else NCHW
+/// (candle's convolution, and exact f32, whose NHWC kernels are 2.6x slower on the H200).
+/// `ARPG_VQ_LAYOUT=nchw` keeps NCHW everywhere (A/B runs).
+pub fn default_format(device: &Device, dtype: DType) -> Format {
     let nchw = std::env::var("ARPG_VQ_LAYOUT").is_ok_and(|v| v.eq_ignore_ascii_case("nchw"));
-    if cudnn::available(device) && !nchw {
+    let tensor_cores = dtype != DType::F32 || cudnn::allow_tf32();
+    if cudnn::available(device) && tensor_cores && !nchw {
         Format::Nhwc
     } else {
         Format::Nchw
@@ -321,13 +323,10 @@ fn upsample2(x: &Tensor, format: Format) -> Result<Tensor> {
             let (_, _, h, w) = x.dims4()?;
             x.upsample_nearest2d(h * 2, w * 2)?
         }
-        Format::Nhwc => {
-            let (n, h, w, c) = x.dims4()?;
-            x.reshape((n, h, 1, w, 1, c))?
-                .broadcast_as((n, h, 2, w, 2, c))?
-                .contiguous()?
-                .reshape((n, h * 2, w * 2, c))?
-        }
+        Format::Nhwc => match crate::kernels::upsample::fused_nhwc(x)? {
+            Some(y) => y,
+            None => crate::kernels::upsample::slow_nhwc(x)?,
+        },
     })
 }
 
@@ -533,7 +532,7 @@ pub struct VqModel {
 impl VqModel {
     /// The tokenizer in the layout that is fastest on `vb`'s device ([`default_format`]).
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
-        let format = default_format(vb.device());
+        let format = default_format(vb.device(), compute_dtype(vb.device(), vb.dtype()));
         Self::with_format(cfg, vb, format)
     }
 
@@ -985,6 +984,6 @@ mod tests {
 
     #[test]
     fn the_cpu_picks_nchw() {
-        assert_eq!(default_format(&Device::Cpu), Format::Nchw);
+        assert_eq!(default_format(&Device::Cpu, DType::BF16), Format::Nchw);
     }
 }
