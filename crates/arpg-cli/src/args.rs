@@ -197,16 +197,9 @@ impl ControlArgs {
         let Some(path) = &self.condition else {
             return Ok(None);
         };
-        let Some(c) = &mc.control else {
-            bail!(
-                "--condition {}: this model has no control encoder (a class-only model takes \
-                 no condition)",
-                path.display()
-            );
-        };
-        let (channels, side, _) = mc.control_shape().expect("a control block");
         let canny = self.canny.then_some((self.canny_low, self.canny_high));
-        let (t, used, resized) = arpg::control::load_condition(path, channels, side, canny)?;
+        let (t, used, resized) = arpg::control::load_condition(path, mc, canny)?;
+        let side = used.width();
         if resized {
             eprintln!(
                 "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \
@@ -218,9 +211,10 @@ impl ControlArgs {
             arpg::tokenizer::image::save_png_atomic(&used, out)
                 .with_context(|| format!("--condition-out {}", out.display()))?;
         }
+        // By default guidance acts on the condition when the model learned to go without.
         let guide = match self.control_guidance.as_deref() {
             Some(g) => g == "joint",
-            None => c.dropout > 0.0,
+            None => mc.control.as_ref().is_some_and(|c| c.dropout > 0.0),
         };
         Ok(Some((t, guide)))
     }

@@ -76,13 +76,20 @@ pub fn condition_bytes(img: &RgbImage, channels: usize) -> Result<Vec<u8>> {
     }
 }
 
-/// [`condition_of`] the image in a file (an error names the file as `--condition`).
+/// [`condition_of`] the image in a file at the condition shape of the control model `mc`
+/// (errors name the file as `--condition`).
 pub fn load_condition(
     path: &Path,
-    channels: usize,
-    side: usize,
+    mc: &crate::ArpgConfig,
     canny_thresholds: Option<(f32, f32)>,
 ) -> Result<(Tensor, RgbImage, bool)> {
+    let Some((channels, side, _)) = mc.control_shape() else {
+        bail!(
+            "--condition {}: this model has no control encoder (a class-only model takes \
+             no condition)",
+            path.display()
+        );
+    };
     let img =
         load_rgb(path).map_err(|e| anyhow::anyhow!("--condition {}: {e:#}", path.display()))?;
     condition_of(&img, channels, side, canny_thresholds)
