@@ -2,8 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use arpg::sampler::{SampleConfig, TokenFilter};
-use arpg::tokenizer::ImageTokenizer;
-use arpg::zoo::{ModelSpec, VqSpec};
+use arpg::zoo::{ModelSpec, TokenizerSpec, VqSpec};
 use arpg::ArpgConfig;
 use candle_core::{DType, Device};
 use clap::Args;
@@ -34,6 +33,16 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// No model named: [`arpg::zoo::default_model`], which is returned.
+    pub fn or_default(&mut self) -> Option<&'static str> {
+        let m = self
+            .spec(0)
+            .names_nothing()
+            .then(arpg::zoo::default_model)?;
+        self.model = Some(m.into());
+        Some(m)
+    }
+
     pub fn spec(&self, seed: u64) -> ModelSpec {
         ModelSpec {
             model: self.model.clone(),
@@ -67,57 +76,19 @@ pub struct VqArgs {
     pub vq_dtype: String,
 }
 
-/// `--vq-dtype`: the dtype the VQ decoder loads in; `tf32` (and `auto` on a GPU) also lets
-/// its f32 convolutions use TF32 tensor cores.
-pub fn resolve_vq_dtype(s: &str, model_dtype: DType, device: &Device) -> Result<DType> {
-    let tf32 = s == "tf32" || (s == "auto" && device.is_cuda());
-    arpg::kernels::cudnn::set_allow_tf32(tf32);
-    match s {
-        _ if tf32 => Ok(DType::F32),
-        "auto" => Ok(model_dtype),
-        other => arpg::device::parse_dtype(other),
-    }
-}
-
 impl VqArgs {
-    /// The tokenizer for a model with `vocab_size` image tokens.
-    pub fn tokenizer(
-        &self,
-        vocab_size: usize,
-        random: bool,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<ImageTokenizer> {
-        let pixel = match self.tokenizer.as_str() {
-            "pixel" => true,
-            "vq" => false,
-            _ => vocab_size == arpg::tokenizer::pixel::LEVELS as usize,
-        };
-        if pixel {
-            if vocab_size != arpg::tokenizer::pixel::LEVELS as usize {
-                anyhow::bail!("--tokenizer pixel needs a model with 17 image tokens, this one has {vocab_size}");
-            }
-            return Ok(ImageTokenizer::Pixel);
-        }
-        let vq_dtype = resolve_vq_dtype(&self.vq_dtype, dtype, device)?;
-        let vq = self.spec(random, seed).load(vq_dtype, device)?;
-        if vq.config().codebook_size != vocab_size {
-            anyhow::bail!(
-                "the VQ codebook has {} entries but the model {vocab_size} image tokens",
-                vq.config().codebook_size
-            );
-        }
-        Ok(ImageTokenizer::Vq(Box::new(vq)))
-    }
-
-    pub fn spec(&self, random: bool, seed: u64) -> VqSpec {
-        VqSpec {
-            config: self.vq_config.clone(),
-            weights: self.vq_weights.clone(),
-            random,
-            seed,
-        }
+    /// The tokenizer of these flags (`random`: random VQ weights unless --vq-weights).
+    pub fn spec(&self, random: bool, seed: u64) -> Result<TokenizerSpec> {
+        Ok(TokenizerSpec {
+            kind: self.tokenizer.parse()?,
+            vq: VqSpec {
+                config: self.vq_config.clone(),
+                weights: self.vq_weights.clone(),
+                random,
+                seed,
+            },
+            vq_dtype: self.vq_dtype.clone(),
+        })
     }
 }
 
@@ -226,16 +197,9 @@ impl ControlArgs {
         let Some(path) = &self.condition else {
             return Ok(None);
         };
-        let Some(c) = &mc.control else {
-            bail!(
-                "--condition {}: this model has no control encoder (a class-only model takes \
-                 no condition)",
-                path.display()
-            );
-        };
-        let (channels, side, _) = mc.control_shape().expect("a control block");
         let canny = self.canny.then_some((self.canny_low, self.canny_high));
-        let (t, used, resized) = arpg::control::load_condition(path, channels, side, canny)?;
+        let (t, used, resized) = arpg::control::load_condition(path, mc, canny)?;
+        let side = used.width();
         if resized {
             eprintln!(
                 "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \
@@ -247,9 +211,10 @@ impl ControlArgs {
             arpg::tokenizer::image::save_png_atomic(&used, out)
                 .with_context(|| format!("--condition-out {}", out.display()))?;
         }
+        // By default guidance acts on the condition when the model learned to go without.
         let guide = match self.control_guidance.as_deref() {
             Some(g) => g == "joint",
-            None => c.dropout > 0.0,
+            None => mc.control.as_ref().is_some_and(|c| c.dropout > 0.0),
         };
         Ok(Some((t, guide)))
     }
@@ -265,9 +230,6 @@ pub fn as_condition(
     })
 }
 
-/// Guidance scale when --cfg is not given and the model is no official preset.
-pub const DEFAULT_CFG: f32 = 4.0;
-
 impl SamplingArgs {
     /// The graph cache that a sampling run keeps across its batches.
     pub fn graphs(&self) -> arpg::sampler::DecodeGraphs {
@@ -280,17 +242,9 @@ impl SamplingArgs {
         let schedule = self.schedule.parse().context("--schedule")?;
         let mcfg = spec.config()?;
         self.reference.check(&mcfg)?;
-        let preset = spec
-            .config
-            .is_none()
-            .then_some(spec.model.as_deref())
-            .flatten();
         Ok(SampleConfig {
             steps: self.steps,
-            cfg: self
-                .cfg
-                .or_else(|| preset.and_then(|p| arpg::zoo::paper_cfg(p, schedule)))
-                .unwrap_or(DEFAULT_CFG),
+            cfg: spec.guidance_scale(self.cfg, schedule),
             cfg_schedule: self.cfg_schedule.parse().context("--cfg-schedule")?,
             schedule,
             filter: TokenFilter {
@@ -404,6 +358,7 @@ impl ReferenceSampleFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arpg::zoo::DEFAULT_CFG;
     use clap::Parser;
 
     #[derive(Parser)]

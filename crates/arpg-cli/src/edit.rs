@@ -2,15 +2,16 @@
 
 use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
-use arpg::editor::{fill_canvas_progress, inpaint, token_mask, Canvas};
+use arpg::editor::{
+    fill_canvases, inpaint, is_masked, keep_unmasked, margins_in_tokens, token_mask, Canvas,
+};
 use arpg::model::Arpg;
-use arpg::sampler::{self, DecodeShape, Request, SampleConfig};
+use arpg::sampler::{self, DecodeShape, SampleConfig};
 use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
 use candle_core::Device;
 use clap::Args;
-use image::RgbImage;
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The editing commands' flags: the class, the decoding flags, and how many versions.
 #[derive(Args, Debug, Clone)]
@@ -32,36 +33,14 @@ impl EditSampling {
         if self.samples == 0 {
             bail!("--samples must be at least 1");
         }
-        default_model(model);
+        model.or_default();
         let spec = model.spec(self.decoding.seed);
         let sc = self.decoding.config(&spec)?;
         let shape = DecodeShape::of_config(&spec.config()?);
         sampler::validate_settings(shape, &sc)?;
-        let all: Vec<usize> = (0..shape.cells).collect();
-        Request {
-            classes: &[self.class],
-            known: &[vec![]],
-            orders: &[all],
-            condition: None,
-        }
-        .validate(shape, &sc)
-        .with_context(|| format!("--class {}", self.class))?;
+        sampler::check_classes(shape, &sc, &[self.class], None, None)
+            .with_context(|| format!("--class {}", self.class))?;
         Ok(sc)
-    }
-}
-
-/// No model named: the official ARPG-L if its weights are cached, else the shipped digits.
-fn default_model(model: &mut ModelArgs) {
-    if model.model.is_none()
-        && model.config.is_none()
-        && model.weights.is_none()
-        && model.init.is_none()
-    {
-        model.model = Some(if arpg::zoo::official_weights_cached() {
-            "ARPG-L".into()
-        } else {
-            arpg::zoo::DIGITS.into()
-        });
     }
 }
 
@@ -72,11 +51,13 @@ pub fn load(
     device: &DeviceArgs,
     seed: u64,
 ) -> Result<(Arpg, ImageTokenizer, Device)> {
-    default_model(model);
+    model.or_default();
     let spec = model.spec(seed);
     let (dev, dtype) = device.resolve_seeded(seed)?;
     let m = spec.load(dtype, &dev)?;
-    let tk = vq.tokenizer(m.config().vocab_size, spec.random, seed, dtype, &dev)?;
+    let tk = vq
+        .spec(spec.random, seed)?
+        .load(m.config().vocab_size, dtype, &dev)?;
     Ok((m, tk, dev))
 }
 
@@ -140,11 +121,7 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     )?;
     let src = img::center_crop_resize(&src, size);
     let mask = img::center_crop_resize(&mask, size);
-    let masked = |x: usize, y: usize| {
-        let p = mask.get_pixel(x as u32, y as u32).0;
-        (p[0] as u32 + p[1] as u32 + p[2] as u32) >= 3 * 128
-    };
-    let regen = token_mask(size, size, tk.patch_size(), masked);
+    let regen = token_mask(size, size, tk.patch_size(), |x, y| is_masked(&mask, x, y));
     if !regen.contains(&true) {
         bail!(
             "--mask {} marks nothing to regenerate (white = regenerate)",
@@ -168,15 +145,9 @@ pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
     )?;
     let mut images = tk.decode(&out, (g, g), &dev)?;
     if a.keep_pixels {
-        for im in images.iter_mut() {
-            for (x, y, p) in im.enumerate_pixels_mut() {
-                if !masked(x as usize, y as usize) {
-                    *p = *src.get_pixel(x, y);
-                }
-            }
-        }
+        keep_unmasked(&mut images, &src, &mask);
     }
-    write_outputs(&a.out, "inpaint", &src, &images)?;
+    img::save_edits(&a.out, "inpaint", &src, &images)?;
     if let Some(p) = &a.tokens_out {
         tokens_io::write(p, &out)?;
     }
@@ -221,69 +192,45 @@ pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
     let src = img::load_rgb(&a.image)?;
     let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
     let p = tk.patch_size();
-    for (flag, v) in [
-        ("--left", a.left),
-        ("--right", a.right),
-        ("--top", a.top),
-        ("--bottom", a.bottom),
-    ] {
-        if v % p != 0 {
-            bail!("{flag} {v} is not a multiple of the {p}-pixel patch");
-        }
-    }
-    if [a.left, a.right, a.top, a.bottom].iter().all(|&v| v == 0) {
-        bail!("give at least one of --left, --right, --top, --bottom (pixels to add)");
-    }
+    let [left, right, top, bottom] = margins_in_tokens([a.left, a.right, a.top, a.bottom], p)?;
     let g = model.config().grid_size();
     let src = img::center_crop_resize(&src, g * p);
     let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
     let base = Canvas::from_tokens(g, g, &tokens, &vec![false; g * g])?;
-    let (rows, cols) = (
-        g as u128 + (a.top / p) as u128 + (a.bottom / p) as u128,
-        g as u128 + (a.left / p) as u128 + (a.right / p) as u128,
-    );
+    let n = a.sampling.samples;
+    // Bounded before the canvas is allocated (u128: the margins are the user's).
+    let side = |a: usize, b: usize| g as u128 + a as u128 + b as u128;
+    let (rows, cols) = (side(top, bottom), side(left, right));
     arpg::util::check_memory(
-        a.sampling.samples as u128 * rows * cols * (8 + (p * p * 3) as u128),
-        &format!(
-            "{} outpainted image(s) of {}x{} tokens",
-            a.sampling.samples, cols, rows
-        ),
+        n as u128 * rows * cols * (8 + (p * p * 3) as u128),
+        &format!("{n} outpainted image(s) of {cols}x{rows} tokens"),
     )?;
-    let canvas = base.pad(a.top / p, a.bottom / p, a.left / p, a.right / p);
+    let canvas = base.pad(top, bottom, left, right);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
-    let mut all = Vec::new();
     // A long strip takes minutes a sample: progress per window.
-    let pb = indicatif::ProgressBar::new(a.sampling.samples as u64).with_style(
+    let pb = indicatif::ProgressBar::new(n as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} {pos}/{len} windows [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .unwrap(),
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(250));
-    let n = a.sampling.samples;
-    for i in 0..n {
-        let mut on_window = |done: usize, total: usize| {
+    let all = fill_canvases(
+        &model,
+        &canvas,
+        a.sampling.class,
+        n,
+        &sc,
+        &mut rng,
+        &mut |i, done, total| {
             pb.set_length((n * total) as u64);
             pb.set_position((i * total + done) as u64);
             pb.set_message(format!("image {}/{n}", i + 1));
-        };
-        let filled = fill_canvas_progress(
-            &model,
-            &canvas,
-            a.sampling.class,
-            &sc,
-            &mut rng,
-            &mut on_window,
-        )?;
-        all.push(
-            filled
-                .tokens()
-                .context("window filling left a cell unknown")?,
-        );
-    }
+        },
+    )?;
     pb.finish_and_clear();
     let images = tk.decode(&all, (canvas.rows, canvas.cols), &dev)?;
-    write_outputs(&a.out, "outpaint", &src, &images)?;
+    img::save_edits(&a.out, "outpaint", &src, &images)?;
     if let Some(p) = &a.tokens_out {
         tokens_io::write(p, &all)?;
     }
@@ -294,15 +241,5 @@ pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
         canvas.rows * p,
         a.out.display()
     );
-    Ok(())
-}
-
-fn write_outputs(dir: &Path, stem: &str, src: &RgbImage, images: &[RgbImage]) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create --out {}", dir.display()))?;
-    for (i, im) in images.iter().enumerate() {
-        img::save_png_atomic(im, &dir.join(format!("{stem}_{i}.png")))?;
-    }
-    img::save_png_atomic(src, &dir.join("input.png"))?;
     Ok(())
 }

@@ -1,9 +1,8 @@
 //! `arpg eval-digits`: how well a digits model draws the digits it is asked for.
 
 use crate::args::{DeviceArgs, ModelArgs};
-use anyhow::{bail, ensure, Context, Result};
-use arpg::data::digits;
-use arpg::eval::digits::{run_task, DigitsTask};
+use anyhow::{bail, ensure, Result};
+use arpg::eval::digits::{load_splits, run_task, DigitsTask};
 use arpg::sampler::{SampleConfig, TokenFilter};
 use clap::Args;
 use indicatif::ProgressBar;
@@ -75,13 +74,7 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
     }
     let (device, dtype) = a.device.resolve_seeded(a.seed)?;
     let model = spec.load(dtype, &device)?;
-    let (train, test) = digits::split(&digits::load_csv_gz(&a.data).with_context(|| "--data")?);
-    ensure!(
-        !train.is_empty() && !test.is_empty(),
-        "--data {}: {} digit(s); the judge needs a training and a test split (2 at least)",
-        a.data.display(),
-        train.len() + test.len()
-    );
+    let (train, test) = load_splits(&a.data)?;
     let sc = SampleConfig {
         steps: a.steps,
         cfg: a.cfg,
@@ -93,18 +86,8 @@ pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
             top_p: a.top_p,
         },
     };
-    let task = match a.task.as_str() {
-        "inpaint" => DigitsTask::Inpaint,
-        "sketch" => DigitsTask::Sketch,
-        _ => DigitsTask::Sample {
-            per_class: a.per_class,
-        },
-    };
-    let n = match task {
-        DigitsTask::Sample { per_class } => per_class * 10,
-        _ => test.len(),
-    };
-    let pb = ProgressBar::new(n as u64);
+    let task = DigitsTask::parse(&a.task, a.per_class)?;
+    let pb = ProgressBar::new(task.samples(test.len()) as u64);
     let r = run_task(
         &model,
         task,

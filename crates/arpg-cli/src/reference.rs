@@ -5,7 +5,6 @@
 
 use crate::train::TrainArgs;
 use anyhow::{bail, Result};
-use arpg::ArpgConfig;
 use clap::Args;
 
 /// The reference's global batch when it is not given (`--global-batch-size` default).
@@ -151,11 +150,10 @@ fn check_fixed(r: &ReferenceTrainFlags, a: &TrainArgs) -> Result<()> {
     if r.warmup_epochs.is_some() && a.warmup_steps != 0 {
         bail!("give --warmup-epochs or --warmup-steps, not both");
     }
-    let cfg = match (&a.config, &a.model) {
-        (Some(c), _) => ArpgConfig::from_json_file(c)?,
-        (None, Some(m)) => ArpgConfig::preset(m)?,
-        // A resumed run's shape comes from its checkpoint.
-        (None, None) => return Ok(()),
+    // A resumed run's shape comes from its checkpoint.
+    let Some(cfg) = arpg::train::setup::given_config(a.config.as_deref(), a.model.as_deref())?
+    else {
+        return Ok(());
     };
     let patch = r.downsample_size.unwrap_or(16);
     for (flag, got, want) in [

@@ -2,17 +2,13 @@
 
 use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use anyhow::{bail, Context, Result};
-use arpg::editor::{fill_canvas, Canvas};
-use arpg::sampler::{self, random_order, DecodeShape, Request};
+use arpg::editor::sample_canvases;
+use arpg::sampler::{self, DecodeShape, Orders, Request};
 use arpg::tokenizer::{image as img, tokens_io};
-use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use std::path::PathBuf;
-
-/// ImageNet classes shown when none are asked for (LlamaGen's demo classes).
-const DEMO_CLASSES: &[usize] = &[207, 360, 387, 974, 88, 979, 417, 279];
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
@@ -47,7 +43,7 @@ pub struct SampleArgs {
     pub out: PathBuf,
     /// Token grid WxH larger than the model's (resolution expansion): filled by sliding a
     /// model-sized window, each window conditioned on the tokens it overlaps.
-    #[arg(long, value_parser = parse_grid)]
+    #[arg(long, value_parser = arpg::util::parse_wxh)]
     pub grid: Option<(usize, usize)>,
     /// Also write the tokens (JSON array of per-image arrays, raster order). With this flag
     /// and no --vq-weights, images are not decoded.
@@ -56,36 +52,26 @@ pub struct SampleArgs {
 }
 
 pub fn run(mut a: SampleArgs) -> Result<()> {
-    let m = &a.model;
-    if m.model.is_none() && m.config.is_none() && m.weights.is_none() && m.init.is_none() {
-        // No model named: the official ARPG-L if its weights are cached, else the shipped
-        // digits model, so that a fresh offline machine still samples something real.
-        if arpg::zoo::official_weights_cached() {
-            a.model.model = Some("ARPG-L".into());
-        } else {
-            eprintln!("no --model given and no official weights in the HF cache: using the built-in digits model");
-            a.model.model = Some(arpg::zoo::DIGITS.into());
-        }
+    if a.model.or_default() == Some(arpg::zoo::DIGITS) {
+        eprintln!("no --model given and no official weights in the HF cache: using the built-in digits model");
     }
-    let spec = a.model.spec(a.sampling.seed);
+    let seed = a.sampling.seed;
+    let spec = a.model.spec(seed);
     let mcfg = spec.config()?;
-    let classes: Vec<usize> = if !a.classes.is_empty() {
-        a.classes.clone()
-    } else if mcfg.num_classes == 1000 {
-        DEMO_CLASSES.to_vec()
-    } else {
-        (0..mcfg.num_classes).collect()
+    let classes = match a.classes.is_empty() {
+        true => arpg::zoo::demo_classes(mcfg.num_classes),
+        false => a.classes.clone(),
     };
     if a.per_class == 0 || a.batch_size == 0 {
         bail!("--per-class and --batch-size must be at least 1");
     }
     let sc = a.sampling.config(&spec)?;
-    let cells = mcfg.block_size;
-    let fixed_order = match &a.order {
-        Some(p) => Some(read_order(p)?),
-        None => None,
+    let orders = match &a.order {
+        Some(p) => Orders::Fixed(tokens_io::read_order(p)?),
+        None if a.order_per_sample => Orders::PerImage,
+        None => Orders::Shared,
     };
-    if fixed_order.is_some() && a.order_per_sample {
+    if a.order.is_some() && a.order_per_sample {
         bail!("--order and --order-per-sample are exclusive");
     }
     // The library checks the flags (classes, settings, the order) before any weights load;
@@ -96,35 +82,20 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     if condition.is_some() && a.grid.is_some() {
         bail!("--condition covers the model's own grid: it does not combine with --grid");
     }
-    let probe = |classes: &[usize], order: &[usize]| {
-        let orders = vec![order.to_vec(); classes.len()];
-        let known = vec![vec![]; classes.len()];
-        let req = Request {
-            classes,
-            known: &known,
-            orders: &orders,
-            condition: crate::args::as_condition(&condition),
-        };
-        req.validate(shape, &sc).map(|_| ())
-    };
-    let all_cells: Vec<usize> = (0..cells).collect();
-    probe(&classes, &all_cells).context("--classes")?;
-    if let (Some(o), Some(p)) = (&fixed_order, &a.order) {
-        probe(&classes[..1], o).with_context(|| format!("--order {}", p.display()))?;
+    let cond = || crate::args::as_condition(&condition);
+    sampler::check_classes(shape, &sc, &classes, None, cond()).context("--classes")?;
+    if let (Orders::Fixed(o), Some(p)) = (&orders, &a.order) {
+        sampler::check_classes(shape, &sc, &classes[..1], Some(o), cond())
+            .with_context(|| format!("--order {}", p.display()))?;
     }
 
-    let (device, dtype) = a.device.resolve_seeded(a.sampling.seed)?;
+    let (device, dtype) = a.device.resolve_seeded(seed)?;
     let model = spec.load(dtype, &device)?;
-    let pixel = a.vq.tokenizer == "pixel" || (a.vq.tokenizer == "auto" && mcfg.vocab_size == 17);
-    let want_images = a.tokens_out.is_none() || a.vq.vq_weights.is_some() || pixel;
+    let tk_spec = a.vq.spec(spec.random, seed)?;
+    let want_images =
+        a.tokens_out.is_none() || a.vq.vq_weights.is_some() || tk_spec.is_pixel(mcfg.vocab_size);
     let tokenizer = match want_images {
-        true => Some(a.vq.tokenizer(
-            mcfg.vocab_size,
-            spec.random,
-            a.sampling.seed,
-            dtype,
-            &device,
-        )?),
+        true => Some(tk_spec.load(mcfg.vocab_size, dtype, &device)?),
         false => None,
     };
     let grid = mcfg.grid_size();
@@ -157,8 +128,8 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         .collect();
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create --out {}", a.out.display()))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.seed);
-    let positions: Vec<usize> = (0..cells).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let positions: Vec<usize> = (0..mcfg.block_size).collect();
     let pb = ProgressBar::new(all.len() as u64).with_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {msg}",
@@ -166,6 +137,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         .unwrap(),
     );
     let mut tokens: Vec<Vec<u32>> = Vec::new();
+    let mut written = Vec::new();
     let mut done = 0;
     let mut images = Vec::new();
     let start = std::time::Instant::now();
@@ -174,14 +146,8 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         if arpg::util::interrupted() {
             break;
         }
-        let orders: Vec<Vec<usize>> = match &fixed_order {
-            Some(o) => vec![o.clone(); batch.len()],
-            None if a.order_per_sample => batch
-                .iter()
-                .map(|_| random_order(&positions, &mut rng))
-                .collect(),
-            None => vec![random_order(&positions, &mut rng); batch.len()],
-        };
+        // Drawn for --grid too, which ignores them: the seed's images stay what they were.
+        let orders = orders.draw(batch.len(), &positions, &mut rng);
         // Tokens [batch, cells] on the device, decoded to images without a host round trip.
         let toks = if canvas == (grid, grid) {
             let known = vec![vec![]; batch.len()];
@@ -189,26 +155,18 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
                 classes: batch,
                 known: &known,
                 orders: &orders,
-                condition: crate::args::as_condition(&condition),
+                condition: cond(),
             }
             .validate(DecodeShape::of(&model), &sc)?;
             sampler::generate(&model, &req, &mut rng, Some(&mut graphs))?
         } else {
-            let empty = Canvas::unknown(canvas.0, canvas.1);
-            let rows = batch
-                .iter()
-                .map(|&c| {
-                    fill_canvas(&model, &empty, c, &sc, &mut rng)?
-                        .tokens()
-                        .context("unfilled cell")
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::from_vec(rows.concat(), (batch.len(), canvas.0 * canvas.1), &device)?
+            sample_canvases(&model, canvas, batch, &sc, &mut rng)?
         };
         if let Some(tk) = &tokenizer {
-            for (i, im) in tk.decode_tensor(&toks, canvas)?.into_iter().enumerate() {
-                let path = a.out.join(format!("{:06}_class{}.png", done + i, batch[i]));
-                img::save_png_atomic(&im, &path)?;
+            for (im, &class) in tk.decode_tensor(&toks, canvas)?.into_iter().zip(batch) {
+                let name = img::sample_png_name(written.len(), class);
+                img::save_png_atomic(&im, &a.out.join(&name))?;
+                written.push(name);
                 images.push(im);
             }
         }
@@ -221,33 +179,13 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     if !images.is_empty() {
-        let ncols = if a.per_class > 1 {
-            a.per_class
-        } else {
-            (images.len() as f64).sqrt().ceil() as usize
-        };
-        let mut g = img::make_grid(&images, ncols, 2);
-        // Tiny images (the digits model's 8x8) are enlarged in the grid so they can be seen.
-        let side = images[0].width().max(1);
-        if side < 64 {
-            let k = 64 / side;
-            g = image::imageops::resize(
-                &g,
-                g.width() * k,
-                g.height() * k,
-                image::imageops::FilterType::Nearest,
-            );
-        }
-        img::save_png_atomic(&g, &a.out.join("grid.png"))?;
+        img::save_png_atomic(
+            &img::sample_grid(&images, a.per_class),
+            &a.out.join("grid.png"),
+        )?;
+        written.push("grid.png".into());
     }
-    let written: Vec<String> = match images.is_empty() {
-        true => vec![],
-        false => (all.iter().enumerate().take(done))
-            .map(|(i, c)| format!("{i:06}_class{c}.png"))
-            .chain(["grid.png".to_string()])
-            .collect(),
-    };
-    remove_stale_outputs(&a.out, &written)?;
+    img::remove_stale_samples(&a.out, &written)?;
     if let Some(p) = &a.tokens_out {
         tokens_io::write(p, &tokens)?;
     }
@@ -265,52 +203,4 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
             .unwrap_or_default(),
     );
     Ok(())
-}
-
-/// A rerun into the same folder must not leave the earlier run's images beside the new ones:
-/// remove this command's own outputs (`NNNNNN_classC.png`, `grid.png`) that this run did not
-/// write. Other files are left alone.
-fn remove_stale_outputs(dir: &std::path::Path, written: &[String]) -> Result<()> {
-    let written: std::collections::HashSet<&String> = written.iter().collect();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        let ours = match name
-            .strip_suffix(".png")
-            .and_then(|n| n.split_once("_class"))
-        {
-            Some((idx, class)) => idx.len() == 6 && digits(idx) && digits(class),
-            None => name == "grid.png",
-        };
-        if ours && !written.contains(&name) {
-            std::fs::remove_file(e.path()).with_context(|| {
-                format!("cannot remove the earlier run's {}", e.path().display())
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn parse_grid(s: &str) -> std::result::Result<(usize, usize), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("{s:?}: expected WxH, e.g. 32x16"))?;
-    let p = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{s:?}: expected WxH, e.g. 32x16"))
-    };
-    Ok((p(w)?, p(h)?))
-}
-
-/// The order file's positions; the sampler checks that they are a permutation of the grid.
-fn read_order(path: &std::path::Path) -> Result<Vec<usize>> {
-    let text = arpg::util::read_small(path, 64 << 20, "--order")?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "--order {}: expected a JSON array of raster positions",
-            path.display()
-        )
-    })
 }

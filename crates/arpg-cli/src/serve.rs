@@ -1,9 +1,10 @@
 //! `arpg serve` and `arpg load-test`: flag mapping onto the `arpg-serve` crate.
 
 use crate::args::{DeviceArgs, ModelArgs, VqArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use arpg_serve::api::Limits;
 use arpg_serve::engine::Engine;
+use arpg_serve::load::LoadConfig;
 use arpg_serve::ServeConfig;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
@@ -68,14 +69,9 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         .model
         .clone()
         .or_else(|| a.model.config.as_ref().map(|p| p.display().to_string()))
-        .unwrap_or_else(|| {
-            if a.model.init.is_some() {
-                "random".into()
-            } else if arpg::zoo::official_weights_cached() {
-                "ARPG-L".into()
-            } else {
-                arpg::zoo::DIGITS.into()
-            }
+        .unwrap_or_else(|| match a.model.init {
+            Some(_) => "random".into(),
+            None => arpg::zoo::default_model().into(),
         });
     let (model, tokenizer, device) = crate::edit::load(&mut a.model, &a.vq, &a.device, 0)?;
     let cfg = ServeConfig {
@@ -102,36 +98,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         tokenizer,
         device,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(a.host, a.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
-        let addr = listener.local_addr()?;
-        println!("listening on http://{addr}");
-        eprintln!("arpg serve: model {} on http://{addr}/ (SIGTERM or Ctrl-C stops it after the requests in flight)", cfg.model_name);
-        arpg_serve::serve(listener, engine, cfg, stop_signal()).await
-    })
-}
-
-/// SIGTERM, or the Ctrl-C flag that `main` sets.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    loop {
-        match term.as_mut() {
-            Some(t) => tokio::select! {
-                _ = t.recv() => return,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            },
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-        if arpg::util::interrupted() {
-            return;
-        }
-    }
+    arpg_serve::run_blocking(SocketAddr::new(a.host, a.port), engine, cfg)
 }
 
 #[derive(Args, Debug)]
@@ -159,30 +126,17 @@ pub struct LoadTestArgs {
 }
 
 pub fn load_test(a: LoadTestArgs) -> Result<()> {
-    let hostport = a
-        .url
-        .strip_prefix("http://")
-        .context("--url must start with http://")?
-        .trim_end_matches('/');
-    let addr: SocketAddr = hostport
-        .replace("localhost", "127.0.0.1")
-        .parse()
-        .with_context(|| format!("--url {}: expected http://127.0.0.1:PORT", a.url))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let body = a.body.clone();
-    let report = rt.block_on(arpg_serve::load::run(arpg_serve::load::LoadConfig {
-        addr,
+    let report = arpg_serve::load::run_blocking(LoadConfig {
+        addr: LoadConfig::addr_of(&a.url)?,
         path: a.path.clone(),
-        body,
+        body: a.body.clone(),
         clients: a.clients,
         requests: a.requests,
         api_key: a
             .api_key
             .clone()
             .or_else(|| std::env::var("ARPG_API_KEY").ok()),
-    }))?;
+    })?;
     println!("{}", serde_json::to_string(&report)?);
     if report.errors > 0 {
         bail!("{} of {} requests failed", report.errors, report.requests);

@@ -24,51 +24,15 @@ pub struct DecodeArgs {
     pub raw_out: Option<PathBuf>,
 }
 
-/// Largest side accepted for --image-size (the VQ encoder's activations grow with its square).
-const MAX_IMAGE_SIZE: usize = 8192;
-
-pub fn check_image_size(size: usize) -> Result<()> {
-    if size == 0 || size > MAX_IMAGE_SIZE {
-        bail!("--image-size {size} must be in 1..={MAX_IMAGE_SIZE}");
-    }
-    Ok(())
-}
-
-/// The tokenizer of a command without a model: `--tokenizer pixel`, else the VQ tokenizer.
-pub fn standalone_tokenizer(
-    vq: &VqArgs,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<ImageTokenizer> {
-    Ok(match vq.tokenizer.as_str() {
-        "pixel" => ImageTokenizer::Pixel,
-        _ => ImageTokenizer::Vq(Box::new(vq.spec(false, 0).load(dtype, device)?)),
-    })
-}
-
 pub fn decode(a: DecodeArgs) -> Result<()> {
     let (tokens, side) = tokens_io::read(&a.tokens)?;
     if let Some(p) = &a.raw_out {
         arpg::util::check_writable(p, "--raw-out")?;
     }
     let (device, dtype) = a.device.resolve()?;
-    let tk = standalone_tokenizer(&a.vq, dtype, &device)?;
-    let k = match &tk {
-        ImageTokenizer::Vq(vq) => vq.config().codebook_size,
-        ImageTokenizer::Pixel => arpg::tokenizer::pixel::LEVELS as usize,
-    };
-    for (i, t) in tokens.iter().enumerate() {
-        if let Some(&bad) = t.iter().find(|&&x| x as usize >= k) {
-            bail!(
-                "--tokens {}: grid {i} has token {bad}, but the {} has {k} entries",
-                a.tokens.display(),
-                match &tk {
-                    ImageTokenizer::Vq(_) => "codebook",
-                    ImageTokenizer::Pixel => "pixel tokenizer",
-                }
-            );
-        }
-    }
+    let tk = a.vq.spec(false, 0)?.load_standalone(dtype, &device)?;
+    tk.check_tokens(&tokens)
+        .with_context(|| format!("--tokens {}", a.tokens.display()))?;
     let n = tokens.len();
     let pix = match &tk {
         ImageTokenizer::Vq(vq) => {
@@ -126,7 +90,7 @@ pub struct EncodeArgs {
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
     arpg::util::check_writable(&a.tokens_out, "--tokens-out")?;
-    check_image_size(a.image_size)?;
+    arpg::tokenizer::check_image_size(a.image_size)?;
     let (device, dtype) = a.device.resolve()?;
     let pixel = a.vq.tokenizer == "pixel";
     let tokens: Vec<Vec<u32>> = match (&a.raw_in, a.image.is_empty()) {
@@ -135,28 +99,8 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
                 !pixel,
                 "--raw-in is VQ encoder input; the pixel tokenizer takes --image"
             );
-            let (shape, data) = img::read_npy_f32(p)?;
-            if shape.len() != 4 || shape[1] != 3 || shape[0] == 0 {
-                bail!(
-                    "--raw-in {}: shape {shape:?}, expected N x 3 x H x W",
-                    p.display()
-                );
-            }
-            // `decode` reads square grids only: refuse what it could not read back.
-            if shape[2] != shape[3] {
-                bail!(
-                    "--raw-in {}: images of {}x{} pixels; only square images are supported \
-                     (token grids are square)",
-                    p.display(),
-                    shape[3],
-                    shape[2]
-                );
-            }
-            if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-                bail!("--raw-in {}: value {i} is {}", p.display(), data[i]);
-            }
-            let x = Tensor::from_vec(data, shape, &device)?;
-            let vq = a.vq.spec(false, 0).load(dtype, &device)?;
+            let x = img::read_raw_images(p, &device)?;
+            let vq = a.vq.spec(false, 0)?.vq.load(dtype, &device)?;
             let idx = vq.encode(&x.to_dtype(dtype)?)?;
             idx.to_dtype(candle_core::DType::U32)?.to_vec2()?
         }
@@ -166,7 +110,9 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
                 .iter()
                 .map(|p| Ok(img::center_crop_resize(&img::load_rgb(p)?, a.image_size)))
                 .collect::<Result<Vec<_>>>()?;
-            standalone_tokenizer(&a.vq, dtype, &device)?.encode(&imgs, &device)?
+            a.vq.spec(false, 0)?
+                .load_standalone(dtype, &device)?
+                .encode(&imgs, &device)?
         }
         (None, true) => bail!("give --image FILE (one or more) or --raw-in FILE.npy"),
     };

@@ -2,10 +2,12 @@
 
 use crate::args::DeviceArgs;
 use crate::launch;
-use anyhow::{bail, ensure, Context, Result};
-use arpg::data::{self, layouts, PackWriter, Packed, Sample};
-use arpg::train::{scaled_lr, TrainConfig, Trainer};
-use arpg::ArpgConfig;
+use anyhow::{bail, ensure, Result};
+use arpg::config::ControlQuery;
+use arpg::data::{Packed, Source};
+use arpg::train::run::RunDir;
+use arpg::train::setup::{learning_rates, ModelSource};
+use arpg::train::TrainConfig;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -125,7 +127,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     if launch::should_spawn(a.gpus)? {
         return launch::spawn_workers(a.gpus);
     }
-    let dist = launch::from_env()?.filter(|d| d.world_size > 1);
+    let dist = launch::Dist::of_run()?;
     let (device, dtype) = match &dist {
         Some(d) => {
             if !cfg!(feature = "nccl") {
@@ -136,7 +138,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
                 );
             }
             (
-                arpg::device::parse_device(&launch::worker_device(d))?,
+                arpg::device::parse_device(&d.worker_device())?,
                 arpg::device::parse_dtype(&a.device.dtype)?,
             )
         }
@@ -153,30 +155,21 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     // The reference's flags set the batch and make --lr absolute: before the peak is derived.
     let data = Packed::open(&a.data)?;
     crate::reference::apply(&mut a, data.len())?;
-    let lr = if a.lr_absolute {
-        a.lr
-    } else {
-        scaled_lr(a.lr, a.batch_size)
+    let (lr, min_lr) = learning_rates(a.lr, a.lr_absolute, a.batch_size, a.min_lr)?;
+    let dir = RunDir {
+        out: a.out.clone(),
+        log_every: a.log_every,
+        ckpt_every: a.ckpt_every,
+        fresh_log: a.overwrite,
     };
-    if let Some(m) = a.min_lr {
-        ensure!(
-            m.is_finite() && m >= 0.0 && m <= lr,
-            "--min-lr {m} must be in [0, the peak learning rate {lr:.3e}]{}",
-            if a.lr_absolute {
-                String::new()
-            } else {
-                format!(" (--lr {} scaled by batch {}/256)", a.lr, a.batch_size)
-            }
-        );
-    }
     if main_rank {
-        check_out(&a)?;
+        dir.check_available(a.resume.as_deref())?;
     }
     let tc = TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         lr,
-        min_lr: a.min_lr.unwrap_or(lr / 10.0),
+        min_lr,
         warmup_steps: a.warmup_steps,
         steps: a.steps,
         weight_decay: a.weight_decay,
@@ -190,84 +183,23 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         warmup: a.warmup_counting,
     };
     tc.validate()?;
-    let mut tr = match &a.resume {
-        Some(p) => {
-            let tr = Trainer::resume(p, Some(&tc), dtype, &device)?;
-            if let Some(c) = &a.config {
-                let mut given = ArpgConfig::from_json_file(c)?;
-                // The run records its condition dropout in the config it writes.
-                if let (Some(g), Some(t)) = (given.control.as_mut(), tr.model_cfg.control.as_ref())
-                {
-                    g.dropout = t.dropout;
-                }
-                if given != tr.model_cfg {
-                    bail!(
-                        "--config {} differs from the model config in --resume {}",
-                        c.display(),
-                        p.display()
-                    );
-                }
-            }
-            tr
-        }
-        None => {
-            let mut cfg = match (&a.config, &a.model) {
-                (Some(c), _) => ArpgConfig::from_json_file(c)?,
-                (None, Some(m)) => ArpgConfig::preset(m)?,
-                (None, None) => bail!("give --config FILE.json or --model PRESET"),
-            };
-            if let Some(q) = &a.control {
-                cfg.control = Some(control_block(&cfg, &data, q, a.control_layers)?);
-            }
-            if let Some(c) = cfg.control.as_mut() {
-                ensure!(
-                    (0.0..1.0).contains(&a.control_dropout),
-                    "--control-dropout {} must be in [0, 1)",
-                    a.control_dropout
-                );
-                c.dropout = a.control_dropout;
-            }
-            let mut tr = Trainer::new(&cfg, &tc, dtype, &device)?;
-            if let Some(p) = &a.init_from {
-                let fresh = tr.init_from(p)?;
-                eprintln!(
-                    "--init-from {}: {} tensors loaded, {} new ({})",
-                    p.display(),
-                    tr.parameters().count() - fresh.len(),
-                    fresh.len(),
-                    if fresh.is_empty() {
-                        "none".into()
-                    } else {
-                        "control.*".to_string()
-                    }
-                );
-            }
-            tr
-        }
+    let query = |q: &str| match q {
+        "replace" => ControlQuery::Replace,
+        _ => ControlQuery::Add,
     };
+    let source = ModelSource {
+        config: a.config.as_deref(),
+        model: a.model.as_deref(),
+        resume: a.resume.as_deref(),
+        init_from: a.init_from.as_deref(),
+        control: a.control.as_deref().map(|q| (query(q), a.control_layers)),
+        control_dropout: a.control_dropout,
+    };
+    let mut tr = source.trainer(&tc, &data, dtype, &device)?;
     #[cfg(feature = "nccl")]
     if let Some(d) = &dist {
         let group = arpg::train::dist::NcclGroup::connect(d, &device)?;
         tr.set_group(Box::new(group))?;
-    }
-    let mc = tr.model_cfg.clone();
-    if data.seq_len != mc.block_size {
-        bail!(
-            "--data {}: samples have {} tokens, the model's block_size is {}",
-            a.data.display(),
-            data.seq_len,
-            mc.block_size
-        );
-    }
-    if data.max_label() as usize >= mc.num_classes || data.max_token() as usize >= mc.vocab_size {
-        bail!(
-            "--data {}: labels up to {} / tokens up to {} do not fit num_classes {} / vocab_size {}",
-            a.data.display(),
-            data.max_label(),
-            data.max_token(),
-            mc.num_classes,
-            mc.vocab_size
-        );
     }
     let until = a.until.unwrap_or(a.steps).min(a.steps);
     if tr.step >= until {
@@ -276,24 +208,18 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             tr.step
         );
     }
-    let world = tr.rank_and_world().1;
     if !main_rank {
         return arpg::train::run::run(&mut tr, &data, until, None, &mut |_, _| {});
     }
-    let dir = arpg::train::run::RunDir {
-        out: a.out.clone(),
-        log_every: a.log_every,
-        ckpt_every: a.ckpt_every,
-        fresh_log: a.overwrite,
-    };
     eprintln!(
-        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {world} process(es), peak lr {:.3e}, final lr {:.3e}",
+        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {} process(es), peak lr {:.3e}, final lr {:.3e}",
         tr.num_parameters(),
         data.len(),
         data.total_crops(),
         tr.step,
         a.steps,
         a.batch_size,
+        tr.rank_and_world().1,
         tr.cfg.lr,
         tr.cfg.min_lr
     );
@@ -324,85 +250,6 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         dir.weights().display()
     );
     Ok(())
-}
-
-/// The `control` block `--control` adds: channels and patch from the data's conditions.
-fn control_block(
-    cfg: &ArpgConfig,
-    data: &Packed,
-    query: &str,
-    layers: usize,
-) -> Result<arpg::config::ControlConfig> {
-    let query = match query {
-        "replace" => arpg::config::ControlQuery::Replace,
-        _ => arpg::config::ControlQuery::Add,
-    };
-    let Some((c, h, w)) = data.condition_shape() else {
-        bail!(
-            "--control: --data {} holds no conditions (pack it with --control)",
-            data.path.display()
-        );
-    };
-    let g = cfg.grid_size();
-    ensure!(
-        h == w && h.is_multiple_of(g) && h >= g,
-        "--control: the data's {h}x{w} conditions do not tile the model's {g}x{g} grid"
-    );
-    match &cfg.control {
-        Some(given) if given.query != query => bail!(
-            "--control {query:?} differs from the config's control.query {:?}",
-            given.query
-        ),
-        Some(given) => Ok(given.clone()),
-        None => Ok(arpg::config::ControlConfig {
-            channels: c,
-            patch: h / g,
-            layers,
-            query,
-            dropout: 0.0,
-        }),
-    }
-}
-
-use arpg::train::run::RUN_FILES;
-
-/// Refuse an --out holding another run unless it is resumed from there or --overwrite is given.
-fn check_out(a: &TrainArgs) -> Result<()> {
-    let found: Vec<&str> = RUN_FILES
-        .iter()
-        .copied()
-        .filter(|f| a.out.join(f).exists())
-        .collect();
-    if found.is_empty() || a.overwrite {
-        return Ok(());
-    }
-    let ckpt = a.out.join("checkpoint.safetensors");
-    match &a.resume {
-        None => bail!(
-            "--out {} already holds a training run ({}): continue it with --resume {}, or pass \
-             --overwrite to start over (its checkpoints are replaced, its log emptied)",
-            a.out.display(),
-            found.join(", "),
-            ckpt.display()
-        ),
-        Some(r) => {
-            let same = match (std::fs::canonicalize(r), std::fs::canonicalize(&ckpt)) {
-                (Ok(x), Ok(y)) => x == y,
-                _ => false,
-            };
-            if !same {
-                bail!(
-                    "--out {} holds another training run ({}) than --resume {}: resuming would \
-                     replace it; give another --out, or --resume {}",
-                    a.out.display(),
-                    found.join(", "),
-                    r.display(),
-                    ckpt.display()
-                );
-            }
-            Ok(())
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -439,46 +286,16 @@ pub fn pack(a: PackArgs) -> Result<()> {
         (Some("stored"), _, None) => bail!("--control stored is for --paper"),
         _ => {}
     }
-    let with_conditions = a.control.is_some();
-    // Each sample, and its conditions when --control asks for them.
-    let samples: Vec<(Sample, Option<layouts::Conditions>)> = if let Some(r) = &a.paper {
-        if with_conditions {
-            layouts::read_paper_layout_with_conditions(r, a.vocab_size)?
-                .into_iter()
-                .map(|(s, c)| (s, Some(c)))
-                .collect()
-        } else {
-            plain(layouts::read_paper_layout(r, a.vocab_size)?)
-        }
-    } else if let Some(r) = &a.llamagen {
-        plain(layouts::read_llamagen_layout(r, a.vocab_size)?)
-    } else if let Some(p) = &a.digits {
-        let (train, test) = data::digits::split(&data::digits::load_csv_gz(p)?);
-        let part = if a.split == "train" { train } else { test };
-        part.iter()
-            .map(|d| {
-                let s = Sample {
-                    label: d.label,
-                    crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
-                };
-                let sketch = arpg::control::digit_sketch(&d.pixels).to_vec();
-                (s, with_conditions.then(|| ((1, 8, 8), vec![sketch])))
-            })
-            .collect()
-    } else {
-        bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz");
+    let source = match (&a.paper, &a.llamagen, &a.digits) {
+        (Some(r), _, _) => Source::Paper(r, a.vocab_size),
+        (_, Some(r), _) => Source::Llamagen(r, a.vocab_size),
+        (_, _, Some(p)) => Source::Digits(p, a.split == "test"),
+        _ => bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz"),
     };
-    let mut w = PackWriter::new();
-    for (s, c) in &samples {
-        match c {
-            Some((shape, conds)) => w.push_with_conditions(s, *shape, conds)?,
-            None => w.push(s)?,
-        }
-    }
-    w.write(&a.out)?;
+    let with_conditions = a.control.is_some();
+    let n = arpg::data::pack(source, with_conditions, &a.out)?;
     eprintln!(
-        "packed {} samples{} into {}",
-        w.len(),
+        "packed {n} samples{} into {}",
         if with_conditions {
             " with their conditions"
         } else {
@@ -487,10 +304,6 @@ pub fn pack(a: PackArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-fn plain(samples: Vec<Sample>) -> Vec<(Sample, Option<layouts::Conditions>)> {
-    samples.into_iter().map(|s| (s, None)).collect()
 }
 
 #[derive(Args, Debug)]
@@ -548,32 +361,15 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    use arpg::data::tokenize::{
-        augmentations, conditions, load, plan, write_codes, write_conditions, ControlSource,
-    };
-    let control = match a.control.as_deref() {
-        None => None,
-        Some("canny") => Some(ControlSource::Canny(a.canny_low, a.canny_high)),
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            ensure!(
-                dir.is_dir(),
-                "--control {}: neither `canny` nor a folder of condition images",
-                dir.display()
-            );
-            ensure!(a.control_channels != 2, "--control-channels must be 1 or 3");
-            Some(ControlSource::Folder(dir, a.control_channels as usize))
-        }
-    };
-    if let Some(ControlSource::Canny(lo, hi)) = control {
-        ensure!(
-            lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi,
-            "--canny-low {lo} / --canny-high {hi}: need 0 <= low <= high"
-        );
-    }
+    use arpg::data::tokenize::{is_done, plan, tokenize_image, ControlSource};
+    let control = a
+        .control
+        .as_deref()
+        .map(|c| ControlSource::parse(c, a.control_channels, a.canny_low, a.canny_high))
+        .transpose()?;
     let (device, dtype) = a.device.resolve()?;
-    crate::tokens::check_image_size(a.image_size)?;
-    let tk = crate::tokens::standalone_tokenizer(&a.vq, dtype, &device)?;
+    arpg::tokenizer::check_image_size(a.image_size)?;
+    let tk = a.vq.spec(false, 0)?.load_standalone(dtype, &device)?;
     let p = tk.patch_size();
     if !a.image_size.is_multiple_of(p) {
         bail!(
@@ -582,10 +378,9 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         );
     }
     let jobs = plan(&a.image_root, &a.out)?;
-    // The conditions are written before the codes: existing codes mean a finished image.
     let todo: Vec<_> = jobs
         .iter()
-        .filter(|j| !j.2.exists() || (control.is_some() && !layouts::control_path(&j.2).exists()))
+        .filter(|j| !is_done(&j.2, control.is_some()))
         .collect();
     eprintln!(
         "{} images in {} classes; {} already encoded",
@@ -603,18 +398,15 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         if arpg::util::interrupted() {
             break;
         }
-        let crops = augmentations(&load(src)?, a.image_size, a.ten_crop);
-        if let Some(c) = &control {
-            let (shape, conds) =
-                conditions(c, &a.image_root, src, &crops, a.image_size, a.ten_crop)?;
-            if let Some(parent) = dst.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            write_conditions(&layouts::control_path(dst), shape, &conds)?;
-        }
-        let codes = tk.encode(&crops, &device)?;
-        write_codes(dst, &codes)?;
+        let job = (a.image_root.as_path(), src.as_path(), dst.as_path());
+        tokenize_image(
+            &tk,
+            job,
+            control.as_ref(),
+            a.image_size,
+            a.ten_crop,
+            &device,
+        )?;
         pb.inc(1);
     }
     pb.finish_and_clear();

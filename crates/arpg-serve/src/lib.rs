@@ -86,6 +86,46 @@ struct App {
     next_id: AtomicU64,
 }
 
+/// `arpg serve`: listen on `addr`, print it (`listening on http://...`, the line scripts
+/// wait for), and serve on a runtime of its own until SIGTERM or Ctrl-C.
+pub fn run_blocking(
+    addr: std::net::SocketAddr,
+    engine: Engine,
+    cfg: ServeConfig,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", addr.ip(), addr.port()))?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        eprintln!("arpg serve: model {} on http://{addr}/ (SIGTERM or Ctrl-C stops it after the requests in flight)", cfg.model_name);
+        serve(listener, engine, cfg, stop_signal()).await
+    })
+}
+
+/// SIGTERM, or the Ctrl-C flag ([`arpg::util::interrupted`]) that the binary's handler sets.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    loop {
+        match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            },
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        if arpg::util::interrupted() {
+            return;
+        }
+    }
+}
+
 /// Serve on `listener` until `shutdown` resolves, then stop taking requests, finish those in
 /// flight and return.
 pub async fn serve(

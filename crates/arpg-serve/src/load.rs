@@ -42,6 +42,28 @@ pub struct LoadReport {
     pub max_batch_images_bucket: Option<f64>,
 }
 
+impl LoadConfig {
+    /// The server of `url` (`http://127.0.0.1:PORT`; `localhost` is taken as 127.0.0.1).
+    pub fn addr_of(url: &str) -> Result<SocketAddr> {
+        let hostport = url
+            .strip_prefix("http://")
+            .context("--url must start with http://")?
+            .trim_end_matches('/');
+        hostport
+            .replace("localhost", "127.0.0.1")
+            .parse()
+            .with_context(|| format!("--url {url}: expected http://127.0.0.1:PORT"))
+    }
+}
+
+/// [`run`] on a runtime of its own.
+pub fn run_blocking(cfg: LoadConfig) -> Result<LoadReport> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cfg))
+}
+
 /// One HTTP/1.1 request on a fresh connection: (status, body).
 pub async fn request(
     addr: SocketAddr,

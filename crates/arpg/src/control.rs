@@ -12,11 +12,17 @@ use std::path::Path;
 pub const CANNY_LOW: f32 = 100.0;
 pub const CANNY_HIGH: f32 = 200.0;
 
-/// Canny edges of a photo (white = edge), on its luma, with a 1.4-sigma Gaussian first.
-pub fn canny(img: &RgbImage, low: f32, high: f32) -> Result<GrayImage> {
+/// Canny's hysteresis thresholds: finite, 0 <= low <= high.
+pub fn check_canny(low: f32, high: f32) -> Result<()> {
     if !(low.is_finite() && high.is_finite() && low >= 0.0 && low <= high) {
         bail!("--canny-low {low} / --canny-high {high}: need 0 <= low <= high");
     }
+    Ok(())
+}
+
+/// Canny edges of a photo (white = edge), on its luma, with a 1.4-sigma Gaussian first.
+pub fn canny(img: &RgbImage, low: f32, high: f32) -> Result<GrayImage> {
+    check_canny(low, high)?;
     let gray = image::DynamicImage::ImageRgb8(img.clone()).to_luma8();
     Ok(imageproc::edges::canny(&gray, low, high))
 }
@@ -70,13 +76,20 @@ pub fn condition_bytes(img: &RgbImage, channels: usize) -> Result<Vec<u8>> {
     }
 }
 
-/// [`condition_of`] the image in a file (an error names the file as `--condition`).
+/// [`condition_of`] the image in a file at the condition shape of the control model `mc`
+/// (errors name the file as `--condition`).
 pub fn load_condition(
     path: &Path,
-    channels: usize,
-    side: usize,
+    mc: &crate::ArpgConfig,
     canny_thresholds: Option<(f32, f32)>,
 ) -> Result<(Tensor, RgbImage, bool)> {
+    let Some((channels, side, _)) = mc.control_shape() else {
+        bail!(
+            "--condition {}: this model has no control encoder (a class-only model takes \
+             no condition)",
+            path.display()
+        );
+    };
     let img =
         load_rgb(path).map_err(|e| anyhow::anyhow!("--condition {}: {e:#}", path.display()))?;
     condition_of(&img, channels, side, canny_thresholds)

@@ -3,10 +3,11 @@
 //! The pipeline, one module a stage:
 //! `tokenizer` (image <-> tokens) -> `model` (logits) -> `sampler` / `editor` / `control`
 //! (tokens; `control` makes the conditions a control model's queries read)
-//! -> `train` (weights) -> `eval` (scores). `checkpoint` loads and saves weights in the
-//! reference's key layout; `config` holds the model and tokenizer configurations; `kernels`
-//! the fused CUDA ops, each with its CPU version and backward.
+//! -> `train` (weights) -> `eval` (scores); `bench` times the stages. `checkpoint` loads and
+//! saves weights in the reference's key layout; `config` holds the model and tokenizer
+//! configurations; `kernels` the fused CUDA ops, each with its CPU version and backward.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod control;

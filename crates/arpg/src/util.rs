@@ -5,6 +5,14 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+/// `WxH` (e.g. `32x16`) as (width, height): for flags such as `--grid`.
+pub fn parse_wxh(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("{s:?}: expected WxH, e.g. 32x16");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
+    Ok((p(w)?, p(h)?))
+}
+
 /// Standard normal by Box-Muller.
 pub fn normal<R: rand::Rng>(rng: &mut R) -> f32 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);

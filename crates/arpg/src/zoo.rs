@@ -6,6 +6,7 @@ use crate::config::{ArpgConfig, VqConfig, PRESETS};
 use crate::model::Arpg;
 use crate::sampler::MaskSchedule;
 use crate::tokenizer::vq::VqModel;
+use crate::tokenizer::ImageTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
@@ -91,7 +92,46 @@ pub fn official_weights_cached() -> bool {
             .is_some()
 }
 
+/// ImageNet classes shown when none are asked for (LlamaGen's demo classes).
+const DEMO_CLASSES: &[usize] = &[207, 360, 387, 974, 88, 979, 417, 279];
+
+/// The classes to sample when none are given: a few ImageNet demo classes for a 1000-class
+/// model, else every class.
+pub fn demo_classes(num_classes: usize) -> Vec<usize> {
+    match num_classes {
+        1000 => DEMO_CLASSES.to_vec(),
+        n => (0..n).collect(),
+    }
+}
+
+/// The model a command uses when none is named: the official ARPG-L if its weights are
+/// cached, else the shipped digits model, so that a fresh offline machine still runs a real
+/// model.
+pub fn default_model() -> &'static str {
+    match official_weights_cached() {
+        true => "ARPG-L",
+        false => DIGITS,
+    }
+}
+
+/// Guidance scale when none is given and the model is no official preset.
+pub const DEFAULT_CFG: f32 = 4.0;
+
 impl ModelSpec {
+    /// The guidance scale: `given`, else the paper's for an official preset named without a
+    /// config file ([`paper_cfg`]), else [`DEFAULT_CFG`].
+    pub fn guidance_scale(&self, given: Option<f32>, schedule: MaskSchedule) -> f32 {
+        let preset = self.model.as_deref().filter(|_| self.config.is_none());
+        given
+            .or_else(|| preset.and_then(|p| paper_cfg(p, schedule)))
+            .unwrap_or(DEFAULT_CFG)
+    }
+
+    /// Whether nothing names a model (no preset, config, weights nor random init).
+    pub fn names_nothing(&self) -> bool {
+        self.model.is_none() && self.config.is_none() && self.weights.is_none() && !self.random
+    }
+
     /// The built-in model named (without a --config), if any: (config, weights).
     fn built_in(&self) -> Option<(&'static str, &'static [u8])> {
         let name = self.model.as_deref().filter(|_| self.config.is_none())?;
@@ -216,5 +256,97 @@ impl VqSpec {
         };
         let sd = StateDict::load(&path, Weights::Model)?;
         build_strict(&sd, dtype, device, |vb| VqModel::new(&cfg, vb))
+    }
+}
+
+/// Which image tokenizer a model gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenizerKind {
+    /// `pixel` for a model with the pixel tokenizer's 17-token vocabulary, else `vq`.
+    #[default]
+    Auto,
+    Vq,
+    Pixel,
+}
+
+impl std::str::FromStr for TokenizerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "vq" => Ok(Self::Vq),
+            "pixel" => Ok(Self::Pixel),
+            _ => bail!("unknown tokenizer {s:?} (expected auto, vq or pixel)"),
+        }
+    }
+}
+
+/// How to build the image tokenizer: its kind, the VQ model, and the VQ decoder's precision
+/// (`auto`, `tf32`, `f32`, `bf16`, `f16`: see [`resolve_vq_dtype`]).
+#[derive(Debug, Clone)]
+pub struct TokenizerSpec {
+    pub kind: TokenizerKind,
+    pub vq: VqSpec,
+    pub vq_dtype: String,
+}
+
+impl TokenizerSpec {
+    /// Whether a model with `vocab_size` image tokens gets the pixel tokenizer.
+    pub fn is_pixel(&self, vocab_size: usize) -> bool {
+        match self.kind {
+            TokenizerKind::Pixel => true,
+            TokenizerKind::Vq => false,
+            TokenizerKind::Auto => vocab_size == crate::tokenizer::pixel::LEVELS as usize,
+        }
+    }
+
+    /// Pixels per token side for a model with `vocab_size` tokens, without loading weights.
+    pub fn patch_size(&self, vocab_size: usize) -> Result<usize> {
+        match self.is_pixel(vocab_size) {
+            true => Ok(1),
+            false => Ok(self.vq.config()?.patch_size()),
+        }
+    }
+
+    /// The tokenizer for a model with `vocab_size` image tokens computing in `dtype`.
+    pub fn load(&self, vocab_size: usize, dtype: DType, device: &Device) -> Result<ImageTokenizer> {
+        if self.is_pixel(vocab_size) {
+            if vocab_size != crate::tokenizer::pixel::LEVELS as usize {
+                bail!("--tokenizer pixel needs a model with 17 image tokens, this one has {vocab_size}");
+            }
+            return Ok(ImageTokenizer::Pixel);
+        }
+        let vq = self
+            .vq
+            .load(resolve_vq_dtype(&self.vq_dtype, dtype, device)?, device)?;
+        if vq.config().codebook_size != vocab_size {
+            bail!(
+                "the VQ codebook has {} entries but the model {vocab_size} image tokens",
+                vq.config().codebook_size
+            );
+        }
+        Ok(ImageTokenizer::Vq(Box::new(vq)))
+    }
+
+    /// The tokenizer of a command without a model (`encode`, `decode`, `tokenize`): pixel
+    /// when asked for, else the VQ tokenizer in `dtype`.
+    pub fn load_standalone(&self, dtype: DType, device: &Device) -> Result<ImageTokenizer> {
+        Ok(match self.kind {
+            TokenizerKind::Pixel => ImageTokenizer::Pixel,
+            _ => ImageTokenizer::Vq(Box::new(self.vq.load(dtype, device)?)),
+        })
+    }
+}
+
+/// The dtype the VQ decoder loads in for a model computing in `model_dtype`: `tf32` (and
+/// `auto` on a GPU) is f32 whose convolutions may use TF32 tensor cores (set here, for the
+/// process); `auto` on the CPU is the model's dtype.
+pub fn resolve_vq_dtype(s: &str, model_dtype: DType, device: &Device) -> Result<DType> {
+    let tf32 = s == "tf32" || (s == "auto" && device.is_cuda());
+    crate::kernels::cudnn::set_allow_tf32(tf32);
+    match s {
+        _ if tf32 => Ok(DType::F32),
+        "auto" => Ok(model_dtype),
+        other => crate::device::parse_dtype(other),
     }
 }

@@ -9,6 +9,60 @@ pub mod tokenize;
 
 pub use pack::{PackWriter, Packed};
 
+use anyhow::Result;
+use std::path::Path;
+
+/// Where `arpg pack` reads its samples.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// The paper's layout (`ROOT/<class id>/*.npy`), tokens below `vocab_size`.
+    Paper(&'a Path, usize),
+    /// LlamaGen's layout (`ROOT/codes`, `ROOT/labels`), tokens below `vocab_size`.
+    Llamagen(&'a Path, usize),
+    /// The UCI digits CSV: its training split, or its test split (`test`).
+    Digits(&'a Path, bool),
+}
+
+/// Packs every sample of `source` into `out`, with its conditions when `conditions` (the
+/// paper layout's stored `.control.npy`; a digit's stroke sketch). Returns the samples packed.
+pub fn pack(source: Source, conditions: bool, out: &Path) -> Result<usize> {
+    let samples: Vec<(Sample, Option<layouts::Conditions>)> = match source {
+        Source::Paper(r, v) if conditions => layouts::read_paper_layout_with_conditions(r, v)?
+            .into_iter()
+            .map(|(s, c)| (s, Some(c)))
+            .collect(),
+        Source::Paper(r, v) => plain(layouts::read_paper_layout(r, v)?),
+        Source::Llamagen(r, v) => plain(layouts::read_llamagen_layout(r, v)?),
+        Source::Digits(p, test) => {
+            let (train, test_split) = digits::split(&digits::load_csv_gz(p)?);
+            let part = if test { test_split } else { train };
+            part.iter()
+                .map(|d| {
+                    let s = Sample {
+                        label: d.label,
+                        crops: vec![d.pixels.iter().map(|&v| v as u16).collect()],
+                    };
+                    let sketch = crate::control::digit_sketch(&d.pixels).to_vec();
+                    (s, conditions.then(|| ((1, 8, 8), vec![sketch])))
+                })
+                .collect()
+        }
+    };
+    let mut w = PackWriter::new();
+    for (s, c) in &samples {
+        match c {
+            Some((shape, conds)) => w.push_with_conditions(s, *shape, conds)?,
+            None => w.push(s)?,
+        }
+    }
+    w.write(out)?;
+    Ok(w.len())
+}
+
+fn plain(samples: Vec<Sample>) -> Vec<(Sample, Option<layouts::Conditions>)> {
+    samples.into_iter().map(|s| (s, None)).collect()
+}
+
 /// One training sample: a class label and one or more augmented crops of the same length.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

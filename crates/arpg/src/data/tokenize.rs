@@ -172,6 +172,53 @@ pub enum ControlSource {
     Folder(std::path::PathBuf, usize),
 }
 
+impl ControlSource {
+    /// `--control`: `canny` (thresholds `low`, `high`) or a folder of condition images of
+    /// `channels` (1 or 3).
+    pub fn parse(s: &str, channels: u8, low: f32, high: f32) -> Result<Self> {
+        if s == "canny" {
+            // Checked before any image is encoded, not at the first one.
+            crate::control::check_canny(low, high)?;
+            return Ok(Self::Canny(low, high));
+        }
+        let dir = PathBuf::from(s);
+        ensure!(
+            dir.is_dir(),
+            "--control {}: neither `canny` nor a folder of condition images",
+            dir.display()
+        );
+        ensure!(channels != 2, "--control-channels must be 1 or 3");
+        Ok(Self::Folder(dir, channels as usize))
+    }
+}
+
+/// One image of a [`plan`]: its crops encoded by `tk` into `dst`, and with `control` their
+/// conditions beside (written first: existing codes mean a finished image).
+pub fn tokenize_image(
+    tk: &crate::tokenizer::ImageTokenizer,
+    (root, src, dst): (&Path, &Path, &Path),
+    control: Option<&ControlSource>,
+    size: usize,
+    ten_crop: bool,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let crops = augmentations(&load(src)?, size, ten_crop);
+    if let Some(c) = control {
+        let (shape, conds) = conditions(c, root, src, &crops, size, ten_crop)?;
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        write_conditions(&super::layouts::control_path(dst), shape, &conds)?;
+    }
+    write_codes(dst, &tk.encode(&crops, device)?)
+}
+
+/// Whether a planned image is done: its codes exist, and its conditions when `control`.
+pub fn is_done(dst: &Path, control: bool) -> bool {
+    dst.exists() && (!control || super::layouts::control_path(dst).exists())
+}
+
 /// The conditions of one image's crops, u8 `[C, size, size]` each, cropped as
 /// [`augmentations`] crops the image (`image` is the image's path under `root`).
 pub fn conditions(

@@ -8,7 +8,9 @@
 
 use crate::model::Arpg;
 use crate::sampler::{generate, random_order, Condition, DecodeShape, Request, SampleConfig};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+use image::RgbImage;
 use rand::Rng;
 
 /// A token canvas of `rows x cols`, each cell known (`Some`) or to be generated (`None`).
@@ -144,6 +146,28 @@ pub fn fill_canvas<R: Rng>(
     fill_canvas_progress(model, canvas, class, cfg, rng, &mut |_, _| {})
 }
 
+/// Resolution expansion: a canvas of `rows x cols` tokens filled from nothing for each class;
+/// tokens `[classes, rows * cols]` on the model's device.
+pub fn sample_canvases<R: Rng>(
+    model: &Arpg,
+    (rows, cols): (usize, usize),
+    classes: &[usize],
+    cfg: &SampleConfig,
+    rng: &mut R,
+) -> Result<Tensor> {
+    let empty = Canvas::unknown(rows, cols);
+    let mut tokens = Vec::with_capacity(classes.len() * rows * cols);
+    for &c in classes {
+        let filled = fill_canvas(model, &empty, c, cfg, rng)?;
+        tokens.extend(filled.tokens().context("unfilled cell")?);
+    }
+    Ok(Tensor::from_vec(
+        tokens,
+        (classes.len(), rows * cols),
+        model.device(),
+    )?)
+}
+
 /// [`fill_canvas`], calling `on_window(done, total)` before each window it decodes (a long
 /// strip takes many).
 pub fn fill_canvas_progress<R: Rng>(
@@ -223,6 +247,63 @@ pub fn token_mask(
         .flat_map(|ty| (0..gw).map(move |tx| (tx, ty)))
         .map(|(tx, ty)| {
             (0..patch).any(|dy| (0..patch).any(|dx| masked(tx * patch + dx, ty * patch + dy)))
+        })
+        .collect()
+}
+
+/// A mask image's verdict at `(x, y)`: white (channel sum >= 3 x 128) = regenerate.
+pub fn is_masked(mask: &RgbImage, x: usize, y: usize) -> bool {
+    let p = mask.get_pixel(x as u32, y as u32).0;
+    (p[0] as u32 + p[1] as u32 + p[2] as u32) >= 3 * 128
+}
+
+/// `--keep-pixels`: the pixels of `src` pasted back into each image outside `mask`.
+pub fn keep_unmasked(images: &mut [RgbImage], src: &RgbImage, mask: &RgbImage) {
+    for im in images.iter_mut() {
+        for (x, y, p) in im.enumerate_pixels_mut() {
+            if !is_masked(mask, x as usize, y as usize) {
+                *p = *src.get_pixel(x, y);
+            }
+        }
+    }
+}
+
+/// Outpainting's margins `[left, right, top, bottom]` in pixels as tokens of `patch`
+/// pixels: each a multiple of the patch, one at least not 0 (errors name the flags).
+pub fn margins_in_tokens(pixels: [usize; 4], patch: usize) -> Result<[usize; 4]> {
+    for (flag, v) in ["--left", "--right", "--top", "--bottom"]
+        .iter()
+        .zip(pixels)
+    {
+        ensure!(
+            v % patch == 0,
+            "{flag} {v} is not a multiple of the {patch}-pixel patch"
+        );
+    }
+    ensure!(
+        pixels.iter().any(|&v| v > 0),
+        "give at least one of --left, --right, --top, --bottom (pixels to add)"
+    );
+    Ok(pixels.map(|v| v / patch))
+}
+
+/// `n` independent fills of `canvas`; `on_window(image, done, total)` before each window.
+pub fn fill_canvases<R: Rng>(
+    model: &Arpg,
+    canvas: &Canvas,
+    class: usize,
+    n: usize,
+    cfg: &SampleConfig,
+    rng: &mut R,
+    on_window: &mut dyn FnMut(usize, usize, usize),
+) -> Result<Vec<Vec<u32>>> {
+    (0..n)
+        .map(|i| {
+            fill_canvas_progress(model, canvas, class, cfg, rng, &mut |d, t| {
+                on_window(i, d, t)
+            })?
+            .tokens()
+            .context("window filling left a cell unknown")
         })
         .collect()
 }

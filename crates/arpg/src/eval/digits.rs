@@ -82,6 +82,41 @@ pub enum DigitsTask {
     Sketch,
 }
 
+impl DigitsTask {
+    /// `--task`: `sample` (`per_class` digits of each class), `inpaint` or `sketch`.
+    pub fn parse(s: &str, per_class: usize) -> Result<Self> {
+        match s {
+            "sample" => Ok(Self::Sample { per_class }),
+            "inpaint" => Ok(Self::Inpaint),
+            "sketch" => Ok(Self::Sketch),
+            _ => anyhow::bail!("unknown task {s:?} (expected sample, inpaint or sketch)"),
+        }
+    }
+
+    /// Samples the task draws, with `test` held-out digits.
+    pub fn samples(&self, test: usize) -> usize {
+        match self {
+            Self::Sample { per_class } => per_class * 10,
+            _ => test,
+        }
+    }
+}
+
+/// The judge's digits from the UCI CSV at `path`: (training split, test split), both
+/// non-empty.
+pub fn load_splits(path: &std::path::Path) -> Result<(Vec<Digit>, Vec<Digit>)> {
+    use anyhow::Context;
+    let (train, test) =
+        crate::data::digits::split(&crate::data::digits::load_csv_gz(path).context("--data")?);
+    anyhow::ensure!(
+        !train.is_empty() && !test.is_empty(),
+        "--data {}: {} digit(s); the judge needs a training and a test split (2 at least)",
+        path.display(),
+        train.len() + test.len()
+    );
+    Ok((train, test))
+}
+
 /// Run `task` on `model` (batches of `batch`, seeded by `seed`) and score it against the
 /// training digits (`on_batch` gets the samples done so far).
 #[allow(clippy::too_many_arguments)]

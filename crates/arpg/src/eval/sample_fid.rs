@@ -23,9 +23,82 @@ pub struct Shards {
     pub shard_size: usize,
 }
 
+/// Most shards a run may have: each is a file checked on every run.
+pub const MAX_SHARDS: usize = 10_000_000;
+
 impl Shards {
+    /// `n` images in shards of `shard_size` (both at least 1) under `out`.
+    pub fn new(out: PathBuf, n: usize, shard_size: usize) -> Result<Self> {
+        let s = Shards { out, n, shard_size };
+        ensure!(
+            s.count() <= MAX_SHARDS,
+            "--num-samples {n} in shards of --shard-size {shard_size} makes {} shards; at most {MAX_SHARDS}",
+            s.count()
+        );
+        Ok(s)
+    }
+
     pub fn count(&self) -> usize {
         self.n.div_ceil(self.shard_size)
+    }
+
+    /// Images in `shards`.
+    pub fn images(&self, shards: &[usize]) -> usize {
+        shards
+            .iter()
+            .map(|&s| self.range(s).1 - self.range(s).0)
+            .sum()
+    }
+
+    /// A shard is held in memory until written: refuse one of `side` x `side` images that
+    /// cannot be.
+    pub fn check_memory(&self, side: usize) -> Result<()> {
+        let k = self.shard_size.min(self.n);
+        let side = side as u128;
+        crate::util::check_memory(
+            k as u128 * side * side * 3 * 2,
+            &format!("a shard of {k} images of {side}x{side}"),
+        )
+    }
+
+    /// The shards not finished yet (`warn`: name unusable ones); `on_checked` after each
+    /// shard, since millions take a while.
+    pub fn pending(&self, warn: bool, on_checked: &mut dyn FnMut()) -> Vec<usize> {
+        (0..self.count())
+            .filter(|&s| {
+                on_checked();
+                self.done(s, warn).is_none()
+            })
+            .collect()
+    }
+
+    /// Rank 0's wait for the shards of the other ranks; false when Ctrl-C ends it first.
+    pub fn wait_for_all(&self) -> bool {
+        let mut waited = false;
+        loop {
+            let missing = self.pending(false, &mut || {}).len();
+            if missing == 0 {
+                return true;
+            }
+            if !waited {
+                eprintln!("waiting for {missing} shard(s) from the other ranks");
+                waited = true;
+            }
+            if crate::util::interrupted() {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// `samples.npz` of the finished shards, assembled unless it exists and this run
+    /// sampled nothing.
+    pub fn finish(&self, sampled: usize) -> Result<PathBuf> {
+        let npz_path = self.out.join("samples.npz");
+        if sampled > 0 || !npz_path.exists() {
+            self.assemble(&npz_path)?;
+        }
+        Ok(npz_path)
     }
 
     /// Images `[begin, end)` of shard `s`.
@@ -222,7 +295,7 @@ pub fn sample_shards(
                 let p = shards
                     .out
                     .join("images")
-                    .join(format!("{:06}_class{class}.png", first + j));
+                    .join(img::sample_png_name(first + j, *class));
                 pngs.submit(p, px.image(j))?;
             }
         }

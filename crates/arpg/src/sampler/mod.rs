@@ -390,6 +390,49 @@ pub fn random_order<R: Rng>(positions: &[usize], rng: &mut R) -> Vec<usize> {
     o
 }
 
+/// How a run orders the images of each batch.
+#[derive(Debug, Clone)]
+pub enum Orders {
+    /// The reference's way: one random order shared by the batch.
+    Shared,
+    /// An independent random order per image.
+    PerImage,
+    /// This order for every image.
+    Fixed(Vec<usize>),
+}
+
+impl Orders {
+    /// The orders of a batch of `n` images over `positions`.
+    pub fn draw<R: Rng>(&self, n: usize, positions: &[usize], rng: &mut R) -> Vec<Vec<usize>> {
+        match self {
+            Self::Fixed(o) => vec![o.clone(); n],
+            Self::PerImage => (0..n).map(|_| random_order(positions, rng)).collect(),
+            Self::Shared => vec![random_order(positions, rng); n],
+        }
+    }
+}
+
+/// Checks `classes`, each in `order` (default: raster order) with nothing known, as a request
+/// would be checked: what a command line can check of its classes before a model loads.
+pub fn check_classes(
+    shape: DecodeShape,
+    cfg: &SampleConfig,
+    classes: &[usize],
+    order: Option<&[usize]>,
+    condition: Option<Condition>,
+) -> Result<()> {
+    let raster: Vec<usize> = (0..shape.cells).collect();
+    let orders = vec![order.unwrap_or(&raster).to_vec(); classes.len()];
+    let known = vec![vec![]; classes.len()];
+    let req = Request {
+        classes,
+        known: &known,
+        orders: &orders,
+        condition,
+    };
+    req.validate(shape, cfg).map(|_| ())
+}
+
 /// Decode a validated request on `model`: tokens `[b, cells]` (u32, raster order over the
 /// model's grid, known tokens unchanged), left on the model's device for the VQ decoder;
 /// `.to_vec2::<u32>()` brings them to the host. With `graphs`, the device path captures the

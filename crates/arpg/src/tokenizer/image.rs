@@ -329,6 +329,88 @@ pub fn make_grid(imgs: &[RgbImage], ncols: usize, pad: usize) -> RgbImage {
     out
 }
 
+/// The VQ encoder's raw input (`encode --raw-in`): `.npy` f32 of N x 3 x H x W with square
+/// images (token grids are square) and finite values.
+pub fn read_raw_images(path: &Path, device: &Device) -> Result<Tensor> {
+    let (shape, data) = read_npy_f32(path)?;
+    if shape.len() != 4 || shape[1] != 3 || shape[0] == 0 {
+        bail!(
+            "--raw-in {}: shape {shape:?}, expected N x 3 x H x W",
+            path.display()
+        );
+    }
+    // `decode` reads square grids only: refuse what it could not read back.
+    if shape[2] != shape[3] {
+        bail!(
+            "--raw-in {}: images of {}x{} pixels; only square images are supported \
+             (token grids are square)",
+            path.display(),
+            shape[3],
+            shape[2]
+        );
+    }
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        bail!("--raw-in {}: value {i} is {}", path.display(), data[i]);
+    }
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// An editing command's outputs in `dir`: `{stem}_N.png` per image and `input.png`.
+pub fn save_edits(dir: &Path, stem: &str, src: &RgbImage, images: &[RgbImage]) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create --out {}", dir.display()))?;
+    for (i, im) in images.iter().enumerate() {
+        save_png_atomic(im, &dir.join(format!("{stem}_{i}.png")))?;
+    }
+    save_png_atomic(src, &dir.join("input.png"))
+}
+
+/// The PNG name of sample `i` of class `class` (`sample`, `sample-fid`).
+pub fn sample_png_name(i: usize, class: usize) -> String {
+    format!("{i:06}_class{class}.png")
+}
+
+/// The overview of a sampling run: one row per class when there are several images a class,
+/// else a square; tiny images (the digits model's 8x8) enlarged so that they can be seen.
+pub fn sample_grid(images: &[RgbImage], per_class: usize) -> RgbImage {
+    let ncols = match per_class {
+        1 => (images.len() as f64).sqrt().ceil() as usize,
+        n => n,
+    };
+    let g = make_grid(images, ncols, 2);
+    let side = images.first().map_or(1, |i| i.width().max(1));
+    if side >= 64 {
+        return g;
+    }
+    let k = 64 / side;
+    image::imageops::resize(&g, g.width() * k, g.height() * k, FilterType::Nearest)
+}
+
+/// A rerun into the same folder must not leave the earlier run's images beside the new ones:
+/// remove the sampling outputs (`NNNNNN_classC.png`, `grid.png`) of `dir` that are not in
+/// `written`. Other files are left alone.
+pub fn remove_stale_samples(dir: &Path, written: &[String]) -> Result<()> {
+    let written: std::collections::HashSet<&String> = written.iter().collect();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let ours = match name
+            .strip_suffix(".png")
+            .and_then(|n| n.split_once("_class"))
+        {
+            Some((idx, class)) => idx.len() == 6 && digits(idx) && digits(class),
+            None => name == "grid.png",
+        };
+        if ours && !written.contains(&name) {
+            std::fs::remove_file(e.path()).with_context(|| {
+                format!("cannot remove the earlier run's {}", e.path().display())
+            })?;
+        }
+    }
+    Ok(())
+}
+
 pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
     crate::util::write_atomic_with(path, "PNG", |w| {
         image::codecs::png::PngEncoder::new(w).write_image(

@@ -16,7 +16,42 @@ pub enum ImageTokenizer {
     Pixel,
 }
 
+/// Largest image side the encoder takes (its activations grow with the square).
+pub const MAX_IMAGE_SIZE: usize = 8192;
+
+/// `--image-size`: in 1..=[`MAX_IMAGE_SIZE`].
+pub fn check_image_size(size: usize) -> Result<()> {
+    if size == 0 || size > MAX_IMAGE_SIZE {
+        bail!("--image-size {size} must be in 1..={MAX_IMAGE_SIZE}");
+    }
+    Ok(())
+}
+
 impl ImageTokenizer {
+    /// Token ids it decodes: the codebook's size, or the pixel levels.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Vq(vq) => vq.config().codebook_size,
+            Self::Pixel => pixel::LEVELS as usize,
+        }
+    }
+
+    /// Every token of every grid in range of the tokenizer; the error names the first that
+    /// is not.
+    pub fn check_tokens(&self, grids: &[Vec<u32>]) -> Result<()> {
+        let k = self.vocab_size();
+        for (i, t) in grids.iter().enumerate() {
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= k) {
+                let table = match self {
+                    Self::Vq(_) => "codebook",
+                    Self::Pixel => "pixel tokenizer",
+                };
+                bail!("grid {i} has token {bad}, but the {table} has {k} entries");
+            }
+        }
+        Ok(())
+    }
+
     /// Pixels per token side.
     pub fn patch_size(&self) -> usize {
         match self {

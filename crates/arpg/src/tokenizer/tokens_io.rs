@@ -3,6 +3,18 @@
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
+/// A generation order file (`--order`): a JSON array of raster positions; the sampler checks
+/// that they are a permutation of the grid.
+pub fn read_order(path: &Path) -> Result<Vec<usize>> {
+    let text = crate::util::read_small(path, 64 << 20, "--order")?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--order {}: expected a JSON array of raster positions",
+            path.display()
+        )
+    })
+}
+
 pub fn write(path: &Path, tokens: &[Vec<u32>]) -> Result<()> {
     let text = serde_json::to_string(tokens)?;
     crate::util::write_atomic(path, text.as_bytes())

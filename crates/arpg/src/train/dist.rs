@@ -74,6 +74,84 @@ impl DistEnv {
     }
 }
 
+impl DistEnv {
+    /// This process's place in a run of several processes, if it is one.
+    pub fn of_run() -> Result<Option<Self>> {
+        Ok(Self::from_env()?.filter(|d| d.world_size > 1))
+    }
+
+    /// The device of a worker: `cuda:LOCAL_RANK` (a worker has a GPU of its own).
+    pub fn worker_device(&self) -> String {
+        format!("cuda:{}", self.local_rank)
+    }
+}
+
+/// Whether `--gpus n` asks this process to launch workers rather than work itself (it is
+/// not one already).
+pub fn should_spawn(gpus: usize) -> Result<bool> {
+    anyhow::ensure!(gpus >= 1, "--gpus must be at least 1");
+    Ok(gpus > 1 && DistEnv::from_env()?.is_none())
+}
+
+/// One process per GPU, as torchrun starts them: re-executes the current command line `n`
+/// times with the launcher variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+/// MASTER_PORT) and waits for all, failing (and stopping the others, which would wait on the
+/// dead rank forever) as soon as one fails. `Ok(false)`: the workers stopped on Ctrl-C.
+pub fn spawn_workers(n: usize) -> Result<bool> {
+    use anyhow::Context;
+    use std::process::{Child, Command};
+    let exe = std::env::current_exe().context("cannot find this executable to re-run it")?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let port = match std::env::var("MASTER_PORT") {
+        Ok(p) => p,
+        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+            .to_string(),
+    };
+    let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    eprintln!("launching {n} processes (one per GPU), rendezvous at {addr}:{port}");
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", &addr)
+            .env("MASTER_PORT", &port)
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(Some(child));
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    while children.iter().any(Option::is_some) {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            if let Some(status) = slot.as_mut().map(Child::try_wait).transpose()?.flatten() {
+                *slot = None;
+                if !status.success() && failed.is_none() {
+                    failed = Some((rank, status));
+                }
+            }
+        }
+        if failed.is_some() {
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failed {
+        // Ctrl-C reaches every worker; they stop together and exit 130.
+        Some((_, s)) if s.code() == Some(130) => Ok(false),
+        Some((rank, s)) => anyhow::bail!("rank {rank} failed ({s}); stopped the other ranks"),
+        None => Ok(true),
+    }
+}
+
 /// Rank 0 serves `payload` to the other ranks over TCP at `addr:port`; the others fetch it
 /// (retrying while rank 0 starts). Used to hand out the NCCL unique id.
 pub fn exchange_bytes(env: &DistEnv, payload: Option<&[u8]>, len: usize) -> Result<Vec<u8>> {

@@ -9,6 +9,7 @@ pub mod dist;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod setup;
 
 use crate::config::ArpgConfig;
 use crate::data::Packed;
