@@ -133,6 +133,15 @@ __device__ float block_sum(float v, float *red) {
     return t;
 }
 
+// GroupNorm's affine of one value v with f32 (mean, den = sqrt(var + eps)), rounded to x's
+// dtype, then, if silu, x * sigmoid(x) of that rounded value in f32 (stored rounded once).
+template <typename T>
+__device__ __forceinline__ float gn_affine(
+    const T *x, float v, float mean, float den, float w, float b, int silu) {
+    float r = round_to(x, __fadd_rn(__fmul_rn(__fdiv_rn(v - mean, den), w), b));
+    return silu ? __fdiv_rn(r, 1.0f + expf(-r)) : r;
+}
+
 // GroupNorm of NCHW x (one block per (image, group): a group's channels are contiguous, n =
 // channels per group * h * w elements) with f32 statistics in two passes (mean, then mean
 // squared deviation) and an f32 affine, rounded to x's dtype; then, if silu, x * sigmoid(x)
@@ -156,10 +165,7 @@ __device__ void group_norm(
     float den = sqrtf(block_sum(q, red) / (float)n + eps);
     for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
         unsigned int c = c0 + i / hw;
-        float v = __fadd_rn(__fmul_rn(__fdiv_rn(load_f32(x, base + i) - mean, den), w[c]), b[c]);
-        v = round_to(x, v);
-        if (silu) v = __fdiv_rn(v, 1.0f + expf(-v));
-        store_f32(y, base + i, v);
+        store_f32(y, base + i, gn_affine(x, load_f32(x, base + i), mean, den, w[c], b[c], silu));
     }
 }
 
@@ -175,49 +181,88 @@ extern "C" __global__ void group_norm_bf16(
     group_norm(x, w, b, y, n, hw, cpg, groups, eps, silu);
 }
 
-// GroupNorm of NHWC x [n, hw, c] in three kernels (group_norm.rs has the CPU twin).
-// (1) Per-channel partials of position ranges: block (chunk, image); thread (lane, channel)
-// reads positions chunk * rows + lane, + lanes, ... (a warp reads consecutive channels of one
-// position), shifted by its first value so that the sums stay well conditioned, and stores
-// (count, mean, M2) at ((image * chunks + chunk) * lanes + lane) * c + channel.
-template <typename T>
+// Channels a thread of the NHWC kernels moves at once: V = 1, or a 16-byte vector (8 bf16 or
+// 4 f32), widened to f32.
+template <int V>
+__device__ __forceinline__ void load_v(const unsigned short *p, float *v) {
+    if constexpr (V == 1) {
+        v[0] = bf2f(p[0]);
+    } else {
+        uint4 u = *reinterpret_cast<const uint4 *>(p);
+        unsigned int w[4] = {u.x, u.y, u.z, u.w};
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = bf2f((unsigned short)(w[k] & 0xffffu));
+            v[2 * k + 1] = bf2f((unsigned short)(w[k] >> 16));
+        }
+    }
+}
+template <int V>
+__device__ __forceinline__ void load_v(const float *p, float *v) {
+    if constexpr (V == 1) {
+        v[0] = p[0];
+    } else {
+        float4 f = *reinterpret_cast<const float4 *>(p);
+        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    }
+}
+template <int V>
+__device__ __forceinline__ void store_v(unsigned short *p, const float *v) {
+    if constexpr (V == 1) {
+        p[0] = f2bf(v[0]);
+    } else {
+        unsigned int w[4];
+        for (int k = 0; k < 4; k++)
+            w[k] = (unsigned int)f2bf(v[2 * k]) | ((unsigned int)f2bf(v[2 * k + 1]) << 16);
+        *reinterpret_cast<uint4 *>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+template <int V>
+__device__ __forceinline__ void store_v(float *p, const float *v) {
+    if constexpr (V == 1) p[0] = v[0];
+    else *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// GroupNorm of NHWC x [n, hw, c] in three kernels (group_norm.rs has the CPU twin), each
+// thread moving V channels at once (V > 1: c a multiple of V, 16-byte aligned rows).
+// (1) Per-channel partials of position ranges: block (chunk, image); thread (lane, vector of
+// channels) reads positions chunk * rows + lane, + lanes, ... (a warp reads consecutive
+// channels of one position), shifted by its first value so that the sums stay well
+// conditioned, and stores (count, mean, M2) at ((image * chunks + chunk) * lanes + lane) * c +
+// channel.
+template <int V, typename T>
 __device__ void gn_nhwc_partial(
     const T *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
     unsigned int lanes) {
+    unsigned int cv = c / V;
     unsigned int chunk = blockIdx.x, img = blockIdx.y, chunks = gridDim.x;
-    unsigned int lane = lanes > 1 ? threadIdx.x / c : 0;
+    unsigned int lane = lanes > 1 ? threadIdx.x / cv : 0;
     if (lane >= lanes) return;
-    unsigned int step = lanes > 1 ? c : blockDim.x;
+    unsigned int step = lanes > 1 ? cv : blockDim.x;
     unsigned int p0 = chunk * rows + lane, p1 = min(chunk * rows + rows, hw);
     const T *xi = x + (size_t)img * hw * c;
-    for (unsigned int ch = lanes > 1 ? threadIdx.x % c : threadIdx.x; ch < c; ch += step) {
-        float k = p0 < p1 ? load_f32(xi, (size_t)p0 * c + ch) : 0.0f;
-        float s = 0.0f, q = 0.0f;
+    for (unsigned int vc = lanes > 1 ? threadIdx.x % cv : threadIdx.x; vc < cv; vc += step) {
+        float k[V], s[V], q[V], v[V];
+        if (p0 < p1) load_v<V>(xi + (size_t)p0 * c + vc * V, k);
+        else for (int i = 0; i < V; i++) k[i] = 0.0f;
+        for (int i = 0; i < V; i++) s[i] = q[i] = 0.0f;
         unsigned int cnt = 0;
         for (unsigned int p = p0; p < p1; p += lanes) {
-            float d = load_f32(xi, (size_t)p * c + ch) - k;
-            s += d;
-            q += d * d;
+            load_v<V>(xi + (size_t)p * c + vc * V, v);
+            for (int i = 0; i < V; i++) {
+                float d = v[i] - k[i];
+                s[i] += d;
+                q[i] += d * d;
+            }
             cnt++;
         }
         float fc = (float)cnt;
-        size_t o = ((((size_t)img * chunks + chunk) * lanes + lane) * c + ch) * 3;
-        part[o] = fc;
-        part[o + 1] = cnt ? k + s / fc : 0.0f;
-        part[o + 2] = cnt ? fmaxf(q - s * s / fc, 0.0f) : 0.0f;
+        for (int i = 0; i < V; i++) {
+            size_t o = ((((size_t)img * chunks + chunk) * lanes + lane) * c + vc * V + i) * 3;
+            part[o] = fc;
+            part[o + 1] = cnt ? k[i] + s[i] / fc : 0.0f;
+            part[o + 2] = cnt ? fmaxf(q[i] - s[i] * s[i] / fc, 0.0f) : 0.0f;
+        }
     }
-}
-
-extern "C" __global__ void gn_nhwc_partial_f32(
-    const float *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
-    unsigned int lanes) {
-    gn_nhwc_partial(x, part, hw, c, rows, lanes);
-}
-
-extern "C" __global__ void gn_nhwc_partial_bf16(
-    const unsigned short *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
-    unsigned int lanes) {
-    gn_nhwc_partial(x, part, hw, c, rows, lanes);
 }
 
 // (2) One block per (image, group): the group's `parts` partials per channel combined exactly
@@ -248,117 +293,10 @@ extern "C" __global__ void gn_nhwc_stats(
 }
 
 // (3) The affine (and SiLU) of the NCHW kernel, elementwise; grid (blocks, image).
-template <typename T>
+template <int V, typename T>
 __device__ void gn_nhwc_apply(
     const T *x, const float *stats, const float *w, const float *b, T *y, unsigned int hw,
     unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
-    unsigned int hwc = hw * c;
-    size_t base = (size_t)blockIdx.y * hwc;
-    const float *st = stats + 2 * (size_t)blockIdx.y * groups;
-    for (unsigned int j = blockIdx.x * blockDim.x + threadIdx.x; j < hwc;
-         j += gridDim.x * blockDim.x) {
-        unsigned int ch = j % c, g = ch / cpg;
-        float v = __fadd_rn(
-            __fmul_rn(__fdiv_rn(load_f32(x, base + j) - st[2 * g], st[2 * g + 1]), w[ch]), b[ch]);
-        v = round_to(x, v);
-        if (silu) v = __fdiv_rn(v, 1.0f + expf(-v));
-        store_f32(y, base + j, v);
-    }
-}
-
-extern "C" __global__ void gn_nhwc_apply_f32(
-    const float *x, const float *stats, const float *w, const float *b, float *y,
-    unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
-    gn_nhwc_apply(x, stats, w, b, y, hw, c, cpg, groups, silu);
-}
-
-extern "C" __global__ void gn_nhwc_apply_bf16(
-    const unsigned short *x, const float *stats, const float *w, const float *b,
-    unsigned short *y, unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups,
-    int silu) {
-    gn_nhwc_apply(x, stats, w, b, y, hw, c, cpg, groups, silu);
-}
-
-// 16-byte vectors of activations: 8 bf16 or 4 f32 channels, widened to f32.
-__device__ __forceinline__ void load_vec(const unsigned short *p, float *v) {
-    uint4 u = *reinterpret_cast<const uint4 *>(p);
-    unsigned int w[4] = {u.x, u.y, u.z, u.w};
-    for (int k = 0; k < 4; k++) {
-        v[2 * k] = bf2f((unsigned short)(w[k] & 0xffffu));
-        v[2 * k + 1] = bf2f((unsigned short)(w[k] >> 16));
-    }
-}
-__device__ __forceinline__ void load_vec(const float *p, float *v) {
-    float4 f = *reinterpret_cast<const float4 *>(p);
-    v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
-}
-__device__ __forceinline__ void store_vec(unsigned short *p, const float *v) {
-    unsigned int w[4];
-    for (int k = 0; k < 4; k++)
-        w[k] = (unsigned int)f2bf(v[2 * k]) | ((unsigned int)f2bf(v[2 * k + 1]) << 16);
-    *reinterpret_cast<uint4 *>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-__device__ __forceinline__ void store_vec(float *p, const float *v) {
-    *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-
-// The NHWC GroupNorm kernels above, V = 16 / sizeof(T) channels per thread (c a multiple of
-// V, 16-byte aligned rows): the same partials, statistics and arithmetic, a quarter to an
-// eighth of the memory instructions. `lanes` counts threads per vector channel.
-template <typename T>
-__device__ void gn_nhwc_partial_v(
-    const T *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
-    unsigned int lanes) {
-    const unsigned int V = 16 / sizeof(T);
-    unsigned int cv = c / V;
-    unsigned int chunk = blockIdx.x, img = blockIdx.y, chunks = gridDim.x;
-    unsigned int lane = lanes > 1 ? threadIdx.x / cv : 0;
-    if (lane >= lanes) return;
-    unsigned int step = lanes > 1 ? cv : blockDim.x;
-    unsigned int p0 = chunk * rows + lane, p1 = min(chunk * rows + rows, hw);
-    const T *xi = x + (size_t)img * hw * c;
-    for (unsigned int vc = lanes > 1 ? threadIdx.x % cv : threadIdx.x; vc < cv; vc += step) {
-        float k[V], s[V], q[V], v[V];
-        if (p0 < p1) load_vec(xi + (size_t)p0 * c + vc * V, k);
-        else for (unsigned int i = 0; i < V; i++) k[i] = 0.0f;
-        for (unsigned int i = 0; i < V; i++) s[i] = q[i] = 0.0f;
-        unsigned int cnt = 0;
-        for (unsigned int p = p0; p < p1; p += lanes) {
-            load_vec(xi + (size_t)p * c + vc * V, v);
-            for (unsigned int i = 0; i < V; i++) {
-                float d = v[i] - k[i];
-                s[i] += d;
-                q[i] += d * d;
-            }
-            cnt++;
-        }
-        float fc = (float)cnt;
-        for (unsigned int i = 0; i < V; i++) {
-            size_t o = ((((size_t)img * chunks + chunk) * lanes + lane) * c + vc * V + i) * 3;
-            part[o] = fc;
-            part[o + 1] = cnt ? k[i] + s[i] / fc : 0.0f;
-            part[o + 2] = cnt ? fmaxf(q[i] - s[i] * s[i] / fc, 0.0f) : 0.0f;
-        }
-    }
-}
-
-extern "C" __global__ void gn_nhwc_partial_v_f32(
-    const float *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
-    unsigned int lanes) {
-    gn_nhwc_partial_v(x, part, hw, c, rows, lanes);
-}
-
-extern "C" __global__ void gn_nhwc_partial_v_bf16(
-    const unsigned short *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,
-    unsigned int lanes) {
-    gn_nhwc_partial_v(x, part, hw, c, rows, lanes);
-}
-
-template <typename T>
-__device__ void gn_nhwc_apply_v(
-    const T *x, const float *stats, const float *w, const float *b, T *y, unsigned int hw,
-    unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
-    const unsigned int V = 16 / sizeof(T);
     unsigned int n = hw * (c / V);
     size_t base = (size_t)blockIdx.y * hw * c;
     const float *st = stats + 2 * (size_t)blockIdx.y * groups;
@@ -366,31 +304,30 @@ __device__ void gn_nhwc_apply_v(
          j += gridDim.x * blockDim.x) {
         unsigned int ch0 = (j * V) % c;
         float v[V];
-        load_vec(x + base + (size_t)j * V, v);
-        for (unsigned int i = 0; i < V; i++) {
+        load_v<V>(x + base + (size_t)j * V, v);
+        for (int i = 0; i < V; i++) {
             unsigned int ch = ch0 + i, g = ch / cpg;
-            float r = __fadd_rn(
-                __fmul_rn(__fdiv_rn(v[i] - st[2 * g], st[2 * g + 1]), w[ch]), b[ch]);
-            r = round_to(x, r);
-            if (silu) r = __fdiv_rn(r, 1.0f + expf(-r));
-            v[i] = r;
+            v[i] = gn_affine(x, v[i], st[2 * g], st[2 * g + 1], w[ch], b[ch], silu);
         }
-        store_vec(y + base + (size_t)j * V, v);
+        store_v<V>(y + base + (size_t)j * V, v);
     }
 }
 
-extern "C" __global__ void gn_nhwc_apply_v_f32(
-    const float *x, const float *stats, const float *w, const float *b, float *y,
-    unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups, int silu) {
-    gn_nhwc_apply_v(x, stats, w, b, y, hw, c, cpg, groups, silu);
-}
-
-extern "C" __global__ void gn_nhwc_apply_v_bf16(
-    const unsigned short *x, const float *stats, const float *w, const float *b,
-    unsigned short *y, unsigned int hw, unsigned int c, unsigned int cpg, unsigned int groups,
-    int silu) {
-    gn_nhwc_apply_v(x, stats, w, b, y, hw, c, cpg, groups, silu);
-}
+#define GN_NHWC(suffix, T, V)                                                                   \
+    extern "C" __global__ void gn_nhwc_partial##suffix(                                         \
+        const T *x, float *part, unsigned int hw, unsigned int c, unsigned int rows,            \
+        unsigned int lanes) {                                                                   \
+        gn_nhwc_partial<V>(x, part, hw, c, rows, lanes);                                        \
+    }                                                                                           \
+    extern "C" __global__ void gn_nhwc_apply##suffix(                                           \
+        const T *x, const float *stats, const float *w, const float *b, T *y, unsigned int hw,  \
+        unsigned int c, unsigned int cpg, unsigned int groups, int silu) {                      \
+        gn_nhwc_apply<V>(x, stats, w, b, y, hw, c, cpg, groups, silu);                          \
+    }
+GN_NHWC(_f32, float, 1)
+GN_NHWC(_bf16, unsigned short, 1)
+GN_NHWC(_v_f32, float, 4)
+GN_NHWC(_v_bf16, unsigned short, 8)
 
 // Nearest-neighbour 2x upsampling of NHWC x [n, h, w, c] as 16-byte vectors (cv of them per
 // pixel); grid (blocks, image).

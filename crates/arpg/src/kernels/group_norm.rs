@@ -70,6 +70,17 @@ pub fn slow(
     Ok(y)
 }
 
+/// One value's affine with the group's (mean, sqrt(var + eps)) and the channel's (weight,
+/// bias), rounded to `dt`, then SiLU of the rounded value when asked (the kernels' `gn_affine`).
+fn affine(dt: DType, v: f32, (mean, den): (f32, f32), (w, b): (f32, f32), silu: bool) -> f32 {
+    let y = round_to(dt, (v - mean) / den * w + b);
+    if silu {
+        y / (1.0 + (-y).exp())
+    } else {
+        y
+    }
+}
+
 struct GroupNorm {
     groups: usize,
     eps: f32,
@@ -103,8 +114,7 @@ impl CustomOp3 for GroupNorm {
             let c0 = (gi % self.groups) * cpg;
             for (i, v) in grp.iter_mut().enumerate() {
                 let ch = c0 + i / hw;
-                let y = round_to(dt, (*v - mean) / den * ws[ch] + bs[ch]);
-                *v = if self.silu { y / (1.0 + (-y).exp()) } else { y };
+                *v = affine(dt, *v, (mean, den), (ws[ch], bs[ch]), self.silu);
             }
         }
         Ok((cpu_store(xs, dt)?, xl.shape().clone()))
@@ -321,9 +331,7 @@ impl CustomOp3 for GroupNormNhwc {
                 .collect();
             for (i, v) in img.iter_mut().enumerate() {
                 let ch = i % c;
-                let (mean, den) = stats[ch / cpg];
-                let y = round_to(dt, (*v - mean) / den * ws[ch] + bs[ch]);
-                *v = if self.silu { y / (1.0 + (-y).exp()) } else { y };
+                *v = affine(dt, *v, stats[ch / cpg], (ws[ch], bs[ch]), self.silu);
             }
         }
         Ok((cpu_store(xs, dt)?, xl.shape().clone()))

@@ -890,9 +890,10 @@ fn decode_rows_on(
             let mut next = vec![0; rows.rngs.len()];
             let mut seeds = Vec::with_capacity(req.len());
             for &g in rows.of {
-                let n = rows.of.iter().filter(|&&h| h == g).count();
-                let mine = group_seeds[g]
-                    .get_or_insert_with(|| draw::sequence_seeds(rows.rngs[g].random::<i64>(), n));
+                let mine = group_seeds[g].get_or_insert_with(|| {
+                    let n = rows.of.iter().filter(|&&h| h == g).count();
+                    draw::sequence_seeds(rows.rngs[g].random::<i64>(), n)
+                });
                 seeds.push(mine[next[g]]);
                 next[g] += 1;
             }
