@@ -74,7 +74,9 @@ for steps in a.steps:
             for j, im in enumerate(s):
                 Image.fromarray(im).save(f"{a.png}/{i * a.batch_size + j:06d}.png")
         return s
-    batch(0); torch.cuda.synchronize()
+    # The first batch (cuDNN's and the allocator's warm-up) is timed apart, then left out.
+    t = time.perf_counter(); batch(0); torch.cuda.synchronize()
+    out[f"first_batch_seconds_{steps}"] = time.perf_counter() - t
     n = a.images // a.batch_size
     t = time.perf_counter()
     for i in range(n):

@@ -11,6 +11,9 @@
 #     bash scripts/gpu-e2e.sh nhwc    # parity (NHWC VQ), VQ decode per dtype and layout, ARPG-L
 #                                     # sample-fid with bf16 and TF32 VQs + the reference
 #     bash scripts/gpu-e2e.sh nhwc2   # PNGs on, ARPG-XL and ARPG-XXL, ours and the reference
+#     bash scripts/gpu-e2e.sh gap     # where the pipeline's time goes: stage times, the memory
+#                                     # pool kept vs released (ARPG_POOL_RELEASE=1), ncu per kernel
+#                                     # of the bf16 VQ decode, training with the pool kept/released
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -152,6 +155,25 @@ elif [ "$MODE" = nhwc2 ]; then
   N=640 ref ARPG-XXL --steps 64
   echo "== serve on CUDA == sample on CUDA (issue #15)"
   ARPG=$A timeout 200 bash scripts/gpu-serve-same.sh 2>&1 | tail -8; el
+elif [ "$MODE" = gap ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  for s in 64 32; do
+    bench "ARPG-L tokens + e2e bf16 VQ, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10 --dtype bf16 --vq-dtype bf16
+  done
+  bench "ARPG-L tokens + e2e bf16 VQ, 32 steps, pool released" ARPG_POOL_RELEASE=1 --model ARPG-L --steps 32 --repeats 3 --e2e 10 --dtype bf16 --vq-dtype bf16
+  for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype bf16"; done
+  fid ARPG-L 32 nopng "--vq-dtype bf16 --no-overlap"
+  ARPG_POOL_RELEASE=1 fid ARPG-L 32 nopng "--vq-dtype bf16"
+  ref ARPG-L --steps 64 32
+  bench "train, pool kept" --model ARPG-L --steps 8 --repeats 3 --dtype bf16 --train
+  bench "train, pool released" ARPG_POOL_RELEASE=1 --model ARPG-L --steps 8 --repeats 3 --dtype bf16 --train
+  echo "== reference train"; timeout 200 python3 scripts/bench_reference.py --ref .bin/ref --model ARPG-L --steps 8 --train | tee -a "$OUT/ref.jsonl"; el
+  echo "== ncu: kernels of two bf16 VQ decodes (64 images)"
+  timeout 300 ncu --profile-from-start off --clock-control none --csv --print-units base \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    $A bench --init random --batch-size 64 --warmup 1 --repeats 1 --device cuda:0 --model ARPG-L \
+    --steps 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph --json > "$OUT/ncu-vq.csv" 2> "$OUT/ncu-vq.err"
+  python3 scripts/ncu_summary.py "$OUT/ncu-vq.csv" 2 | tee "$OUT/ncu-vq-summary.txt"; tail -3 "$OUT/ncu-vq.err"; el
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng

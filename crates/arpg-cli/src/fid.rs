@@ -185,7 +185,7 @@ fn sample_shards(
     }
     let start = Instant::now();
     let mut graphs = a.sampling.graphs();
-    let made = arpg::eval::sample_fid::sample_shards(
+    let sampled = arpg::eval::sample_fid::sample_shards(
         shards,
         mine,
         Sampling {
@@ -202,6 +202,7 @@ fn sample_shards(
         },
         &mut |n| pb.inc(n as u64),
     )?;
+    let made = sampled.images;
     if made < total {
         pb.abandon();
         return Ok(());
@@ -212,6 +213,16 @@ fn sample_shards(
         "rank {rank}: {made} images in {secs:.1}s ({:.2} images/s)",
         made as f64 / secs
     );
+    let st = &sampled.stats;
+    if let Some(rate) = sampled.steady_rate() {
+        eprintln!(
+            "rank {rank}: first batch {:.2}s (graph capture, cuDNN's algorithm search), then {rate:.2} images/s; busy: tokens {:.2}s, pixels {:.2}s, output {:.2}s",
+            st.first.as_secs_f64(),
+            st.produce.as_secs_f64(),
+            st.decode.as_secs_f64(),
+            st.sink.as_secs_f64()
+        );
+    }
     Ok(())
 }
 

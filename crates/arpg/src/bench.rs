@@ -182,10 +182,12 @@ fn vq_decode(
     vq.decode(codes, grid)?;
     dev.synchronize()?;
     crate::util::take_profile();
+    let range = crate::device::profiler_range(dev);
     let s = time(dev, b.warmup, b.repeats, || {
         vq.decode(codes, grid)?;
         Ok(())
     })?;
+    drop(range);
     out["vq_decode_seconds"] = s.into();
     if let Some(p) = profile_json() {
         out["vq_profile_ms"] = p;
@@ -302,10 +304,9 @@ fn e2e(
         .load(vq_dtype, &vq_dev)?;
         let tk = crate::tokenizer::ImageTokenizer::Vq(Box::new(vq));
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let mut run = |batches: usize| -> Result<f64> {
-            let start = Instant::now();
+        let mut run = |batches: usize| -> Result<crate::pipeline::Stats> {
             let mut pixels = 0usize;
-            crate::pipeline::run(
+            let st = crate::pipeline::run(
                 overlap,
                 |i| {
                     if i == batches {
@@ -334,15 +335,22 @@ fn e2e(
                 },
             )?;
             std::hint::black_box(pixels);
-            Ok(start.elapsed().as_secs_f64())
+            Ok(st)
         };
-        run(1)?; // warm-up: the graph capture, cuDNN's plans
-        let secs = run(n)?;
+        let warm = run(1)?; // the graph capture, cuDNN's plans
+        let st = run(n)?;
         let key = match overlap {
-            true => "e2e_images_per_sec",
-            false => "e2e_sequential_images_per_sec",
+            true => "e2e",
+            false => "e2e_sequential",
         };
-        out[key] = ((n * batch_size) as f64 / secs).into();
+        let secs = st.wall.as_secs_f64();
+        out[format!("{key}_images_per_sec")] = ((n * batch_size) as f64 / secs).into();
+        // Per batch: where the time went (the stages overlap when `overlap`).
+        let per = |d: std::time::Duration| d.as_secs_f64() / n as f64;
+        out[format!("{key}_parts_seconds_per_batch")] = serde_json::json!({
+            "wall": secs / n as f64, "tokens": per(st.produce), "pixels": per(st.decode),
+            "sink": per(st.sink), "first_batch_cold": warm.wall.as_secs_f64(),
+        });
     }
     out["e2e_batches"] = n.into();
     Ok(())

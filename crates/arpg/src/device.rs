@@ -22,6 +22,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 }
             })?;
             crate::util::watch_device(&dev);
+            keep_pool_memory(&dev)?;
             Ok(dev)
         }
         _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
@@ -110,6 +111,56 @@ pub fn reset_peak_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Let the stream-ordered pool keep the memory it has reserved. CUDA's default release
+/// threshold (0) hands every freed byte back to the OS at each stream or device
+/// synchronisation, so that a loop which synchronises once per batch (or training step)
+/// maps its gigabytes of buffers afresh every time; PyTorch's caching allocator keeps them
+/// too. `ARPG_POOL_RELEASE=1` restores CUDA's default, for comparison.
+pub fn keep_pool_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        if std::env::var("ARPG_POOL_RELEASE").is_ok_and(|v| v == "1") {
+            return Ok(());
+        }
+        let (pool, _) = cuda_pool(d)?;
+        let mut keep = u64::MAX;
+        // Safety: the release threshold is a 64-bit value read through the pointer.
+        unsafe {
+            check(sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut _,
+            ))?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// A range for a profiler started with `--profile-from-start off` (Nsight Compute's `ncu`):
+/// only the work queued while it is alive is profiled. Does nothing without a profiler.
+pub struct ProfilerRange {
+    #[cfg(feature = "cuda")]
+    _range: Option<candle_core::cuda_backend::cudarc::driver::Profiler>,
+}
+
+pub fn profiler_range(device: &Device) -> ProfilerRange {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::Profiler;
+        let bound = d.cuda_stream().context().bind_to_thread().is_ok();
+        return ProfilerRange {
+            _range: bound.then(|| Profiler::new().ok()).flatten(),
+        };
+    }
+    let _ = device;
+    ProfilerRange {
+        #[cfg(feature = "cuda")]
+        _range: None,
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_pool(
     d: &candle_core::CudaDevice,
@@ -135,7 +186,7 @@ fn check(r: candle_core::cuda_backend::cudarc::driver::sys::CUresult) -> Result<
     if r == CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        anyhow::bail!("CUDA memory statistics: {r:?}")
+        anyhow::bail!("CUDA memory pool: {r:?}")
     }
 }
 

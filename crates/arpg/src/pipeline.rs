@@ -8,43 +8,95 @@
 
 use anyhow::{anyhow, Result};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// Batches of tokens in flight between the two stages: the producer runs at most this many
 /// batches ahead of the decoder (each holds only its tokens).
 const AHEAD: usize = 2;
 
+/// Where a pipeline's time went: each stage's busy time, so that a slow run shows whether a
+/// stage or the hand-over between them is what limits it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Batches that reached `sink`.
+    pub batches: usize,
+    /// From the start until the first batch was sunk: on a GPU it holds the one-off work
+    /// (graph capture, cuDNN's algorithm search) that later batches do not repeat.
+    pub first: Duration,
+    /// The whole run.
+    pub wall: Duration,
+    /// Time spent in `produce`, `decode` and `sink`, each summed over the batches.
+    pub produce: Duration,
+    pub decode: Duration,
+    pub sink: Duration,
+}
+
+impl Stats {
+    /// Items per second after the first batch, of `items(i)` items in batch `i`: what a long
+    /// run approaches, and what a benchmark that warms up first (as the paper's loop is timed)
+    /// measures. None with fewer than two batches.
+    pub fn steady_rate(&self, items: impl Fn(usize) -> usize) -> Option<f64> {
+        let secs = (self.wall - self.first).as_secs_f64();
+        let n: usize = (1..self.batches).map(items).sum();
+        (self.batches > 1 && secs > 0.0).then(|| n as f64 / secs)
+    }
+}
+
+/// Adds the time `f` takes to `total`.
+fn timed<R>(total: &mut Duration, f: impl FnOnce() -> R) -> R {
+    let t = Instant::now();
+    let r = f();
+    *total += t.elapsed();
+    r
+}
+
 /// Runs `produce(i)` for batch `i = 0, 1, ...` until it returns `None`, `decode` on each
 /// produced value and `sink(i, decoded)` in order. With `overlap`, `decode` runs on a second
-/// thread while the next batch is produced; without, all three run here in turn. Returns the
-/// number of batches that reached `sink`. The first error of any stage stops the pipeline.
+/// thread while the next batch is produced; without, all three run here in turn. Returns
+/// the batches that reached `sink` and the stages' times. The first error of any stage stops
+/// the pipeline.
 pub fn run<T: Send, P: Send>(
     overlap: bool,
     mut produce: impl FnMut(usize) -> Result<Option<T>>,
     decode: impl Fn(T) -> Result<P> + Send,
     mut sink: impl FnMut(usize, P) -> Result<()>,
-) -> Result<usize> {
+) -> Result<Stats> {
+    let start = Instant::now();
+    let mut st = Stats::default();
+    let mut timed_sink = |i: usize, p: P, st: &mut Stats| -> Result<()> {
+        timed(&mut st.sink, || sink(i, p))?;
+        if i == 0 {
+            st.first = start.elapsed();
+        }
+        st.batches = i + 1;
+        Ok(())
+    };
     if !overlap {
         let mut i = 0;
-        while let Some(t) = produce(i)? {
-            sink(i, decode(t)?)?;
+        while let Some(t) = timed(&mut st.produce, || produce(i))? {
+            let p = timed(&mut st.decode, || decode(t))?;
+            timed_sink(i, p, &mut st)?;
             i += 1;
         }
-        return Ok(i);
+        st.wall = start.elapsed();
+        return Ok(st);
     }
     std::thread::scope(|scope| {
         let (to_decoder, jobs) = mpsc::sync_channel::<(usize, T)>(AHEAD - 1);
         let (to_sink, done) = mpsc::channel::<(usize, Result<P>)>();
         let decoder = scope.spawn(move || {
+            let mut busy = Duration::ZERO;
             for (i, t) in jobs {
-                let r = decode(t);
+                let r = timed(&mut busy, || decode(t));
                 let failed = r.is_err();
                 if to_sink.send((i, r)).is_err() || failed {
-                    return;
+                    break;
                 }
             }
+            busy
         });
         let mut sunk = 0;
-        let mut drain = |block: bool, sunk: &mut usize| -> Result<bool> {
+        let mut drain = |block: bool, sunk: &mut usize, st: &mut Stats| -> Result<bool> {
             loop {
                 let next = if block {
                     done.recv().ok()
@@ -55,7 +107,7 @@ pub fn run<T: Send, P: Send>(
                     return Ok(false);
                 };
                 debug_assert_eq!(i, *sunk, "the decoder keeps batch order");
-                sink(i, r?)?;
+                timed_sink(i, r?, st)?;
                 *sunk += 1;
                 if !block {
                     return Ok(true);
@@ -64,28 +116,29 @@ pub fn run<T: Send, P: Send>(
         };
         let mut i = 0;
         let produced: Result<()> = (|| {
-            while let Some(t) = produce(i)? {
+            while let Some(t) = timed(&mut st.produce, || produce(i))? {
                 // The decoder stopped early only after an error, which `drain` reports.
                 if to_decoder.send((i, t)).is_err() {
                     break;
                 }
                 i += 1;
-                while drain(false, &mut sunk)? {}
+                while drain(false, &mut sunk, &mut st)? {}
             }
             Ok(())
         })();
         drop(to_decoder);
         // After an error nothing more reaches `sink`; the decoder finishes its queue and stops.
         let drained = match &produced {
-            Ok(()) => drain(true, &mut sunk),
+            Ok(()) => drain(true, &mut sunk, &mut st),
             Err(_) => Ok(false),
         };
-        decoder
+        st.decode = decoder
             .join()
             .map_err(|_| anyhow!("the image decoding thread panicked"))?;
         produced?;
         drained?;
-        Ok(sunk)
+        st.wall = start.elapsed();
+        Ok(st)
     })
 }
 
@@ -111,7 +164,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(made, n);
+        assert_eq!(made.batches, n);
         out.into_inner()
     }
 
@@ -151,7 +204,42 @@ mod tests {
             |_, _| Ok(()),
         )
         .unwrap();
-        assert_eq!(made, 3);
+        assert_eq!(made.batches, 3);
+    }
+
+    #[test]
+    fn stats_count_each_stage_and_the_first_batch() {
+        let ms = std::time::Duration::from_millis;
+        for overlap in [false, true] {
+            let st = run(
+                overlap,
+                |i| {
+                    // The first batch is slow, as a graph capture makes it.
+                    std::thread::sleep(ms(if i == 0 { 120 } else { 10 }));
+                    Ok((i < 4).then_some(i))
+                },
+                |t| {
+                    std::thread::sleep(ms(20));
+                    Ok(t)
+                },
+                |_, _| {
+                    std::thread::sleep(ms(5));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(st.batches, 4);
+            // Five calls of produce (the last says "no more"), four of decode and of sink.
+            assert!(st.produce >= ms(160), "{st:?}");
+            assert!(st.decode >= ms(80) && st.sink >= ms(20), "{st:?}");
+            assert!(st.first >= ms(145) && st.first <= st.wall, "{st:?}");
+            let rate = st.steady_rate(|_| 8).unwrap();
+            let expect = 24.0 / (st.wall - st.first).as_secs_f64();
+            assert!((rate - expect).abs() < 1e-9, "{rate} {expect}");
+            // The steady rate leaves the slow first batch out.
+            assert!(rate > 32.0 / st.wall.as_secs_f64());
+        }
+        assert_eq!(Stats::default().steady_rate(|_| 1), None);
     }
 
     #[test]

@@ -238,15 +238,33 @@ pub struct Sampling<'a> {
     pub png: bool,
 }
 
+/// What [`sample_shards`] did.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    /// Images made: fewer than asked when Ctrl-C stopped the run.
+    pub images: usize,
+    /// Images per batch, in order.
+    pub batch_images: Vec<usize>,
+    pub stats: crate::pipeline::Stats,
+}
+
+impl Sampled {
+    /// Images per second after the first batch (which holds the graph capture and cuDNN's
+    /// algorithm search): the rate a long run approaches.
+    pub fn steady_rate(&self) -> Option<f64> {
+        self.stats.steady_rate(|i| self.batch_images[i])
+    }
+}
+
 /// Sample the shards `mine` of `shards` (each file written atomically once complete, its
-/// PNGs first); `on_images(n)` after each batch. Returns the images made; fewer than asked
-/// when Ctrl-C stopped it (the unfinished shard is dropped, to be sampled on a rerun).
+/// PNGs first); `on_images(n)` after each batch. The images made are fewer than asked when
+/// Ctrl-C stopped it (the unfinished shard is dropped, to be sampled on a rerun).
 pub fn sample_shards(
     shards: &Shards,
     mine: &[usize],
     s: Sampling,
     on_images: &mut dyn FnMut(usize),
-) -> Result<usize> {
+) -> Result<Sampled> {
     let mcfg = s.model.config();
     let grid = mcfg.grid_size();
     let positions: Vec<usize> = (0..mcfg.block_size).collect();
@@ -314,12 +332,18 @@ pub fn sample_shards(
         }
         Ok(())
     };
-    let done = crate::pipeline::run(s.overlap, produce, decode, sink)?;
+    let stats = crate::pipeline::run(s.overlap, produce, decode, sink)?;
+    let done = stats.batches;
     if done < jobs.len() {
         eprintln!(
             "interrupted: the unfinished shard {} is dropped; rerun to resume",
             jobs[done].0
         );
     }
-    Ok(jobs[..done].iter().map(|j| j.2.len()).sum())
+    let batch_images: Vec<usize> = jobs[..done].iter().map(|j| j.2.len()).collect();
+    Ok(Sampled {
+        images: batch_images.iter().sum(),
+        batch_images,
+        stats,
+    })
 }
