@@ -14,6 +14,8 @@
 #     bash scripts/gpu-e2e.sh gap     # where the pipeline's time goes: stage times, the memory
 #                                     # pool kept vs released (ARPG_POOL_RELEASE=1), ncu per kernel
 #                                     # of the bf16 VQ decode, training with the pool kept/released
+#     bash scripts/gpu-e2e.sh vq2     # the fused conv epilogue and the faster NHWC GroupNorm: parity,
+#                                     # VQ decode fused / not (ARPG_CUDNN_FUSE=0), e2e, ncu per kernel
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -174,6 +176,25 @@ elif [ "$MODE" = gap ]; then
     $A bench --init random --batch-size 64 --warmup 1 --repeats 1 --device cuda:0 --model ARPG-L \
     --steps 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph --json > "$OUT/ncu-vq.csv" 2> "$OUT/ncu-vq.err"
   python3 scripts/ncu_summary.py "$OUT/ncu-vq.csv" 2 | tee "$OUT/ncu-vq-summary.txt"; tail -3 "$OUT/ncu-vq.err"; el
+elif [ "$MODE" = vq2 ]; then
+  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | tail -2; el
+  echo "== parity bf16"; $A check-parity --device cuda:0 --dtype bf16 2>&1 | tail -2; el
+  bench "VQ bf16 NHWC, fused epilogue" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ bf16 NHWC, separate bias/residual" ARPG_CUDNN_FUSE=0 --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype bf16
+  bench "VQ tf32 NHWC, fused epilogue" --model ARPG-L --steps 8 --repeats 3 --vq --dtype bf16 --vq-dtype tf32
+  el
+  for s in 64 32; do
+    bench "ARPG-L tokens + e2e bf16 VQ, $s steps" --model ARPG-L --steps $s --repeats 3 --e2e 10 --dtype bf16 --vq-dtype bf16
+  done
+  for s in 64 32; do fid ARPG-L $s nopng "--vq-dtype bf16"; done
+  fid ARPG-L 64 nopng "--vq-dtype tf32"
+  ref ARPG-L --steps 64 32
+  echo "== ncu: kernels of two bf16 VQ decodes (64 images)"
+  timeout 200 ncu --profile-from-start off --clock-control none --csv --print-units base \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    $A bench --init random --batch-size 64 --warmup 1 --repeats 1 --device cuda:0 --model ARPG-L \
+    --steps 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph --json > "$OUT/ncu-vq.csv" 2> "$OUT/ncu-vq.err"
+  python3 scripts/ncu_summary.py "$OUT/ncu-vq.csv" 2 | head -16 | tee "$OUT/ncu-vq-summary.txt"; tail -3 "$OUT/ncu-vq.err"; el
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng

@@ -182,12 +182,13 @@ fn vq_decode(
     vq.decode(codes, grid)?;
     dev.synchronize()?;
     crate::util::take_profile();
-    let range = crate::device::profiler_range(dev);
-    let s = time(dev, b.warmup, b.repeats, || {
-        vq.decode(codes, grid)?;
-        Ok(())
-    })?;
-    drop(range);
+    let s = {
+        let _range = crate::device::profiler_range(dev);
+        time(dev, b.warmup, b.repeats, || {
+            vq.decode(codes, grid)?;
+            Ok(())
+        })?
+    };
     out["vq_decode_seconds"] = s.into();
     if let Some(p) = profile_json() {
         out["vq_profile_ms"] = p;
@@ -199,6 +200,8 @@ fn vq_decode(
     }
     out["vq_dtype"] = format!("{vq_dtype:?}").into();
     out["vq_format"] = format!("{:?}", vq.format()).into();
+    let (planned, fused) = crate::kernels::cudnn::fused_plans();
+    out["cudnn_plans_fused"] = serde_json::json!([fused, planned]);
     let tf32 = crate::kernels::cudnn::allow_tf32();
     out["vq_tf32"] = tf32.into();
     if vq_dtype == DType::F32 && !tf32 {

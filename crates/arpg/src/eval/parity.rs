@@ -146,6 +146,9 @@ pub struct ParityReport {
     pub fused_group_norm_rel_diff: Option<[f64; 4]>,
     /// CUDA only: the NHWC upsampling kernel equals its composite (f32 and bf16).
     pub fused_upsample_equal: Option<bool>,
+    /// CUDA with cuDNN: convolution + bias + residual against candle's convolution and adds,
+    /// relative: `[f32 NCHW, bf16 NHWC (bias and residual in cuDNN's epilogue)]`.
+    pub cudnn_conv_rel_diff: Option<[f64; 2]>,
     /// The VQ decoder's activation layout on this device ("Nchw", or "Nhwc" with cuDNN).
     pub vq_format: String,
     /// CUDA only: the fused training softmax against the unfused ops, relative, as
@@ -306,6 +309,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         vq_format,
         fused_group_norm_rel_diff: crate::kernels::group_norm::check(device)?,
         fused_upsample_equal: crate::kernels::upsample::check(device)?,
+        cudnn_conv_rel_diff: crate::kernels::cudnn::check(device)?,
         fused_attn_softmax_rel_diff: crate::kernels::attn_softmax::check(device)?,
         fused_rope_grad_rel_diff: crate::kernels::rope::check(device)?,
         fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,

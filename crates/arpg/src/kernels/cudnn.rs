@@ -9,6 +9,11 @@
 //!
 //! Algorithms are timed once per shape (`FindEx`, with a stable pick among near-ties; see
 //! `stable_pick`). Both layouts are supported: NHWC is what the VQ runs on a GPU.
+//!
+//! The bias, and a residual `z` where the caller has one, are added in the convolution's own
+//! epilogue (`cudnnConvolutionBiasActivationForward`, identity activation) where cuDNN allows
+//! it: a separate bias pass (`cudnnAddTensor`) and residual add cost the bf16 VQ decoder a
+//! third of its time on the H200. Exact f32 keeps the separate passes.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -56,13 +61,21 @@ pub fn available(device: &candle_core::Device) -> bool {
     }
 }
 
-/// `conv2d(x, w) + b` (square kernel, symmetric `pad`, `stride`, no dilation or groups) on
-/// cuDNN, in `format`. `Ok(None)` where it does not apply (CPU, cuDNN missing or turned off, an
-/// unsupported dtype): the caller then runs candle's convolution (NCHW only).
+/// `ARPG_CUDNN_FUSE=0` adds the bias and the residual in passes of their own (A/B runs).
+#[cfg(feature = "cuda")]
+fn fuse_enabled() -> bool {
+    std::env::var_os("ARPG_CUDNN_FUSE").is_none_or(|v| v != "0")
+}
+
+/// `conv2d(x, w) + b (+ z)` (square kernel, symmetric `pad`, `stride`, no dilation or groups)
+/// on cuDNN, in `format`; `z` has the output's shape and dtype. `Ok(None)` where it does not
+/// apply (CPU, cuDNN missing or turned off, an unsupported dtype): the caller then runs
+/// candle's convolution (NCHW only).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
+    z: Option<&Tensor>,
     pad: usize,
     stride: usize,
     format: Format,
@@ -75,11 +88,13 @@ pub fn conv2d(
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && x.dtype() == w.dtype()
             && x.dtype() == b.dtype()
+            && z.is_none_or(|z| z.dtype() == x.dtype())
             && imp::library().is_some()
         {
             let x = x.contiguous()?;
             let w = w.contiguous()?;
             let b = b.contiguous()?;
+            let z = z.map(|z| z.contiguous()).transpose()?;
             return Ok(Some(x.apply_op3_no_bwd(
                 &w,
                 &b,
@@ -87,12 +102,73 @@ pub fn conv2d(
                     pad,
                     stride,
                     nhwc: format == Format::Nhwc,
+                    z,
                 },
             )?));
         }
     }
-    let _ = (x, w, b, pad, stride, format);
+    let _ = (x, w, b, z, pad, stride, format);
     Ok(None)
+}
+
+/// On CUDA with cuDNN: [`conv2d`] with a residual against candle's convolution plus the
+/// bias and the residual, relative (max |diff| / max |composite|), as `[f32 NCHW (exact, the
+/// separate passes), bf16 NHWC at a decoder shape (the fused epilogue where cuDNN takes it)]`.
+pub fn check(device: &candle_core::Device) -> Result<Option<[f64; 2]>> {
+    use candle_core::DType;
+    if !available(device) {
+        return Ok(None);
+    }
+    let mut out = [0f64; 2];
+    for (k, (n, c, h, bf16)) in [(2, 32, 9, false), (4, 128, 32, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let x = Tensor::randn(0f32, 1.0, (n, c, h, h), device)?;
+        let w = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), device)? / (9.0 * c as f64).sqrt())?;
+        let b = Tensor::randn(0f32, 1.0, c, device)?;
+        let z = Tensor::randn(0f32, 1.0, (n, c, h, h), device)?;
+        let dt = if bf16 { DType::BF16 } else { DType::F32 };
+        let q = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
+        // The composite from the same (rounded) inputs, in f32.
+        let want = (q(&x)?
+            .conv2d(&q(&w)?, 1, 1, 1, 1)?
+            .broadcast_add(&q(&b)?.reshape((1, c, 1, 1))?)?
+            + q(&z)?)?;
+        let got = if bf16 {
+            let nhwc = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(dt)?)
+            };
+            conv2d(
+                &nhwc(&x)?,
+                &nhwc(&w)?,
+                &b.to_dtype(dt)?,
+                Some(&nhwc(&z)?),
+                1,
+                1,
+                Format::Nhwc,
+            )?
+            .map(|y| y.permute((0, 3, 1, 2)))
+            .transpose()?
+        } else {
+            conv2d(&x, &w, &b, Some(&z), 1, 1, Format::Nchw)?
+        };
+        let Some(got) = got else {
+            return Ok(None);
+        };
+        out[k] = super::rel_diff(&got, &want)?;
+    }
+    Ok(Some(out))
+}
+
+/// Convolution shapes planned so far, and how many of them add the bias in cuDNN's epilogue.
+pub fn fused_plans() -> (usize, usize) {
+    #[cfg(feature = "cuda")]
+    {
+        imp::fused_plans()
+    }
+    #[cfg(not(feature = "cuda"))]
+    (0, 0)
 }
 
 /// The cuDNN version in use (e.g. 91500 for 9.15.0), or `None` where it is not loaded.
@@ -129,6 +205,14 @@ mod imp {
     const TENSOR_OP_MATH: c_int = 1;
     const TENSOR_OP_MATH_ALLOW_CONVERSION: c_int = 2;
     const FMA_MATH: c_int = 3;
+    const ALGO_IMPLICIT_PRECOMP_GEMM: c_int = 1;
+    const ACTIVATION_IDENTITY: c_int = 5;
+    const NOT_PROPAGATE_NAN: c_int = 0;
+    /// An algorithm whose epilogue adds the bias (the only one cuDNN fuses with an identity
+    /// activation) is taken when it is at most this much slower than the fastest: a separate
+    /// bias pass over the output costs about as much as the convolution at the decoder's top
+    /// level.
+    const FUSED_SLACK: f32 = 1.5;
     /// Largest workspace an algorithm may ask for: the decoder's own activations at batch 64
     /// are ~1 GiB each in bf16, and the peak-memory budget is the reference's.
     const WORKSPACE_LIMIT: usize = 1 << 30;
@@ -200,6 +284,13 @@ mod imp {
         cudnnAddTensor:
             fn(Handle, *const c_void, Desc, *const c_void, *const c_void, Desc, *mut c_void)
                 -> Status;
+        cudnnCreateActivationDescriptor: fn(*mut Desc) -> Status;
+        cudnnSetActivationDescriptor: fn(Desc, c_int, c_int, f64) -> Status;
+        cudnnConvolutionBiasActivationForward: fn(
+            Handle, *const c_void, Desc, *const c_void, Desc, *const c_void, Desc, c_int,
+            *mut c_void, usize, *const c_void, Desc, *const c_void, Desc, *const c_void, Desc,
+            Desc, *mut c_void
+        ) -> Status;
     }
 
     // Safety: the function pointers and the library handle may be used from any thread.
@@ -247,8 +338,13 @@ mod imp {
         y: Desc,
         bias: Desc,
         conv: Desc,
+        /// The identity activation of the fused call.
+        act: Desc,
         algo: c_int,
         workspace: usize,
+        /// Add the bias (and `z`) in the convolution's epilogue; cleared, after one warning,
+        /// when cuDNN refuses it.
+        fuse: bool,
     }
 
     #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -271,6 +367,11 @@ mod imp {
 
     // Safety: every use of the raw handles and descriptors is under the mutex.
     unsafe impl Send for State {}
+
+    pub(super) fn fused_plans() -> (usize, usize) {
+        let st = state().lock().unwrap_or_else(|p| p.into_inner());
+        (st.plans.len(), st.plans.values().filter(|p| p.fuse).count())
+    }
 
     fn state() -> &'static Mutex<State> {
         static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -431,6 +532,16 @@ mod imp {
                 .copied()
                 .collect();
             stable_pick(&mut ok);
+            if !exact && super::fuse_enabled() {
+                // Prefer the algorithm that can take the bias in its epilogue.
+                let near = ok.first().map_or(0.0, |p| p.time) * FUSED_SLACK;
+                if let Some(i) = ok
+                    .iter()
+                    .position(|p| p.algo == ALGO_IMPLICIT_PRECOMP_GEMM && p.time <= near)
+                {
+                    ok[..=i].rotate_right(1);
+                }
+            }
             perf[..ok.len()].copy_from_slice(&ok);
             found_ok = ok.len() as c_int;
         } else {
@@ -459,8 +570,21 @@ mod imp {
                 ))
             })?;
         let mut workspace = 0usize;
+        let mut act = std::ptr::null_mut();
         // Safety: as above.
         unsafe {
+            check(
+                lib,
+                "create activation",
+                (lib.cudnnCreateActivationDescriptor)(&mut act),
+            )?;
+            let s = (lib.cudnnSetActivationDescriptor)(
+                act,
+                ACTIVATION_IDENTITY,
+                NOT_PROPAGATE_NAN,
+                0.0,
+            );
+            check(lib, "identity activation", s)?;
             let math = if exact {
                 FMA_MATH
             } else {
@@ -482,8 +606,9 @@ mod imp {
             );
             check(lib, "workspace size", s)?;
         }
+        let fuse = !exact && super::fuse_enabled() && best.algo == ALGO_IMPLICIT_PRECOMP_GEMM;
         tracing::debug!(
-            "cuDNN conv{} x {:?} w {:?}: algorithm {} math {} workspace {} MiB ({})",
+            "cuDNN conv{} x {:?} w {:?}: algorithm {} math {} workspace {} MiB fused {fuse} ({})",
             if k.nhwc { " NHWC" } else { "" },
             k.x,
             k.w,
@@ -502,8 +627,10 @@ mod imp {
             y,
             bias,
             conv,
+            act,
             algo: best.algo,
             workspace,
+            fuse,
         })
     }
 
@@ -511,6 +638,8 @@ mod imp {
         pub pad: usize,
         pub stride: usize,
         pub nhwc: bool,
+        /// Added to the output (contiguous, the output's shape and dtype).
+        pub z: Option<candle_core::Tensor>,
     }
 
     /// A 4-d shape in cuDNN's (n, c, h, w) order: NHWC tensors and OHWI filters are permuted.
@@ -591,6 +720,22 @@ mod imp {
             } else {
                 Shape::from((xd[0] as usize, wd[0] as usize, oh, ow))
             };
+            let z = match &self.z {
+                Some(z) => {
+                    if z.shape() != &out_shape {
+                        candle_core::bail!("cuDNN conv: z {:?}, output {out_shape:?}", z.shape());
+                    }
+                    Some(z.storage_and_layout())
+                }
+                None => None,
+            };
+            let z = match &z {
+                Some((s, l)) => match &**s {
+                    candle_core::Storage::Cuda(c) => Some((c, off(l)?)),
+                    _ => candle_core::bail!("cuDNN conv: z is not on the GPU"),
+                },
+                None => None,
+            };
             let mut guard = state().lock().unwrap_or_else(|p| p.into_inner());
             let st = &mut *guard;
             let handle = match st.handles.get(&dev.id()) {
@@ -614,12 +759,17 @@ mod imp {
                     let xs = x.as_cuda_slice::<$t>()?.slice(xo.0..xo.1);
                     let ws = w.as_cuda_slice::<$t>()?.slice(wo.0..wo.1);
                     let bs = b.as_cuda_slice::<$t>()?.slice(bo.0..bo.1);
+                    let zs = match z {
+                        Some((zc, zo)) => Some(zc.as_cuda_slice::<$t>()?.slice(zo.0..zo.1)),
+                        None => None,
+                    };
                     // Safety: cuDNN writes every output element (beta = 0).
                     let mut y = unsafe { dev.alloc::<$t>(out_shape.elem_count()) }?;
                     {
                         let (xp, _gx) = xs.device_ptr(&stream);
                         let (wp, _gw) = ws.device_ptr(&stream);
                         let (bp, _gb) = bs.device_ptr(&stream);
+                        let zp = zs.as_ref().map(|z| z.device_ptr(&stream));
                         let (yp, _gy) = y.device_ptr_mut(&stream);
                         if !st.plans.contains_key(&key) {
                             let p = if find() {
@@ -638,38 +788,91 @@ mod imp {
                             };
                             st.plans.insert(key, p);
                         }
-                        let p = &st.plans[&key];
+                        let p = st.plans.get_mut(&key).expect("inserted above");
                         let mut work = unsafe { dev.alloc::<u8>(p.workspace.max(1)) }?;
                         let (kp, _gk) = work.device_ptr_mut(&stream);
+                        let ptr = |v: &f32| v as *const f32 as *const c_void;
                         // Safety: the descriptors describe these buffers (shapes checked above);
-                        // alpha/beta are f32, as cuDNN wants for f32, bf16 and f16 data.
+                        // alpha/beta are f32, as cuDNN wants for f32, bf16 and f16 data. Without
+                        // `z`, the fused call reads y as z with alpha2 = 0 (as TensorFlow does).
                         unsafe {
-                            let s = (lib.cudnnConvolutionForward)(
-                                handle,
-                                &one as *const f32 as *const c_void,
-                                p.x,
-                                xp as *const c_void,
-                                p.w,
-                                wp as *const c_void,
-                                p.conv,
-                                p.algo,
-                                kp as *mut c_void,
-                                p.workspace,
-                                &zero as *const f32 as *const c_void,
-                                p.y,
-                                yp as *mut c_void,
-                            );
-                            check(lib, "convolution", s)?;
-                            let s = (lib.cudnnAddTensor)(
-                                handle,
-                                &one as *const f32 as *const c_void,
-                                p.bias,
-                                bp as *const c_void,
-                                &one as *const f32 as *const c_void,
-                                p.y,
-                                yp as *mut c_void,
-                            );
-                            check(lib, "bias", s)?;
+                            let (z_ptr, alpha2) = match &zp {
+                                Some((zp, _)) => (*zp as *const c_void, &one),
+                                None => (yp as *const c_void, &zero),
+                            };
+                            let fused = p.fuse.then(|| {
+                                (lib.cudnnConvolutionBiasActivationForward)(
+                                    handle,
+                                    ptr(&one),
+                                    p.x,
+                                    xp as *const c_void,
+                                    p.w,
+                                    wp as *const c_void,
+                                    p.conv,
+                                    p.algo,
+                                    kp as *mut c_void,
+                                    p.workspace,
+                                    ptr(alpha2),
+                                    p.y,
+                                    z_ptr,
+                                    p.bias,
+                                    bp as *const c_void,
+                                    p.act,
+                                    p.y,
+                                    yp as *mut c_void,
+                                )
+                            });
+                            if let Some(s) = fused.filter(|&s| s != 0) {
+                                p.fuse = false;
+                                let msg = CStr::from_ptr((lib.cudnnGetErrorString)(s));
+                                tracing::warn!(
+                                    "cuDNN refused the fused bias for conv x {:?} w {:?} ({}); \
+                                     adding it separately",
+                                    key.x,
+                                    key.w,
+                                    msg.to_string_lossy()
+                                );
+                            }
+                            if fused != Some(0) {
+                                let s = (lib.cudnnConvolutionForward)(
+                                    handle,
+                                    ptr(&one),
+                                    p.x,
+                                    xp as *const c_void,
+                                    p.w,
+                                    wp as *const c_void,
+                                    p.conv,
+                                    p.algo,
+                                    kp as *mut c_void,
+                                    p.workspace,
+                                    ptr(&zero),
+                                    p.y,
+                                    yp as *mut c_void,
+                                );
+                                check(lib, "convolution", s)?;
+                                let s = (lib.cudnnAddTensor)(
+                                    handle,
+                                    ptr(&one),
+                                    p.bias,
+                                    bp as *const c_void,
+                                    ptr(&one),
+                                    p.y,
+                                    yp as *mut c_void,
+                                );
+                                check(lib, "bias", s)?;
+                                if let Some((zp, _)) = &zp {
+                                    let s = (lib.cudnnAddTensor)(
+                                        handle,
+                                        ptr(&one),
+                                        p.y,
+                                        *zp as *const c_void,
+                                        ptr(&one),
+                                        p.y,
+                                        yp as *mut c_void,
+                                    );
+                                    check(lib, "residual", s)?;
+                                }
+                            }
                         }
                     }
                     CudaStorage::wrap_cuda_slice(y, dev.clone())

@@ -3,10 +3,13 @@
 //! `x`'s dtype, then SiLU in f32 of that rounded value, rounded once. One kernel where the
 //! composite is ten over f32 copies. Inference only (the VQ decoder): no backward.
 //!
-//! The NHWC variant (`fused_nhwc`, the layout of the cuDNN decoder) has the same affine and
-//! SiLU; its statistics come from per-channel partials of position ranges, each shifted by its
-//! first value and combined exactly (Chan et al.), so that the data is read once for the
-//! statistics and once for the output, with every read coalesced across channels.
+//! The NHWC variant (`fused_nhwc`, the layout of the cuDNN decoder): its statistics come from
+//! per-channel partials of position ranges, each shifted by its first value and combined
+//! exactly (Chan et al.), so that the data is read once for the statistics and once for the
+//! output, with every read coalesced across channels. Its affine is folded per channel into
+//! one fused multiply-add (`x * w / den + (b - mean * w / den)`), and bf16 takes the fast
+//! exponential and division in SiLU: the elementwise pass was bound by its instructions
+//! (divisions, expf), not by memory. Its results then differ from the composite's by rounding.
 
 use super::{cpu_f32, cpu_store, round_to};
 use anyhow::Result;
@@ -272,6 +275,24 @@ fn partial(at: impl Fn(usize) -> f32, p0: usize, p1: usize, lanes: usize) -> [f3
     [fc, k + s / fc, (q - s * s / fc).max(0.0)]
 }
 
+/// A channel's (scale, shift) from its group's (mean, sqrt(var + eps)) and its (weight,
+/// bias): the NHWC kernels' `gn_nhwc_stats` fold.
+fn fold((mean, den): (f32, f32), (w, b): (f32, f32)) -> (f32, f32) {
+    let scale = w / den;
+    (scale, b - mean * scale)
+}
+
+/// `v * scale + shift` rounded once, then to `dt`, then SiLU of that value when asked (the
+/// NHWC kernels' `gn_scaled`).
+fn scaled(dt: DType, v: f32, (scale, shift): (f32, f32), silu: bool) -> f32 {
+    let y = round_to(dt, v.mul_add(scale, shift));
+    if silu {
+        y / (1.0 + (-y).exp())
+    } else {
+        y
+    }
+}
+
 /// Mean and sqrt(variance + eps) of a group from its partials (count, mean, M2).
 fn combine(parts: &[[f32; 3]], n: f32, eps: f32) -> (f32, f32) {
     let mean = parts.iter().map(|p| p[0] * p[1]).sum::<f32>() / n;
@@ -329,9 +350,11 @@ impl CustomOp3 for GroupNormNhwc {
                     combine(&of_group, (hw * cpg) as f32, self.eps)
                 })
                 .collect();
+            let ab: Vec<(f32, f32)> = (0..c)
+                .map(|ch| fold(stats[ch / cpg], (ws[ch], bs[ch])))
+                .collect();
             for (i, v) in img.iter_mut().enumerate() {
-                let ch = i % c;
-                *v = affine(dt, *v, stats[ch / cpg], (ws[ch], bs[ch]), self.silu);
+                *v = scaled(dt, *v, ab[i % c], self.silu);
             }
         }
         Ok((cpu_store(xs, dt)?, xl.shape().clone()))
@@ -361,9 +384,9 @@ impl CustomOp3 for GroupNormNhwc {
         let aligned = xl.start_offset() * x.dtype().size_in_bytes() % 16 == 0;
         let v = if aligned { width(x.dtype(), c) } else { 1 };
         let sp = Split::new(n, hw, c, v);
-        // Safety: the partial kernel writes every partial, the statistics kernel every pair.
+        // Safety: the partial kernel writes every partial, the statistics kernel every channel's pair.
         let mut parts = unsafe { dev.alloc::<f32>(n * sp.parts() * c * 3) }?;
-        let mut stats = unsafe { dev.alloc::<f32>(n * self.groups * 2) }?;
+        let mut ab = unsafe { dev.alloc::<f32>(n * c * 2) }?;
         let (hw_u, c_u, rows_u, lanes_u) = (hw as u32, c as u32, sp.rows as u32, sp.lanes as u32);
         let (cpg_u, groups_u, parts_u) = (cpg as u32, self.groups as u32, sp.parts() as u32);
         let count = (hw * cpg) as f32;
@@ -388,12 +411,11 @@ impl CustomOp3 for GroupNormNhwc {
             ($t:ty, $partial:literal, $apply:literal) => {{
                 let xs = view::<$t>(x, xl, "fused group norm")?;
                 launch!(dev, $partial, partial_cfg; &xs, &mut parts, &hw_u, &c_u, &rows_u, &lanes_u);
-                launch!(dev, "gn_nhwc_stats", stats_cfg;
-                    &parts, &mut stats, &c_u, &cpg_u, &groups_u, &parts_u, &count, &self.eps);
+                launch!(dev, "gn_nhwc_stats", stats_cfg; &parts, &ws, &bs, &mut ab, &c_u, &cpg_u,
+                    &groups_u, &parts_u, &count, &self.eps);
                 // Safety: the kernel writes every element.
                 let mut dst = unsafe { dev.alloc::<$t>(total) }?;
-                launch!(dev, $apply, apply_cfg;
-                    &xs, &stats, &ws, &bs, &mut dst, &hw_u, &c_u, &cpg_u, &groups_u, &silu);
+                launch!(dev, $apply, apply_cfg; &xs, &ab, &mut dst, &hw_u, &c_u, &silu);
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }};
         }

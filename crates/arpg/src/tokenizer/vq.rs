@@ -70,8 +70,13 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(x, None)
+    }
+
+    /// `conv(x) + bias + z`: cuDNN adds `z` (a residual) in the convolution's epilogue.
+    fn forward_add(&self, x: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let (w, b) = (&self.weight, &self.bias);
-        match cudnn::conv2d(x, w, b, self.pad, self.stride, self.format) {
+        match cudnn::conv2d(x, w, b, z, self.pad, self.stride, self.format) {
             Ok(Some(y)) => return Ok(y),
             Ok(None) => {}
             Err(e) if self.format == Format::Nhwc => {
@@ -82,21 +87,25 @@ impl Conv {
             }
             Err(e) => return Err(e),
         }
-        match self.format {
-            Format::Nchw => self.nchw(x, w),
+        let y = match self.format {
+            Format::Nchw => self.nchw(x, w)?,
             Format::Nhwc => {
                 let w = w.permute((0, 3, 1, 2))?.contiguous()?;
                 let y = self.nchw(&x.permute((0, 3, 1, 2))?.contiguous()?, &w)?;
-                Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+                y.permute((0, 2, 3, 1))?.contiguous()?
             }
-        }
+        };
+        Ok(match z {
+            Some(z) => (y + z)?,
+            None => y,
+        })
     }
 
     /// The NCHW convolution with NCHW weights `w`: cuDNN where it runs, else candle's.
     fn nchw(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let b = &self.bias;
         if self.format == Format::Nhwc {
-            if let Some(y) = cudnn::conv2d(x, w, b, self.pad, self.stride, Format::Nchw)? {
+            if let Some(y) = cudnn::conv2d(x, w, b, None, self.pad, self.stride, Format::Nchw)? {
                 return Ok(y);
             }
         }
@@ -151,13 +160,18 @@ fn conv(
 
 /// A conv in a profiling span named by its kernel size.
 fn conv_t(c: &Conv, x: &Tensor) -> Result<Tensor> {
+    conv_add_t(c, x, None)
+}
+
+/// [`conv_t`] plus `z`.
+fn conv_add_t(c: &Conv, x: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
     let span = if c.kernel()? == 3 {
         tracing::trace_span!("vq.conv3x3")
     } else {
         tracing::trace_span!("vq.conv1x1")
     };
     let _enter = span.enter();
-    c.forward(x)
+    c.forward_add(x, z)
 }
 
 fn conv3(vb: VarBuilder, cin: usize, cout: usize, f: Format) -> Result<Conv> {
@@ -245,13 +259,12 @@ impl ResnetBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = conv_t(&self.conv1, &self.norm1.forward_silu(x)?)?;
-        let h = conv_t(&self.conv2, &self.norm2.forward_silu(&h)?)?;
         let x = match &self.nin_shortcut {
             Some(c) => conv_t(c, x)?,
             None => x.clone(),
         };
-        let _enter = tracing::trace_span!("vq.residual_add").entered();
-        Ok((&x + &h)?)
+        // The residual is added in conv2's epilogue where cuDNN runs it.
+        conv_add_t(&self.conv2, &self.norm2.forward_silu(&h)?, Some(&x))
     }
 }
 
@@ -304,7 +317,7 @@ impl AttnBlock {
                 att.matmul(&v)?.reshape((b, h, w, c))?
             }
         };
-        Ok((x + self.proj_out.forward(&out)?)?)
+        self.proj_out.forward_add(&out, Some(x))
     }
 
     /// Softmax over keys of scores `[b, hw(query), hw(key)]` in f32, so that bf16/f16 weights
