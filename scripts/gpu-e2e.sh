@@ -16,6 +16,7 @@
 #                                     # of the bf16 VQ decode, training with the pool kept/released
 #     bash scripts/gpu-e2e.sh vq2     # the fused conv epilogue and the faster NHWC GroupNorm: parity,
 #                                     # VQ decode fused / not (ARPG_CUDNN_FUSE=0), e2e, ncu per kernel
+#     bash scripts/gpu-e2e.sh sizes2  # bf16 VQ: ARPG-XL and ARPG-XXL, PNGs on, ours and the reference
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -194,7 +195,15 @@ elif [ "$MODE" = vq2 ]; then
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     $A bench --init random --batch-size 64 --warmup 1 --repeats 1 --device cuda:0 --model ARPG-L \
     --steps 1 --vq --dtype bf16 --vq-dtype bf16 --no-cuda-graph --json > "$OUT/ncu-vq.csv" 2> "$OUT/ncu-vq.err"
-  python3 scripts/ncu_summary.py "$OUT/ncu-vq.csv" 2 | head -16 | tee "$OUT/ncu-vq-summary.txt"; tail -3 "$OUT/ncu-vq.err"; el
+  python3 scripts/ncu_summary.py "$OUT/ncu-vq.csv" 2 | tee "$OUT/ncu-vq-summary.txt"; tail -3 "$OUT/ncu-vq.err"; el
+elif [ "$MODE" = sizes2 ]; then
+  N=640
+  for s in 64 32; do fid ARPG-XL $s nopng "--vq-dtype bf16"; done
+  ref ARPG-XL --steps 64 32
+  fid ARPG-XXL 64 nopng "--vq-dtype bf16"
+  ref ARPG-XXL --steps 64
+  fid ARPG-L 64 png "--vq-dtype bf16"
+  ref ARPG-L --steps 64 --png /tmp/refpng
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng
