@@ -61,6 +61,32 @@ pub fn available(device: &candle_core::Device) -> bool {
     }
 }
 
+/// An algorithm whose epilogue adds the bias (cuDNN fuses an identity activation with
+/// `IMPLICIT_PRECOMP_GEMM` only) is taken when it is at most this much slower than the fastest:
+/// a separate bias pass over the output costs about as much as the convolution at the
+/// decoder's top level.
+const FUSED_SLACK: f32 = 1.5;
+
+/// Orders timed algorithms (`key`: algorithm number, time; fastest first on entry) so that
+/// the first is the one to run: the lowest-numbered within 15% of the fastest, so that timing
+/// noise rarely changes the pick and separate processes (the GPUs of a `sample-fid` run) decode
+/// with the same algorithm and give the same bytes; but `fused` (the algorithm that takes the
+/// bias in its epilogue) first when it is within [`FUSED_SLACK`] of that pick.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn order_timed<T>(timed: &mut [T], key: impl Fn(&T) -> (i32, f32), fused: Option<i32>) {
+    let Some(best) = timed.first().map(|p| key(p).1) else {
+        return;
+    };
+    let cut = timed.iter().take_while(|p| key(p).1 <= best * 1.15).count();
+    timed[..cut].sort_by_key(|p| key(p).0);
+    if let Some(f) = fused {
+        let near = key(&timed[0]).1 * FUSED_SLACK;
+        if let Some(i) = timed.iter().position(|p| key(p).0 == f && key(p).1 <= near) {
+            timed[..=i].rotate_right(1);
+        }
+    }
+}
+
 /// `ARPG_CUDNN_FUSE=0` adds the bias and the residual in passes of their own (A/B runs).
 #[cfg(feature = "cuda")]
 fn fuse_enabled() -> bool {
@@ -208,11 +234,6 @@ mod imp {
     const ALGO_IMPLICIT_PRECOMP_GEMM: c_int = 1;
     const ACTIVATION_IDENTITY: c_int = 5;
     const NOT_PROPAGATE_NAN: c_int = 0;
-    /// An algorithm whose epilogue adds the bias (the only one cuDNN fuses with an identity
-    /// activation) is taken when it is at most this much slower than the fastest: a separate
-    /// bias pass over the output costs about as much as the convolution at the decoder's top
-    /// level.
-    const FUSED_SLACK: f32 = 1.5;
     /// Largest workspace an algorithm may ask for: the decoder's own activations at batch 64
     /// are ~1 GiB each in bf16, and the peak-memory budget is the reference's.
     const WORKSPACE_LIMIT: usize = 1 << 30;
@@ -407,17 +428,6 @@ mod imp {
         std::env::var_os("ARPG_CUDNN_FIND").is_none_or(|v| v != "0")
     }
 
-    /// Among timed results (fastest first), the lowest-numbered algorithm within 15% of the
-    /// fastest: timing noise then rarely changes the pick, so separate processes (the GPUs of
-    /// a `sample-fid` run) decode with the same algorithm and give the same bytes.
-    fn stable_pick(timed: &mut [AlgoPerf]) {
-        let Some(best) = timed.first().map(|p| p.time) else {
-            return;
-        };
-        let cut = timed.iter().take_while(|p| p.time <= best * 1.15).count();
-        timed[..cut].sort_by_key(|p| p.algo);
-    }
-
     /// Device buffers for `FindEx` to time the algorithms on.
     struct Probe {
         x: *const c_void,
@@ -531,17 +541,8 @@ mod imp {
                 })
                 .copied()
                 .collect();
-            stable_pick(&mut ok);
-            if !exact && super::fuse_enabled() {
-                // Prefer the algorithm that can take the bias in its epilogue.
-                let near = ok.first().map_or(0.0, |p| p.time) * FUSED_SLACK;
-                if let Some(i) = ok
-                    .iter()
-                    .position(|p| p.algo == ALGO_IMPLICIT_PRECOMP_GEMM && p.time <= near)
-                {
-                    ok[..=i].rotate_right(1);
-                }
-            }
+            let fused = (!exact && super::fuse_enabled()).then_some(ALGO_IMPLICIT_PRECOMP_GEMM);
+            super::order_timed(&mut ok, |p| (p.algo, p.time), fused);
             perf[..ok.len()].copy_from_slice(&ok);
             found_ok = ok.len() as c_int;
         } else {
@@ -886,5 +887,28 @@ mod imp {
             };
             Ok((out, out_shape))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order_timed;
+
+    fn order(timed: &[(i32, f32)], fused: Option<i32>) -> Vec<i32> {
+        let mut t = timed.to_vec();
+        order_timed(&mut t, |p| *p, fused);
+        t.iter().map(|p| p.0).collect()
+    }
+
+    #[test]
+    fn near_ties_go_to_the_lowest_algorithm_and_the_fused_one_wins_within_its_slack() {
+        // 7 is fastest; 0 within 15% of it; 1 within 1.5x; 6 beyond.
+        let timed = [(7, 1.0), (0, 1.1), (1, 1.4), (6, 1.6)];
+        assert_eq!(order(&timed, None), [0, 7, 1, 6]);
+        assert_eq!(order(&timed, Some(1)), [1, 0, 7, 6]);
+        // Too slow to be worth its saved bias pass.
+        let slow = [(7, 1.0), (0, 1.1), (1, 1.7)];
+        assert_eq!(order(&slow, Some(1)), [0, 7, 1]);
+        assert_eq!(order(&[], Some(1)), Vec::<i32>::new());
     }
 }
