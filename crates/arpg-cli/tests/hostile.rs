@@ -1079,6 +1079,26 @@ fn late_and_weak_errors_come_early_and_name_the_culprit() {
         ],
         &["cut.jpg", "truncated"],
     );
+    // Its scan data cut in the middle and EOI appended: whole-looking, refused all the same.
+    let sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+    let mut cut_scan = bytes[..(sos + bytes.len()) / 2].to_vec();
+    cut_scan.extend_from_slice(&[0xFF, 0xD9]);
+    let jpg = d.path().join("cutscan.jpg");
+    std::fs::write(&jpg, &cut_scan).unwrap();
+    fails(
+        &[
+            "encode",
+            "--tokenizer",
+            "pixel",
+            "--image",
+            s(&jpg),
+            "--image-size",
+            "8",
+            "--tokens-out",
+            s(&t),
+        ],
+        &["cutscan.jpg", "corrupt JPEG", "MCUs"],
+    );
     // Non-square raw input, which decode could not read back.
     let raw = d.path().join("raw.npy");
     arpg::tokenizer::image::write_npy_f32(&raw, &[1, 3, 16, 32], &vec![0.0; 3 * 16 * 32]).unwrap();

@@ -222,13 +222,25 @@ proptest! {
     }
 
     #[test]
-    fn images((flips, cut) in mutations(), jpeg in any::<bool>()) {
+    fn images((flips, cut) in mutations(), kind in 0..3u8) {
         let img = image::RgbImage::from_fn(12, 9, |x, y| image::Rgb([x as u8 * 20, y as u8 * 25, 7]));
         let mut valid = Vec::new();
-        let fmt = if jpeg { image::ImageFormat::Jpeg } else { image::ImageFormat::Png };
-        img.write_to(&mut std::io::Cursor::new(&mut valid), fmt).unwrap();
+        match kind {
+            0 => img.write_to(&mut std::io::Cursor::new(&mut valid), image::ImageFormat::Png).unwrap(),
+            1 => img.write_to(&mut std::io::Cursor::new(&mut valid), image::ImageFormat::Jpeg).unwrap(),
+            _ => {
+                // Progressive with restart markers: the JPEG check's other paths.
+                let mut e = jpeg_encoder::Encoder::new(&mut valid, 80);
+                e.set_progressive(true);
+                e.set_restart_interval(1);
+                e.encode(img.as_raw(), 12, 9, jpeg_encoder::ColorType::Rgb).unwrap();
+            }
+        }
         let b = mutate(&valid, &flips, cut);
-        with_file(&b, if jpeg { "a.jpg" } else { "a.png" }, |p| {
+        if kind > 0 {
+            let _ = arpg::tokenizer::jpeg_check::validate(&b);
+        }
+        with_file(&b, if kind > 0 { "a.jpg" } else { "a.png" }, |p| {
             if let Ok(im) = arpg::tokenizer::image::load_rgb(p) {
                 let _ = arpg::data::tokenize::augmentations(&im, 4, true);
             }

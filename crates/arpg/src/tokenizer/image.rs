@@ -10,24 +10,34 @@ pub use image::RgbImage;
 use std::path::Path;
 
 /// Loads any PNG/JPEG as 8-bit RGB (format sniffed from the content, not the extension).
+/// A JPEG must pass [`super::jpeg_check::validate`] first: its decoder turns truncated or
+/// garbled data into grey blocks without an error.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     crate::util::open_regular(path, "image")?;
     let reader = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    if reader.format() == Some(image::ImageFormat::Jpeg) {
-        check_jpeg_complete(path)?;
-    }
+    let format = reader.format();
     if let Ok((w, h)) = reader.into_dimensions() {
         crate::util::check_memory(
             w as u128 * h as u128 * 8,
             &format!("decoding the {w}x{h} image {}", path.display()),
         )?;
     }
-    let img = image::ImageReader::open(path)?
-        .with_guessed_format()?
-        .decode()
+    let decoded = if format == Some(image::ImageFormat::Jpeg) {
+        // One read for both the check and the decoder (which reads it whole anyway).
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        super::jpeg_check::validate(&bytes)
+            .map_err(|e| anyhow::anyhow!("image {} {e}", path.display()))?;
+        image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg)
+    } else {
+        image::ImageReader::open(path)?
+            .with_guessed_format()?
+            .decode()
+    };
+    let img = decoded
         .with_context(|| format!("cannot decode image {}", path.display()))?
         .to_rgb8();
     ensure!(
@@ -36,28 +46,6 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         path.display()
     );
     Ok(img)
-}
-
-/// The JPEG decoder fills a truncated file's missing blocks with grey instead of failing: a
-/// complete JPEG ends with the EOI marker (FF D9), possibly followed by padding.
-fn check_jpeg_complete(path: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    let tail = len.min(4096);
-    f.seek(SeekFrom::Start(len - tail))?;
-    let mut buf = Vec::with_capacity(tail as usize);
-    f.take(tail).read_to_end(&mut buf)?;
-    let end = buf
-        .iter()
-        .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
-        .map_or(0, |i| i + 1);
-    ensure!(
-        end >= 2 && buf[end - 2..end] == [0xFF, 0xD9],
-        "image {} is a truncated JPEG (no end-of-image marker)",
-        path.display()
-    );
-    Ok(())
 }
 
 /// Halves both sides by averaging 2x2 blocks (PIL's BOX reduce for even sides; an odd last

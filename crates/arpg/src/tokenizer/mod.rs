@@ -1,6 +1,7 @@
 //! Image <-> token conversion: the LlamaGen VQ-16 tokenizer and image helpers.
 
 pub mod image;
+pub mod jpeg_check;
 pub mod pixel;
 pub mod tokens_io;
 pub mod vq;
