@@ -17,6 +17,8 @@
 #     bash scripts/gpu-e2e.sh vq2     # the fused conv epilogue and the faster NHWC GroupNorm: parity,
 #                                     # VQ decode fused / not (ARPG_CUDNN_FUSE=0), e2e, ncu per kernel
 #     bash scripts/gpu-e2e.sh sizes2  # bf16 VQ: ARPG-XL and ARPG-XXL, PNGs on, ours and the reference
+#     bash scripts/gpu-e2e.sh restructure  # token generation of this build against .bin/arpg-before.xz
+#                                     # (the last commit before issue #11's restructure), alternated
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -204,6 +206,17 @@ elif [ "$MODE" = sizes2 ]; then
   ref ARPG-XXL --steps 64
   fid ARPG-L 64 png "--vq-dtype bf16"
   ref ARPG-L --steps 64 --png /tmp/refpng
+elif [ "$MODE" = restructure ]; then
+  B=/tmp/arpg-before; [ -x $B ] || { xz -dc .bin/arpg-before.xz > $B && chmod +x $B; }
+  for round in 1 2; do
+    for bin in $A $B; do
+      for s in 64 32; do
+        echo "== round $round, $bin, ARPG-L tokens, $s steps"
+        timeout 120 $bin bench --init random --batch-size 64 --warmup 1 --device cuda:0 --json \
+          --model ARPG-L --steps $s --repeats 3 --dtype bf16 | tee -a "$OUT/bench.jsonl"
+      done
+    done
+  done; el
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng

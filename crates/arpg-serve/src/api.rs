@@ -464,6 +464,11 @@ pub fn decode_image(field: &str, b64: &str, max_side: u32) -> Result<RgbImage, A
             format!("the image is {w}x{h} pixels; each side must be in 1..={max_side}"),
         ));
     }
+    // The JPEG decoder turns garbled or cut data into grey blocks without an error.
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        arpg::tokenizer::jpeg_check::validate(&bytes)
+            .map_err(|e| ApiError::bad(field, format!("the image {e}")))?;
+    }
     let mut reader = reader;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(max_side);
@@ -651,5 +656,24 @@ mod tests {
         let e = decode_image("image", &b64, 256).unwrap_err();
         assert!(e.message.contains("300x20"), "{}", e.message);
         assert_eq!(decode_image("image", &b64, 300).unwrap().width(), 300);
+    }
+
+    #[test]
+    fn a_jpeg_with_a_cut_scan_is_refused_not_decoded_grey() {
+        let img =
+            image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 9]));
+        let mut jpg = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut jpg, image::ImageFormat::Jpeg).unwrap();
+        let jpg = jpg.into_inner();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        assert_eq!(decode_image("mask", &b64(&jpg), 256).unwrap().width(), 64);
+        // The end of the scan data gone, the end-of-image marker kept: the decoder alone
+        // fills the missing blocks with grey.
+        let mut cut = jpg[..jpg.len() * 9 / 10].to_vec();
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        assert!(image::load_from_memory(&cut).is_ok());
+        let e = decode_image("mask", &b64(&cut), 256).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("mask"));
+        assert!(e.message.contains("corrupt JPEG"), "{}", e.message);
     }
 }

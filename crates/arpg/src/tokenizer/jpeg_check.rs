@@ -688,6 +688,9 @@ fn progression(coded: &mut [i8; 64], id: u8, kind: Kind, [ss, se, ah, al]: [usiz
     Ok(())
 }
 
+/// Stray bytes tolerated between the last block of an interval or scan and its marker.
+const STRAY_BYTES: usize = 16;
+
 /// Why the bitstream walk stopped short.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -701,12 +704,10 @@ enum Fault {
     BadCode,
     /// A decoded value no valid stream holds.
     Bad(&'static str),
-    /// Data where a restart interval or the scan should end.
-    Extra,
-    /// Bits between the last block and a marker that are not the 1-bits of padding.
-    Padding,
     /// Another marker (or data, code 0) where restart marker RST`want` belongs; `want` 8:
     /// a restart marker after the scan's last MCU that is not the next in turn.
+    /// More data than padding and [`STRAY_BYTES`] where a restart interval or the scan ends.
+    Extra,
     WrongRestart {
         at: usize,
         code: u8,
@@ -914,17 +915,30 @@ impl<'a> Bits<'a> {
         Ok(sym)
     }
 
-    /// At the end of an interval: only 1-bits up to the byte boundary, then a marker.
+    /// At the end of an interval: to the marker after it. Padding should be 1-bits up to the
+    /// byte boundary, but other padding bits and a few stray bytes are skipped, as libjpeg
+    /// does (it only warns, "N extraneous bytes before marker"): every block is there, and
+    /// real datasets (ImageNet's among them) hold such files. More than [`STRAY_BYTES`] is
+    /// refused: a desynchronised (corrupted) stream leaves more.
     fn align(&mut self) -> Walk<()> {
         self.refill();
-        if self.n >= 8 {
-            return Err(self.fail(Fault::Extra));
+        let start = self.byte();
+        while self.end.is_none() {
+            self.acc = 0;
+            self.n = 0;
+            match self.data.get(self.pos) {
+                None => self.end = Some(Fault::Eof),
+                Some(0xFF) => self.after_ff(),
+                Some(_) => self.pos += 1,
+            }
         }
-        if self.n > 0 && self.acc >> (64 - self.n) != (1 << self.n) - 1 {
-            return Err(self.fail(Fault::Padding));
-        }
+        // Whole bytes before the marker, less the byte holding the padding bits.
+        let stray = self.pos.saturating_sub(start + 1);
         self.acc = 0;
         self.n = 0;
+        if stray > STRAY_BYTES {
+            return Err(self.fail(Fault::Extra));
+        }
         Ok(())
     }
 
@@ -1046,9 +1060,6 @@ fn scan_fault(f: Fault, scan: &Scan, mcu: usize, byte: usize) -> JpegError {
         Fault::BadCode => format!("scan {i}: an invalid Huffman code near byte {byte}, {after}"),
         Fault::Bad(what) => format!("scan {i}: {what} near byte {byte}, {after}"),
         Fault::Extra => format!("scan {i} has data past its {total} MCUs near byte {byte}"),
-        Fault::Padding => {
-            format!("scan {i}: padding bits that are not 1 near byte {byte}, {after}")
-        }
         Fault::WrongRestart { code: 0, want, .. } => {
             format!("scan {i}: restart marker RST{want} missing {after} (more data follows)")
         }

@@ -289,9 +289,9 @@ fn caught_flips(b: &[u8], n: usize, rng: &mut impl Rng) -> usize {
 fn most_byte_flips_in_scan_data_are_caught() {
     // Huffman codes resynchronise (a garbled stretch often decodes to as many blocks as it
     // replaced) and a flip of value bits alone leaves every code intact, so many flips cannot
-    // be seen without decoding pixels. Measured on this seed: 1447 of 2400 (60%; 52-54% of
-    // the baseline files, 66-69% of the progressive ones). libjpeg-turbo's djpeg warns about
-    // none of the flips this check passes (tried on 1500 of cjpeg's files).
+    // be seen without decoding pixels. Measured on this seed: 1272 of 2400 (53%) with up to
+    // 16 stray bytes tolerated before a marker (1447 when none were; 998 when any number
+    // was).
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
     let img = photo(64, 48);
     let files = [
@@ -305,7 +305,28 @@ fn most_byte_flips_in_scan_data_are_caught() {
         fixture("progressive_444_restart.jpg"),
     ];
     let caught: usize = files.iter().map(|b| caught_flips(b, 400, &mut rng)).sum();
-    assert!(caught >= 1380, "{caught} of 2400 flips caught");
+    assert!(caught >= 1200, "{caught} of 2400 flips caught");
+}
+
+#[test]
+fn a_few_stray_bytes_before_a_marker_pass_as_in_libjpeg() {
+    // libjpeg only warns ("N extraneous bytes before marker 0xd9") and decodes the whole
+    // image; ImageNet holds such files. Non-1 padding bits pass too. Many stray bytes do not.
+    let b = jpeg_enc(&photo(37, 23), false, |_| {});
+    let eoi = b.len() - 2;
+    for (n, ok) in [(1, true), (16, true), (17, false), (200, false)] {
+        let mut m = b.clone();
+        m.splice(eoi..eoi, std::iter::repeat_n(0x5A, n));
+        if ok {
+            validate(&m).unwrap();
+            load(&m, "stray.jpg").unwrap();
+        } else {
+            refused(&m, &["has data past its", "MCUs"]);
+        }
+    }
+    let mut pad = b.clone();
+    pad[eoi - 1] &= 0xFE;
+    validate(&pad).unwrap();
 }
 
 #[test]
