@@ -96,6 +96,17 @@ pub enum ControlQuery {
     Replace,
 }
 
+impl std::str::FromStr for ControlQuery {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "add" => Ok(Self::Add),
+            "replace" => Ok(Self::Replace),
+            _ => bail!("unknown control query {s:?} (expected add or replace)"),
+        }
+    }
+}
+
 fn default_multiple_of() -> usize {
     256
 }
@@ -453,6 +464,16 @@ impl VqConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_queries_parse_by_their_config_names() {
+        assert_eq!("add".parse::<ControlQuery>().unwrap(), ControlQuery::Add);
+        assert_eq!(
+            "replace".parse::<ControlQuery>().unwrap(),
+            ControlQuery::Replace
+        );
+        assert!("swap".parse::<ControlQuery>().is_err());
+    }
 
     #[test]
     fn preset_parameter_counts_match_the_official_checkpoints() {

@@ -2,6 +2,7 @@
 
 pub mod image;
 pub mod pixel;
+pub mod run;
 pub mod tokens_io;
 pub mod vq;
 
