@@ -5,7 +5,7 @@ use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
 use crate::{launch, Bar};
 use anyhow::Result;
 use arpg::eval::fid::EvalJob;
-use arpg::eval::sample_fid_run::SampleFidJob;
+use arpg::eval::sample_fid_run::{RankSampled, SampleFidJob};
 use clap::Args;
 use indicatif::ProgressBar;
 use std::path::PathBuf;
@@ -51,6 +51,22 @@ pub struct SampleFidArgs {
     pub gpus: usize,
 }
 
+/// What the samples depend on, as the flags say it (kept beside the shards: a run of other
+/// settings is refused). Graphs or not, the tokens are the same: that flag must not block a
+/// resume.
+fn settings(a: &SampleFidArgs) -> serde_json::Value {
+    serde_json::json!({
+        "num_samples": a.num_samples,
+        "per_class": a.per_class,
+        "shard_size": a.shard_size,
+        "seed": a.sampling.seed,
+        "model": format!("{:?}", a.model),
+        "vq": format!("{:?}", a.vq),
+        "dtype": a.device.dtype,
+        "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
+    })
+}
+
 pub fn run_sample(a: SampleFidArgs) -> Result<()> {
     let seed = a.sampling.seed;
     let spec = a.model.spec(seed);
@@ -68,17 +84,7 @@ pub fn run_sample(a: SampleFidArgs) -> Result<()> {
         png: !a.no_png,
         overlap: !a.no_overlap,
         cuda_graph: !a.sampling.no_cuda_graph,
-        // Graphs or not, the tokens are the same: that flag must not block a resume.
-        settings: serde_json::json!({
-            "num_samples": a.num_samples,
-            "per_class": a.per_class,
-            "shard_size": a.shard_size,
-            "seed": seed,
-            "model": format!("{:?}", a.model),
-            "vq": format!("{:?}", a.vq),
-            "dtype": a.device.dtype,
-            "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
-        }),
+        settings: settings(&a),
     };
     job.check()?;
     if launch::should_spawn(a.gpus)? {
@@ -126,22 +132,7 @@ pub fn run_sample(a: SampleFidArgs) -> Result<()> {
         Some(r) if r.sampled.images < r.total => bar.abandon(),
         Some(r) => {
             bar.finish();
-            let made = r.sampled.images;
-            eprintln!(
-                "rank {rank}: {made} images in {:.1}s ({:.2} images/s)",
-                r.secs,
-                made as f64 / r.secs
-            );
-            let st = &r.sampled.stats;
-            if let Some(rate) = r.sampled.steady_rate() {
-                eprintln!(
-                    "rank {rank}: first batch {:.2}s (graph capture, cuDNN's algorithm search), then {rate:.2} images/s; busy: tokens {:.2}s, pixels {:.2}s, output {:.2}s",
-                    st.first.as_secs_f64(),
-                    st.produce.as_secs_f64(),
-                    st.decode.as_secs_f64(),
-                    st.sink.as_secs_f64()
-                );
-            }
+            print_rank(rank, r);
         }
         None => {}
     }
@@ -160,6 +151,26 @@ pub fn run_sample(a: SampleFidArgs) -> Result<()> {
     }
     eprintln!("{} images in {}", a.num_samples, f.npz.display());
     Ok(())
+}
+
+/// A rank's throughput, and after the first batch its steady rate and busy times.
+fn print_rank(rank: usize, r: &RankSampled) {
+    let made = r.sampled.images;
+    eprintln!(
+        "rank {rank}: {made} images in {:.1}s ({:.2} images/s)",
+        r.secs,
+        made as f64 / r.secs
+    );
+    let st = &r.sampled.stats;
+    if let Some(rate) = r.sampled.steady_rate() {
+        eprintln!(
+            "rank {rank}: first batch {:.2}s (graph capture, cuDNN's algorithm search), then {rate:.2} images/s; busy: tokens {:.2}s, pixels {:.2}s, output {:.2}s",
+            st.first.as_secs_f64(),
+            st.produce.as_secs_f64(),
+            st.decode.as_secs_f64(),
+            st.sink.as_secs_f64()
+        );
+    }
 }
 
 #[derive(Args, Debug)]
