@@ -1,9 +1,10 @@
 //! Argument groups shared by several commands.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use arpg::control::ConditionFile;
+use arpg::reference::SampleFlags;
 use arpg::sampler::{SampleConfig, TokenFilter};
-use arpg::zoo::{ModelSpec, TokenizerSpec, VqSpec};
-use arpg::ArpgConfig;
+use arpg::zoo::{ModelSpec, Placement, TokenizerSpec, VqSpec};
 use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
@@ -33,16 +34,6 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// No model named: [`arpg::zoo::default_model`], which is returned.
-    pub fn or_default(&mut self) -> Option<&'static str> {
-        let m = self
-            .spec(0)
-            .names_nothing()
-            .then(arpg::zoo::default_model)?;
-        self.model = Some(m.into());
-        Some(m)
-    }
-
     pub fn spec(&self, seed: u64) -> ModelSpec {
         ModelSpec {
             model: self.model.clone(),
@@ -106,18 +97,15 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    pub fn resolve(&self) -> Result<(Device, DType)> {
-        Ok((
-            arpg::device::parse_device(&self.device)?,
-            arpg::device::parse_dtype(&self.dtype)?,
-        ))
+    pub fn placement(&self) -> Placement {
+        Placement {
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+        }
     }
 
-    /// The device with its generator seeded, for sampling.
-    pub fn resolve_seeded(&self, seed: u64) -> Result<(Device, DType)> {
-        let (d, t) = self.resolve()?;
-        arpg::device::seed(&d, seed)?;
-        Ok((d, t))
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        self.placement().resolve()
     }
 }
 
@@ -192,57 +180,24 @@ pub struct ControlArgs {
 }
 
 impl ControlArgs {
-    /// The condition `[1, C, H, W]` for the model of `mc` and whether guidance acts on it,
-    /// or `None` without --condition; errors name the flag.
-    pub fn load(&self, mc: &ArpgConfig) -> Result<Option<(candle_core::Tensor, bool)>> {
-        let Some(path) = &self.condition else {
-            return Ok(None);
-        };
-        let canny = self.canny.then_some((self.canny_low, self.canny_high));
-        let (t, used, resized) = arpg::control::load_condition(path, mc, canny)?;
-        let side = used.width();
-        if resized {
-            eprintln!(
-                "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \
-                 halvings, bicubic, centre crop)",
-                path.display()
-            );
-        }
-        if let Some(out) = &self.condition_out {
-            arpg::tokenizer::image::save_png_atomic(&used, out)
-                .with_context(|| format!("--condition-out {}", out.display()))?;
-        }
-        // By default guidance acts on the condition when the model learned to go without.
-        let guide = match self.control_guidance.as_deref() {
-            Some(g) => g == "joint",
-            None => mc.control.as_ref().is_some_and(|c| c.dropout > 0.0),
-        };
-        Ok(Some((t, guide)))
+    /// The condition asked for, if any (loaded by [`ConditionFile::load`]).
+    pub fn file(&self) -> Option<ConditionFile> {
+        Some(ConditionFile {
+            path: self.condition.clone()?,
+            canny: self.canny.then_some((self.canny_low, self.canny_high)),
+            out: self.condition_out.clone(),
+            joint_guidance: self.control_guidance.as_deref().map(|g| g == "joint"),
+        })
     }
-}
-
-/// The sampler's view of a loaded condition.
-pub fn as_condition(
-    c: &Option<(candle_core::Tensor, bool)>,
-) -> Option<arpg::sampler::Condition<'_>> {
-    c.as_ref().map(|(images, guide)| arpg::sampler::Condition {
-        images,
-        guide: *guide,
-    })
 }
 
 impl SamplingArgs {
-    /// The graph cache that a sampling run keeps across its batches.
-    pub fn graphs(&self) -> arpg::sampler::DecodeGraphs {
-        arpg::sampler::DecodeGraphs::new(!self.no_cuda_graph)
-    }
-
     /// The sampler's settings for the model of `spec`, as the flags give them; the library
     /// checks them when the request is built.
     pub fn config(&self, spec: &ModelSpec) -> Result<SampleConfig> {
         let schedule = self.schedule.parse().context("--schedule")?;
         let mcfg = spec.config()?;
-        self.reference.check(&mcfg)?;
+        self.reference.flags().check(&mcfg)?;
         Ok(SampleConfig {
             steps: self.steps,
             cfg: spec.guidance_scale(self.cfg, schedule),
@@ -291,68 +246,20 @@ pub struct ReferenceSampleFlags {
 }
 
 impl ReferenceSampleFlags {
-    pub fn check(&self, m: &ArpgConfig) -> Result<()> {
-        let grid = m.grid_size();
-        let patch = self.downsample_size.unwrap_or(16);
-        let fixed: [(&str, Option<usize>, usize, &str); 6] = [
-            (
-                "--downsample-size",
-                self.downsample_size,
-                16,
-                "the VQ-16 tokenizer",
-            ),
-            (
-                "--image-size",
-                self.image_size,
-                grid * patch,
-                "the model's token grid times the patch",
-            ),
-            (
-                "--image-size-eval",
-                self.image_size_eval,
-                grid * patch,
-                "no resizing is done: resize the PNGs or the .npz",
-            ),
-            (
-                "--codebook-size",
-                self.codebook_size,
-                m.vocab_size,
-                "the model's vocab_size",
-            ),
-            (
-                "--num-classes",
-                self.num_classes,
-                m.num_classes,
-                "the model's num_classes",
-            ),
-            (
-                "--cls-token-num",
-                self.cls_token_num,
-                m.cls_token_num,
-                "the model's cls_token_num",
-            ),
-        ];
-        for (flag, got, want, why) in fixed {
-            if let Some(v) = got.filter(|&v| v != want) {
-                bail!("{flag} {v} is not supported: this run can only use {want} ({why})");
-            }
+    /// The library's view: the rules are [`SampleFlags::check`]'s.
+    pub fn flags(&self) -> SampleFlags {
+        SampleFlags {
+            vq_model: self.vq_model.clone(),
+            gpt_type: self.gpt_type.clone(),
+            image_size: self.image_size,
+            image_size_eval: self.image_size_eval,
+            downsample_size: self.downsample_size,
+            codebook_size: self.codebook_size,
+            codebook_embed_dim: self.codebook_embed_dim,
+            num_classes: self.num_classes,
+            cls_token_num: self.cls_token_num,
+            cfg_interval: self.cfg_interval,
         }
-        let named = [
-            ("--vq-model", &self.vq_model, "VQ-16"),
-            ("--gpt-type", &self.gpt_type, "c2i"),
-        ];
-        for (flag, got, want) in named {
-            if let Some(v) = got.as_deref().filter(|v| *v != want) {
-                bail!("{flag} {v} is not supported: only {want}");
-            }
-        }
-        if let Some(v) = self.codebook_embed_dim.filter(|&v| v != 8) {
-            bail!("--codebook-embed-dim {v} is not supported: give the tokenizer's --vq-config instead");
-        }
-        if let Some(v) = self.cfg_interval.filter(|&v| v != -1.0) {
-            bail!("--cfg-interval {v} is not supported: the reference parses it and never uses it (only -1)");
-        }
-        Ok(())
     }
 }
 

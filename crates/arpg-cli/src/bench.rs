@@ -49,7 +49,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let spec = a.model.spec(0);
     let cfg = spec.config()?;
-    let (dev, dtype) = a.device.resolve_seeded(0)?;
+    let (dev, dtype) = a.device.placement().resolve_seeded(0)?;
     arpg::bench::check_memory(&cfg, a.batch_size, dtype)?;
     let mut out = serde_json::json!({
         "model": a.model.model.clone().unwrap_or_else(|| "config".into()),

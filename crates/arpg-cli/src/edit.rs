@@ -1,16 +1,10 @@
 //! `arpg inpaint` and `arpg outpaint`: zero-shot editing.
 
 use crate::args::{ControlArgs, DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
-use anyhow::{bail, Context, Result};
-use arpg::editor::{
-    fill_canvases, inpaint, is_masked, keep_unmasked, margins_in_tokens, token_mask, Canvas,
-};
-use arpg::model::Arpg;
-use arpg::sampler::{self, DecodeShape, SampleConfig};
-use arpg::tokenizer::{image as img, tokens_io, ImageTokenizer};
-use candle_core::Device;
+use anyhow::Result;
+use arpg::editor::run::{EditJob, Inpaint, Outpaint};
 use clap::Args;
-use rand::SeedableRng;
+use indicatif::ProgressBar;
 use std::path::PathBuf;
 
 /// The editing commands' flags: the class, the decoding flags, and how many versions.
@@ -26,39 +20,23 @@ pub struct EditSampling {
     pub samples: usize,
 }
 
-impl EditSampling {
-    /// The decoding settings for `model` (a default model filled in). The sampler checks them
-    /// and the class before any weights load.
-    fn config(&self, model: &mut ModelArgs) -> Result<SampleConfig> {
-        if self.samples == 0 {
-            bail!("--samples must be at least 1");
-        }
-        model.or_default();
-        let spec = model.spec(self.decoding.seed);
-        let sc = self.decoding.config(&spec)?;
-        let shape = DecodeShape::of_config(&spec.config()?);
-        sampler::validate_settings(shape, &sc)?;
-        sampler::check_classes(shape, &sc, &[self.class], None, None)
-            .with_context(|| format!("--class {}", self.class))?;
-        Ok(sc)
-    }
-}
-
-/// The model, its tokenizer and the device, from the shared flags.
-pub fn load(
-    model: &mut ModelArgs,
-    vq: &VqArgs,
-    device: &DeviceArgs,
-    seed: u64,
-) -> Result<(Arpg, ImageTokenizer, Device)> {
-    model.or_default();
-    let spec = model.spec(seed);
-    let (dev, dtype) = device.resolve_seeded(seed)?;
-    let m = spec.load(dtype, &dev)?;
-    let tk = vq
-        .spec(spec.random, seed)?
-        .load(m.config().vocab_size, dtype, &dev)?;
-    Ok((m, tk, dev))
+/// The job of the shared flags (a default model filled in), without its files.
+fn job(model: &ModelArgs, vq: &VqArgs, device: &DeviceArgs, s: &EditSampling) -> Result<EditJob> {
+    let seed = s.decoding.seed;
+    let mut spec = model.spec(seed);
+    spec.or_default();
+    Ok(EditJob {
+        sampling: s.decoding.config(&spec)?,
+        tokenizer: vq.spec(spec.random, seed)?,
+        model: spec,
+        placement: device.placement(),
+        seed,
+        class: s.class,
+        samples: s.samples,
+        image: PathBuf::new(),
+        out: PathBuf::new(),
+        tokens_out: None,
+    })
 }
 
 #[derive(Args, Debug)]
@@ -91,67 +69,19 @@ pub struct InpaintArgs {
     pub tokens_out: Option<PathBuf>,
 }
 
-pub fn run_inpaint(mut a: InpaintArgs) -> Result<()> {
-    let sc = a.sampling.config(&mut a.model)?;
-    let condition = a
-        .control
-        .load(&a.model.spec(a.sampling.decoding.seed).config()?)?;
-    if let Some(p) = &a.tokens_out {
-        arpg::util::check_writable(p, "--tokens-out")?;
-    }
-    let src = img::load_rgb(&a.image)?;
-    let mask = img::load_rgb(&a.mask)?;
-    if src.dimensions() != mask.dimensions() {
-        bail!(
-            "--mask {} is {}x{} but --image {} is {}x{}: they must be the same size",
-            a.mask.display(),
-            mask.width(),
-            mask.height(),
-            a.image.display(),
-            src.width(),
-            src.height()
-        );
-    }
-    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
-    let g = model.config().grid_size();
-    let size = g * tk.patch_size();
-    arpg::util::check_memory(
-        a.sampling.samples as u128 * (g * g) as u128 * (8 + (tk.patch_size().pow(2) * 3) as u128),
-        &format!("--samples {}", a.sampling.samples),
-    )?;
-    let src = img::center_crop_resize(&src, size);
-    let mask = img::center_crop_resize(&mask, size);
-    let regen = token_mask(size, size, tk.patch_size(), |x, y| is_masked(&mask, x, y));
-    if !regen.contains(&true) {
-        bail!(
-            "--mask {} marks nothing to regenerate (white = regenerate)",
-            a.mask.display()
-        );
-    }
-    if !regen.contains(&false) {
-        bail!("--mask {} covers the whole image: that is plain sampling, use `arpg sample --classes {}`", a.mask.display(), a.sampling.class);
-    }
-    let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
-    let canvas = Canvas::from_tokens(g, g, &tokens, &regen)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
-    let out = inpaint(
-        &model,
-        &canvas,
-        a.sampling.class,
-        a.sampling.samples,
-        &sc,
-        crate::args::as_condition(&condition),
-        &mut rng,
-    )?;
-    let mut images = tk.decode(&out, (g, g), &dev)?;
-    if a.keep_pixels {
-        keep_unmasked(&mut images, &src, &mask);
-    }
-    img::save_edits(&a.out, "inpaint", &src, &images)?;
-    if let Some(p) = &a.tokens_out {
-        tokens_io::write(p, &out)?;
-    }
-    eprintln!("{} inpainted images in {}", images.len(), a.out.display());
+pub fn run_inpaint(a: InpaintArgs) -> Result<()> {
+    let job = EditJob {
+        image: a.image,
+        out: a.out.clone(),
+        tokens_out: a.tokens_out,
+        ..job(&a.model, &a.vq, &a.device, &a.sampling)?
+    };
+    let done = job.inpaint(&Inpaint {
+        mask: a.mask,
+        keep_pixels: a.keep_pixels,
+        condition: a.control.file(),
+    })?;
+    eprintln!("{} inpainted images in {}", done.images, a.out.display());
     Ok(())
 }
 
@@ -184,61 +114,29 @@ pub struct OutpaintArgs {
     pub tokens_out: Option<PathBuf>,
 }
 
-pub fn run_outpaint(mut a: OutpaintArgs) -> Result<()> {
-    let sc = a.sampling.config(&mut a.model)?;
-    if let Some(p) = &a.tokens_out {
-        arpg::util::check_writable(p, "--tokens-out")?;
-    }
-    let src = img::load_rgb(&a.image)?;
-    let (model, tk, dev) = load(&mut a.model, &a.vq, &a.device, a.sampling.decoding.seed)?;
-    let p = tk.patch_size();
-    let [left, right, top, bottom] = margins_in_tokens([a.left, a.right, a.top, a.bottom], p)?;
-    let g = model.config().grid_size();
-    let src = img::center_crop_resize(&src, g * p);
-    let tokens = tk.encode(std::slice::from_ref(&src), &dev)?.remove(0);
-    let base = Canvas::from_tokens(g, g, &tokens, &vec![false; g * g])?;
+pub fn run_outpaint(a: OutpaintArgs) -> Result<()> {
+    let job = EditJob {
+        image: a.image,
+        out: a.out.clone(),
+        tokens_out: a.tokens_out,
+        ..job(&a.model, &a.vq, &a.device, &a.sampling)?
+    };
     let n = a.sampling.samples;
-    // Bounded before the canvas is allocated (u128: the margins are the user's).
-    let side = |a: usize, b: usize| g as u128 + a as u128 + b as u128;
-    let (rows, cols) = (side(top, bottom), side(left, right));
-    arpg::util::check_memory(
-        n as u128 * rows * cols * (8 + (p * p * 3) as u128),
-        &format!("{n} outpainted image(s) of {cols}x{rows} tokens"),
-    )?;
-    let canvas = base.pad(top, bottom, left, right);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.sampling.decoding.seed);
     // A long strip takes minutes a sample: progress per window.
-    let pb = indicatif::ProgressBar::new(n as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {pos}/{len} windows [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap(),
-    );
+    let pb = ProgressBar::new(n as u64).with_style(crate::style("{spinner}", "windows", " {msg}"));
     pb.enable_steady_tick(std::time::Duration::from_millis(250));
-    let all = fill_canvases(
-        &model,
-        &canvas,
-        a.sampling.class,
-        n,
-        &sc,
-        &mut rng,
-        &mut |i, done, total| {
-            pb.set_length((n * total) as u64);
-            pb.set_position((i * total + done) as u64);
-            pb.set_message(format!("image {}/{n}", i + 1));
-        },
-    )?;
+    let margins = [a.left, a.right, a.top, a.bottom];
+    let done = job.outpaint(Outpaint { margins }, &mut |i, done, total| {
+        pb.set_length((n * total) as u64);
+        pb.set_position((i * total + done) as u64);
+        pb.set_message(format!("image {}/{n}", i + 1));
+    })?;
     pb.finish_and_clear();
-    let images = tk.decode(&all, (canvas.rows, canvas.cols), &dev)?;
-    img::save_edits(&a.out, "outpaint", &src, &images)?;
-    if let Some(p) = &a.tokens_out {
-        tokens_io::write(p, &all)?;
-    }
     eprintln!(
         "{} outpainted images of {}x{} pixels in {}",
-        images.len(),
-        canvas.cols * p,
-        canvas.rows * p,
+        done.images,
+        done.width,
+        done.height,
         a.out.display()
     );
     Ok(())

@@ -1,11 +1,11 @@
 //! `arpg eval-digits`: how well a digits model draws the digits it is asked for.
 
 use crate::args::{DeviceArgs, ModelArgs};
-use anyhow::{bail, ensure, Result};
-use arpg::eval::digits::{load_splits, run_task, DigitsTask};
-use arpg::sampler::{SampleConfig, TokenFilter};
+use crate::Bar;
+use anyhow::Result;
+use arpg::eval::digits::{DigitsTask, EvalDigitsJob};
+use arpg::sampler::{MaskSchedule, SampleConfig, TokenFilter};
 use clap::Args;
-use indicatif::ProgressBar;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -51,58 +51,30 @@ pub struct EvalDigitsArgs {
     pub json_out: Option<PathBuf>,
 }
 
-pub fn run(mut a: EvalDigitsArgs) -> Result<()> {
-    if a.model.model.is_none() && a.model.config.is_none() {
-        a.model.model = Some(arpg::zoo::DIGITS.into());
-    }
-    if a.task == "sample" {
-        ensure!(a.per_class >= 1, "--per-class must be at least 1");
-        // Each sample keeps its class and 64 pixels: refuse what memory cannot hold.
-        arpg::util::check_memory(
-            a.per_class as u128 * 10 * 96,
-            &format!("--per-class {} (x 10 classes)", a.per_class),
-        )?;
-    }
-    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
-    if let Some(p) = &a.json_out {
-        arpg::util::check_writable(p, "--json-out")?;
-    }
-    let spec = a.model.spec(a.seed);
-    let cfg = spec.config()?;
-    if cfg.vocab_size != 17 || cfg.num_classes != 10 || cfg.block_size != 64 {
-        bail!("eval-digits needs a digits model (vocab 17, 10 classes, 64 tokens)");
-    }
-    let (device, dtype) = a.device.resolve_seeded(a.seed)?;
-    let model = spec.load(dtype, &device)?;
-    let (train, test) = load_splits(&a.data)?;
-    let sc = SampleConfig {
-        steps: a.steps,
-        cfg: a.cfg,
-        cfg_schedule: a.cfg_schedule.parse()?,
-        schedule: arpg::sampler::MaskSchedule::Arccos,
-        filter: TokenFilter {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
+pub fn run(a: EvalDigitsArgs) -> Result<()> {
+    let job = EvalDigitsJob {
+        model: a.model.spec(a.seed),
+        placement: a.device.placement(),
+        data: a.data,
+        task: DigitsTask::parse(&a.task, a.per_class)?,
+        sampling: SampleConfig {
+            steps: a.steps,
+            cfg: a.cfg,
+            cfg_schedule: a.cfg_schedule.parse()?,
+            schedule: MaskSchedule::Arccos,
+            filter: TokenFilter {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+            },
         },
+        batch_size: a.batch_size,
+        seed: a.seed,
+        json_out: a.json_out,
     };
-    let task = DigitsTask::parse(&a.task, a.per_class)?;
-    let pb = ProgressBar::new(task.samples(test.len()) as u64);
-    let r = run_task(
-        &model,
-        task,
-        &train,
-        &test,
-        &sc,
-        a.batch_size,
-        a.seed,
-        &mut |done| pb.set_position(done as u64),
-    )?;
-    pb.finish_and_clear();
-    let text = serde_json::to_string_pretty(&r)?;
-    println!("{text}");
-    if let Some(p) = &a.json_out {
-        arpg::util::write_atomic(p, text.as_bytes())?;
-    }
+    let mut bar = Bar::new("samples", "");
+    let r = job.run(&mut |done, n| bar.set(done, n))?;
+    bar.finish();
+    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

@@ -2,17 +2,13 @@
 //! `arpg eval` (FID, sFID, IS, precision, recall as ADM's evaluator computes them).
 
 use crate::args::{DeviceArgs, ModelArgs, SamplingArgs, VqArgs};
-use crate::launch;
-use anyhow::{bail, ensure, Context, Result};
-use arpg::eval::fid::Inputs;
-use arpg::eval::inception::{InceptionV3, Preprocess};
-use arpg::eval::sample_fid::{Sampling, Shards};
-use arpg::eval::stats::IsSplits;
-use arpg::sampler::{self, DecodeShape};
+use crate::{launch, Bar};
+use anyhow::Result;
+use arpg::eval::fid::EvalJob;
+use arpg::eval::sample_fid_run::{RankSampled, SampleFidJob};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct SampleFidArgs {
@@ -55,19 +51,42 @@ pub struct SampleFidArgs {
     pub gpus: usize,
 }
 
-pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
-    ensure!(a.num_samples >= 1, "--num-samples must be at least 1");
-    ensure!(
-        a.per_class >= 1 && a.batch_size >= 1 && a.shard_size >= 1,
-        "--per-class, --batch-size and --shard-size must be at least 1"
-    );
-    if a.model.spec(0).names_nothing() {
-        bail!("name the model: --model ARPG-L|ARPG-XL|ARPG-XXL|digits, --config/--weights, or --init random");
-    }
-    // The sampler's checks, before any worker starts.
-    let spec = a.model.spec(a.sampling.seed);
-    let mcfg = spec.config()?;
-    sampler::validate_settings(DecodeShape::of_config(&mcfg), &a.sampling.config(&spec)?)?;
+/// What the samples depend on, as the flags say it (kept beside the shards: a run of other
+/// settings is refused). Graphs or not, the tokens are the same: that flag must not block a
+/// resume.
+fn settings(a: &SampleFidArgs) -> serde_json::Value {
+    serde_json::json!({
+        "num_samples": a.num_samples,
+        "per_class": a.per_class,
+        "shard_size": a.shard_size,
+        "seed": a.sampling.seed,
+        "model": format!("{:?}", a.model),
+        "vq": format!("{:?}", a.vq),
+        "dtype": a.device.dtype,
+        "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
+    })
+}
+
+pub fn run_sample(a: SampleFidArgs) -> Result<()> {
+    let seed = a.sampling.seed;
+    let spec = a.model.spec(seed);
+    let job = SampleFidJob {
+        sampling: a.sampling.config(&spec)?,
+        tokenizer: a.vq.spec(spec.random, seed)?,
+        model: spec,
+        placement: a.device.placement(),
+        seed,
+        num_samples: a.num_samples,
+        per_class: a.per_class,
+        batch_size: a.batch_size,
+        shard_size: a.shard_size,
+        out: a.out.clone(),
+        png: !a.no_png,
+        overlap: !a.no_overlap,
+        cuda_graph: !a.sampling.no_cuda_graph,
+        settings: settings(&a),
+    };
+    job.check()?;
     if launch::should_spawn(a.gpus)? {
         if !a.device.device.starts_with("cuda") {
             eprintln!(
@@ -76,145 +95,74 @@ pub fn run_sample(mut a: SampleFidArgs) -> Result<()> {
             );
         }
         launch::spawn_workers(a.gpus)?;
-        eprintln!(
-            "all ranks done; samples in {}",
-            a.out.join("samples.npz").display()
-        );
+        let npz = a.out.join("samples.npz");
+        eprintln!("all ranks done; samples in {}", npz.display());
         return Ok(());
     }
-    let dist = launch::Dist::of_run()?;
-    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
-    if let Some(d) = &dist {
-        // A worker takes the GPU of its local rank (a CPU run stays on the CPU, for tests).
-        if a.device.device.starts_with("cuda") {
-            a.device.device = d.worker_device();
+    let mut scan: Option<ProgressBar> = None;
+    let run = job.start(&mut |done, n| {
+        if n >= 1000 {
+            let pb = scan.get_or_insert_with(|| {
+                ProgressBar::new(n as u64).with_message("checking finished shards")
+            });
+            pb.set_position(done as u64);
         }
-    }
-    let shards = Shards::new(a.out.clone(), a.num_samples, a.shard_size)?;
-    let patch = a.vq.spec(false, 0)?.patch_size(mcfg.vocab_size)?;
-    shards.check_memory(mcfg.grid_size() * patch)?;
-    // Shards of another configuration must not be mixed in: the settings live beside them.
-    shards.check_settings(&serde_json::json!({
-        "num_samples": a.num_samples,
-        "per_class": a.per_class,
-        "shard_size": a.shard_size,
-        "seed": a.sampling.seed,
-        "model": format!("{:?}", a.model),
-        "vq": format!("{:?}", a.vq),
-        "dtype": a.device.dtype,
-        // Graphs or not, the tokens are the same: that flag must not block a resume.
-        "sampling": format!("{:?}", SamplingArgs { no_cuda_graph: false, ..a.sampling.clone() }),
-    }))?;
-    let n_shards = shards.count();
-    let scan = match n_shards >= 1000 && rank == 0 {
-        true => ProgressBar::new(n_shards as u64).with_message("checking finished shards"),
-        false => ProgressBar::hidden(),
-    };
-    let pending = shards.pending(rank == 0, &mut || scan.inc(1));
-    scan.finish_and_clear();
-    let mine: Vec<usize> = pending
-        .iter()
-        .copied()
-        .filter(|s| s % world == rank)
-        .collect();
-    if rank == 0 && pending.len() < n_shards {
+    })?;
+    scan.inspect(ProgressBar::finish_and_clear);
+    let (rank, world) = (run.rank, run.world);
+    if rank == 0 && run.resumed() > 0 {
         eprintln!(
-            "resuming: {} of {n_shards} shards already done in {}",
-            n_shards - pending.len(),
+            "resuming: {} of {} shards already done in {}",
+            run.resumed(),
+            run.shards.count(),
             a.out.display()
         );
     }
-    let start = Instant::now();
-    if !mine.is_empty() {
-        sample_shards(&a, &shards, &mine, rank, world)?;
+    // One bar, on rank 0: several processes drawing on one terminal garble each other.
+    let mut bar = Bar::new("images", " {per_sec} {msg}");
+    if world > 1 {
+        bar = bar.with_message(format!("(rank 0 of {world})"));
+    }
+    let sampled = run.sample(&mut |done, n| {
+        if rank == 0 {
+            bar.set(done, n)
+        }
+    })?;
+    match &sampled {
+        Some(r) if r.sampled.images < r.total => bar.abandon(),
+        Some(r) => {
+            bar.finish();
+            print_rank(rank, r);
+        }
+        None => {}
     }
     // Rank 0 waits for the others' shards, then assembles the archive.
-    if arpg::util::interrupted() || rank != 0 || !shards.wait_for_all() {
+    let Some(f) = run.finish()? else {
         return Ok(());
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let sampled = shards.images(&pending);
-    let npz_path = shards.finish(sampled)?;
-    if sampled > 0 {
+    };
+    if f.sampled > 0 {
         eprintln!(
-            "{sampled} images in {secs:.1}s ({:.2} images/s over {world} process{})",
-            sampled as f64 / secs,
+            "{} images in {:.1}s ({:.2} images/s over {world} process{})",
+            f.sampled,
+            f.secs,
+            f.sampled as f64 / f.secs,
             if world > 1 { "es" } else { "" }
         );
     }
-    eprintln!("{} images in {}", a.num_samples, npz_path.display());
+    eprintln!("{} images in {}", a.num_samples, f.npz.display());
     Ok(())
 }
 
-fn sample_shards(
-    a: &SampleFidArgs,
-    shards: &Shards,
-    mine: &[usize],
-    rank: usize,
-    world: usize,
-) -> Result<()> {
-    let spec = a.model.spec(a.sampling.seed);
-    let mcfg = spec.config()?;
-    let sc = a.sampling.config(&spec)?;
-    let (device, dtype) = a.device.resolve()?;
-    let model = spec.load(dtype, &device)?;
-    let overlap = !a.no_overlap;
-    // The VQ decoder works on its own stream, so that it overlaps with the token decoding.
-    let vq_device = match overlap {
-        true => arpg::device::second_stream(&device)?,
-        false => device.clone(),
-    };
-    let tk =
-        a.vq.spec(spec.random, a.sampling.seed)?
-            .load(mcfg.vocab_size, dtype, &vq_device)?;
-    let total = shards.images(mine);
-    // One bar, on rank 0: several processes drawing on one terminal garble each other.
-    let pb = if rank == 0 {
-        ProgressBar::new(total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
-        )
-        .unwrap(),
-    );
-    if world > 1 {
-        pb.set_message(format!("(rank 0 of {world})"));
-    }
-    let start = Instant::now();
-    let mut graphs = a.sampling.graphs();
-    let sampled = arpg::eval::sample_fid::sample_shards(
-        shards,
-        mine,
-        Sampling {
-            model: &model,
-            tokenizer: &tk,
-            device: &device,
-            sc: &sc,
-            graphs: &mut graphs,
-            seed: a.sampling.seed,
-            per_class: a.per_class,
-            batch_size: a.batch_size,
-            overlap,
-            png: !a.no_png,
-        },
-        &mut |n| pb.inc(n as u64),
-    )?;
-    let made = sampled.images;
-    if made < total {
-        pb.abandon();
-        return Ok(());
-    }
-    pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
+/// A rank's throughput, and after the first batch its steady rate and busy times.
+fn print_rank(rank: usize, r: &RankSampled) {
+    let made = r.sampled.images;
     eprintln!(
-        "rank {rank}: {made} images in {secs:.1}s ({:.2} images/s)",
-        made as f64 / secs
+        "rank {rank}: {made} images in {:.1}s ({:.2} images/s)",
+        r.secs,
+        made as f64 / r.secs
     );
-    let st = &sampled.stats;
-    if let Some(rate) = sampled.steady_rate() {
+    let st = &r.sampled.stats;
+    if let Some(rate) = r.sampled.steady_rate() {
         eprintln!(
             "rank {rank}: first batch {:.2}s (graph capture, cuDNN's algorithm search), then {rate:.2} images/s; busy: tokens {:.2}s, pixels {:.2}s, output {:.2}s",
             st.first.as_secs_f64(),
@@ -223,7 +171,6 @@ fn sample_shards(
             st.sink.as_secs_f64()
         );
     }
-    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -262,43 +209,29 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
-    let pre: Preprocess = a.preprocess.parse().context("--preprocess")?;
-    let splits = match a.is_splits {
-        Some(k) => IsSplits::Count(k),
-        None => IsSplits::Size(a.is_split_size),
+    let job = EvalJob {
+        samples: a.samples,
+        reference: a.reference,
+        inception: a.inception,
+        device: a.device,
+        batch_size: a.batch_size,
+        preprocess: a.preprocess,
+        is_split_size: a.is_split_size,
+        is_splits: a.is_splits,
+        json: a.json,
     };
-    ensure!(a.is_splits != Some(0), "--is-splits must be at least 1");
-    ensure!(a.is_split_size >= 1, "--is-split-size must be at least 1");
-    if let Some(p) = &a.json {
-        arpg::util::check_writable(p, "--json")?;
-    }
-    let device = arpg::device::parse_device(&a.device)?;
-    let inputs = Inputs::open(&a.samples, &a.reference, splits, a.batch_size)?;
-    let (n_samples, n_reference) = (inputs.n_samples, inputs.n_reference);
-    let net = if a.inception.as_os_str() == "random" {
-        eprintln!("warning: --inception random: synthetic weights, the scores are meaningless");
-        InceptionV3::synthetic(&device)?
-    } else {
-        InceptionV3::load(&a.inception, &device).context("--inception")?
-    };
-    let start = Instant::now();
-    let mut bar: Option<ProgressBar> = None;
-    let s = inputs.score(&net, a.batch_size, pre, splits, &mut |what, done, n| {
-        let pb = bar.get_or_insert_with(|| {
-            ProgressBar::new(n as u64).with_style(
-                ProgressStyle::with_template(&format!(
-                    "{what:>8} {{bar:40}} {{pos}}/{{len}} images [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}}"
-                ))
-                .unwrap(),
-            )
+    let mut bar: Option<Bar> = None;
+    let e = job.run(&mut |what, done, n| {
+        let b = bar.get_or_insert_with(|| {
+            Bar::with_head(&format!("{what:>8} {{bar:40}}"), "images", " {per_sec}")
         });
-        pb.set_position(done as u64);
+        b.set(done, n);
         if done == n {
-            pb.finish_and_clear();
+            b.finish();
             bar = None;
         }
     })?;
+    let s = &e.scores;
     if s.precision_recall.is_none() {
         eprintln!("note: the reference has no `arr_0` images: no precision / recall");
     }
@@ -313,23 +246,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         println!("Recall: {r:.4}");
     }
     eprintln!(
-        "{n_samples} samples{} in {:.1}s",
-        n_reference
+        "{} samples{} in {:.1}s",
+        e.n_samples,
+        e.n_reference
             .map(|n| format!(" and {n} reference images"))
             .unwrap_or_default(),
-        start.elapsed().as_secs_f64()
+        e.secs
     );
-    if let Some(p) = &a.json {
-        let pr = s.precision_recall;
-        let j = serde_json::json!({
-            "samples": a.samples, "reference": a.reference, "num_samples": n_samples,
-            "preprocess": a.preprocess,
-            "inception_score": s.inception_score, "inception_score_std": s.inception_score_std,
-            "fid": s.fid, "sfid": s.sfid,
-            "precision": pr.map(|x| x.0), "recall": pr.map(|x| x.1),
-        });
-        arpg::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
-            .with_context(|| format!("--json {}", p.display()))?;
-    }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod tokens;
 mod train;
 
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 // Tensor ops allocate and free large buffers constantly; mimalloc reuses them instead of
 // paying page faults for fresh mmaps on every op (measured: faster CPU training steps).
@@ -68,34 +69,8 @@ enum Command {
 }
 
 fn main() {
-    // candle's CPU worker pool spins while waiting; next to gemm's own threads on a small
-    // machine that halves throughput (measured 2.2x faster training with 1 on 2 cores).
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    {
-        use tracing_subscriber::prelude::*;
-        let log = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(tracing_subscriber::EnvFilter::from_default_env());
-        // ARPG_PROFILE: per-part times of the library's spans (`arpg bench` prints them).
-        let profile = arpg::util::profiling().then(arpg::util::profile_layer);
-        tracing_subscriber::registry()
-            .with(log)
-            .with(profile)
-            .init();
-    }
-    // First Ctrl-C: finish the unit of work in hand, write what is done, stop. Second: exit.
-    let _ = ctrlc::set_handler(|| {
-        if arpg::util::interrupted() {
-            arpg::util::interrupt_again();
-            return;
-        }
-        eprintln!(
-            "\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to abort)"
-        );
-        arpg::util::interrupt();
-    });
+    arpg::util::init_process();
+    let _ = ctrlc::set_handler(arpg::util::on_ctrl_c);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(a) => sample::run(a),
@@ -121,5 +96,62 @@ fn main() {
     }
     if arpg::util::interrupted() {
         std::process::exit(130);
+    }
+}
+
+/// Every bar's layout: `HEAD {pos}/{len} UNIT [{elapsed_precise}<{eta_precise}]TAIL`.
+fn style(head: &str, unit: &str, tail: &str) -> ProgressStyle {
+    let t = format!("{head} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}]{tail}");
+    ProgressStyle::with_template(&t).expect("a valid template")
+}
+
+/// A progress bar of `len` `unit`s.
+fn bar(len: usize, unit: &str, tail: &str) -> ProgressBar {
+    ProgressBar::new(len as u64).with_style(style("{bar:40}", unit, tail))
+}
+
+/// A bar drawn from the library's `(done, total)` reports, made on the first, so that its
+/// clock starts with the work.
+struct Bar {
+    pb: Option<ProgressBar>,
+    style: ProgressStyle,
+    message: String,
+}
+
+impl Bar {
+    fn new(unit: &str, tail: &str) -> Self {
+        Self::with_head("{bar:40}", unit, tail)
+    }
+
+    fn with_head(head: &str, unit: &str, tail: &str) -> Self {
+        let (style, message) = (style(head, unit, tail), String::new());
+        Bar {
+            pb: None,
+            style,
+            message,
+        }
+    }
+
+    fn with_message(self, message: String) -> Self {
+        Bar { message, ..self }
+    }
+
+    fn set(&mut self, done: usize, total: usize) {
+        let pb = self.pb.get_or_insert_with(|| {
+            let pb = ProgressBar::new(total as u64).with_style(self.style.clone());
+            pb.set_message(self.message.clone());
+            pb
+        });
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    }
+
+    fn finish(&mut self) {
+        self.pb.take().inspect(ProgressBar::finish_and_clear);
+    }
+
+    /// Leaves the bar where it stopped (a run cut short).
+    fn abandon(&mut self) {
+        self.pb.take().inspect(ProgressBar::abandon);
     }
 }

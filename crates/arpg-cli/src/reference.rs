@@ -1,16 +1,8 @@
-//! The reference's `train_c2i.py` flags that are not plain aliases of ours: they change what
-//! other flags mean (its --lr is absolute, its schedule counts epochs) or only take the value
-//! the checkpoints were trained with. Accepted so that GETTING_STARTED.md's command runs as
-//! typed; anything that cannot mean what it means there is an error naming the flag.
+//! The reference's `train_c2i.py` flags that are not plain aliases of ours (their rules:
+//! [`arpg::reference`]). Accepted so that GETTING_STARTED.md's command runs as typed.
 
-use crate::train::TrainArgs;
-use anyhow::{bail, Result};
+use arpg::reference::TrainFlags;
 use clap::Args;
-
-/// The reference's global batch when it is not given (`--global-batch-size` default).
-const REFERENCE_BATCH: usize = 256;
-/// The reference's warm-up when it is not given (`--warmup-epochs` default).
-const REFERENCE_WARMUP_EPOCHS: usize = 100;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct ReferenceTrainFlags {
@@ -64,108 +56,28 @@ pub struct ReferenceTrainFlags {
     pub no_compile: bool,
 }
 
-/// Map the reference flags onto `a` for a data set of `samples`; says what it did.
-pub fn apply(a: &mut TrainArgs, samples: usize) -> Result<()> {
-    let r = a.reference.clone();
-    check_fixed(&r, a)?;
-    if r.epochs.is_none() && r.global_batch_size.is_none() {
-        if r.warmup_epochs.is_some() {
-            bail!("--warmup-epochs needs --epochs (or give --warmup-steps)");
-        }
-        return Ok(());
-    }
-    // The reference's command line: its batch, its absolute learning rate.
-    a.batch_size = r.global_batch_size.unwrap_or(REFERENCE_BATCH);
-    a.lr_absolute = true;
-    if let Some(epochs) = r.epochs {
-        let per_epoch = samples / a.batch_size.max(1);
-        if per_epoch == 0 {
-            bail!(
-                "--epochs {epochs}: --data has {samples} samples, fewer than one batch of {}: \
-                 no full batch per epoch (the reference drops the partial one)",
-                a.batch_size
-            );
-        }
-        let warmup = r.warmup_epochs.unwrap_or(REFERENCE_WARMUP_EPOCHS);
-        if warmup > epochs {
-            bail!("--warmup-epochs {warmup} is longer than --epochs {epochs}");
-        }
-        a.steps = epochs * per_epoch;
-        a.warmup_steps = warmup * per_epoch;
-        // Its lr is lr * epoch / warmup_epochs over fractional epochs: 0 at the first step.
-        a.warmup_counting = arpg::train::optim::Warmup::Reference;
-    }
-    eprintln!(
-        "reference flags: batch {}, lr {:e} (absolute), {} steps ({} per epoch), warm-up {} steps",
-        a.batch_size,
-        a.lr,
-        a.steps,
-        samples / a.batch_size.max(1),
-        a.warmup_steps
-    );
-    Ok(())
-}
-
-/// Flags that only take one value here: the reference's default, or the model's own shape.
-fn check_fixed(r: &ReferenceTrainFlags, a: &TrainArgs) -> Result<()> {
-    let same = |flag: &str, got: Option<f64>, want: f64, why: &str| -> Result<()> {
-        match got {
-            Some(v) if v != want => bail!("{flag} {v} is not supported: only {want} ({why})"),
-            _ => Ok(()),
-        }
-    };
-    same(
-        "--token-dropout-p",
-        r.token_dropout_p,
-        a.dropout,
-        "one --dropout for tokens, residuals and FFN",
-    )?;
-    same(
-        "--drop-path-rate",
-        r.drop_path_rate,
-        0.0,
-        "no stochastic depth",
-    )?;
-    same("--beta1", r.beta1, 0.9, "the paper's AdamW betas")?;
-    same("--beta2", r.beta2, 0.95, "the paper's AdamW betas")?;
-    let gas = r.gradient_accumulation_steps.map(|v| v as f64);
-    same(
-        "--gradient-accumulation-steps",
-        gas,
-        1.0,
-        "the reference parses it and never uses it; see --grad-accum",
-    )?;
-    for (flag, got, want) in [
-        ("--lr-schedule", &r.lr_schedule, "cosine"),
-        ("--dataset", &r.dataset, "imagenet_code"),
-        ("--gpt-type", &r.gpt_type, "c2i"),
-    ] {
-        if let Some(v) = got.as_deref().filter(|v| *v != want) {
-            bail!("{flag} {v} is not supported: only {want}");
+impl ReferenceTrainFlags {
+    /// The library's view: the rules are [`arpg::reference::TrainFlags::apply`]'s.
+    pub fn flags(&self) -> TrainFlags {
+        TrainFlags {
+            epochs: self.epochs,
+            warmup_epochs: self.warmup_epochs,
+            global_batch_size: self.global_batch_size,
+            token_dropout_p: self.token_dropout_p,
+            drop_path_rate: self.drop_path_rate,
+            lr_schedule: self.lr_schedule.clone(),
+            beta1: self.beta1,
+            beta2: self.beta2,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            dataset: self.dataset.clone(),
+            gpt_type: self.gpt_type.clone(),
+            cloud_save_path: self.cloud_save_path.clone(),
+            no_local_save: self.no_local_save,
+            image_size: self.image_size,
+            downsample_size: self.downsample_size,
+            num_classes: self.num_classes,
+            vocab_size: self.vocab_size,
+            cls_token_num: self.cls_token_num,
         }
     }
-    if r.cloud_save_path.is_some() || r.no_local_save {
-        bail!("--cloud-save-path / --no-local-save are not supported: checkpoints go to --out (--results-dir)");
-    }
-    if r.warmup_epochs.is_some() && a.warmup_steps != 0 {
-        bail!("give --warmup-epochs or --warmup-steps, not both");
-    }
-    // A resumed run's shape comes from its checkpoint.
-    let Some(cfg) = arpg::train::setup::given_config(a.config.as_deref(), a.model.as_deref())?
-    else {
-        return Ok(());
-    };
-    let patch = r.downsample_size.unwrap_or(16);
-    for (flag, got, want) in [
-        ("--downsample-size", r.downsample_size, 16),
-        ("--image-size", r.image_size, cfg.grid_size() * patch),
-        ("--num-classes", r.num_classes, cfg.num_classes),
-        ("--vocab-size", r.vocab_size, cfg.vocab_size),
-        ("--cls-token-num", r.cls_token_num, cfg.cls_token_num),
-    ] {
-        if let Some(v) = got.filter(|&v| v != want) {
-            bail!("{flag} {v} does not match the model: it has {want} (change --config instead)");
-        }
-    }
-    Ok(())
 }

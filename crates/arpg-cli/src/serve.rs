@@ -57,48 +57,35 @@ pub struct ServeArgs {
     pub panic_on_seed: Option<u64>,
 }
 
-pub fn run(mut a: ServeArgs) -> Result<()> {
-    if !a.host.is_loopback() && !a.allow_remote {
-        bail!(
-            "--host {} is not a loopback address: add --allow-remote (and --api-key) to serve beyond this machine",
-            a.host
-        );
-    }
-    let name = a
-        .model
-        .model
-        .clone()
-        .or_else(|| a.model.config.as_ref().map(|p| p.display().to_string()))
-        .unwrap_or_else(|| match a.model.init {
-            Some(_) => "random".into(),
-            None => arpg::zoo::default_model().into(),
-        });
-    let (model, tokenizer, device) = crate::edit::load(&mut a.model, &a.vq, &a.device, 0)?;
+pub fn run(a: ServeArgs) -> Result<()> {
+    arpg_serve::check_host(a.host, a.allow_remote)?;
+    let mut spec = a.model.spec(0);
+    let name = spec.display_name();
+    spec.or_default();
+    let tokenizer = a.vq.spec(spec.random, 0)?;
+    let loaded = arpg::zoo::Loaded::load(&spec, &tokenizer, &a.device.placement())?;
     let cfg = ServeConfig {
         model_name: name,
-        api_key: a
-            .api_key
-            .clone()
-            .or_else(|| std::env::var("ARPG_API_KEY").ok())
-            .filter(|k| !k.is_empty()),
+        api_key: arpg_serve::api_key_or_env(a.api_key),
         max_body: a.max_body,
         limits: Limits {
-            max_images: a.max_images.max(1),
-            max_image_side: a.max_image_side.max(1),
+            max_images: a.max_images,
+            max_image_side: a.max_image_side,
             max_outpaint: 4,
         },
-        max_queue: a.max_queue.max(1),
+        max_queue: a.max_queue,
         batch_window: Duration::from_millis(a.batch_window_ms),
-        max_batch: a.max_batch.max(1),
-        request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
+        max_batch: a.max_batch,
+        request_timeout: Duration::from_secs(a.request_timeout_s),
         panic_seed: a.panic_on_seed,
     };
     let engine = Engine {
-        model,
-        tokenizer,
-        device,
+        model: loaded.model,
+        tokenizer: loaded.tokenizer,
+        device: loaded.device,
     };
-    arpg_serve::run_blocking(SocketAddr::new(a.host, a.port), engine, cfg)
+    let addr = SocketAddr::new(a.host, a.port);
+    arpg_serve::run_blocking(addr, engine, cfg.normalized())
 }
 
 #[derive(Args, Debug)]
@@ -128,14 +115,11 @@ pub struct LoadTestArgs {
 pub fn load_test(a: LoadTestArgs) -> Result<()> {
     let report = arpg_serve::load::run_blocking(LoadConfig {
         addr: LoadConfig::addr_of(&a.url)?,
-        path: a.path.clone(),
-        body: a.body.clone(),
+        path: a.path,
+        body: a.body,
         clients: a.clients,
         requests: a.requests,
-        api_key: a
-            .api_key
-            .clone()
-            .or_else(|| std::env::var("ARPG_API_KEY").ok()),
+        api_key: arpg_serve::api_key_or_env(a.api_key),
     })?;
     println!("{}", serde_json::to_string(&report)?);
     if report.errors > 0 {

@@ -1,15 +1,14 @@
 //! `arpg train`, `arpg pack` and `arpg plot`.
 
 use crate::args::DeviceArgs;
-use crate::launch;
-use anyhow::{bail, ensure, Result};
-use arpg::config::ControlQuery;
-use arpg::data::{Packed, Source};
+use crate::{launch, Bar};
+use anyhow::Result;
+use arpg::data::tokenize::{ControlSource, TokenizeJob};
+use arpg::data::PackJob;
 use arpg::train::run::RunDir;
-use arpg::train::setup::{learning_rates, ModelSource};
+use arpg::train::setup::{ModelSource, TrainJob};
 use arpg::train::TrainConfig;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -109,129 +108,74 @@ pub struct TrainArgs {
     /// GPU with a launcher's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
-    /// Set by the reference's flags (--epochs): warm up as train_c2i.py does.
-    #[arg(skip)]
-    pub warmup_counting: arpg::train::optim::Warmup,
     /// train_c2i.py's flags (--epochs, --global-batch-size, ...), with its meaning.
     #[command(flatten)]
     pub reference: crate::reference::ReferenceTrainFlags,
 }
 
-pub fn train(mut a: TrainArgs) -> Result<()> {
-    if a.gpus > 1 && !cfg!(feature = "nccl") {
-        bail!(
-            "--gpus {} needs a build with NCCL: scripts/build-cuda.sh --nccl",
-            a.gpus
-        );
-    }
-    if launch::should_spawn(a.gpus)? {
+pub fn train(a: TrainArgs) -> Result<()> {
+    if TrainJob::launches(a.gpus)? {
         return launch::spawn_workers(a.gpus);
     }
-    let dist = launch::Dist::of_run()?;
-    let (device, dtype) = match &dist {
-        Some(d) => {
-            if !cfg!(feature = "nccl") {
-                bail!(
-                    "multi-process training (WORLD_SIZE={}) needs a build with NCCL: \
-                     scripts/build-cuda.sh --nccl",
-                    d.world_size
-                );
-            }
-            (
-                arpg::device::parse_device(&d.worker_device())?,
-                arpg::device::parse_dtype(&a.device.dtype)?,
-            )
-        }
-        None => a.device.resolve()?,
+    let job = TrainJob {
+        data: a.data,
+        dir: RunDir {
+            out: a.out,
+            log_every: a.log_every,
+            ckpt_every: a.ckpt_every,
+            fresh_log: a.overwrite,
+        },
+        source: ModelSource {
+            config: a.config,
+            model: a.model,
+            resume: a.resume,
+            init_from: a.init_from,
+            control: match &a.control {
+                Some(q) => Some((q.parse()?, a.control_layers)),
+                None => None,
+            },
+            control_dropout: a.control_dropout,
+        },
+        recipe: TrainConfig {
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            warmup_steps: a.warmup_steps,
+            steps: a.steps,
+            weight_decay: a.weight_decay,
+            grad_clip: a.grad_clip,
+            ema_decay: a.ema,
+            class_dropout: a.class_dropout,
+            dropout: a.dropout,
+            seed: a.seed,
+            ..TrainConfig::default()
+        },
+        lr: a.lr,
+        lr_absolute: a.lr_absolute,
+        min_lr: a.min_lr,
+        until: a.until,
+        reference: a.reference.flags(),
+        placement: a.device.placement(),
     };
-    let main_rank = dist.as_ref().is_none_or(|d| d.rank == 0);
-    ensure!(a.log_every >= 1, "--log-every must be at least 1");
-    ensure!(a.ckpt_every >= 1, "--ckpt-every must be at least 1");
-    ensure!(
-        a.lr > 0.0 && a.lr.is_finite(),
-        "--lr {} must be a positive number",
-        a.lr
-    );
-    // The reference's flags set the batch and make --lr absolute: before the peak is derived.
-    let data = Packed::open(&a.data)?;
-    crate::reference::apply(&mut a, data.len())?;
-    let (lr, min_lr) = learning_rates(a.lr, a.lr_absolute, a.batch_size, a.min_lr)?;
-    let dir = RunDir {
-        out: a.out.clone(),
-        log_every: a.log_every,
-        ckpt_every: a.ckpt_every,
-        fresh_log: a.overwrite,
+    let mut run = job.prepare()?;
+    let Some(dir) = run.dir.clone() else {
+        return run.run(&mut |_, _| {});
     };
-    if main_rank {
-        dir.check_available(a.resume.as_deref())?;
-    }
-    let tc = TrainConfig {
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        lr,
-        min_lr,
-        warmup_steps: a.warmup_steps,
-        steps: a.steps,
-        weight_decay: a.weight_decay,
-        beta1: 0.9,
-        beta2: 0.95,
-        grad_clip: a.grad_clip,
-        ema_decay: a.ema,
-        class_dropout: a.class_dropout,
-        dropout: a.dropout,
-        seed: a.seed,
-        warmup: a.warmup_counting,
-    };
-    tc.validate()?;
-    let query = |q: &str| match q {
-        "replace" => ControlQuery::Replace,
-        _ => ControlQuery::Add,
-    };
-    let source = ModelSource {
-        config: a.config.as_deref(),
-        model: a.model.as_deref(),
-        resume: a.resume.as_deref(),
-        init_from: a.init_from.as_deref(),
-        control: a.control.as_deref().map(|q| (query(q), a.control_layers)),
-        control_dropout: a.control_dropout,
-    };
-    let mut tr = source.trainer(&tc, &data, dtype, &device)?;
-    #[cfg(feature = "nccl")]
-    if let Some(d) = &dist {
-        let group = arpg::train::dist::NcclGroup::connect(d, &device)?;
-        tr.set_group(Box::new(group))?;
-    }
-    let until = a.until.unwrap_or(a.steps).min(a.steps);
-    if tr.step >= until {
-        bail!(
-            "nothing to do: the checkpoint is at step {}, --until/--steps is {until}",
-            tr.step
-        );
-    }
-    if !main_rank {
-        return arpg::train::run::run(&mut tr, &data, until, None, &mut |_, _| {});
-    }
+    let (tr, data) = (&run.trainer, &run.data);
     eprintln!(
-        "training {} parameters on {} samples ({} crops), steps {}..{until} of {}, batch {} over {} process(es), peak lr {:.3e}, final lr {:.3e}",
+        "training {} parameters on {} samples ({} crops), steps {}..{} of {}, batch {} over {} process(es), peak lr {:.3e}, final lr {:.3e}",
         tr.num_parameters(),
         data.len(),
         data.total_crops(),
         tr.step,
-        a.steps,
-        a.batch_size,
+        run.until,
+        tr.cfg.steps,
+        tr.cfg.batch_size,
         tr.rank_and_world().1,
         tr.cfg.lr,
         tr.cfg.min_lr
     );
-    let pb = ProgressBar::new(until as u64)
-        .with_position(tr.step as u64)
-        .with_style(
-            ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap(),
-        );
-    arpg::train::run::run(&mut tr, &data, until, Some(&dir), &mut |s, line| {
+    let pb = crate::bar(run.until, "steps", " {msg}").with_position(tr.step as u64);
+    run.run(&mut |s, line| {
         pb.set_position(s.step as u64);
         pb.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
         if let Some(line) = line {
@@ -245,7 +189,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     pb.finish_and_clear();
     eprintln!(
         "step {}: checkpoint {}, inference weights {}",
-        tr.step,
+        run.trainer.step,
         dir.checkpoint().display(),
         dir.weights().display()
     );
@@ -281,19 +225,17 @@ pub struct PackArgs {
 }
 
 pub fn pack(a: PackArgs) -> Result<()> {
-    match (a.control.as_deref(), &a.digits, &a.paper) {
-        (Some("sketch"), None, _) => bail!("--control sketch is for --digits"),
-        (Some("stored"), _, None) => bail!("--control stored is for --paper"),
-        _ => {}
-    }
-    let source = match (&a.paper, &a.llamagen, &a.digits) {
-        (Some(r), _, _) => Source::Paper(r, a.vocab_size),
-        (_, Some(r), _) => Source::Llamagen(r, a.vocab_size),
-        (_, _, Some(p)) => Source::Digits(p, a.split == "test"),
-        _ => bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz"),
-    };
     let with_conditions = a.control.is_some();
-    let n = arpg::data::pack(source, with_conditions, &a.out)?;
+    let n = PackJob {
+        paper: a.paper,
+        llamagen: a.llamagen,
+        digits: a.digits,
+        test_split: a.split == "test",
+        control: a.control,
+        vocab_size: a.vocab_size,
+        out: a.out.clone(),
+    }
+    .run()?;
     eprintln!(
         "packed {n} samples{} into {}",
         if with_conditions {
@@ -361,60 +303,34 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    use arpg::data::tokenize::{is_done, plan, tokenize_image, ControlSource};
-    let control = a
-        .control
-        .as_deref()
-        .map(|c| ControlSource::parse(c, a.control_channels, a.canny_low, a.canny_high))
-        .transpose()?;
-    let (device, dtype) = a.device.resolve()?;
-    arpg::tokenizer::check_image_size(a.image_size)?;
-    let tk = a.vq.spec(false, 0)?.load_standalone(dtype, &device)?;
-    let p = tk.patch_size();
-    if !a.image_size.is_multiple_of(p) {
-        bail!(
-            "--image-size {} is not a multiple of the {p}-pixel patch",
-            a.image_size
-        );
-    }
-    let jobs = plan(&a.image_root, &a.out)?;
-    let todo: Vec<_> = jobs
-        .iter()
-        .filter(|j| !is_done(&j.2, control.is_some()))
-        .collect();
+    let control = a.control.as_deref();
+    let job = TokenizeJob {
+        control: control
+            .map(|c| ControlSource::parse(c, a.control_channels, a.canny_low, a.canny_high))
+            .transpose()?,
+        image_root: a.image_root,
+        out: a.out,
+        tokenizer: a.vq.spec(false, 0)?,
+        placement: a.device.placement(),
+        image_size: a.image_size,
+        ten_crop: a.ten_crop,
+    };
+    let plan = job.plan()?;
+    let n = plan.images.len();
     eprintln!(
-        "{} images in {} classes; {} already encoded",
-        jobs.len(),
-        jobs.last().map(|j| j.0 + 1).unwrap_or(0),
-        jobs.len() - todo.len()
+        "{n} images in {} classes; {} already encoded",
+        plan.classes(),
+        n - plan.todo.len()
     );
-    let pb = ProgressBar::new(todo.len() as u64).with_style(
-        ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap(),
-    );
-    for (_, src, dst) in todo {
-        if arpg::util::interrupted() {
-            break;
-        }
-        let job = (a.image_root.as_path(), src.as_path(), dst.as_path());
-        tokenize_image(
-            &tk,
-            job,
-            control.as_ref(),
-            a.image_size,
-            a.ten_crop,
-            &device,
-        )?;
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
+    let mut bar = Bar::new("images", "");
+    bar.set(0, plan.todo.len());
+    plan.run(&mut |done, n| bar.set(done, n))?;
+    bar.finish();
     eprintln!(
         "codes in {} (pack them with `arpg pack --paper {}{}`)",
-        a.out.display(),
-        a.out.display(),
-        if control.is_some() {
+        job.out.display(),
+        job.out.display(),
+        if job.control.is_some() {
             " --control stored"
         } else {
             ""

@@ -76,6 +76,36 @@ impl Default for ServeConfig {
     }
 }
 
+impl ServeConfig {
+    /// What the command line's values mean: a limit of 0 reads as 1 (0 would refuse every
+    /// request), an empty API key as none.
+    pub fn normalized(mut self) -> Self {
+        let l = &mut self.limits;
+        l.max_images = l.max_images.max(1);
+        l.max_image_side = l.max_image_side.max(1);
+        self.max_queue = self.max_queue.max(1);
+        self.max_batch = self.max_batch.max(1);
+        self.request_timeout = self.request_timeout.max(Duration::from_secs(1));
+        self.api_key = self.api_key.filter(|k| !k.is_empty());
+        self
+    }
+}
+
+/// A bearer token: `given`, else the `ARPG_API_KEY` environment variable.
+pub fn api_key_or_env(given: Option<String>) -> Option<String> {
+    given.or_else(|| std::env::var("ARPG_API_KEY").ok())
+}
+
+/// Serving beyond this machine must be asked for (`--allow-remote`).
+pub fn check_host(host: std::net::IpAddr, allow_remote: bool) -> anyhow::Result<()> {
+    if !host.is_loopback() && !allow_remote {
+        anyhow::bail!(
+            "--host {host} is not a loopback address: add --allow-remote (and --api-key) to serve beyond this machine"
+        );
+    }
+    Ok(())
+}
+
 struct App {
     cfg: ServeConfig,
     engine: Arc<Engine>,
@@ -654,4 +684,34 @@ async fn answer(
         "elapsed_ms": t.elapsed().as_millis() as u64,
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_limits_read_as_one_and_remote_hosts_are_asked_for() {
+        let c = ServeConfig {
+            max_queue: 0,
+            max_batch: 0,
+            request_timeout: Duration::ZERO,
+            api_key: Some(String::new()),
+            limits: Limits {
+                max_images: 0,
+                max_image_side: 0,
+                max_outpaint: 4,
+            },
+            ..Default::default()
+        }
+        .normalized();
+        assert_eq!((c.max_queue, c.max_batch), (1, 1));
+        assert_eq!((c.limits.max_images, c.limits.max_image_side), (1, 1));
+        assert_eq!(c.request_timeout, Duration::from_secs(1));
+        assert_eq!(c.api_key, None);
+        assert!(check_host("127.0.0.1".parse().unwrap(), false).is_ok());
+        let e = check_host("10.0.0.1".parse().unwrap(), false).unwrap_err();
+        assert!(e.to_string().contains("--allow-remote"));
+        assert!(check_host("10.0.0.1".parse().unwrap(), true).is_ok());
+    }
 }

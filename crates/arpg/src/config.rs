@@ -64,12 +64,47 @@ pub struct ControlConfig {
     pub dropout: f64,
 }
 
+impl ControlConfig {
+    /// The block's own checks, for a model of `grid` x `grid` tokens.
+    pub fn validate(&self, grid: usize) -> Result<()> {
+        if self.channels != 1 && self.channels != 3 {
+            bail!("control.channels ({}) must be 1 or 3", self.channels);
+        }
+        let side = grid.saturating_mul(self.patch);
+        if self.patch == 0 || side > 1 << 14 {
+            bail!(
+                "control.patch ({}) must be positive, with a condition image (grid x patch) \
+                 of at most 16384 pixels a side",
+                self.patch
+            );
+        }
+        if self.layers > 64 {
+            bail!("control.layers ({}) is over the limit of 64", self.layers);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("control.dropout ({}) must be in [0, 1)", self.dropout);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlQuery {
     #[default]
     Add,
     Replace,
+}
+
+impl std::str::FromStr for ControlQuery {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "add" => Ok(Self::Add),
+            "replace" => Ok(Self::Replace),
+            _ => bail!("unknown control query {s:?} (expected add or replace)"),
+        }
+    }
 }
 
 fn default_multiple_of() -> usize {
@@ -215,23 +250,7 @@ impl ArpgConfig {
             );
         }
         if let Some(c) = &self.control {
-            if c.channels != 1 && c.channels != 3 {
-                bail!("control.channels ({}) must be 1 or 3", c.channels);
-            }
-            let side = self.grid_size().saturating_mul(c.patch);
-            if c.patch == 0 || side > 1 << 14 {
-                bail!(
-                    "control.patch ({}) must be positive, with a condition image (grid x patch) \
-                     of at most 16384 pixels a side",
-                    c.patch
-                );
-            }
-            if c.layers > 64 {
-                bail!("control.layers ({}) is over the limit of 64", c.layers);
-            }
-            if !(0.0..1.0).contains(&c.dropout) {
-                bail!("control.dropout ({}) must be in [0, 1)", c.dropout);
-            }
+            c.validate(self.grid_size())?;
         }
         if self.checked_num_parameters().is_none() {
             bail!(
@@ -445,6 +464,16 @@ impl VqConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_queries_parse_by_their_config_names() {
+        assert_eq!("add".parse::<ControlQuery>().unwrap(), ControlQuery::Add);
+        assert_eq!(
+            "replace".parse::<ControlQuery>().unwrap(),
+            ControlQuery::Replace
+        );
+        assert!("swap".parse::<ControlQuery>().is_err());
+    }
 
     #[test]
     fn preset_parameter_counts_match_the_official_checkpoints() {

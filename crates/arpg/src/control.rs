@@ -3,10 +3,10 @@
 //! digits' sketch condition. The encoder that reads them is `model::control`.
 
 use crate::tokenizer::image::{center_crop_resize, load_rgb, RgbImage};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::GrayImage;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// ControlNet's usual Canny thresholds (its annotator's defaults).
 pub const CANNY_LOW: f32 = 100.0;
@@ -116,6 +116,60 @@ pub fn condition_of(
     Ok((t, used, resized))
 }
 
+/// A condition image for a control model, as `--condition` and its flags give it.
+#[derive(Debug, Clone, Default)]
+pub struct ConditionFile {
+    pub path: PathBuf,
+    /// The image is a photo whose Canny edges (low, high thresholds) are the condition.
+    pub canny: Option<(f32, f32)>,
+    /// Write the condition actually used (resized, edges extracted) here as a PNG.
+    pub out: Option<PathBuf>,
+    /// Whether guidance acts on the condition (`--control-guidance joint`); by default it
+    /// does when the model learned to go without one (trained with condition dropout).
+    pub joint_guidance: Option<bool>,
+}
+
+/// A loaded condition `[1, C, H, W]` and whether guidance acts on it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub images: Tensor,
+    pub guide: bool,
+}
+
+impl Loaded {
+    /// The sampler's view of it.
+    pub fn condition(&self) -> crate::sampler::Condition<'_> {
+        crate::sampler::Condition {
+            images: &self.images,
+            guide: self.guide,
+        }
+    }
+}
+
+impl ConditionFile {
+    /// The condition for the model of `mc` ([`load_condition`]), saved to `out` if asked;
+    /// says when the image was resized. Errors name the flags.
+    pub fn load(&self, mc: &crate::ArpgConfig) -> Result<Loaded> {
+        let (images, used, resized) = load_condition(&self.path, mc, self.canny)?;
+        if resized {
+            let side = used.width();
+            eprintln!(
+                "--condition {}: resized to the model's {side}x{side} as ADM resizes (box \
+                 halvings, bicubic, centre crop)",
+                self.path.display()
+            );
+        }
+        if let Some(out) = &self.out {
+            crate::tokenizer::image::save_png_atomic(&used, out)
+                .with_context(|| format!("--condition-out {}", out.display()))?;
+        }
+        let guide = self
+            .joint_guidance
+            .unwrap_or_else(|| mc.control.as_ref().is_some_and(|c| c.dropout > 0.0));
+        Ok(Loaded { images, guide })
+    }
+}
+
 /// The `digits-sketch` condition: a digit's binary stroke mask, pixel value >= 8 of 0..16,
 /// 255 = stroke.
 pub fn digit_sketch(pixels: &[u8; 64]) -> [u8; 64] {
@@ -168,6 +222,40 @@ mod tests {
         assert!((mask_iou(&s, &t) - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(mask_iou(&s, &s), 1.0);
         assert_eq!(mask_iou(&[0; 64], &[0; 64]), 1.0);
+    }
+
+    #[test]
+    fn a_condition_file_is_fitted_to_the_model_and_guided_when_it_learned_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        RgbImage::from_pixel(16, 16, image::Rgb([255; 3]))
+            .save(&path)
+            .unwrap();
+        let mut mc = crate::zoo::digits_sketch_config();
+        let f = ConditionFile {
+            path: path.clone(),
+            out: Some(dir.path().join("used.png")),
+            ..Default::default()
+        };
+        let c = f.load(&mc).unwrap();
+        assert_eq!(c.images.dims(), &[1, 1, 8, 8]);
+        assert!(
+            c.guide,
+            "trained with condition dropout: guidance acts on it"
+        );
+        assert_eq!(image::open(dir.path().join("used.png")).unwrap().width(), 8);
+        let class_only = ConditionFile {
+            joint_guidance: Some(false),
+            ..f.clone()
+        };
+        assert!(!class_only.load(&mc).unwrap().guide);
+        mc.control.as_mut().unwrap().dropout = 0.0;
+        assert!(!f.load(&mc).unwrap().guide);
+        let e = f
+            .load(&crate::zoo::digits_config())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no control encoder"), "{e}");
     }
 
     #[test]

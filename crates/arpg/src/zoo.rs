@@ -350,3 +350,127 @@ pub fn resolve_vq_dtype(s: &str, model_dtype: DType, device: &Device) -> Result<
         other => crate::device::parse_dtype(other),
     }
 }
+
+/// Where a command computes: a device (`cpu`, `cuda`, `cuda:N`) and a precision (`f32`,
+/// `bf16`, `f16`, or the reference's names), as given; parsed when the work starts, so that a
+/// command's other checks come first.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: String,
+    pub dtype: String,
+}
+
+impl Placement {
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        Ok((
+            crate::device::parse_device(&self.device)?,
+            crate::device::parse_dtype(&self.dtype)?,
+        ))
+    }
+
+    /// [`Placement::resolve`] with the device's generator seeded, for sampling.
+    pub fn resolve_seeded(&self, seed: u64) -> Result<(Device, DType)> {
+        let (d, t) = self.resolve()?;
+        crate::device::seed(&d, seed)?;
+        Ok((d, t))
+    }
+}
+
+/// A model, the image tokenizer it gets and their device: what the sampling, editing and
+/// serving commands load.
+pub struct Loaded {
+    pub model: Arpg,
+    pub tokenizer: ImageTokenizer,
+    pub device: Device,
+}
+
+impl Loaded {
+    /// The model of `spec` and the tokenizer of `tokenizer` (random VQ weights with a random
+    /// model) on the device of `placement`, seeded with `spec.seed`.
+    pub fn load(
+        spec: &ModelSpec,
+        tokenizer: &TokenizerSpec,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let (device, dtype) = placement.resolve_seeded(spec.seed)?;
+        let model = spec.load(dtype, &device)?;
+        let tokenizer = tokenizer.load(model.config().vocab_size, dtype, &device)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+        })
+    }
+}
+
+impl ModelSpec {
+    /// No model named: the spec of [`default_model`], whose name is returned.
+    pub fn or_default(&mut self) -> Option<&'static str> {
+        let m = self.names_nothing().then(default_model)?;
+        self.model = Some(m.into());
+        Some(m)
+    }
+
+    /// The name a server reports for this model: the preset, else the config file, else
+    /// `random` for a random model, else the default model's (before [`ModelSpec::or_default`]).
+    pub fn display_name(&self) -> String {
+        self.model
+            .clone()
+            .or_else(|| self.config.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_else(|| match self.random {
+                true => "random".into(),
+                false => default_model().into(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placement_parses_when_resolved_and_loaded_pairs_model_and_tokenizer() {
+        let p = |d: &str, t: &str| Placement {
+            device: d.into(),
+            dtype: t.into(),
+        };
+        assert!(p("tpu", "f32").resolve().is_err());
+        assert!(p("cpu", "f64").resolve().is_err());
+        let spec = ModelSpec {
+            model: Some(DIGITS.into()),
+            ..Default::default()
+        };
+        let tk = TokenizerSpec {
+            kind: TokenizerKind::Auto,
+            vq: VqSpec::default(),
+            vq_dtype: "auto".into(),
+        };
+        let l = Loaded::load(&spec, &tk, &p("cpu", "f32")).unwrap();
+        assert_eq!(l.model.config().vocab_size, 17);
+        assert!(matches!(l.tokenizer, ImageTokenizer::Pixel));
+    }
+
+    #[test]
+    fn the_name_a_server_reports() {
+        let named = ModelSpec {
+            model: Some("ARPG-XL".into()),
+            ..Default::default()
+        };
+        assert_eq!(named.display_name(), "ARPG-XL");
+        let config = ModelSpec {
+            config: Some("m/config.json".into()),
+            ..Default::default()
+        };
+        assert_eq!(config.display_name(), "m/config.json");
+        let random = ModelSpec {
+            random: true,
+            ..Default::default()
+        };
+        assert_eq!(random.display_name(), "random");
+        let mut nothing = ModelSpec::default();
+        assert_eq!(nothing.display_name(), default_model());
+        assert_eq!(nothing.or_default(), Some(default_model()));
+        assert_eq!(nothing.model.as_deref(), Some(default_model()));
+        assert_eq!(named.clone().or_default(), None, "a named model is kept");
+    }
+}

@@ -69,3 +69,60 @@ pub struct Sample {
     pub label: u32,
     pub crops: Vec<Vec<u16>>,
 }
+
+/// What `arpg pack` asks for: one source of samples (its path as given), whether to store
+/// their conditions (`sketch` for the digits, `stored` for the paper's layout), the file.
+#[derive(Debug, Clone, Default)]
+pub struct PackJob {
+    pub paper: Option<std::path::PathBuf>,
+    pub llamagen: Option<std::path::PathBuf>,
+    pub digits: Option<std::path::PathBuf>,
+    /// With `digits`: its test split instead of its training split.
+    pub test_split: bool,
+    pub control: Option<String>,
+    /// Largest token id + 1 accepted.
+    pub vocab_size: usize,
+    pub out: std::path::PathBuf,
+}
+
+impl PackJob {
+    /// Packs the source ([`pack`]); the samples packed.
+    pub fn run(&self) -> Result<usize> {
+        match (self.control.as_deref(), &self.digits, &self.paper) {
+            (Some("sketch"), None, _) => anyhow::bail!("--control sketch is for --digits"),
+            (Some("stored"), _, None) => anyhow::bail!("--control stored is for --paper"),
+            _ => {}
+        }
+        let source = match (&self.paper, &self.llamagen, &self.digits) {
+            (Some(r), _, _) => Source::Paper(r, self.vocab_size),
+            (_, Some(r), _) => Source::Llamagen(r, self.vocab_size),
+            (_, _, Some(p)) => Source::Digits(p, self.test_split),
+            _ => anyhow::bail!("give one of --paper ROOT, --llamagen ROOT or --digits FILE.csv.gz"),
+        };
+        pack(source, self.control.is_some(), &self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pack_job_takes_one_source_and_the_conditions_it_has() {
+        let run = |j: PackJob| j.run().unwrap_err().to_string();
+        let e = run(PackJob::default());
+        assert!(e.contains("give one of --paper"), "{e}");
+        let e = run(PackJob {
+            paper: Some("p".into()),
+            control: Some("sketch".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("--control sketch is for --digits"), "{e}");
+        let e = run(PackJob {
+            digits: Some("d.csv.gz".into()),
+            control: Some("stored".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("--control stored is for --paper"), "{e}");
+    }
+}

@@ -138,40 +138,7 @@ fn parse_dict(text: &str) -> Result<Vec<(String, Lit)>> {
         ensure!(i < s.len(), "header: no value for {key:?}");
         let val = match s[i] {
             b'\'' | b'"' => Lit::Str(string(&mut i)?),
-            b'(' => {
-                i += 1;
-                let mut dims = Vec::new();
-                loop {
-                    ws(&mut i);
-                    if i < s.len() && s[i] == b')' {
-                        i += 1;
-                        break;
-                    }
-                    let start = i;
-                    while i < s.len() && s[i].is_ascii_digit() {
-                        i += 1;
-                    }
-                    ensure!(
-                        i > start,
-                        "header: bad dimension in 'shape' at byte {start}"
-                    );
-                    let d: usize = text[start..i].parse().with_context(|| {
-                        format!("header: dimension {} is too large", &text[start..i])
-                    })?;
-                    dims.push(d);
-                    // Python 2 numpy wrote long integers as `3L`.
-                    if i < s.len() && s[i] == b'L' {
-                        i += 1;
-                    }
-                    ws(&mut i);
-                    match s.get(i) {
-                        Some(b',') => i += 1,
-                        Some(b')') => {}
-                        _ => bail!("header: expected ',' or ')' in 'shape' at byte {i}"),
-                    }
-                }
-                Lit::Tuple(dims)
-            }
+            b'(' => Lit::Tuple(parse_tuple(text, &mut i)?),
             _ if s[i..].starts_with(b"True") => {
                 i += 4;
                 Lit::Bool(true)
@@ -193,6 +160,47 @@ fn parse_dict(text: &str) -> Result<Vec<(String, Lit)>> {
     ws(&mut i);
     ensure!(i == s.len(), "header: text after the dict at byte {i}");
     Ok(out)
+}
+
+/// Parse the tuple of dimensions at `text[*i]` (`(2, 3)`, `(5,)`, `()`), past its `)`.
+fn parse_tuple(text: &str, i: &mut usize) -> Result<Vec<usize>> {
+    let s = text.as_bytes();
+    let ws = |i: &mut usize| {
+        while *i < s.len() && (s[*i] as char).is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    *i += 1;
+    let mut dims = Vec::new();
+    loop {
+        ws(i);
+        if *i < s.len() && s[*i] == b')' {
+            *i += 1;
+            return Ok(dims);
+        }
+        let start = *i;
+        while *i < s.len() && s[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        ensure!(
+            *i > start,
+            "header: bad dimension in 'shape' at byte {start}"
+        );
+        let d: usize = text[start..*i]
+            .parse()
+            .with_context(|| format!("header: dimension {} is too large", &text[start..*i]))?;
+        dims.push(d);
+        // Python 2 numpy wrote long integers as `3L`.
+        if *i < s.len() && s[*i] == b'L' {
+            *i += 1;
+        }
+        ws(i);
+        match s.get(*i) {
+            Some(b',') => *i += 1,
+            Some(b')') => {}
+            _ => bail!("header: expected ',' or ')' in 'shape' at byte {}", *i),
+        }
+    }
 }
 
 /// Parse `<f4`-style type strings: byte order, kind, width.

@@ -310,3 +310,80 @@ mod tests {
         assert_eq!(b[1], imageops::flip_horizontal(&b[0]));
     }
 }
+
+/// What `arpg tokenize` asks for: the image tree, the output, the tokenizer and the crops.
+#[derive(Debug, Clone)]
+pub struct TokenizeJob {
+    pub image_root: PathBuf,
+    pub out: PathBuf,
+    pub tokenizer: crate::zoo::TokenizerSpec,
+    pub placement: crate::zoo::Placement,
+    /// Side of the square crops.
+    pub image_size: usize,
+    pub ten_crop: bool,
+    pub control: Option<ControlSource>,
+}
+
+/// A [`TokenizeJob`] with its tokenizer loaded and its images listed.
+pub struct Planned<'a> {
+    job: &'a TokenizeJob,
+    tk: crate::tokenizer::ImageTokenizer,
+    device: candle_core::Device,
+    /// Every image: (class id, image, codes).
+    pub images: Vec<(usize, PathBuf, PathBuf)>,
+    /// Those not encoded by an earlier run, in order.
+    pub todo: Vec<usize>,
+}
+
+impl TokenizeJob {
+    /// Loads the tokenizer, checks the crop size against its patch, lists the images and
+    /// which are done.
+    pub fn plan(&self) -> Result<Planned<'_>> {
+        let (device, dtype) = self.placement.resolve()?;
+        crate::tokenizer::check_image_size(self.image_size)?;
+        let tk = self.tokenizer.load_standalone(dtype, &device)?;
+        let p = tk.patch_size();
+        if !self.image_size.is_multiple_of(p) {
+            bail!(
+                "--image-size {} is not a multiple of the {p}-pixel patch",
+                self.image_size
+            );
+        }
+        let images = plan(&self.image_root, &self.out)?;
+        let todo = (0..images.len())
+            .filter(|&i| !is_done(&images[i].2, self.control.is_some()))
+            .collect();
+        Ok(Planned {
+            job: self,
+            tk,
+            device,
+            images,
+            todo,
+        })
+    }
+}
+
+impl Planned<'_> {
+    /// Classes of the image tree.
+    pub fn classes(&self) -> usize {
+        self.images.last().map_or(0, |j| j.0 + 1)
+    }
+
+    /// Encodes the images still to do ([`tokenize_image`]), stopping between images on
+    /// Ctrl-C; `on_image(done, total)` after each.
+    pub fn run(&self, on_image: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        let j = self.job;
+        for (k, &i) in self.todo.iter().enumerate() {
+            if crate::util::interrupted() {
+                break;
+            }
+            let (_, src, dst) = &self.images[i];
+            let paths = (j.image_root.as_path(), src.as_path(), dst.as_path());
+            let control = j.control.as_ref();
+            let (size, ten) = (j.image_size, j.ten_crop);
+            tokenize_image(&self.tk, paths, control, size, ten, &self.device)?;
+            on_image(k + 1, self.todo.len());
+        }
+        Ok(())
+    }
+}

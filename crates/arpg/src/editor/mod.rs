@@ -6,6 +6,8 @@
 //! Canvases larger than the model's grid (outpainting, resolution expansion) are filled by
 //! sliding a model-sized window over them, each window conditioned on the tokens it overlaps.
 
+pub mod run;
+
 use crate::model::Arpg;
 use crate::sampler::{generate, random_order, Condition, DecodeShape, Request, SampleConfig};
 use anyhow::{bail, ensure, Context, Result};

@@ -238,6 +238,56 @@ pub fn report(samples: &[(u32, [u8; 64])], train: &[Digit], test: &[Digit]) -> D
 mod tests {
     use super::*;
 
+    fn job() -> EvalDigitsJob {
+        EvalDigitsJob {
+            model: Default::default(),
+            placement: crate::zoo::Placement {
+                device: "cpu".into(),
+                dtype: "f32".into(),
+            },
+            data: concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../data/digits/digits.csv.gz"
+            )
+            .into(),
+            task: DigitsTask::Sample { per_class: 1 },
+            sampling: SampleConfig {
+                steps: 8,
+                ..Default::default()
+            },
+            batch_size: 16,
+            seed: 0,
+            json_out: None,
+        }
+    }
+
+    #[test]
+    fn an_eval_digits_job_takes_the_digits_model_by_default_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.json");
+        let mut seen = Vec::new();
+        let r = EvalDigitsJob {
+            json_out: Some(out.clone()),
+            ..job()
+        }
+        .run(&mut |d, n| seen.push((d, n)))
+        .unwrap();
+        assert_eq!(r.samples, 10);
+        assert_eq!(seen.last(), Some(&(10, 10)));
+        assert!(std::fs::read_to_string(&out)
+            .unwrap()
+            .contains("class_accuracy"));
+        let err = |j: EvalDigitsJob| j.run(&mut |_, _| {}).unwrap_err().to_string();
+        let e = err(EvalDigitsJob {
+            task: DigitsTask::Sample { per_class: 0 },
+            ..job()
+        });
+        assert!(e.contains("--per-class"), "{e}");
+        let mut not_digits = job();
+        not_digits.model.model = Some("ARPG-L".into());
+        assert!(err(not_digits).contains("needs a digits model"));
+    }
+
     #[test]
     fn knn_recognises_its_training_points_and_counts_copies() {
         let mk = |label: u32, v: u8| Digit {
@@ -260,5 +310,61 @@ mod tests {
         assert!((r.copy_rate - 1.0 / 3.0).abs() < 1e-9);
         assert!((r.class_accuracy - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(r.classifier_test_accuracy, 1.0);
+    }
+}
+
+/// What `arpg eval-digits` asks for: a digits model, a task, and the digits that judge it.
+#[derive(Debug, Clone)]
+pub struct EvalDigitsJob {
+    /// The model; the shipped digits model when it names neither a preset nor a config.
+    pub model: crate::zoo::ModelSpec,
+    pub placement: crate::zoo::Placement,
+    /// The UCI digits CSV: its training split trains the judge and is the reference for
+    /// copies, its test split measures the judge.
+    pub data: std::path::PathBuf,
+    pub task: DigitsTask,
+    pub sampling: SampleConfig,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Also write the report here as JSON (checked to be writable first).
+    pub json_out: Option<std::path::PathBuf>,
+}
+
+impl EvalDigitsJob {
+    /// Checks the job and that the model is a digits model, loads it and the digits, runs
+    /// the task ([`run_task`]), writes the report; `on_samples(done, total)` after each batch.
+    pub fn run(&self, on_samples: &mut dyn FnMut(usize, usize)) -> Result<DigitsReport> {
+        if let DigitsTask::Sample { per_class } = self.task {
+            anyhow::ensure!(per_class >= 1, "--per-class must be at least 1");
+            // Each sample keeps its class and 64 pixels: refuse what memory cannot hold.
+            crate::util::check_memory(
+                per_class as u128 * 10 * 96,
+                &format!("--per-class {per_class} (x 10 classes)"),
+            )?;
+        }
+        anyhow::ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
+        if let Some(p) = &self.json_out {
+            crate::util::check_writable(p, "--json-out")?;
+        }
+        let mut spec = self.model.clone();
+        if spec.model.is_none() && spec.config.is_none() {
+            spec.model = Some(crate::zoo::DIGITS.into());
+        }
+        let cfg = spec.config()?;
+        if cfg.vocab_size != 17 || cfg.num_classes != 10 || cfg.block_size != 64 {
+            anyhow::bail!("eval-digits needs a digits model (vocab 17, 10 classes, 64 tokens)");
+        }
+        let (device, dtype) = self.placement.resolve_seeded(self.seed)?;
+        let model = spec.load(dtype, &device)?;
+        let (train, test) = load_splits(&self.data)?;
+        let total = self.task.samples(test.len());
+        let (task, sc, batch, seed) = (self.task, &self.sampling, self.batch_size, self.seed);
+        let r = run_task(&model, task, &train, &test, sc, batch, seed, &mut |done| {
+            on_samples(done, total)
+        })?;
+        if let Some(p) = &self.json_out {
+            crate::util::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        }
+        Ok(r)
     }
 }

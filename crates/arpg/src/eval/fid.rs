@@ -235,3 +235,130 @@ fn given_stats(
         ),
     }
 }
+
+/// What `arpg eval` asks for: both files, the network, and how to run it.
+#[derive(Debug, Clone)]
+pub struct EvalJob {
+    pub samples: PathBuf,
+    pub reference: PathBuf,
+    /// pytorch-fid's InceptionV3 weights, or `random`: synthetic weights, for tests only.
+    pub inception: PathBuf,
+    pub device: String,
+    pub batch_size: usize,
+    /// `adm` or `pytorch-fid` ([`Preprocess`]).
+    pub preprocess: String,
+    /// Inception Score over chunks of this many samples, or over `is_splits` equal splits.
+    pub is_split_size: usize,
+    pub is_splits: Option<usize>,
+    /// Also write the scores here as JSON (checked to be writable first).
+    pub json: Option<PathBuf>,
+}
+
+/// The scores of an [`EvalJob`], with what they were computed from.
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    pub scores: Scores,
+    pub n_samples: usize,
+    pub n_reference: Option<usize>,
+    pub secs: f64,
+}
+
+impl EvalJob {
+    /// Checks the flags and both files, loads the network, scores, writes the JSON;
+    /// `on_images(what, done, total)` as [`Inputs::score`] goes.
+    pub fn run(&self, on_images: &mut dyn FnMut(&str, usize, usize)) -> Result<Evaluated> {
+        ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
+        let pre: Preprocess = self.preprocess.parse().context("--preprocess")?;
+        let splits = match self.is_splits {
+            Some(k) => IsSplits::Count(k),
+            None => IsSplits::Size(self.is_split_size),
+        };
+        ensure!(self.is_splits != Some(0), "--is-splits must be at least 1");
+        ensure!(
+            self.is_split_size >= 1,
+            "--is-split-size must be at least 1"
+        );
+        if let Some(p) = &self.json {
+            crate::util::check_writable(p, "--json")?;
+        }
+        let device = crate::device::parse_device(&self.device)?;
+        let inputs = Inputs::open(&self.samples, &self.reference, splits, self.batch_size)?;
+        let (n_samples, n_reference) = (inputs.n_samples, inputs.n_reference);
+        let net = if self.inception.as_os_str() == "random" {
+            eprintln!("warning: --inception random: synthetic weights, the scores are meaningless");
+            InceptionV3::synthetic(&device)?
+        } else {
+            InceptionV3::load(&self.inception, &device).context("--inception")?
+        };
+        let start = std::time::Instant::now();
+        let scores = inputs.score(&net, self.batch_size, pre, splits, on_images)?;
+        let e = Evaluated {
+            scores,
+            n_samples,
+            n_reference,
+            secs: start.elapsed().as_secs_f64(),
+        };
+        if let Some(p) = &self.json {
+            e.write_json(self, p)?;
+        }
+        Ok(e)
+    }
+}
+
+impl Evaluated {
+    /// The scores as JSON at `p`.
+    fn write_json(&self, job: &EvalJob, p: &Path) -> Result<()> {
+        let s = &self.scores;
+        let pr = s.precision_recall;
+        let j = serde_json::json!({
+            "samples": job.samples, "reference": job.reference, "num_samples": self.n_samples,
+            "preprocess": job.preprocess,
+            "inception_score": s.inception_score, "inception_score_std": s.inception_score_std,
+            "fid": s.fid, "sfid": s.sfid,
+            "precision": pr.map(|x| x.0), "recall": pr.map(|x| x.1),
+        });
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
+            .with_context(|| format!("--json {}", p.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> EvalJob {
+        EvalJob {
+            samples: "s.npz".into(),
+            reference: "r.npz".into(),
+            inception: "random".into(),
+            device: "cpu".into(),
+            batch_size: 50,
+            preprocess: "adm".into(),
+            is_split_size: 5000,
+            is_splits: None,
+            json: None,
+        }
+    }
+
+    #[test]
+    fn an_eval_job_checks_its_flags_before_the_files() {
+        let err = |j: EvalJob| format!("{:#}", j.run(&mut |_, _, _| {}).unwrap_err());
+        let e = err(EvalJob {
+            batch_size: 0,
+            ..job()
+        });
+        assert!(e.contains("--batch-size"), "{e}");
+        let e = err(EvalJob {
+            preprocess: "tf".into(),
+            ..job()
+        });
+        assert!(e.contains("--preprocess"), "{e}");
+        let e = err(EvalJob {
+            is_splits: Some(0),
+            ..job()
+        });
+        assert!(e.contains("--is-splits"), "{e}");
+        let e = err(job());
+        assert!(e.contains("--samples"), "then the files: {e}");
+    }
+}

@@ -238,60 +238,10 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         .as_array()
         .context("`generate` is not a list")?
     {
-        let classes: Vec<usize> = ints(case, "classes")?.iter().map(|&c| c as usize).collect();
-        let order: Vec<usize> = ints(case, "order")?.iter().map(|&p| p as usize).collect();
-        anyhow::ensure!(
-            !classes.is_empty() && classes.iter().all(|&c| c < cfg.num_classes),
-            "`generate.classes` {classes:?} are not classes of the model (0..{})",
-            cfg.num_classes
-        );
-        let mut seen = vec![false; cfg.block_size];
-        for &p in &order {
-            anyhow::ensure!(
-                p < cfg.block_size && !std::mem::replace(&mut seen[p], true),
-                "`generate.order` position {p} is out of range or repeated"
-            );
-        }
-        anyhow::ensure!(
-            order.len() == cfg.block_size,
-            "`generate.order` has {} positions, the model {}",
-            order.len(),
-            cfg.block_size
-        );
-        let steps = key(case, "steps")?.as_u64().context("`steps`")? as usize;
-        crate::sampler::token_counts(cfg.block_size, steps, crate::sampler::MaskSchedule::Arccos)
-            .context("`steps`")?;
-        let sc = SampleConfig {
-            steps,
-            cfg: key(case, "cfg")?.as_f64().context("`cfg`")? as f32,
-            cfg_schedule: key(case, "cfg_schedule")?
-                .as_str()
-                .context("`cfg_schedule`")?
-                .parse()?,
-            schedule: key(case, "sample_schedule")?
-                .as_str()
-                .context("`sample_schedule`")?
-                .parse()?,
-            filter: TokenFilter {
-                temperature: 0.0,
-                ..Default::default()
-            },
-        };
-        let orders = vec![order; classes.len()];
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        let got = sample(&model, &classes, &orders, &sc, &mut rng)?;
-        let want = ints(case, "tokens")?;
-        greedy_equal.push(got.concat() == want);
-        // The same decode through a graph cache: the first call captures (on CUDA), the
-        // second replays the capture.
-        let mut graphs = DecodeGraphs::default();
-        let mut same = true;
-        for _ in 0..2 {
-            let g = sample_with(&model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
-            same &= g.concat() == want;
-        }
-        replays += graphs.replays();
-        greedy_equal_replayed.push(same);
+        let (equal, equal_replayed, n) = greedy_case(&model, &cfg, case)?;
+        greedy_equal.push(equal);
+        greedy_equal_replayed.push(equal_replayed);
+        replays += n;
     }
     let (vq_decode_rel_err, vq_encode_equal, vq_format) = vq_check(dir, j, dtype, device)?;
     Ok(ParityReport {
@@ -314,6 +264,63 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_rope_grad_rel_diff: crate::kernels::rope::check(device)?,
         fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,
     })
+}
+
+/// One `generate` case of the fixtures, greedy: whether the tokens equal the reference's,
+/// plain and through a graph cache (captured, then replayed), and the replays.
+fn greedy_case(model: &Arpg, cfg: &ArpgConfig, case: &Value) -> Result<(bool, bool, usize)> {
+    let classes: Vec<usize> = ints(case, "classes")?.iter().map(|&c| c as usize).collect();
+    let order: Vec<usize> = ints(case, "order")?.iter().map(|&p| p as usize).collect();
+    anyhow::ensure!(
+        !classes.is_empty() && classes.iter().all(|&c| c < cfg.num_classes),
+        "`generate.classes` {classes:?} are not classes of the model (0..{})",
+        cfg.num_classes
+    );
+    let mut seen = vec![false; cfg.block_size];
+    for &p in &order {
+        anyhow::ensure!(
+            p < cfg.block_size && !std::mem::replace(&mut seen[p], true),
+            "`generate.order` position {p} is out of range or repeated"
+        );
+    }
+    anyhow::ensure!(
+        order.len() == cfg.block_size,
+        "`generate.order` has {} positions, the model {}",
+        order.len(),
+        cfg.block_size
+    );
+    let steps = key(case, "steps")?.as_u64().context("`steps`")? as usize;
+    crate::sampler::token_counts(cfg.block_size, steps, crate::sampler::MaskSchedule::Arccos)
+        .context("`steps`")?;
+    let sc = SampleConfig {
+        steps,
+        cfg: key(case, "cfg")?.as_f64().context("`cfg`")? as f32,
+        cfg_schedule: key(case, "cfg_schedule")?
+            .as_str()
+            .context("`cfg_schedule`")?
+            .parse()?,
+        schedule: key(case, "sample_schedule")?
+            .as_str()
+            .context("`sample_schedule`")?
+            .parse()?,
+        filter: TokenFilter {
+            temperature: 0.0,
+            ..Default::default()
+        },
+    };
+    let orders = vec![order; classes.len()];
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let got = sample(model, &classes, &orders, &sc, &mut rng)?;
+    let want = ints(case, "tokens")?;
+    // The same decode through a graph cache: the first call captures (on CUDA), the second
+    // replays the capture.
+    let mut graphs = DecodeGraphs::default();
+    let mut same = true;
+    for _ in 0..2 {
+        let g = sample_with(model, &classes, &orders, &sc, &mut rng, &mut graphs)?;
+        same &= g.concat() == want;
+    }
+    Ok((got.concat() == want, same, graphs.replays()))
 }
 
 /// The fixtures' VQ decode (relative error) and encode (codes equal) on this device and dtype,

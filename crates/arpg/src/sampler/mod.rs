@@ -10,6 +10,7 @@
 pub mod draw;
 pub mod filter;
 pub mod graph;
+pub mod run;
 pub mod schedule;
 
 pub use draw::Draw;
@@ -1319,6 +1320,7 @@ mod tests {
         1, 1, 1, 1, 3, 6, 3, 1, 1, 1, 1, 3, 7, 2, 1, 1, 1, 1, 3, 7, 0, 1, 1, 1, 1, 4, 10, 9,
     ];
 
+    // Long: a table of golden token cases (every draw path and schedule), each run alike.
     #[test]
     fn tokens_equal_those_of_the_code_before_the_refactor() {
         use CfgSchedule::*;

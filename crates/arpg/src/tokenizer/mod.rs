@@ -3,6 +3,7 @@
 pub mod image;
 pub mod jpeg_check;
 pub mod pixel;
+pub mod run;
 pub mod tokens_io;
 pub mod vq;
 

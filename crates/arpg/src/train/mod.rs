@@ -462,6 +462,31 @@ impl Trainer {
             .collect()
     }
 
+    /// Why the gradient norm is `grad_norm`, not finite: a parameter already is, or this
+    /// run's first step (the weights or the config, not the learning rate), or divergence.
+    fn diverged(&self, grad_norm: f64) -> Result<anyhow::Error> {
+        // The first step's gradient does not depend on the learning rate at all.
+        if let Some(bad) = self.non_finite_parameter()? {
+            return Ok(anyhow::anyhow!(
+                "step {}: parameter {bad} holds NaN or Inf (from the checkpoint resumed, \
+                 or diverged); the gradient norm is {grad_norm}",
+                self.step
+            ));
+        }
+        if !self.stepped {
+            return Ok(anyhow::anyhow!(
+                "step {}: the gradient norm is {grad_norm} on the first step of this run, \
+                 before any update: the weights or the model config (e.g. norm_eps, \
+                 rope_base) produce it, not --lr",
+                self.step
+            ));
+        }
+        Ok(anyhow::anyhow!(
+            "step {}: the gradient norm is {grad_norm} (diverged); lower --lr",
+            self.step
+        ))
+    }
+
     /// One optimizer step over `cfg.batch_size` samples of `data`.
     pub fn train_step(&mut self, data: &Packed) -> Result<StepStats> {
         let mc = self.model_cfg.clone();
@@ -539,26 +564,7 @@ impl Trainer {
             self.cfg.min_lr,
         );
         if !grad_norm.is_finite() {
-            // The first step's gradient does not depend on the learning rate at all.
-            if let Some(bad) = self.non_finite_parameter()? {
-                bail!(
-                    "step {}: parameter {bad} holds NaN or Inf (from the checkpoint resumed, \
-                     or diverged); the gradient norm is {grad_norm}",
-                    self.step
-                );
-            }
-            if !self.stepped {
-                bail!(
-                    "step {}: the gradient norm is {grad_norm} on the first step of this run, \
-                     before any update: the weights or the model config (e.g. norm_eps, \
-                     rope_base) produce it, not --lr",
-                    self.step
-                );
-            }
-            bail!(
-                "step {}: the gradient norm is {grad_norm} (diverged); lower --lr",
-                self.step
-            );
+            return Err(self.diverged(grad_norm)?);
         }
         self.stepped = true;
         self.opt.step(&self.params, &grads, lr)?;

@@ -54,8 +54,7 @@ pub fn run(
         return Ok(());
     };
     let (_, world) = tr.rank_and_world();
-    std::fs::create_dir_all(&dir.out)
-        .with_context(|| format!("cannot create --out {}", dir.out.display()))?;
+    crate::util::create_out(&dir.out)?;
     crate::util::write_atomic(
         &dir.out.join("config.json"),
         serde_json::to_string_pretty(&tr.model_cfg)?.as_bytes(),

@@ -1,15 +1,18 @@
 //! A run's set-up before its first step, from what a command line asks for: the learning
 //! rates derived and checked, the trainer built fresh or resumed, the data checked against the
 //! model, and the output folder guarded against replacing another run. Errors name the flags
-//! of `arpg train`, where they are fixed.
+//! of `arpg train`, where they are fixed. [`TrainJob`] is the whole set-up, in that order.
 
+use super::dist::DistEnv;
 use super::run::{RunDir, RUN_FILES};
 use super::{scaled_lr, TrainConfig, Trainer};
 use crate::config::{ArpgConfig, ControlConfig, ControlQuery};
 use crate::data::Packed;
+use crate::reference::TrainFlags;
+use crate::zoo::Placement;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The peak and final learning rates: `lr` per 256 samples of `batch` (the paper's rule) or
 /// as given when `absolute`; the final one defaults to a tenth of the peak.
@@ -44,20 +47,20 @@ pub fn given_config(config: Option<&Path>, model: Option<&str>) -> Result<Option
 
 /// Where a run's model comes from.
 #[derive(Debug, Clone, Default)]
-pub struct ModelSource<'a> {
-    pub config: Option<&'a Path>,
-    pub model: Option<&'a str>,
+pub struct ModelSource {
+    pub config: Option<PathBuf>,
+    pub model: Option<String>,
     /// Continue this training checkpoint (`--config`, if given, must be its config).
-    pub resume: Option<&'a Path>,
+    pub resume: Option<PathBuf>,
     /// Start from these inference weights instead of a fresh initialisation.
-    pub init_from: Option<&'a Path>,
+    pub init_from: Option<PathBuf>,
     /// Add a control encoder with this query and these layers, shaped by the data's conditions.
     pub control: Option<(ControlQuery, usize)>,
     /// The probability of dropping a control model's condition, recorded in its config.
     pub control_dropout: f64,
 }
 
-impl ModelSource<'_> {
+impl ModelSource {
     pub fn trainer(
         &self,
         tc: &TrainConfig,
@@ -65,7 +68,7 @@ impl ModelSource<'_> {
         dtype: DType,
         device: &Device,
     ) -> Result<Trainer> {
-        let tr = match self.resume {
+        let tr = match &self.resume {
             Some(p) => self.resumed(p, tc, dtype, device)?,
             None => self.fresh(tc, data, dtype, device)?,
         };
@@ -81,7 +84,7 @@ impl ModelSource<'_> {
         device: &Device,
     ) -> Result<Trainer> {
         let tr = Trainer::resume(p, Some(tc), dtype, device)?;
-        if let Some(c) = self.config {
+        if let Some(c) = &self.config {
             let mut given = ArpgConfig::from_json_file(c)?;
             // The run records its condition dropout in the config it writes.
             if let (Some(g), Some(t)) = (given.control.as_mut(), tr.model_cfg.control.as_ref()) {
@@ -105,7 +108,7 @@ impl ModelSource<'_> {
         dtype: DType,
         device: &Device,
     ) -> Result<Trainer> {
-        let Some(mut cfg) = given_config(self.config, self.model)? else {
+        let Some(mut cfg) = given_config(self.config.as_deref(), self.model.as_deref())? else {
             bail!("give --config FILE.json or --model PRESET");
         };
         if let Some((query, layers)) = self.control {
@@ -120,7 +123,7 @@ impl ModelSource<'_> {
             c.dropout = self.control_dropout;
         }
         let mut tr = Trainer::new(&cfg, tc, dtype, device)?;
-        if let Some(p) = self.init_from {
+        if let Some(p) = &self.init_from {
             let fresh = tr.init_from(p)?;
             eprintln!(
                 "--init-from {}: {} tensors loaded, {} new ({})",
@@ -232,5 +235,185 @@ impl RunDir {
             ckpt.display()
         );
         Ok(())
+    }
+}
+
+/// What `arpg train` asks for: the data, the run's folder, where the model comes from, the
+/// recipe, the reference's flags and the device. [`TrainJob::prepare`] sets the run up.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    pub data: PathBuf,
+    pub dir: RunDir,
+    pub source: ModelSource,
+    /// The recipe. Its `lr` and `min_lr` are derived from the fields below by
+    /// [`learning_rates`]; the reference's flags may set its batch, steps and warm-up.
+    pub recipe: TrainConfig,
+    /// Peak learning rate per 256 samples of batch, or as given with `lr_absolute`.
+    pub lr: f64,
+    pub lr_absolute: bool,
+    /// Final learning rate (default: a tenth of the peak).
+    pub min_lr: Option<f64>,
+    /// Stop after this step (the schedule still spans `recipe.steps`).
+    pub until: Option<usize>,
+    pub reference: TrainFlags,
+    /// The device of a single process; a worker of several takes `cuda:LOCAL_RANK`.
+    pub placement: Placement,
+}
+
+/// A run set up on this process: the trainer at its first step, the data, the step it stops
+/// after, and the folder it writes (rank 0's; other ranks write nothing).
+pub struct Prepared {
+    pub trainer: Trainer,
+    pub data: Packed,
+    pub until: usize,
+    pub dir: Option<RunDir>,
+}
+
+impl Prepared {
+    /// [`super::run::run`]: train until `until`, writing `dir` on rank 0.
+    pub fn run(
+        &mut self,
+        on_step: &mut dyn FnMut(&super::StepStats, Option<&serde_json::Value>),
+    ) -> Result<()> {
+        let dir = self.dir.as_ref();
+        super::run::run(&mut self.trainer, &self.data, self.until, dir, on_step)
+    }
+}
+
+impl TrainJob {
+    /// Whether `--gpus n` makes this process launch one worker per GPU
+    /// ([`super::dist::spawn_workers`]) instead of training itself.
+    pub fn launches(gpus: usize) -> Result<bool> {
+        if gpus > 1 && !cfg!(feature = "nccl") {
+            bail!("--gpus {gpus} needs a build with NCCL: scripts/build-cuda.sh --nccl");
+        }
+        super::dist::should_spawn(gpus)
+    }
+
+    /// This process's device and dtype, and its place among several (from the launcher's
+    /// variables), if it is one.
+    fn placement(&self) -> Result<(Device, DType, Option<DistEnv>)> {
+        let Some(d) = DistEnv::of_run()? else {
+            let (device, dtype) = self.placement.resolve()?;
+            return Ok((device, dtype, None));
+        };
+        if !cfg!(feature = "nccl") {
+            bail!(
+                "multi-process training (WORLD_SIZE={}) needs a build with NCCL: \
+                 scripts/build-cuda.sh --nccl",
+                d.world_size
+            );
+        }
+        let worker = Placement {
+            device: d.worker_device(),
+            dtype: self.placement.dtype.clone(),
+        };
+        let (device, dtype) = worker.resolve()?;
+        Ok((device, dtype, Some(d)))
+    }
+
+    /// The flags checked, the reference's flags applied, the learning rates derived, the
+    /// output folder guarded (rank 0), the trainer built or resumed and joined to its ranks.
+    pub fn prepare(mut self) -> Result<Prepared> {
+        let (device, dtype, dist) = self.placement()?;
+        let main_rank = dist.as_ref().is_none_or(|d| d.rank == 0);
+        ensure!(self.dir.log_every >= 1, "--log-every must be at least 1");
+        ensure!(self.dir.ckpt_every >= 1, "--ckpt-every must be at least 1");
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr {} must be a positive number",
+            self.lr
+        );
+        // The reference's flags set the batch and make --lr absolute: before the peak is derived.
+        let data = Packed::open(&self.data)?;
+        self.reference.clone().apply(&mut self, data.len())?;
+        let batch = self.recipe.batch_size;
+        let (lr, min_lr) = learning_rates(self.lr, self.lr_absolute, batch, self.min_lr)?;
+        if main_rank {
+            self.dir.check_available(self.source.resume.as_deref())?;
+        }
+        let tc = TrainConfig {
+            lr,
+            min_lr,
+            ..self.recipe
+        };
+        tc.validate()?;
+        #[allow(unused_mut)]
+        let mut tr = self.source.trainer(&tc, &data, dtype, &device)?;
+        #[cfg(feature = "nccl")]
+        if let Some(d) = &dist {
+            let group = super::dist::NcclGroup::connect(d, &device)?;
+            tr.set_group(Box::new(group))?;
+        }
+        let until = self.until.unwrap_or(tc.steps).min(tc.steps);
+        if tr.step >= until {
+            bail!(
+                "nothing to do: the checkpoint is at step {}, --until/--steps is {until}",
+                tr.step
+            );
+        }
+        Ok(Prepared {
+            trainer: tr,
+            data,
+            until,
+            dir: main_rank.then_some(self.dir),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> TrainJob {
+        TrainJob {
+            data: "missing.pack".into(),
+            dir: RunDir {
+                out: "results".into(),
+                log_every: 10,
+                ckpt_every: 500,
+                fresh_log: false,
+            },
+            source: ModelSource::default(),
+            recipe: TrainConfig::default(),
+            lr: 1e-4,
+            lr_absolute: false,
+            min_lr: None,
+            until: None,
+            reference: TrainFlags::default(),
+            placement: Placement {
+                device: "cpu".into(),
+                dtype: "f32".into(),
+            },
+        }
+    }
+
+    fn err(j: TrainJob) -> String {
+        format!("{:#}", j.prepare().err().expect("refused"))
+    }
+
+    #[test]
+    fn a_train_job_checks_its_flags_before_it_opens_the_data() {
+        let mut j = job();
+        j.dir.log_every = 0;
+        assert!(err(j).contains("--log-every"));
+        let mut j = job();
+        j.lr = f64::NAN;
+        assert!(err(j).contains("--lr NaN must be a positive number"));
+        let e = err(job());
+        assert!(e.contains("missing.pack"), "then the data: {e}");
+        assert!(!TrainJob::launches(1).unwrap());
+        assert!(TrainJob::launches(0).is_err());
+    }
+
+    #[test]
+    fn learning_rates_scale_by_batch_unless_absolute() {
+        let (peak, min) = learning_rates(1e-4, false, 512, None).unwrap();
+        assert!((peak - 2e-4).abs() < 1e-12 && (min - 2e-5).abs() < 1e-12);
+        assert_eq!(
+            learning_rates(1e-4, true, 512, Some(0.0)).unwrap(),
+            (1e-4, 0.0)
+        );
+        assert!(learning_rates(1e-4, true, 512, Some(1.0)).is_err());
     }
 }
