@@ -62,7 +62,7 @@ pub struct VqArgs {
     pub tokenizer: String,
     /// Precision of the VQ decoder: tf32 (f32 weights, TF32 tensor-core convolutions on a
     /// GPU: what the paper's sample_c2i_ddp.py runs), f32 (exact), bf16 (the fastest on a GPU,
-    /// ~1.4x tf32 on an H200, uint8 pixels ~1.5 levels off f32 on average), f16, or auto
+    /// ~1.6x tf32 on an H200, uint8 pixels ~1.4 levels off f32 on average), f16, or auto
     /// (tf32 on a GPU; on the CPU the model's --dtype, f32 for bf16).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tf32", "f32", "bf16", "f16"])]
     pub vq_dtype: String,
