@@ -95,6 +95,10 @@ pub struct TrainArgs {
     pub dropout: f64,
     #[arg(long, default_value_t = 0, visible_alias = "global-seed")]
     pub seed: u64,
+    /// With --gpus N: each process keeps the AdamW moments of 1/N of the tensors (ZeRO stage
+    /// 1), updates those and broadcasts them; the same weights, less memory per GPU.
+    #[arg(long)]
+    pub zero1: bool,
     /// Log every N steps (stdout and train.jsonl).
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
@@ -147,6 +151,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             class_dropout: a.class_dropout,
             dropout: a.dropout,
             seed: a.seed,
+            zero1: a.zero1,
             ..TrainConfig::default()
         },
         lr: a.lr,

@@ -345,3 +345,95 @@ fn the_global_batch_must_split_over_the_ranks() {
     let err = tr.set_group(Box::new(g)).unwrap_err().to_string();
     assert!(err.contains("--batch-size 6"), "{err}");
 }
+
+/// Two ranks of `tc` for `steps` steps, ending with a checkpoint taken by both (rank 0 writes
+/// `ckpt`); per rank, the weights and the optimizer-moment values it held.
+fn two_ranks(
+    tc: &TrainConfig,
+    data: &std::path::Path,
+    steps: usize,
+    ckpt: &std::path::Path,
+) -> Vec<(std::collections::HashMap<String, Tensor>, usize)> {
+    let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (slots, barrier, tc) = (slots.clone(), barrier.clone(), tc.clone());
+            let (path, ckpt) = (data.to_path_buf(), ckpt.to_path_buf());
+            std::thread::spawn(move || {
+                let data = Packed::open(&path).unwrap();
+                let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+                let g = ThreadGroup {
+                    rank,
+                    world: 2,
+                    slots,
+                    barrier,
+                };
+                tr.set_group(Box::new(g)).unwrap();
+                for _ in 0..steps {
+                    tr.train_step(&data).unwrap();
+                }
+                let held = tr.moment_elements();
+                tr.checkpoint((rank == 0).then_some(ckpt.as_path()))
+                    .unwrap();
+                (tr.export_weights(), held)
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn zero1_trains_bit_for_bit_like_plain_data_parallel_with_half_the_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pack(dir.path(), 12);
+    let tc = TrainConfig {
+        batch_size: 8,
+        steps: 6,
+        lr: 3e-3,
+        warmup_steps: 2,
+        dropout: 0.0,
+        ema_decay: Some(0.9),
+        ..Default::default()
+    };
+    let zc = TrainConfig {
+        zero1: true,
+        ..tc.clone()
+    };
+    let (plain_ckpt, zero_ckpt) = (dir.path().join("plain.st"), dir.path().join("zero.st"));
+    let plain = two_ranks(&tc, &data.path, 6, &plain_ckpt);
+    let zero = two_ranks(&zc, &data.path, 6, &zero_ckpt);
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (rank, ((pw, p_held), (zw, z_held))) in plain.iter().zip(&zero).enumerate() {
+        for (k, t) in pw {
+            assert!(
+                flat(t) == flat(&zw[k]),
+                "rank {rank}: {k} differs under ZeRO-1"
+            );
+        }
+        // A rank holds its share of the moments only (the tensors split about evenly).
+        assert!(
+            *z_held < p_held * 7 / 10 && *z_held > p_held * 3 / 10,
+            "rank {rank}: {z_held} of {p_held} moment values"
+        );
+    }
+    assert_eq!(
+        zero[0].1 + zero[1].1,
+        plain[0].1,
+        "the shares cover the moments once"
+    );
+    // The checkpoint gathers the moments: the same file as plain data parallel writes.
+    let (a, _) = arpg::checkpoint::load_safetensors_with_metadata(&plain_ckpt).unwrap();
+    let (b, _) = arpg::checkpoint::load_safetensors_with_metadata(&zero_ckpt).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert!(
+            flat(t) == flat(&b[k]),
+            "checkpoint {k} differs under ZeRO-1"
+        );
+    }
+    // A single process continues from it.
+    let mut tr = Trainer::resume(&zero_ckpt, None, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(tr.step, 6);
+    assert!(tr.train_step(&data).unwrap().loss.is_finite());
+}

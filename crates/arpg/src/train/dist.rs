@@ -13,6 +13,33 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// The elementwise sum over all ranks of `t` (same shape and dtype on every rank).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Rank `root`'s `t` on every rank (the others' `t` gives only the shape and dtype). By
+    /// default the root's values summed with zeros: exact, at the cost of an all-reduce.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let x = match self.rank() == root {
+            true => t.clone(),
+            false => t.zeros_like()?,
+        };
+        self.all_reduce_sum(&x)
+    }
+}
+
+/// ZeRO-1: the rank that keeps each tensor's optimizer moments and updates it, given the
+/// tensors' sizes. Largest first, each to the least-loaded rank (ties to the lowest), so the
+/// ranks hold about 1/world of the moments each and every rank computes the same owners.
+pub fn zero1_owners(sizes: &[usize], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+    let mut load = vec![0usize; world];
+    let mut owner = vec![0usize; sizes.len()];
+    for i in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        owner[i] = r;
+        load[r] += sizes[i];
+    }
+    owner
 }
 
 /// Where the ranks of a run meet: the launcher variables of torchrun and friends.
@@ -295,6 +322,26 @@ mod nccl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero1_owners_balance_the_ranks_and_cover_every_tensor_once() {
+        let sizes = [100, 3, 50, 50, 7, 1, 100, 0];
+        let o = zero1_owners(&sizes, 2);
+        assert_eq!(o.len(), sizes.len());
+        let load = |r| -> usize {
+            (0..sizes.len())
+                .filter(|&i| o[i] == r)
+                .map(|i| sizes[i])
+                .sum()
+        };
+        assert_eq!(load(0) + load(1), 311);
+        assert!(load(0).abs_diff(load(1)) <= 7, "{} vs {}", load(0), load(1));
+        // The two largest go to different ranks; every rank computes the same owners.
+        assert_ne!(o[0], o[6]);
+        assert_eq!(o, zero1_owners(&sizes, 2));
+        assert!(zero1_owners(&sizes, 1).iter().all(|&r| r == 0));
+        assert!(zero1_owners(&sizes, 3).iter().all(|&r| r < 3));
+    }
 
     fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>> {
         let m: std::collections::HashMap<String, String> = vars

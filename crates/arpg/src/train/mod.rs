@@ -50,6 +50,10 @@ pub struct TrainConfig {
     /// How the warm-up counts its steps (the paper's flags take the paper's way).
     #[serde(default)]
     pub warmup: optim::Warmup,
+    /// Data parallel: each rank keeps the AdamW moments of its share of the tensors
+    /// (ZeRO stage 1, [`dist::zero1_owners`]), updates those and broadcasts them.
+    #[serde(default)]
+    pub zero1: bool,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +74,7 @@ impl Default for TrainConfig {
             dropout: 0.1,
             seed: 0,
             warmup: optim::Warmup::FromFirstStep,
+            zero1: false,
         }
     }
 }
@@ -270,6 +275,8 @@ pub struct Trainer {
     /// Dropout masks on the CPU; a stream of its own per rank.
     drop_rng: ChaCha8Rng,
     group: Option<Box<dyn Collective>>,
+    /// Under ZeRO-1, the rank that owns each tensor's moments.
+    owners: Option<Vec<usize>>,
     /// Compute dtype of the forward/backward pass; masters and optimizer state stay f32.
     pub dtype: DType,
     device: Device,
@@ -357,6 +364,7 @@ impl Trainer {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             drop_rng: ChaCha8Rng::seed_from_u64(seed_for(cfg.seed, SeedFor::TrainDropout)),
             group: None,
+            owners: None,
             dtype,
             device: device.clone(),
             perm_cache: None,
@@ -399,8 +407,30 @@ impl Trainer {
             self.device
                 .set_seed(seed_for(self.cfg.seed, SeedFor::TrainRank(rank as u64)))?;
         }
+        if self.cfg.zero1 && world > 1 {
+            let sizes: Vec<usize> = self.params.iter().map(|p| p.elem_count()).collect();
+            let owners = dist::zero1_owners(&sizes, world);
+            for (i, &o) in owners.iter().enumerate() {
+                if o != rank {
+                    self.opt.m[i] = Tensor::zeros(0, DType::F32, &self.device)?;
+                    self.opt.v[i] = Tensor::zeros(0, DType::F32, &self.device)?;
+                }
+            }
+            self.owners = Some(owners);
+        }
         self.group = Some(group);
         Ok(())
+    }
+
+    /// Optimizer-moment values this process holds (both moments): all of them, or under
+    /// ZeRO-1 about 1/world.
+    pub fn moment_elements(&self) -> usize {
+        self.opt
+            .m
+            .iter()
+            .chain(&self.opt.v)
+            .map(|t| t.elem_count())
+            .sum()
     }
 
     /// (rank, world size); (0, 1) without a group.
@@ -567,7 +597,16 @@ impl Trainer {
             return Err(self.diverged(grad_norm)?);
         }
         self.stepped = true;
-        self.opt.step(&self.params, &grads, lr)?;
+        match (&self.owners, &self.group) {
+            (Some(owners), Some(g)) => {
+                let mine: Vec<bool> = owners.iter().map(|&o| o == g.rank()).collect();
+                self.opt.step_owned(&self.params, &grads, lr, Some(&mine))?;
+                for (p, &o) in self.params.iter().zip(owners) {
+                    p.set(&g.broadcast(p.as_tensor(), o)?)?;
+                }
+            }
+            _ => self.opt.step(&self.params, &grads, lr)?,
+        }
         if let (Some(ema), Some(d)) = (self.ema.as_mut(), self.cfg.ema_decay) {
             for (e, p) in ema.iter_mut().zip(&self.params) {
                 *e = ((&*e * d)? + (p.as_tensor() * (1.0 - d))?)?;
@@ -703,13 +742,52 @@ impl Trainer {
     }
 
     /// Everything needed to continue bit for bit: weights, EMA, optimizer moments, step,
-    /// RNG position and both configs. Written atomically.
+    /// RNG position and both configs. Written atomically. Under ZeRO-1 the moments are spread
+    /// over the ranks: use [`Self::checkpoint`] on every rank instead.
     pub fn save(&self, path: &Path) -> Result<()> {
+        ensure!(
+            self.owners.is_none(),
+            "under ZeRO-1 every rank must take part in a checkpoint (Trainer::checkpoint)"
+        );
+        self.write(path, &self.opt.m, &self.opt.v)
+    }
+
+    /// A checkpoint taken by every rank at the same step: under ZeRO-1 the moments are first
+    /// gathered from their owners (a collective); the rank given a `path` (rank 0) writes it.
+    pub fn checkpoint(&mut self, path: Option<&Path>) -> Result<()> {
+        let (Some(owners), Some(g)) = (&self.owners, &self.group) else {
+            return match path {
+                Some(p) => self.save(p),
+                None => Ok(()),
+            };
+        };
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (i, p) in self.params.iter().enumerate() {
+            let mine = owners[i] == g.rank();
+            for (src, dst) in [(&self.opt.m[i], &mut m), (&self.opt.v[i], &mut v)] {
+                let local = match mine {
+                    true => src.clone(),
+                    false => p.as_tensor().zeros_like()?,
+                };
+                let full = g.broadcast(&local, owners[i])?;
+                // Only the writer keeps the gathered moments.
+                if path.is_some() {
+                    dst.push(full);
+                }
+            }
+        }
+        match path {
+            Some(p) => self.write(p, &m, &v),
+            None => Ok(()),
+        }
+    }
+
+    fn write(&self, path: &Path, m: &[Tensor], v: &[Tensor]) -> Result<()> {
         let mut t: HashMap<String, Tensor> = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
             t.insert(format!("model.{n}"), self.params[i].as_tensor().clone());
-            t.insert(format!("optim.m.{n}"), self.opt.m[i].clone());
-            t.insert(format!("optim.v.{n}"), self.opt.v[i].clone());
+            t.insert(format!("optim.m.{n}"), m[i].clone());
+            t.insert(format!("optim.v.{n}"), v[i].clone());
             if let Some(e) = &self.ema {
                 t.insert(format!("ema.{n}"), e[i].clone());
             }

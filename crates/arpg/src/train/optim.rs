@@ -70,10 +70,25 @@ impl AdamW {
     /// One update, in the order PyTorch's AdamW does it. Weight decay applies to tensors of
     /// two or more dimensions only (matrices and embeddings, not norms).
     pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_owned(params, grads, lr, None)
+    }
+
+    /// [`Self::step`] for the tensors marked in `owned` only (all when `None`): under ZeRO-1 a
+    /// rank keeps the moments of its own tensors and updates those.
+    pub fn step_owned(
+        &mut self,
+        params: &[Var],
+        grads: &[Tensor],
+        lr: f64,
+        owned: Option<&[bool]>,
+    ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            if owned.is_some_and(|o| !o[i]) {
+                continue;
+            }
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mut w = p.as_tensor().clone();

@@ -36,12 +36,15 @@ impl RunDir {
 }
 
 /// Train until step `until` (rank 0: writing `dir`; other ranks pass `None` and write
-/// nothing). `on_step` sees every step and, on logged steps, the line written to the log.
+/// nothing, but take part in every checkpoint, every `ckpt_every` steps and at the end, which
+/// ZeRO-1 gathers from all ranks). `on_step` sees every step and, on logged steps, the line
+/// written to the log.
 pub fn run(
     tr: &mut Trainer,
     data: &Packed,
     until: usize,
     dir: Option<&RunDir>,
+    ckpt_every: usize,
     on_step: &mut dyn FnMut(&StepStats, Option<&serde_json::Value>),
 ) -> Result<()> {
     let Some(dir) = dir else {
@@ -49,9 +52,12 @@ pub fn run(
             if tr.any_rank(crate::util::interrupted())? {
                 break;
             }
-            tr.train_step(data)?;
+            let s = tr.train_step(data)?;
+            if s.step % ckpt_every.max(1) == 0 && s.step < until {
+                tr.checkpoint(None)?;
+            }
         }
-        return Ok(());
+        return tr.checkpoint(None);
     };
     let (_, world) = tr.rank_and_world();
     crate::util::create_out(&dir.out)?;
@@ -97,13 +103,13 @@ pub fn run(
             line = Some(l);
         }
         on_step(&s, line.as_ref());
-        if s.step % dir.ckpt_every == 0 && s.step < until {
-            tr.save(&ckpt)?;
+        if s.step % ckpt_every.max(1) == 0 && s.step < until {
+            tr.checkpoint(Some(&ckpt))?;
         }
     }
     // A second Ctrl-C now waits for both files instead of leaving neither.
     let busy = crate::util::Critical::enter();
-    tr.save(&ckpt)?;
+    tr.checkpoint(Some(&ckpt))?;
     crate::checkpoint::save_safetensors_atomic(&tr.export_weights(), &dir.weights())?;
     drop(busy);
     Ok(())

@@ -267,6 +267,8 @@ pub struct Prepared {
     pub data: Packed,
     pub until: usize,
     pub dir: Option<RunDir>,
+    /// Steps between checkpoints, on every rank (all take part in one under ZeRO-1).
+    pub ckpt_every: usize,
 }
 
 impl Prepared {
@@ -276,7 +278,15 @@ impl Prepared {
         on_step: &mut dyn FnMut(&super::StepStats, Option<&serde_json::Value>),
     ) -> Result<()> {
         let dir = self.dir.as_ref();
-        super::run::run(&mut self.trainer, &self.data, self.until, dir, on_step)
+        let every = self.ckpt_every;
+        super::run::run(
+            &mut self.trainer,
+            &self.data,
+            self.until,
+            dir,
+            every,
+            on_step,
+        )
     }
 }
 
@@ -356,6 +366,7 @@ impl TrainJob {
             trainer: tr,
             data,
             until,
+            ckpt_every: self.dir.ckpt_every,
             dir: main_rank.then_some(self.dir),
         })
     }
