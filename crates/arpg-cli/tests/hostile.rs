@@ -1058,35 +1058,32 @@ fn late_and_weak_errors_come_early_and_name_the_culprit() {
         ],
         &["17"],
     );
-    // A truncated JPEG is refused, not encoded as grey.
+    // A truncated JPEG is refused, not encoded as grey; so is one whose scan data is cut in
+    // the middle and EOI appended (whole-looking).
     let jpg = d.path().join("cut.jpg");
     image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 9]))
         .save(&jpg)
         .unwrap();
     let bytes = std::fs::read(&jpg).unwrap();
-    std::fs::write(&jpg, &bytes[..bytes.len() / 2]).unwrap();
-    fails(
-        &[
-            "encode",
-            "--tokenizer",
-            "pixel",
-            "--image",
-            s(&jpg),
-            "--image-size",
-            "8",
-            "--tokens-out",
-            s(&t),
-        ],
-        &["cut.jpg", "truncated"],
-    );
-    // Its scan data cut in the middle and EOI appended: whole-looking, refused all the same.
     let sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
     let mut cut_scan = bytes[..(sos + bytes.len()) / 2].to_vec();
     cut_scan.extend_from_slice(&[0xFF, 0xD9]);
-    let jpg = d.path().join("cutscan.jpg");
-    std::fs::write(&jpg, &cut_scan).unwrap();
-    fails(
-        &[
+    let cases: [(&str, &[u8], &[&str]); 2] = [
+        (
+            "cut.jpg",
+            &bytes[..bytes.len() / 2],
+            &["cut.jpg", "truncated"],
+        ),
+        (
+            "cutscan.jpg",
+            &cut_scan,
+            &["cutscan.jpg", "corrupt JPEG", "MCUs"],
+        ),
+    ];
+    for (name, body, needles) in cases {
+        let jpg = d.path().join(name);
+        std::fs::write(&jpg, body).unwrap();
+        let encode = [
             "encode",
             "--tokenizer",
             "pixel",
@@ -1096,9 +1093,9 @@ fn late_and_weak_errors_come_early_and_name_the_culprit() {
             "8",
             "--tokens-out",
             s(&t),
-        ],
-        &["cutscan.jpg", "corrupt JPEG", "MCUs"],
-    );
+        ];
+        fails(&encode, needles);
+    }
     // Non-square raw input, which decode could not read back.
     let raw = d.path().join("raw.npy");
     arpg::tokenizer::image::write_npy_f32(&raw, &[1, 3, 16, 32], &vec![0.0; 3 * 16 * 32]).unwrap();

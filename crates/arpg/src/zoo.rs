@@ -424,6 +424,27 @@ impl ModelSpec {
     }
 }
 
+/// The built-in digits model with its tokenizer, on the CPU in f32: what the jobs' unit tests
+/// run.
+#[cfg(test)]
+pub(crate) fn digits_on_cpu() -> (ModelSpec, TokenizerSpec, Placement) {
+    (
+        ModelSpec {
+            model: Some(DIGITS.into()),
+            ..Default::default()
+        },
+        TokenizerSpec {
+            kind: TokenizerKind::Auto,
+            vq: VqSpec::default(),
+            vq_dtype: "auto".into(),
+        },
+        Placement {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

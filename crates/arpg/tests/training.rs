@@ -244,6 +244,36 @@ impl arpg::train::dist::Collective for ThreadGroup {
     }
 }
 
+/// `f(rank, trainer, data)` on two ranks of `tc` joined by a [`ThreadGroup`], one thread each;
+/// their results in rank order.
+fn on_two_ranks<R: Send + 'static>(
+    tc: &TrainConfig,
+    data: &std::path::Path,
+    f: impl Fn(usize, &mut Trainer, &Packed) -> R + Send + Clone + 'static,
+) -> Vec<R> {
+    let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (slots, barrier, tc, f) = (slots.clone(), barrier.clone(), tc.clone(), f.clone());
+            let path = data.to_path_buf();
+            std::thread::spawn(move || {
+                let data = Packed::open(&path).unwrap();
+                let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+                let g = ThreadGroup {
+                    rank,
+                    world: 2,
+                    slots,
+                    barrier,
+                };
+                tr.set_group(Box::new(g)).unwrap();
+                f(rank, &mut tr, &data)
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[test]
 fn two_ranks_train_like_one_process_at_the_same_global_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,33 +297,15 @@ fn two_ranks_train_like_one_process_at_the_same_global_batch() {
         })
         .collect();
 
-    let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let (slots, barrier, tc) = (slots.clone(), barrier.clone(), tc.clone());
-            let path = data.path.clone();
-            std::thread::spawn(move || {
-                let data = Packed::open(&path).unwrap();
-                let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
-                let g = ThreadGroup {
-                    rank,
-                    world: 2,
-                    slots,
-                    barrier,
-                };
-                tr.set_group(Box::new(g)).unwrap();
-                let losses: Vec<(f64, f64)> = (0..12)
-                    .map(|_| {
-                        let s = tr.train_step(&data).unwrap();
-                        (s.loss, s.grad_norm)
-                    })
-                    .collect();
-                (losses, tr.export_weights())
+    let results = on_two_ranks(&tc, &data.path, |_, tr, data| {
+        let losses: Vec<(f64, f64)> = (0..12)
+            .map(|_| {
+                let s = tr.train_step(data).unwrap();
+                (s.loss, s.grad_norm)
             })
-        })
-        .collect();
-    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+            .collect();
+        (losses, tr.export_weights())
+    });
     let want = single.export_weights();
     for (rank, (losses, weights)) in results.iter().enumerate() {
         for (s, (a, b)) in losses.iter().zip(&single_losses).enumerate() {
@@ -354,33 +366,16 @@ fn two_ranks(
     steps: usize,
     ckpt: &std::path::Path,
 ) -> Vec<(std::collections::HashMap<String, Tensor>, usize)> {
-    let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let (slots, barrier, tc) = (slots.clone(), barrier.clone(), tc.clone());
-            let (path, ckpt) = (data.to_path_buf(), ckpt.to_path_buf());
-            std::thread::spawn(move || {
-                let data = Packed::open(&path).unwrap();
-                let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
-                let g = ThreadGroup {
-                    rank,
-                    world: 2,
-                    slots,
-                    barrier,
-                };
-                tr.set_group(Box::new(g)).unwrap();
-                for _ in 0..steps {
-                    tr.train_step(&data).unwrap();
-                }
-                let held = tr.moment_elements();
-                tr.checkpoint((rank == 0).then_some(ckpt.as_path()))
-                    .unwrap();
-                (tr.export_weights(), held)
-            })
-        })
-        .collect();
-    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    let ckpt = ckpt.to_path_buf();
+    on_two_ranks(tc, data, move |rank, tr, data| {
+        for _ in 0..steps {
+            tr.train_step(data).unwrap();
+        }
+        let held = tr.moment_elements();
+        tr.checkpoint((rank == 0).then_some(ckpt.as_path()))
+            .unwrap();
+        (tr.export_weights(), held)
+    })
 }
 
 #[test]

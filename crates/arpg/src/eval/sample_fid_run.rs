@@ -183,23 +183,13 @@ impl FidRun<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zoo::{TokenizerKind, VqSpec, DIGITS};
 
     fn job(out: PathBuf) -> SampleFidJob {
+        let (model, tokenizer, placement) = crate::zoo::digits_on_cpu();
         SampleFidJob {
-            model: ModelSpec {
-                model: Some(DIGITS.into()),
-                ..Default::default()
-            },
-            tokenizer: TokenizerSpec {
-                kind: TokenizerKind::Auto,
-                vq: VqSpec::default(),
-                vq_dtype: "auto".into(),
-            },
-            placement: Placement {
-                device: "cpu".into(),
-                dtype: "f32".into(),
-            },
+            model,
+            tokenizer,
+            placement,
             sampling: SampleConfig {
                 steps: 4,
                 ..Default::default()

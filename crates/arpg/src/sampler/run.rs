@@ -214,23 +214,13 @@ impl SampleJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zoo::{TokenizerKind, VqSpec, DIGITS};
 
     fn job() -> SampleJob {
+        let (model, tokenizer, placement) = crate::zoo::digits_on_cpu();
         SampleJob {
-            model: ModelSpec {
-                model: Some(DIGITS.into()),
-                ..Default::default()
-            },
-            tokenizer: TokenizerSpec {
-                kind: TokenizerKind::Auto,
-                vq: VqSpec::default(),
-                vq_dtype: "auto".into(),
-            },
-            placement: Placement {
-                device: "cpu".into(),
-                dtype: "f32".into(),
-            },
+            model,
+            tokenizer,
+            placement,
             sampling: SampleConfig {
                 steps: 4,
                 ..Default::default()

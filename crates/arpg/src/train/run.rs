@@ -47,13 +47,15 @@ pub fn run(
     ckpt_every: usize,
     on_step: &mut dyn FnMut(&StepStats, Option<&serde_json::Value>),
 ) -> Result<()> {
+    // The end of the run takes its own checkpoint.
+    let ckpt_due = |step: usize| step.is_multiple_of(ckpt_every.max(1)) && step < until;
     let Some(dir) = dir else {
         while tr.step < until {
             if tr.any_rank(crate::util::interrupted())? {
                 break;
             }
             let s = tr.train_step(data)?;
-            if s.step % ckpt_every.max(1) == 0 && s.step < until {
+            if ckpt_due(s.step) {
                 tr.checkpoint(None)?;
             }
         }
@@ -103,7 +105,7 @@ pub fn run(
             line = Some(l);
         }
         on_step(&s, line.as_ref());
-        if s.step % ckpt_every.max(1) == 0 && s.step < until {
+        if ckpt_due(s.step) {
             tr.checkpoint(Some(&ckpt))?;
         }
     }
