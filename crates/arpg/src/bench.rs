@@ -139,11 +139,16 @@ fn sampling(
     };
     let mut last = Vec::new();
     crate::device::reset_peak_memory(dev)?;
-    let secs = time(dev, b.warmup, b.repeats, || {
-        let (classes, orders) = batch(rng);
-        last = sample_with(model, &classes, &orders, sc, rng, graphs)?;
-        Ok(())
-    })?;
+    let secs = {
+        // Warm-up and timed decodes, for a profiler started with `--profile-from-start off`.
+        let _range = crate::device::profiler_range(dev);
+        time(dev, b.warmup, b.repeats, || {
+            let (classes, orders) = batch(rng);
+            last = sample_with(model, &classes, &orders, sc, rng, graphs)?;
+            Ok(())
+        })?
+    };
+    out["fused_decoding_step"] = model.is_fused().into();
     out["sample_seconds"] = secs.into();
     out["images_per_sec"] = (b.batch_size as f64 / secs).into();
     out["ms_per_step"] = (secs * 1e3 / b.steps as f64).into();

@@ -158,7 +158,16 @@ impl ModelSpec {
         }
     }
 
+    /// The model for inference: decoding steps take the fused kernels where they apply
+    /// ([`Arpg::fuse_for_decoding`]).
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Arpg> {
+        let mut model = self.load_unfused(dtype, device)?;
+        model.fuse_for_decoding(false)?;
+        Ok(model)
+    }
+
+    /// The model with every step on the generic ops (what the fused step is checked against).
+    pub fn load_unfused(&self, dtype: DType, device: &Device) -> Result<Arpg> {
         let cfg = self.config()?;
         // Weights, plus the RoPE tables (cos and sin, f32, one row per position).
         let bytes = cfg.num_parameters() as u128 * dtype.size_in_bytes() as u128

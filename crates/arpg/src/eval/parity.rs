@@ -159,6 +159,10 @@ pub struct ParityReport {
     /// CUDA only: the fused training RMSNorm against the unfused ops, relative, as
     /// `[output, input gradient, weight gradient]`.
     pub fused_rms_norm_rel_diff: Option<[f64; 3]>,
+    /// CUDA bf16 only: each kernel of the fused decoding step against its composite, relative.
+    pub fused_decode_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
+    /// CUDA bf16 only: a random model's decoding-step logits, fused against generic, relative.
+    pub fused_step_logits_rel_diff: Option<f64>,
 }
 
 impl ParityReport {
@@ -180,6 +184,12 @@ impl ParityReport {
         let loss_err =
             (self.loss - self.reference_loss).abs() / self.reference_loss.abs().max(1e-12);
         check("loss relative error", loss_err);
+        for (op, v) in self.fused_decode_ops_rel_diff.iter().flatten() {
+            check(&format!("fused_decode_ops_rel_diff.{op}"), *v);
+        }
+        if let Some(v) = self.fused_step_logits_rel_diff {
+            check("fused_step_logits_rel_diff", v);
+        }
         if f32 {
             if !self.greedy_equal.iter().all(|&x| x) {
                 out.push(format!("greedy_equal {:?}", self.greedy_equal));
@@ -263,6 +273,8 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_attn_softmax_rel_diff: crate::kernels::attn_softmax::check(device)?,
         fused_rope_grad_rel_diff: crate::kernels::rope::check(device)?,
         fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,
+        fused_decode_ops_rel_diff: crate::kernels::decode::check(device)?,
+        fused_step_logits_rel_diff: crate::model::fused_step_rel_diff(device, dtype, false)?,
     })
 }
 

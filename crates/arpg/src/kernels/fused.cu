@@ -561,3 +561,168 @@ extern "C" __global__ void rms_norm_bwd_w_bf16(
     unsigned int rows, unsigned int d, unsigned int rows_per_chunk) {
     rms_norm_bwd_w(x, g, dens, part, rows, d, rows_per_chunk);
 }
+
+// ---- The fused decoding step (Rust side: kernels/decode.rs). bf16 activations, f32 math. ----
+
+// x' = bf16(x + y) (the residual add, rounded as the bf16 model rounds it); n = rms(x') * w,
+// in f32 and rounded once (candle's inference RMSNorm), into out [2, rows, d]. One warp a row.
+extern "C" __global__ void add_rms_norm_bf16(
+    const unsigned short *x, const unsigned short *y, const unsigned short *w,
+    unsigned short *out, unsigned int rows, unsigned int d, float eps) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    unsigned short *xo = out, *no = out + (size_t)rows * d;
+    size_t base = (size_t)r * d;
+    float ss = 0.0f;
+    for (unsigned int j = lane; j < d; j += 32) {
+        float v = bf2f(f2bf(bf2f(x[base + j]) + bf2f(y[base + j])));
+        xo[base + j] = f2bf(v);
+        ss += v * v;
+    }
+    float inv = rsqrtf(warp_sum(ss) / (float)d + eps);
+    for (unsigned int j = lane; j < d; j += 32)
+        no[base + j] = f2bf(bf2f(xo[base + j]) * inv * bf2f(w[j]));
+}
+
+// SwiGLU's middle: h [rows, 2 * hid] holds w1 x | w3 x; out = bf16(bf16(silu(a)) * b), the
+// roundings of the bf16 composite (silu, then the product).
+extern "C" __global__ void silu_mul_bf16(
+    const unsigned short *h, unsigned short *out, unsigned int rows, unsigned int hid) {
+    size_t n = (size_t)rows * hid;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / hid, j = i % hid;
+        float a = bf2f(h[r * 2 * hid + j]), b = bf2f(h[r * 2 * hid + hid + j]);
+        float s = bf2f(f2bf(a / (1.0f + expf(-a))));
+        out[i] = f2bf(s * b);
+    }
+}
+
+// New keys and values into a cache [2, b, nh, cap, 64] at token `at`: the rows of src
+// [b, m, stride] hold each token's keys at column kcol and values at vcol (head-major); keys
+// rotated by cos/sin [2, b, m, 32] (interleaved pairs, f32, rounded once). One thread a pair.
+extern "C" __global__ void kv_to_cache_bf16(
+    const unsigned short *src, unsigned int stride, unsigned int kcol, unsigned int vcol,
+    const float *cs, unsigned short *cache, unsigned int b, unsigned int m, unsigned int nh,
+    unsigned int cap, unsigned int at) {
+    unsigned int n = b * m * nh * 32;
+    unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    unsigned int p = t % 32, hh = (t / 32) % nh, i = (t / 32 / nh) % m, bb = t / 32 / nh / m;
+    size_t row = (size_t)bb * m + i;
+    const unsigned short *kr = src + row * stride + kcol + hh * 64;
+    const unsigned short *vr = src + row * stride + vcol + hh * 64;
+    float c = cs[row * 32 + p], s = cs[(size_t)b * m * 32 + row * 32 + p];
+    float x0 = bf2f(kr[2 * p]), x1 = bf2f(kr[2 * p + 1]);
+    size_t dst = (((size_t)bb * nh + hh) * cap + at + i) * 64 + 2 * p;
+    size_t half = (size_t)b * nh * cap * 64;
+    cache[dst] = f2bf(x0 * c - x1 * s);
+    cache[dst + 1] = f2bf(x0 * s + x1 * c);
+    cache[half + dst] = vr[2 * p];
+    cache[half + dst + 1] = vr[2 * p + 1];
+}
+
+// Unmasked attention of m queries per sequence over the first L keys of a cache
+// [2, b, nh, cap, 64]: queries read from qsrc [b, m, stride] at column qcol (head-major),
+// rotated by cos/sin [2, b, m, 32] and rounded to bf16 as the reference rotates them; scores,
+// an online softmax and the weighted values in f32; out [b, m, nh * 64] rounded once (the
+// heads already merged). One block of 4 warps per (head, sequence); keys and values staged
+// through shared memory 64 at a time; each warp owns every 4th query.
+#define DEC_KC 64
+#define DEC_QMAX 16
+extern "C" __global__ void __launch_bounds__(128) cache_attention_bf16(
+    const unsigned short *qsrc, unsigned int stride, unsigned int qcol, const float *cs,
+    const unsigned short *cache, unsigned int m, unsigned int nh, unsigned int cap,
+    unsigned int L, float scale, unsigned short *out) {
+    __shared__ float ks[DEC_KC][65];
+    __shared__ float vs[DEC_KC][64];
+    __shared__ float qs[DEC_QMAX][64];
+    __shared__ float ps[4][DEC_KC];
+    unsigned int hh = blockIdx.x, bb = blockIdx.y, b = gridDim.y;
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned short *K = cache + ((size_t)bb * nh + hh) * cap * 64;
+    const unsigned short *V = K + (size_t)b * nh * cap * 64;
+    for (unsigned int q0 = 0; q0 < m; q0 += DEC_QMAX) {
+        unsigned int nq = min(DEC_QMAX, m - q0);
+        __syncthreads();  // the previous group's last chunk is consumed
+        for (unsigned int t = threadIdx.x; t < nq * 32; t += blockDim.x) {
+            unsigned int i = t / 32, p = t % 32;
+            size_t row = (size_t)bb * m + q0 + i;
+            const unsigned short *qr = qsrc + row * stride + qcol + hh * 64;
+            float c = cs[row * 32 + p], s = cs[(size_t)b * m * 32 + row * 32 + p];
+            float x0 = bf2f(qr[2 * p]), x1 = bf2f(qr[2 * p + 1]);
+            qs[i][2 * p] = bf2f(f2bf(x0 * c - x1 * s));
+            qs[i][2 * p + 1] = bf2f(f2bf(x0 * s + x1 * c));
+        }
+        float mx[DEC_QMAX / 4], sum[DEC_QMAX / 4], a0[DEC_QMAX / 4], a1[DEC_QMAX / 4];
+#pragma unroll
+        for (int j = 0; j < DEC_QMAX / 4; j++) {
+            mx[j] = -INFINITY;
+            sum[j] = 0.0f;
+            a0[j] = 0.0f;
+            a1[j] = 0.0f;
+        }
+        for (unsigned int k0 = 0; k0 < L; k0 += DEC_KC) {
+            unsigned int nk = min(DEC_KC, L - k0);
+            __syncthreads();  // queries staged; the previous chunk consumed
+            for (unsigned int t = threadIdx.x; t < nk * 8; t += blockDim.x) {
+                unsigned int key = t / 8, c8 = (t % 8) * 8;
+                size_t off = (size_t)(k0 + key) * 64 + c8;
+                uint4 kv = *reinterpret_cast<const uint4 *>(K + off);
+                uint4 vv = *reinterpret_cast<const uint4 *>(V + off);
+                const unsigned short *kh = reinterpret_cast<const unsigned short *>(&kv);
+                const unsigned short *vh = reinterpret_cast<const unsigned short *>(&vv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    ks[key][c8 + e] = bf2f(kh[e]);
+                    vs[key][c8 + e] = bf2f(vh[e]);
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < DEC_QMAX / 4; j++) {
+                unsigned int i = warp + 4 * j;
+                if (i >= nq) continue;  // the same for the whole warp
+                float s0 = -INFINITY, s1 = -INFINITY;
+                if (lane < nk) {
+                    float d = 0.0f;
+#pragma unroll 16
+                    for (int c = 0; c < 64; c++) d += qs[i][c] * ks[lane][c];
+                    s0 = d * scale;
+                }
+                if (lane + 32 < nk) {
+                    float d = 0.0f;
+#pragma unroll 16
+                    for (int c = 0; c < 64; c++) d += qs[i][c] * ks[lane + 32][c];
+                    s1 = d * scale;
+                }
+                float nm = fmaxf(mx[j], warp_max(fmaxf(s0, s1)));
+                float alpha = expf(mx[j] - nm);
+                float p0 = lane < nk ? expf(s0 - nm) : 0.0f;
+                float p1 = lane + 32 < nk ? expf(s1 - nm) : 0.0f;
+                sum[j] = sum[j] * alpha + warp_sum(p0 + p1);
+                mx[j] = nm;
+                ps[warp][lane] = p0;
+                ps[warp][lane + 32] = p1;
+                __syncwarp();
+                float o0 = a0[j] * alpha, o1 = a1[j] * alpha;
+                for (unsigned int k = 0; k < nk; k++) {
+                    float pk = ps[warp][k];
+                    o0 += pk * vs[k][lane];
+                    o1 += pk * vs[k][lane + 32];
+                }
+                a0[j] = o0;
+                a1[j] = o1;
+                __syncwarp();
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DEC_QMAX / 4; j++) {
+            unsigned int i = warp + 4 * j;
+            if (i >= nq) continue;
+            size_t o = ((size_t)bb * m + q0 + i) * nh * 64 + hh * 64;
+            out[o + lane] = f2bf(a0[j] / sum[j]);
+            out[o + lane + 32] = f2bf(a1[j] / sum[j]);
+        }
+    }
+}

@@ -15,6 +15,7 @@
 
 pub mod attn_softmax;
 pub mod cudnn;
+pub mod decode;
 pub mod draw;
 pub mod group_norm;
 pub mod rms_norm;

@@ -3,11 +3,12 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-/// Per self-attention layer K/V plus the shared K/V that pass 2 attends to, each
-/// `[batch, heads, capacity, head_dim]`.
+/// Per self-attention layer K/V plus the shared K/V that pass 2 attends to, each one buffer
+/// `[2, batch, heads, capacity, head_dim]` (keys, then values: what the fused decoding step
+/// reads and writes as one).
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    shared: (Tensor, Tensor),
+    layers: Vec<Tensor>,
+    shared: Tensor,
     len: usize,
     capacity: usize,
 }
@@ -22,16 +23,11 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (batch, heads, capacity, head_dim);
-        let pair = || -> Result<(Tensor, Tensor)> {
-            Ok((
-                Tensor::zeros(shape, dtype, device)?,
-                Tensor::zeros(shape, dtype, device)?,
-            ))
-        };
+        let shape = (2, batch, heads, capacity, head_dim);
+        let buf = || Tensor::zeros(shape, dtype, device);
         Ok(Self {
-            layers: (0..n_layers).map(|_| pair()).collect::<Result<_>>()?,
-            shared: pair()?,
+            layers: (0..n_layers).map(|_| buf()).collect::<Result<_, _>>()?,
+            shared: buf()?,
             len: 0,
             capacity,
         })
@@ -51,16 +47,21 @@ impl KvCache {
         self.len = 0;
     }
 
-    fn write(
-        pair: &(Tensor, Tensor),
-        at: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    /// Self-attention layer `i`'s buffer, `[2, b, h, capacity, d]`.
+    pub fn layer(&self, i: usize) -> &Tensor {
+        &self.layers[i]
+    }
+    /// The shared keys/values' buffer.
+    pub fn shared(&self) -> &Tensor {
+        &self.shared
+    }
+
+    fn write(buf: &Tensor, at: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let m = k.dim(2)?;
-        pair.0.slice_set(&k.contiguous()?, 2, at)?;
-        pair.1.slice_set(&v.contiguous()?, 2, at)?;
-        Ok((pair.0.narrow(2, 0, at + m)?, pair.1.narrow(2, 0, at + m)?))
+        let (kb, vb) = (buf.get(0)?, buf.get(1)?);
+        kb.slice_set(&k.contiguous()?, 2, at)?;
+        vb.slice_set(&v.contiguous()?, 2, at)?;
+        Ok((kb.narrow(2, 0, at + m)?, vb.narrow(2, 0, at + m)?))
     }
 
     /// Write layer `i`'s new keys/values after the cached ones; returns all of them.

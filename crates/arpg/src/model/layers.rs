@@ -85,6 +85,22 @@ impl Module for Linear {
     }
 }
 
+impl Linear {
+    /// One linear layer for several that read the same input: their weights stacked, each
+    /// left as a view of its rows (no second copy is kept).
+    pub fn merge(parts: &mut [&mut Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let mut at = 0;
+        for p in parts.iter_mut() {
+            let n = p.weight.dim(0)?;
+            p.weight = weight.narrow(0, at, n)?;
+            at += n;
+        }
+        Ok(Linear { weight })
+    }
+}
+
 pub fn linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
     Ok(Linear {
         weight: vb.pp(name).get((out_dim, in_dim), "weight")?,
@@ -97,7 +113,7 @@ pub struct RmsNorm {
     pub weight: Tensor,
     /// The weight in float32 for the fused inference kernel (cast once, not every call).
     weight32: Tensor,
-    eps: f64,
+    pub(crate) eps: f64,
     span: tracing::Span,
 }
 
@@ -149,9 +165,9 @@ impl RmsNorm {
 /// SwiGLU: w2(silu(w1 x) * w3 x).
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    w1: Linear,
-    w2: Linear,
-    w3: Linear,
+    pub(crate) w1: Linear,
+    pub(crate) w2: Linear,
+    pub(crate) w3: Linear,
     span: tracing::Span,
 }
 

@@ -17,8 +17,9 @@ pub use cache::KvCache;
 pub use layers::Mode;
 
 use crate::config::ArpgConfig;
+use crate::kernels::decode;
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use layers::{
     causal_mask, linear, merge_heads, split_heads, CausalMask, FeedForward, Linear, Ops, RmsNorm,
@@ -100,6 +101,38 @@ impl SelfBlock {
     }
 }
 
+impl SelfBlock {
+    /// The fused decoding step's layer `i`: `x` and `xn = attn_norm(x)` in, `(x', next(x'))`
+    /// out, where `next` is the norm that reads this layer's output.
+    fn forward_fused(
+        &self,
+        w: &FusedBlock,
+        (x, xn): (Tensor, Tensor),
+        next: &RmsNorm,
+        f: &FusedPass,
+        i: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let _enter = self.span.enter();
+        let d = x.dim(D::Minus1)?;
+        let qkv = w
+            .qkv
+            .as_ref()
+            .expect("self blocks merge q, k, v")
+            .forward(&xn)?;
+        let buf = f.cache.layer(i);
+        decode::kv_to_cache(buf, &qkv, &f.cs, d, 2 * d, f.at)?;
+        let a = decode::cache_attention(&qkv, buf, &f.cs, 0, f.at + f.m)?;
+        let (x, xn) = decode::add_rms_norm(
+            &x,
+            &self.proj.forward(&a)?,
+            &self.ffn_norm.weight,
+            self.ffn_norm.eps,
+        )?;
+        let h = decode::silu_mul(&w.w13.forward(&xn)?)?;
+        decode::add_rms_norm(&x, &self.ffn.w2.forward(&h)?, &next.weight, next.eps)
+    }
+}
+
 struct CrossBlock {
     to_q: Linear,
     proj: Linear,
@@ -131,6 +164,54 @@ impl CrossBlock {
         let f = self.ffn.forward(&p.norm(&self.ffn_norm, &q)?)?;
         Ok((&q + p.drop(f)?)?)
     }
+}
+
+impl CrossBlock {
+    /// The fused decoding step's cross layer, as [`SelfBlock::forward_fused`]; the shared
+    /// keys/values are the first `f.at + f.m` tokens of the cache's shared buffer.
+    fn forward_fused(
+        &self,
+        w: &FusedBlock,
+        (q, qn): (Tensor, Tensor),
+        next: &RmsNorm,
+        f: &FusedPass,
+    ) -> Result<(Tensor, Tensor)> {
+        let _enter = self.span.enter();
+        let qh = self.to_q.forward(&qn)?;
+        let a = decode::cache_attention(&qh, f.cache.shared(), &f.cs, 0, f.at + f.m)?;
+        let (q, qn) = decode::add_rms_norm(
+            &q,
+            &self.proj.forward(&a)?,
+            &self.ffn_norm.weight,
+            self.ffn_norm.eps,
+        )?;
+        let h = decode::silu_mul(&w.w13.forward(&qn)?)?;
+        decode::add_rms_norm(&q, &self.ffn.w2.forward(&h)?, &next.weight, next.eps)
+    }
+}
+
+/// A block's merged weights for the fused decoding step (its own weights become views of
+/// them): q|k|v (self-attention blocks only) and w1|w3.
+struct FusedBlock {
+    qkv: Option<Linear>,
+    w13: Linear,
+}
+
+/// The merged weights of [`Arpg::fuse_for_decoding`].
+struct Fused {
+    self_dec: Vec<FusedBlock>,
+    cross_dec: Vec<FusedBlock>,
+    /// The shared keys|values.
+    kv: Linear,
+}
+
+/// What the fused layers of one step share: the cache, where this step's `m` tokens go
+/// (`at`), and the packed cos/sin of the tokens the pass rotates.
+struct FusedPass<'a> {
+    cache: &'a KvCache,
+    at: usize,
+    m: usize,
+    cs: Tensor,
 }
 
 /// Positions of a forward pass: RoPE table rows (`0` = class token, `1 + p` = raster cell p).
@@ -192,6 +273,8 @@ pub struct Arpg {
     pos: Option<PosEmbed>,
     control: Option<control::ControlEncoder>,
     rope: Rope,
+    /// Merged weights: unmasked decoding steps take the fused kernels.
+    fused: Option<Fused>,
     dtype: DType,
     device: Device,
     id: u64,
@@ -281,6 +364,7 @@ impl Arpg {
             pos,
             control,
             rope: Rope::new(cfg, (g, g), vb.device())?,
+            fused: None,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
@@ -316,6 +400,60 @@ impl Arpg {
     /// Unique per model instance and RoPE grid: what a captured decode graph was built from.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Let unmasked decoding steps run the fused kernels of [`crate::kernels::decode`]: merges
+    /// q|k|v, w1|w3 and the shared k|v into one weight each (the separate weights become views
+    /// of them, so memory does not grow). Where the kernels apply (bf16 on CUDA), or always
+    /// with `force` (their CPU versions: for tests). Returns whether the fused step is on.
+    /// An inference model only: the views are no longer trainable variables.
+    pub fn fuse_for_decoding(&mut self, force: bool) -> Result<bool> {
+        let applies = crate::kernels::decode::applies(&self.device, self.dtype)
+            && self.cfg.head_dim() == crate::kernels::decode::HEAD_DIM;
+        if self.fused.is_some() || !(force || applies) {
+            return Ok(self.fused.is_some());
+        }
+        ensure!(
+            self.cfg.head_dim() == crate::kernels::decode::HEAD_DIM,
+            "the fused decoding step needs heads of {}, not {}",
+            crate::kernels::decode::HEAD_DIM,
+            self.cfg.head_dim()
+        );
+        let w13 = |f: &mut FeedForward| Linear::merge(&mut [&mut f.w1, &mut f.w3]);
+        let self_dec = self
+            .self_dec
+            .iter_mut()
+            .map(|b| {
+                Ok(FusedBlock {
+                    qkv: Some(Linear::merge(&mut [&mut b.to_q, &mut b.to_k, &mut b.to_v])?),
+                    w13: w13(&mut b.ffn)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let cross_dec = self
+            .cross_dec
+            .iter_mut()
+            .map(|b| {
+                Ok(FusedBlock {
+                    qkv: None,
+                    w13: w13(&mut b.ffn)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let kv = Linear::merge(&mut [&mut self.to_k, &mut self.to_v])?;
+        self.fused = Some(Fused {
+            self_dec,
+            cross_dec,
+            kv,
+        });
+        // Captured graphs hold the old weights' addresses.
+        self.id = next_id();
+        Ok(true)
+    }
+
+    /// Whether unmasked decoding steps run fused ([`Arpg::fuse_for_decoding`]).
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// Use a RoPE table for another grid (resolution expansion); rows follow that grid's raster.
@@ -453,6 +591,50 @@ impl Arpg {
         Ok(Some(self.head.forward(&p.norm(&self.norm, &q)?)?))
     }
 
+    /// [`Arpg::passes`] of an unmasked decoding step through the fused kernels.
+    fn passes_fused(
+        &self,
+        w: &Fused,
+        tokens: &Tensor,
+        pos: Positions,
+        cache: &KvCache,
+    ) -> Result<Option<Tensor>> {
+        let d = self.cfg.dim;
+        let mut f = FusedPass {
+            cache,
+            at: cache.len(),
+            m: tokens.dim(1)?,
+            cs: self.rope.gather_packed(pos.keys)?,
+        };
+        let x = self.embed(tokens, pos.keys)?;
+        let xn = self.self_dec[0].attn_norm.forward_inference(&x)?;
+        let mut h = (x, xn);
+        for (i, (blk, bw)) in self.self_dec.iter().zip(&w.self_dec).enumerate() {
+            let next = self
+                .self_dec
+                .get(i + 1)
+                .map_or(&self.kv_norm, |b| &b.attn_norm);
+            h = blk.forward_fused(bw, h, next, &f, i)?;
+        }
+        let kv = w.kv.forward(&h.1)?;
+        decode::kv_to_cache(cache.shared(), &kv, &f.cs, 0, d, f.at)?;
+        if pos.queries.dim(1)? == 0 {
+            return Ok(None);
+        }
+        f.cs = self.rope.gather_packed(pos.queries)?;
+        let q = self.queries(pos.queries, pos.control)?;
+        let qn = self.cross_dec[0].attn_norm.forward_inference(&q)?;
+        let mut h = (q, qn);
+        for (i, (blk, bw)) in self.cross_dec.iter().zip(&w.cross_dec).enumerate() {
+            let next = self
+                .cross_dec
+                .get(i + 1)
+                .map_or(&self.norm, |b| &b.attn_norm);
+            h = blk.forward_fused(bw, h, next, &f)?;
+        }
+        Ok(Some(self.head.forward(&h.1)?))
+    }
+
     /// Teacher-forced forward (training path): `tokens [b, L]` = class token then image tokens
     /// in generation order; `pos.queries [b, L]` the rows of the tokens to predict. Causal
     /// masks in both passes. Returns float32 logits `[b, L, vocab]` in generation order.
@@ -534,8 +716,16 @@ impl Arpg {
         }
         // Query i of the step sees the cache and the step's tokens 0..=i.
         let mask = (causal && m > 1).then(|| CausalMask::new(m, cache.len() + m));
-        let mut mode = Mode::inference();
-        let logits = self.passes(tokens, pos, (mask, None), Some(cache), &mut mode)?;
+        let logits = match (&self.fused, mask) {
+            (Some(w), None) => self.passes_fused(w, tokens, pos, cache)?,
+            _ => self.passes(
+                tokens,
+                pos,
+                (mask, None),
+                Some(cache),
+                &mut Mode::inference(),
+            )?,
+        };
         cache.advance(m);
         Ok(match logits {
             Some(l) if f32_logits => Some(l.to_dtype(layers::at_least_f32(self.dtype))?),
@@ -544,9 +734,116 @@ impl Arpg {
     }
 }
 
+/// The fused decoding step against the generic one on a small random model with heads of 64
+/// (4 layers, dim 128, 3 sequences): the logits of a class-token prefill and steps feeding 5,
+/// 3 and 7 tokens with 2, 5, 20 and 1 queries, max relative difference over all. `None` where
+/// the fused step does not apply on `device` in `dtype`, unless `force` (its CPU versions).
+pub fn fused_step_rel_diff(device: &Device, dtype: DType, force: bool) -> Result<Option<f64>> {
+    let cfg: ArpgConfig = serde_json::from_value(serde_json::json!({
+        "dim": 128, "n_layer": 4, "n_head": 2, "vocab_size": 256, "num_classes": 10,
+        "block_size": 64,
+    }))?;
+    let build = || {
+        Arpg::new(
+            &cfg,
+            crate::checkpoint::random_var_builder_dense(7, dtype, device),
+        )
+    };
+    let plain = build()?;
+    let mut fused = build()?;
+    if !fused.fuse_for_decoding(force)? {
+        return Ok(None);
+    }
+    let (b, feeds, queries) = (3usize, [1usize, 5, 3, 7], [2usize, 5, 20, 1]);
+    let mut caches = [plain.new_cache(b, 16)?, fused.new_cache(b, 16)?];
+    // Distinct cells in a scrambled order; the class token first.
+    let cells: Vec<u32> = (0..cfg.block_size as u32)
+        .map(|i| (i * 37 + 11) % 64)
+        .collect();
+    let (mut fed, mut asked, mut worst) = (0usize, 0usize, 0f64);
+    for (&m, &n) in feeds.iter().zip(&queries) {
+        let (mut ids, mut rows) = (Vec::new(), Vec::new());
+        for s in 0..b {
+            for j in 0..m {
+                let (id, row) = match fed + j {
+                    0 => ((cfg.vocab_size + 1 + s) as u32, 0),
+                    t => (((t * 31 + s * 7) % cfg.vocab_size) as u32, 1 + cells[t - 1]),
+                };
+                ids.push(id);
+                rows.push(row);
+            }
+        }
+        let q: Vec<u32> = (0..b)
+            .flat_map(|_| (0..n).map(|j| 1 + cells[(asked + j) % cells.len()]))
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, m), device)?;
+        let keys = Tensor::from_vec(rows, (b, m), device)?;
+        let qrows = Tensor::from_vec(q, (b, n), device)?;
+        let mut logits = Vec::new();
+        for (model, cache) in [&plain, &fused].into_iter().zip(caches.iter_mut()) {
+            let pos = Positions {
+                keys: &keys,
+                queries: &qrows,
+                control: None,
+            };
+            logits.push(model.step(cache, &ids, pos)?.expect("queries were given"));
+        }
+        worst = worst.max(crate::kernels::rel_diff(&logits[1], &logits[0])?);
+        fed += m;
+        asked += n;
+    }
+    Ok(Some(worst))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fused_decoding_step_gives_the_generic_steps_logits() {
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+            let rel = fused_step_rel_diff(&Device::Cpu, dt, true)
+                .unwrap()
+                .unwrap();
+            assert!(rel < tol, "{dt:?}: {rel}");
+        }
+        // Off CUDA the fused step is opt-in.
+        assert!(fused_step_rel_diff(&Device::Cpu, DType::BF16, false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_sampler_draws_the_same_greedy_tokens_through_the_fused_step() {
+        use crate::sampler::{sample, SampleConfig, TokenFilter};
+        let cfg: ArpgConfig = serde_json::from_value(serde_json::json!({
+            "dim": 128, "n_layer": 2, "n_head": 2, "vocab_size": 64, "num_classes": 4,
+            "block_size": 16,
+        }))
+        .unwrap();
+        let build = || {
+            let vb = crate::checkpoint::random_var_builder_dense(3, DType::F32, &Device::Cpu);
+            Arpg::new(&cfg, vb).unwrap()
+        };
+        let (plain, mut fused) = (build(), build());
+        assert!(fused.fuse_for_decoding(true).unwrap() && fused.is_fused());
+        let sc = SampleConfig {
+            steps: 5,
+            cfg: 3.0,
+            filter: TokenFilter {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let orders: Vec<Vec<usize>> = (0..3)
+            .map(|s| (0..16).map(|i| (i * 5 + s) % 16).collect())
+            .collect();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let a = sample(&plain, &[0, 1, 3], &orders, &sc, &mut rng.clone()).unwrap();
+        let b = sample(&fused, &[0, 1, 3], &orders, &sc, &mut rng).unwrap();
+        assert_eq!(a, b);
+    }
 
     /// A freshly initialised digits-sized model, its (zero-initialised) head randomised so
     /// that logits show the hidden state.

@@ -13,6 +13,8 @@ use candle_core::{Device, Tensor};
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// cos then sin, `[2, rows, head_dim / 2]`: one gather for the fused decoding step.
+    packed: Tensor,
     pub grid: (usize, usize),
 }
 
@@ -39,9 +41,12 @@ impl Rope {
                 }
             }
         }
+        let cos = Tensor::from_vec(cos, (rows, half), device)?;
+        let sin = Tensor::from_vec(sin, (rows, half), device)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (rows, half), device)?,
-            sin: Tensor::from_vec(sin, (rows, half), device)?,
+            packed: Tensor::stack(&[&cos, &sin], 0)?,
+            cos,
+            sin,
             grid,
         })
     }
@@ -57,6 +62,13 @@ impl Rope {
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, l, ()))?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, l, ()))?;
         Ok((cos, sin))
+    }
+
+    /// [`Rope::gather`]'s two tables as one `[2, batch, len, head_dim/2]`.
+    pub fn gather_packed(&self, rows: &Tensor) -> Result<Tensor> {
+        let (b, l) = rows.dims2()?;
+        let cs = self.packed.index_select(&rows.flatten_all()?, 1)?;
+        Ok(cs.reshape((2, b, l, ()))?)
     }
 }
 
