@@ -19,10 +19,10 @@
 #     bash scripts/gpu-e2e.sh sizes2  # bf16 VQ: ARPG-XL and ARPG-XXL, PNGs on, ours and the reference
 #     bash scripts/gpu-e2e.sh restructure  # token generation of this build against .bin/arpg-before.xz
 #                                     # (the last commit before issue #11's restructure), alternated
-#     bash scripts/gpu-e2e.sh decode  # the fused decoding step: parity, ARPG-L tokens fused / generic /
-#                                     # .bin/arpg-before.xz alternated, XL and XXL, the reference
-#     bash scripts/gpu-e2e.sh decode-ncu  # ncu per kernel of a fused decode (per step: /128),
-#                                     # ARPG-L sample-fid 64 / 32 steps and the reference's loop
+#     bash scripts/gpu-e2e.sh decode  # the fused decoding step: bf16 parity, ARPG-L tokens fused /
+#                                     # generic, XL and XXL, the reference's tokens, ARPG-L
+#                                     # sample-fid (PNGs off / on) and the reference's loop
+#     bash scripts/gpu-e2e.sh decode-ncu  # ncu per kernel of two fused decoding steps (two windows)
 #     bash scripts/gpu-e2e.sh control # parity, control models on CUDA (graph replay = eager,
 #                                     # GPU f32 = CPU greedy tokens), ARPG-L sample-fid + reference,
 #                                     # the serve load test: one short device command
@@ -222,35 +222,37 @@ elif [ "$MODE" = restructure ]; then
     done
   done; el
 elif [ "$MODE" = decode ]; then
-  # The fused decoding step: parity, then tokens fused / generic (ARPG_NO_FUSED_DECODE=1) /
-  # the build before it (.bin/arpg-before.xz), alternated, and the reference in the same command.
-  B=/tmp/arpg-before; [ -x $B ] || { xz -dc .bin/arpg-before.xz > $B && chmod +x $B; }
-  echo "== parity f32 (also the driver's JIT warm-up)"; $A check-parity --device cuda:0 --dtype f32 2>&1 | grep -vE '^\s+(true|false),?$'; el
-  echo "== parity bf16"; $A check-parity --device cuda:0 --dtype bf16 2>&1 | grep -vE '^\s+(true|false),?$'; el
-  for round in 1 2; do
-    for s in 64 32; do
-      bench "round $round fused ARPG-L $s" --model ARPG-L --steps $s --repeats 5 --dtype bf16
-      bench "round $round generic ARPG-L $s" ARPG_NO_FUSED_DECODE=1 --model ARPG-L --steps $s --repeats 5 --dtype bf16
-      echo "== round $round before ARPG-L $s"
-      timeout 120 $B bench --init random --batch-size 64 --warmup 1 --device cuda:0 --json \
-        --model ARPG-L --steps $s --repeats 5 --dtype bf16 | tee -a "$OUT/before.jsonl"
-    done
+  # The fused decoding step: bf16 parity (its ops and a model's step logits against the generic
+  # path), ARPG-L tokens fused / generic (ARPG_NO_FUSED_DECODE=1) in the same command, XL and
+  # XXL, the reference's tokens, then images out: sample-fid and the reference's loop.
+  echo "== parity bf16 (also the driver's JIT warm-up)"
+  $A check-parity --device cuda:0 --dtype bf16 2>&1 | grep -oE '"(fused_decode_ops_rel_diff|fused_step_logits_rel_diff)":.*|parity.*'; el
+  for s in 64 32; do
+    bench "fused ARPG-L $s" --model ARPG-L --steps $s --repeats 5 --dtype bf16
+    bench "generic ARPG-L $s" ARPG_NO_FUSED_DECODE=1 --model ARPG-L --steps $s --repeats 5 --dtype bf16
   done; el
   for m in ARPG-XL ARPG-XXL; do for s in 64 32; do
     bench "fused $m $s" --model $m --steps $s --repeats 3 --dtype bf16
   done; done; el
   echo "== reference tokens ARPG-L"
   timeout 300 python3 scripts/bench_reference.py --ref .bin/ref --model ARPG-L --steps 64 32 | tee -a "$OUT/ref.jsonl"; el
-elif [ "$MODE" = decode-ncu ]; then
-  echo "== ncu: kernels of two fused bf16 ARPG-L decodes, 64 steps, eager"
-  timeout 400 ncu --profile-from-start off --clock-control none --csv --print-units base \
-    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-    $A bench --init random --batch-size 64 --warmup 1 --repeats 1 --device cuda:0 --model ARPG-L \
-    --steps 64 --dtype bf16 --no-cuda-graph --json > "$OUT/ncu-decode.csv" 2> "$OUT/ncu-decode.err"
-  python3 scripts/ncu_summary.py "$OUT/ncu-decode.csv" 128 | head -40 | tee "$OUT/ncu-decode-summary.txt"; tail -3 "$OUT/ncu-decode.err"; el
   fid ARPG-L 64 nopng "--vq-dtype bf16"
   fid ARPG-L 32 nopng "--vq-dtype bf16"
+  fid ARPG-L 64 png "--vq-dtype bf16"
   ref ARPG-L --steps 64 32
+elif [ "$MODE" = decode-ncu ]; then
+  # Per kernel of one decoding step, from two windows of an eager fused decode (64 steps): 440
+  # kernels (two steps) after 3000 (near step 14) and after 9000 (near step 41). A whole decode
+  # is ~14,000 kernels: too many for ncu in one call.
+  for skip in 3000 9000; do
+    echo "== ncu: two fused bf16 ARPG-L decoding steps after kernel $skip"
+    timeout 150 ncu --profile-from-start off --clock-control none --csv --print-units base \
+      --launch-skip $skip --launch-count 440 \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      $A bench --init random --batch-size 64 --warmup 0 --repeats 1 --device cuda:0 --model ARPG-L \
+      --steps 64 --dtype bf16 --no-cuda-graph --json > "$OUT/ncu-$skip.csv" 2> "$OUT/ncu-$skip.err"
+    python3 scripts/ncu_summary.py "$OUT/ncu-$skip.csv" 2 > "$OUT/ncu-$skip.txt"; head -14 "$OUT/ncu-$skip.txt"
+  done; el
 elif [ "$MODE" = extra ]; then
   fid ARPG-L 64 png
   N=640 fid ARPG-XL 64 nopng

@@ -184,11 +184,16 @@ impl ParityReport {
         let loss_err =
             (self.loss - self.reference_loss).abs() / self.reference_loss.abs().max(1e-12);
         check("loss relative error", loss_err);
-        for (op, v) in self.fused_decode_ops_rel_diff.iter().flatten() {
-            check(&format!("fused_decode_ops_rel_diff.{op}"), *v);
-        }
-        if let Some(v) = self.fused_step_logits_rel_diff {
-            check("fused_step_logits_rel_diff", v);
+        // The fused decoding step runs in bf16 whatever the report's dtype.
+        let fused = self
+            .fused_decode_ops_rel_diff
+            .iter()
+            .flatten()
+            .map(|(op, v)| (*op, *v));
+        for (op, v) in fused.chain(self.fused_step_logits_rel_diff.map(|v| ("step_logits", v))) {
+            if v.is_nan() || v > 3e-2 {
+                out.push(format!("fused decoding step: {op} {v:.3e} > 3e-2"));
+            }
         }
         if f32 {
             if !self.greedy_equal.iter().all(|&x| x) {

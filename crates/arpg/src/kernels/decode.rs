@@ -26,6 +26,15 @@ pub fn applies(dev: &Device, dtype: DType) -> bool {
     on && dtype == DType::BF16 && super::on(dev)
 }
 
+/// `t` contiguous and starting on a 16-byte boundary (the kernels read 8 bf16 at a time).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    Ok(match t.layout().start_offset() % 8 {
+        0 => t,
+        _ => t.copy()?,
+    })
+}
+
 fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided input")))
@@ -49,10 +58,13 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f64) -> Result
         x.dims(),
         y.dims()
     );
+    let d = x.dim(D::Minus1)?;
+    if x.device().is_cuda() && !(d % 8 == 0 && d <= 4096) {
+        // The kernel reads 8 values a thread, at most 4 passes of 128 threads.
+        return add_rms_norm_slow(x, y, weight, eps);
+    }
     let op = AddRmsNorm { eps: eps as f32 };
-    let out = x
-        .contiguous()?
-        .apply_op3_no_bwd(&y.contiguous()?, &weight.contiguous()?, &op)?;
+    let out = aligned(x)?.apply_op3_no_bwd(&aligned(y)?, &aligned(weight)?, &op)?;
     Ok((out.get(0)?, out.get(1)?))
 }
 
@@ -140,7 +152,8 @@ impl CustomOp3 for AddRmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{launch, view, warp_rows};
+        use super::cuda::{launch, view};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let (rows, d) = rows_of(xl, yl, wl)?;
         let dev = x.device().clone();
         let xs = view::<half::bf16>(x, xl, "add_rms_norm")?;
@@ -149,8 +162,12 @@ impl CustomOp3 for AddRmsNorm {
         // Safety: the kernel writes every element of both halves.
         let mut dst = unsafe { dev.alloc::<half::bf16>(2 * rows * d) }?;
         let (ru, du) = (rows as u32, d as u32);
-        launch!(dev, "add_rms_norm_bf16", warp_rows(rows); &xs, &ys, &ws, &mut dst, &ru, &du,
-            &self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (ru, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "add_rms_norm_bf16", cfg; &xs, &ys, &ws, &mut dst, &ru, &du, &self.eps);
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(dst, dev),
             stacked(xl),
@@ -166,7 +183,11 @@ struct SiluMul;
 
 /// `h [.., 2 * hid]` holding `w1 x | w3 x`: `silu(w1 x) * w3 x`, `[.., hid]`.
 pub fn silu_mul(h: &Tensor) -> Result<Tensor> {
-    Ok(h.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
+    if h.device().is_cuda() && h.dim(D::Minus1)? % 16 != 0 {
+        // The kernel writes 8 values a thread.
+        return silu_mul_slow(h);
+    }
+    Ok(aligned(h)?.apply_op1_no_bwd(&SiluMul)?)
 }
 
 /// The composite: candle's silu and product.
@@ -224,7 +245,7 @@ impl CustomOp1 for SiluMul {
         let mut dst = unsafe { dev.alloc::<half::bf16>(n) }?;
         let (rows, hid) = ((n / hid) as u32, hid as u32);
         let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(256).min(65535), 1, 1),
+            grid_dim: ((n as u32 / 8).div_ceil(256).min(65535), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -540,7 +561,7 @@ impl CustomOp3 for CacheAttention {
         let mut dst = unsafe { dev.alloc::<half::bf16>(sh.b * sh.m * width) }?;
         let cfg = LaunchConfig {
             grid_dim: (sh.nh as u32, sh.b as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (64, 1, 1),
             shared_mem_bytes: 0,
         };
         let u = |v: usize| v as u32;

@@ -565,36 +565,82 @@ extern "C" __global__ void rms_norm_bwd_w_bf16(
 // ---- The fused decoding step (Rust side: kernels/decode.rs). bf16 activations, f32 math. ----
 
 // x' = bf16(x + y) (the residual add, rounded as the bf16 model rounds it); n = rms(x') * w,
-// in f32 and rounded once (candle's inference RMSNorm), into out [2, rows, d]. One warp a row.
-extern "C" __global__ void add_rms_norm_bf16(
-    const unsigned short *x, const unsigned short *y, const unsigned short *w,
-    unsigned short *out, unsigned int rows, unsigned int d, float eps) {
-    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
-    if (r >= rows) return;
-    unsigned short *xo = out, *no = out + (size_t)rows * d;
-    size_t base = (size_t)r * d;
+// in f32 and rounded once (candle's inference RMSNorm), into out [2, rows, d]. One block of 128
+// threads a row, 8 values a thread per pass (d % 8 == 0, d <= 4096: the Rust side checks).
+extern "C" __global__ void __launch_bounds__(128) add_rms_norm_bf16(
+    const unsigned short *__restrict__ x, const unsigned short *__restrict__ y,
+    const unsigned short *__restrict__ w, unsigned short *__restrict__ out, unsigned int rows,
+    unsigned int d, float eps) {
+    __shared__ float red[4];
+    size_t base = (size_t)blockIdx.x * d;
+    unsigned short *xo = out + base, *no = out + (size_t)rows * d + base;
+    float v[4][8];
     float ss = 0.0f;
-    for (unsigned int j = lane; j < d; j += 32) {
-        float v = bf2f(f2bf(bf2f(x[base + j]) + bf2f(y[base + j])));
-        xo[base + j] = f2bf(v);
-        ss += v * v;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) {
+            uint4 a = *reinterpret_cast<const uint4 *>(x + base + j);
+            uint4 b = *reinterpret_cast<const uint4 *>(y + base + j);
+            const unsigned short *ah = reinterpret_cast<const unsigned short *>(&a);
+            const unsigned short *bh = reinterpret_cast<const unsigned short *>(&b);
+            uint4 o;
+            unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                oh[e] = f2bf(bf2f(ah[e]) + bf2f(bh[e]));
+                v[c][e] = bf2f(oh[e]);
+                ss += v[c][e] * v[c][e];
+            }
+            *reinterpret_cast<uint4 *>(xo + j) = o;
+        }
     }
-    float inv = rsqrtf(warp_sum(ss) / (float)d + eps);
-    for (unsigned int j = lane; j < d; j += 32)
-        no[base + j] = f2bf(bf2f(xo[base + j]) * inv * bf2f(w[j]));
+    // The weight's loads in flight while the block sums.
+    uint4 wv[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) wv[c] = *reinterpret_cast<const uint4 *>(w + j);
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float inv = rsqrtf((red[0] + red[1] + red[2] + red[3]) / (float)d + eps);
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) {
+            const unsigned short *wh = reinterpret_cast<const unsigned short *>(&wv[c]);
+            uint4 o;
+            unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+#pragma unroll
+            for (int e = 0; e < 8; e++) oh[e] = f2bf(v[c][e] * inv * bf2f(wh[e]));
+            *reinterpret_cast<uint4 *>(no + j) = o;
+        }
+    }
 }
 
 // SwiGLU's middle: h [rows, 2 * hid] holds w1 x | w3 x; out = bf16(bf16(silu(a)) * b), the
-// roundings of the bf16 composite (silu, then the product).
+// roundings of the bf16 composite (silu, then the product). 8 outputs a thread (hid % 8 == 0).
 extern "C" __global__ void silu_mul_bf16(
-    const unsigned short *h, unsigned short *out, unsigned int rows, unsigned int hid) {
-    size_t n = (size_t)rows * hid;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+    const unsigned short *__restrict__ h, unsigned short *__restrict__ out, unsigned int rows,
+    unsigned int hid) {
+    size_t n8 = (size_t)rows * hid / 8;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8;
          i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / hid, j = i % hid;
-        float a = bf2f(h[r * 2 * hid + j]), b = bf2f(h[r * 2 * hid + hid + j]);
-        float s = bf2f(f2bf(a / (1.0f + expf(-a))));
-        out[i] = f2bf(s * b);
+        size_t r = i * 8 / hid, j = i * 8 % hid;
+        uint4 av = *reinterpret_cast<const uint4 *>(h + r * 2 * hid + j);
+        uint4 bv = *reinterpret_cast<const uint4 *>(h + r * 2 * hid + hid + j);
+        const unsigned short *ah = reinterpret_cast<const unsigned short *>(&av);
+        const unsigned short *bh = reinterpret_cast<const unsigned short *>(&bv);
+        uint4 o;
+        unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float a = bf2f(ah[e]);
+            oh[e] = f2bf(bf2f(f2bf(a / (1.0f + expf(-a)))) * bf2f(bh[e]));
+        }
+        *reinterpret_cast<uint4 *>(out + i * 8) = o;
     }
 }
 
@@ -622,107 +668,206 @@ extern "C" __global__ void kv_to_cache_bf16(
     cache[half + dst + 1] = vr[2 * p + 1];
 }
 
+// D += A * B on the tensor cores: A 16x16 (row-major) and B 16x8 (column-major) bf16, D 16x8
+// f32, in the register fragments of PTX's mma.m16n8k16 (lane = 4 * group + thread_in_group).
+__device__ __forceinline__ void mma_bf16_16816(float *d, const unsigned int *a, const unsigned int *b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ unsigned int pack_bf16(unsigned short lo, unsigned short hi) {
+    return (unsigned int)lo | ((unsigned int)hi << 16);
+}
+
+// 16 bytes global -> shared without registers (cp.async); `bytes` 0 writes zeros instead.
+__device__ __forceinline__ void copy16_async(void *dst, const void *src, unsigned int bytes) {
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void copy_async_wait_all() {
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+}
+
 // Unmasked attention of m queries per sequence over the first L keys of a cache
 // [2, b, nh, cap, 64]: queries read from qsrc [b, m, stride] at column qcol (head-major),
-// rotated by cos/sin [2, b, m, 32] and rounded to bf16 as the reference rotates them; scores,
-// an online softmax and the weighted values in f32; out [b, m, nh * 64] rounded once (the
-// heads already merged). One block of 4 warps per (head, sequence); keys and values staged
-// through shared memory 64 at a time; each warp owns every 4th query.
-#define DEC_KC 64
-#define DEC_QMAX 16
-extern "C" __global__ void __launch_bounds__(128) cache_attention_bf16(
-    const unsigned short *qsrc, unsigned int stride, unsigned int qcol, const float *cs,
-    const unsigned short *cache, unsigned int m, unsigned int nh, unsigned int cap,
-    unsigned int L, float scale, unsigned short *out) {
-    __shared__ float ks[DEC_KC][65];
-    __shared__ float vs[DEC_KC][64];
-    __shared__ float qs[DEC_QMAX][64];
-    __shared__ float ps[4][DEC_KC];
+// rotated by cos/sin [2, b, m, 32] and rounded to bf16 as the reference rotates them; out
+// [b, m, nh * 64] rounded once (the heads already merged). One block of 2 warps per (head,
+// sequence), 16 queries at a time; keys and values staged through shared memory 64 at a time
+// (cp.async, zeros past L), 32 keys a warp: scores Q K^T on the tensor cores in f32, an online
+// softmax in f32, the probabilities rounded to bf16 (as the composite's) for P V on the tensor
+// cores; the two warps' partial results merged at the end. Small blocks: many resident per
+// multiprocessor, so that their loads overlap.
+#define AT_KC 64
+#define AT_PAD 72
+#define AT_WARPS 2
+
+// Keys k0 .. k0 + 63 and their values into shared memory (zeros past L), asynchronously.
+__device__ __forceinline__ void stage_chunk(
+    unsigned short *ks, unsigned short *vs, const unsigned short *K, const unsigned short *V,
+    unsigned int k0, unsigned int L) {
+#pragma unroll
+    for (int it = 0; it < AT_KC * 8 / (32 * AT_WARPS); it++) {
+        unsigned int i = threadIdx.x + it * 32 * AT_WARPS, key = i / 8, c8 = (i % 8) * 8;
+        bool in = k0 + key < L;
+        size_t off = in ? (size_t)(k0 + key) * 64 + c8 : 0;
+        copy16_async(&ks[key * AT_PAD + c8], K + off, in ? 16 : 0);
+        copy16_async(&vs[key * AT_PAD + c8], V + off, in ? 16 : 0);
+    }
+}
+extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
+    const unsigned short *__restrict__ qsrc, unsigned int stride, unsigned int qcol,
+    const float *__restrict__ cs, const unsigned short *__restrict__ cache, unsigned int m,
+    unsigned int nh, unsigned int cap, unsigned int L, float scale,
+    unsigned short *__restrict__ out) {
+    // Keys then values of a chunk; after the last chunk, the warps' partial outputs.
+    __shared__ __align__(16) unsigned short kvs[2 * AT_KC * AT_PAD];
+    __shared__ __align__(16) unsigned short qs[16 * AT_PAD];
+    __shared__ float ml[AT_WARPS][16][2];
+    unsigned short *ks = kvs, *vs = kvs + AT_KC * AT_PAD;
+    float(*os)[16][65] = reinterpret_cast<float(*)[16][65]>(kvs);
     unsigned int hh = blockIdx.x, bb = blockIdx.y, b = gridDim.y;
-    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const unsigned short *K = cache + ((size_t)bb * nh + hh) * cap * 64;
     const unsigned short *V = K + (size_t)b * nh * cap * 64;
-    for (unsigned int q0 = 0; q0 < m; q0 += DEC_QMAX) {
-        unsigned int nq = min(DEC_QMAX, m - q0);
-        __syncthreads();  // the previous group's last chunk is consumed
-        for (unsigned int t = threadIdx.x; t < nq * 32; t += blockDim.x) {
-            unsigned int i = t / 32, p = t % 32;
-            size_t row = (size_t)bb * m + q0 + i;
-            const unsigned short *qr = qsrc + row * stride + qcol + hh * 64;
-            float c = cs[row * 32 + p], s = cs[(size_t)b * m * 32 + row * 32 + p];
-            float x0 = bf2f(qr[2 * p]), x1 = bf2f(qr[2 * p + 1]);
-            qs[i][2 * p] = bf2f(f2bf(x0 * c - x1 * s));
-            qs[i][2 * p + 1] = bf2f(f2bf(x0 * s + x1 * c));
+    for (unsigned int q0 = 0; q0 < m; q0 += 16) {
+        unsigned int nq = min(16u, m - q0);
+        __syncthreads();  // the previous group is merged and written
+        // The first chunk's copies in flight while the queries are rotated.
+        stage_chunk(ks, vs, K, V, 0, L);
+        for (unsigned int i = threadIdx.x; i < 16 * 32; i += 32 * AT_WARPS) {
+            unsigned int r = i / 32, p = i % 32;
+            unsigned short o0 = 0, o1 = 0;
+            if (r < nq) {
+                size_t row = (size_t)bb * m + q0 + r;
+                const unsigned short *qr = qsrc + row * stride + qcol + hh * 64;
+                float c = cs[row * 32 + p], s = cs[(size_t)b * m * 32 + row * 32 + p];
+                float x0 = bf2f(qr[2 * p]), x1 = bf2f(qr[2 * p + 1]);
+                o0 = f2bf(x0 * c - x1 * s);
+                o1 = f2bf(x0 * s + x1 * c);
+            }
+            qs[r * AT_PAD + 2 * p] = o0;
+            qs[r * AT_PAD + 2 * p + 1] = o1;
         }
-        float mx[DEC_QMAX / 4], sum[DEC_QMAX / 4], a0[DEC_QMAX / 4], a1[DEC_QMAX / 4];
+        float o[8][4];
 #pragma unroll
-        for (int j = 0; j < DEC_QMAX / 4; j++) {
-            mx[j] = -INFINITY;
-            sum[j] = 0.0f;
-            a0[j] = 0.0f;
-            a1[j] = 0.0f;
-        }
-        for (unsigned int k0 = 0; k0 < L; k0 += DEC_KC) {
-            unsigned int nk = min(DEC_KC, L - k0);
-            __syncthreads();  // queries staged; the previous chunk consumed
-            for (unsigned int t = threadIdx.x; t < nk * 8; t += blockDim.x) {
-                unsigned int key = t / 8, c8 = (t % 8) * 8;
-                size_t off = (size_t)(k0 + key) * 64 + c8;
-                uint4 kv = *reinterpret_cast<const uint4 *>(K + off);
-                uint4 vv = *reinterpret_cast<const uint4 *>(V + off);
-                const unsigned short *kh = reinterpret_cast<const unsigned short *>(&kv);
-                const unsigned short *vh = reinterpret_cast<const unsigned short *>(&vv);
+        for (int n = 0; n < 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+        float mr[2] = {-INFINITY, -INFINITY}, lr[2] = {0.0f, 0.0f};
+        for (unsigned int k0 = 0; k0 < L; k0 += AT_KC) {
+            copy_async_wait_all();
+            __syncthreads();  // the chunk (and the queries) landed
+            unsigned int kw = k0 + warp * 32;
+            if (kw < L) {  // the same for the whole warp
+                float s[4][4];
 #pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    ks[key][c8 + e] = bf2f(kh[e]);
-                    vs[key][c8 + e] = bf2f(vh[e]);
+                for (int j = 0; j < 4; j++) {
+                    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+                    for (int kk = 0; kk < 4; kk++) {
+                        unsigned int c0 = kk * 16 + 2 * t;
+                        unsigned int qa[4] = {
+                            *reinterpret_cast<const unsigned int *>(&qs[g * AT_PAD + c0]),
+                            *reinterpret_cast<const unsigned int *>(&qs[(g + 8) * AT_PAD + c0]),
+                            *reinterpret_cast<const unsigned int *>(&qs[g * AT_PAD + c0 + 8]),
+                            *reinterpret_cast<const unsigned int *>(&qs[(g + 8) * AT_PAD + c0 + 8])};
+                        const unsigned short *kr = &ks[(warp * 32 + j * 8 + g) * AT_PAD + c0];
+                        unsigned int kb[2] = {*reinterpret_cast<const unsigned int *>(kr),
+                                              *reinterpret_cast<const unsigned int *>(kr + 8)};
+                        mma_bf16_16816(s[j], qa, kb);
+                    }
+                }
+                float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        unsigned int key = kw + j * 8 + 2 * t + (e & 1);
+                        float v = key < L ? s[j][e] * scale : -INFINITY;
+                        s[j][e] = v;
+                        cmax[e >> 1] = fmaxf(cmax[e >> 1], v);
+                    }
+                float alpha[2], psum[2] = {0.0f, 0.0f};
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    cmax[r] = fmaxf(cmax[r], __shfl_xor_sync(0xffffffffu, cmax[r], 1));
+                    cmax[r] = fmaxf(cmax[r], __shfl_xor_sync(0xffffffffu, cmax[r], 2));
+                    float nm = fmaxf(mr[r], cmax[r]);
+                    alpha[r] = expf(mr[r] - nm);
+                    mr[r] = nm;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float p = expf(s[j][e] - mr[e >> 1]);
+                        s[j][e] = p;
+                        psum[e >> 1] += p;
+                    }
+                lr[0] = lr[0] * alpha[0] + psum[0];
+                lr[1] = lr[1] * alpha[1] + psum[1];
+#pragma unroll
+                for (int n = 0; n < 8; n++) {
+                    o[n][0] *= alpha[0];
+                    o[n][1] *= alpha[0];
+                    o[n][2] *= alpha[1];
+                    o[n][3] *= alpha[1];
+                }
+#pragma unroll
+                for (int kk = 0; kk < 2; kk++) {
+                    // Keys 16 kk .. 16 kk + 15 of the warp's 32: score tiles 2 kk and 2 kk + 1.
+                    unsigned int pa[4] = {pack_bf16(f2bf(s[2 * kk][0]), f2bf(s[2 * kk][1])),
+                                          pack_bf16(f2bf(s[2 * kk][2]), f2bf(s[2 * kk][3])),
+                                          pack_bf16(f2bf(s[2 * kk + 1][0]), f2bf(s[2 * kk + 1][1])),
+                                          pack_bf16(f2bf(s[2 * kk + 1][2]), f2bf(s[2 * kk + 1][3]))};
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+                        const unsigned short *v0 =
+                            &vs[(warp * 32 + kk * 16 + 2 * t) * AT_PAD + n * 8 + g];
+                        unsigned int vb[2] = {pack_bf16(v0[0], v0[AT_PAD]),
+                                              pack_bf16(v0[8 * AT_PAD], v0[9 * AT_PAD])};
+                        mma_bf16_16816(o[n], pa, vb);
+                    }
                 }
             }
-            __syncthreads();
-#pragma unroll
-            for (int j = 0; j < DEC_QMAX / 4; j++) {
-                unsigned int i = warp + 4 * j;
-                if (i >= nq) continue;  // the same for the whole warp
-                float s0 = -INFINITY, s1 = -INFINITY;
-                if (lane < nk) {
-                    float d = 0.0f;
-#pragma unroll 16
-                    for (int c = 0; c < 64; c++) d += qs[i][c] * ks[lane][c];
-                    s0 = d * scale;
-                }
-                if (lane + 32 < nk) {
-                    float d = 0.0f;
-#pragma unroll 16
-                    for (int c = 0; c < 64; c++) d += qs[i][c] * ks[lane + 32][c];
-                    s1 = d * scale;
-                }
-                float nm = fmaxf(mx[j], warp_max(fmaxf(s0, s1)));
-                float alpha = expf(mx[j] - nm);
-                float p0 = lane < nk ? expf(s0 - nm) : 0.0f;
-                float p1 = lane + 32 < nk ? expf(s1 - nm) : 0.0f;
-                sum[j] = sum[j] * alpha + warp_sum(p0 + p1);
-                mx[j] = nm;
-                ps[warp][lane] = p0;
-                ps[warp][lane + 32] = p1;
-                __syncwarp();
-                float o0 = a0[j] * alpha, o1 = a1[j] * alpha;
-                for (unsigned int k = 0; k < nk; k++) {
-                    float pk = ps[warp][k];
-                    o0 += pk * vs[k][lane];
-                    o1 += pk * vs[k][lane + 32];
-                }
-                a0[j] = o0;
-                a1[j] = o1;
-                __syncwarp();
-            }
+            __syncthreads();  // the chunk is consumed
+            if (k0 + AT_KC < L) stage_chunk(ks, vs, K, V, k0 + AT_KC, L);
         }
 #pragma unroll
-        for (int j = 0; j < DEC_QMAX / 4; j++) {
-            unsigned int i = warp + 4 * j;
-            if (i >= nq) continue;
-            size_t o = ((size_t)bb * m + q0 + i) * nh * 64 + hh * 64;
-            out[o + lane] = f2bf(a0[j] / sum[j]);
-            out[o + lane + 32] = f2bf(a1[j] / sum[j]);
+        for (int r = 0; r < 2; r++) {
+            lr[r] += __shfl_xor_sync(0xffffffffu, lr[r], 1);
+            lr[r] += __shfl_xor_sync(0xffffffffu, lr[r], 2);
+        }
+        // The last chunk is consumed: its buffer takes the partial outputs.
+        if (t == 0) {
+            ml[warp][g][0] = mr[0];
+            ml[warp][g][1] = lr[0];
+            ml[warp][g + 8][0] = mr[1];
+            ml[warp][g + 8][1] = lr[1];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            os[warp][g][n * 8 + 2 * t] = o[n][0];
+            os[warp][g][n * 8 + 2 * t + 1] = o[n][1];
+            os[warp][g + 8][n * 8 + 2 * t] = o[n][2];
+            os[warp][g + 8][n * 8 + 2 * t + 1] = o[n][3];
+        }
+        __syncthreads();
+        for (unsigned int i = threadIdx.x; i < 16 * 64; i += 32 * AT_WARPS) {
+            unsigned int r = i / 64, dd = i % 64;
+            if (r >= nq) continue;
+            float M = fmaxf(ml[0][r][0], ml[1][r][0]);
+            float num = 0.0f, den = 0.0f;
+#pragma unroll
+            for (int w = 0; w < AT_WARPS; w++) {
+                float f = ml[w][r][1] > 0.0f ? expf(ml[w][r][0] - M) : 0.0f;
+                num += f * os[w][r][dd];
+                den += f * ml[w][r][1];
+            }
+            out[((size_t)bb * m + q0 + r) * nh * 64 + hh * 64 + dd] = f2bf(num / den);
         }
     }
 }
