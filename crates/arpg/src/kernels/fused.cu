@@ -697,16 +697,17 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // [2, b, nh, cap, 64]: queries read from qsrc [b, m, stride] at column qcol (head-major),
 // rotated by cos/sin [2, b, m, 32] and rounded to bf16 as the reference rotates them; out
 // [b, m, nh * 64] rounded once (the heads already merged). One block of 2 warps per (head,
-// sequence), 16 queries at a time; keys and values staged through shared memory 64 at a time
-// (cp.async, zeros past L), 32 keys a warp: scores Q K^T on the tensor cores in f32, an online
+// sequence), 16 queries at a time; keys and values staged through shared memory 32 at a time
+// (cp.async, zeros past L), 16 keys a warp: scores Q K^T on the tensor cores in f32, an online
 // softmax in f32, the probabilities rounded to bf16 (as the composite's) for P V on the tensor
-// cores; the two warps' partial results merged at the end. Small blocks: many resident per
-// multiprocessor, so that their loads overlap.
-#define AT_KC 64
+// cores; the two warps' partial results merged at the end. Small blocks (64 registers, 12 KB):
+// 16 resident per multiprocessor, so that ARPG-L's 2,048 blocks run in one wave.
+#define AT_KC 32
 #define AT_PAD 72
 #define AT_WARPS 2
+#define AT_KW (AT_KC / AT_WARPS)
 
-// Keys k0 .. k0 + 63 and their values into shared memory (zeros past L), asynchronously.
+// Keys k0 .. k0 + AT_KC - 1 and their values into shared memory (zeros past L), asynchronously.
 __device__ __forceinline__ void stage_chunk(
     unsigned short *ks, unsigned short *vs, const unsigned short *K, const unsigned short *V,
     unsigned int k0, unsigned int L) {
@@ -719,7 +720,7 @@ __device__ __forceinline__ void stage_chunk(
         copy16_async(&vs[key * AT_PAD + c8], V + off, in ? 16 : 0);
     }
 }
-extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
+extern "C" __global__ void __launch_bounds__(64, 16) cache_attention_bf16(
     const unsigned short *__restrict__ qsrc, unsigned int stride, unsigned int qcol,
     const float *__restrict__ cs, const unsigned short *__restrict__ cache, unsigned int m,
     unsigned int nh, unsigned int cap, unsigned int L, float scale,
@@ -760,11 +761,11 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
         for (unsigned int k0 = 0; k0 < L; k0 += AT_KC) {
             copy_async_wait_all();
             __syncthreads();  // the chunk (and the queries) landed
-            unsigned int kw = k0 + warp * 32;
+            unsigned int kw = k0 + warp * AT_KW;
             if (kw < L) {  // the same for the whole warp
-                float s[4][4];
+                float s[AT_KW / 8][4];
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
+                for (int j = 0; j < AT_KW / 8; j++) {
                     s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
                     for (int kk = 0; kk < 4; kk++) {
@@ -774,7 +775,7 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
                             *reinterpret_cast<const unsigned int *>(&qs[(g + 8) * AT_PAD + c0]),
                             *reinterpret_cast<const unsigned int *>(&qs[g * AT_PAD + c0 + 8]),
                             *reinterpret_cast<const unsigned int *>(&qs[(g + 8) * AT_PAD + c0 + 8])};
-                        const unsigned short *kr = &ks[(warp * 32 + j * 8 + g) * AT_PAD + c0];
+                        const unsigned short *kr = &ks[(warp * AT_KW + j * 8 + g) * AT_PAD + c0];
                         unsigned int kb[2] = {*reinterpret_cast<const unsigned int *>(kr),
                                               *reinterpret_cast<const unsigned int *>(kr + 8)};
                         mma_bf16_16816(s[j], qa, kb);
@@ -782,7 +783,7 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
                 }
                 float cmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int j = 0; j < AT_KW / 8; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         unsigned int key = kw + j * 8 + 2 * t + (e & 1);
@@ -800,7 +801,7 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
                     mr[r] = nm;
                 }
 #pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int j = 0; j < AT_KW / 8; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         float p = expf(s[j][e] - mr[e >> 1]);
@@ -817,8 +818,8 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
                     o[n][3] *= alpha[1];
                 }
 #pragma unroll
-                for (int kk = 0; kk < 2; kk++) {
-                    // Keys 16 kk .. 16 kk + 15 of the warp's 32: score tiles 2 kk and 2 kk + 1.
+                for (int kk = 0; kk < AT_KW / 16; kk++) {
+                    // Keys 16 kk .. 16 kk + 15 of the warp's: score tiles 2 kk and 2 kk + 1.
                     unsigned int pa[4] = {pack_bf16(f2bf(s[2 * kk][0]), f2bf(s[2 * kk][1])),
                                           pack_bf16(f2bf(s[2 * kk][2]), f2bf(s[2 * kk][3])),
                                           pack_bf16(f2bf(s[2 * kk + 1][0]), f2bf(s[2 * kk + 1][1])),
@@ -826,7 +827,7 @@ extern "C" __global__ void __launch_bounds__(64) cache_attention_bf16(
 #pragma unroll
                     for (int n = 0; n < 8; n++) {
                         const unsigned short *v0 =
-                            &vs[(warp * 32 + kk * 16 + 2 * t) * AT_PAD + n * 8 + g];
+                            &vs[(warp * AT_KW + kk * 16 + 2 * t) * AT_PAD + n * 8 + g];
                         unsigned int vb[2] = {pack_bf16(v0[0], v0[AT_PAD]),
                                               pack_bf16(v0[8 * AT_PAD], v0[9 * AT_PAD])};
                         mma_bf16_16816(o[n], pa, vb);

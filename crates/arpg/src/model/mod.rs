@@ -6,7 +6,9 @@
 //! of the token it must predict, against that shared key/value set.
 //!
 //! One block loop ([`Arpg::passes`]) serves the training forward and the cached decoding step;
-//! they differ in their masks, the cache and the ops of their [`Mode`].
+//! they differ in their masks, the cache and the ops of their [`Mode`]. A model fused for
+//! decoding ([`Arpg::fuse_for_decoding`]: bf16 on CUDA) runs its unmasked steps through the
+//! same blocks with merged weights and the kernels of [`crate::kernels::decode`] instead.
 
 pub mod cache;
 pub mod control;
@@ -99,9 +101,7 @@ impl SelfBlock {
         let f = self.ffn.forward(&p.norm(&self.ffn_norm, &x)?)?;
         Ok((&x + p.drop(f)?)?)
     }
-}
 
-impl SelfBlock {
     /// The fused decoding step's layer `i`: `x` and `xn = attn_norm(x)` in, `(x', next(x'))`
     /// out, where `next` is the norm that reads this layer's output.
     fn forward_fused(
@@ -164,9 +164,7 @@ impl CrossBlock {
         let f = self.ffn.forward(&p.norm(&self.ffn_norm, &q)?)?;
         Ok((&q + p.drop(f)?)?)
     }
-}
 
-impl CrossBlock {
     /// The fused decoding step's cross layer, as [`SelfBlock::forward_fused`]; the shared
     /// keys/values are the first `f.at + f.m` tokens of the cache's shared buffer.
     fn forward_fused(
