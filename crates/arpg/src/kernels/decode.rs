@@ -434,6 +434,19 @@ struct CacheAttention {
     len: usize,
 }
 
+impl CacheAttention {
+    fn check(&self, sh: &CacheShape) -> candle_core::Result<()> {
+        if self.qcol + sh.nh * HEAD_DIM > sh.stride || self.len > sh.cap {
+            candle_core::bail!(
+                "cache_attention: column {} / {} tokens",
+                self.qcol,
+                self.len
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Unmasked attention of the queries in columns `qcol..qcol + nh * 64` of `src [b, m, stride]`
 /// (rotated by `cs`) over the first `len` tokens of `cache`: `[b, m, nh * 64]`, heads merged.
 pub fn cache_attention(
@@ -486,13 +499,7 @@ impl CustomOp3 for CacheAttention {
         csl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sh = cache_shape(sl, csl, cl)?;
-        if self.qcol + sh.nh * HEAD_DIM > sh.stride || self.len > sh.cap {
-            candle_core::bail!(
-                "cache_attention: column {} / {} tokens",
-                self.qcol,
-                self.len
-            );
-        }
+        self.check(&sh)?;
         let dt = src.dtype();
         let x = cpu_f32(src, sl, "cache_attention")?;
         let kv = cpu_f32(cache, cl, "cache_attention")?;
@@ -545,13 +552,7 @@ impl CustomOp3 for CacheAttention {
         use super::cuda::{launch, view};
         use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let sh = cache_shape(sl, csl, cl)?;
-        if self.qcol + sh.nh * HEAD_DIM > sh.stride || self.len > sh.cap {
-            candle_core::bail!(
-                "cache_attention: column {} / {} tokens",
-                self.qcol,
-                self.len
-            );
-        }
+        self.check(&sh)?;
         let dev = src.device().clone();
         let s = view::<half::bf16>(src, sl, "cache_attention")?;
         let kv = view::<half::bf16>(cache, cl, "cache_attention")?;

@@ -574,33 +574,28 @@ extern "C" __global__ void __launch_bounds__(128) add_rms_norm_bf16(
     __shared__ float red[4];
     size_t base = (size_t)blockIdx.x * d;
     unsigned short *xo = out + base, *no = out + (size_t)rows * d + base;
-    float v[4][8];
+    float v[4][8], wv[4][8];
     float ss = 0.0f;
 #pragma unroll
     for (int c = 0; c < 4; c++) {
         unsigned int j = (threadIdx.x + c * 128) * 8;
         if (j < d) {
-            uint4 a = *reinterpret_cast<const uint4 *>(x + base + j);
-            uint4 b = *reinterpret_cast<const uint4 *>(y + base + j);
-            const unsigned short *ah = reinterpret_cast<const unsigned short *>(&a);
-            const unsigned short *bh = reinterpret_cast<const unsigned short *>(&b);
-            uint4 o;
-            unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+            float b[8];
+            load_v<8>(x + base + j, v[c]);
+            load_v<8>(y + base + j, b);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                oh[e] = f2bf(bf2f(ah[e]) + bf2f(bh[e]));
-                v[c][e] = bf2f(oh[e]);
+                v[c][e] = bf2f(f2bf(v[c][e] + b[e]));
                 ss += v[c][e] * v[c][e];
             }
-            *reinterpret_cast<uint4 *>(xo + j) = o;
+            store_v<8>(xo + j, v[c]);
         }
     }
     // The weight's loads in flight while the block sums.
-    uint4 wv[4];
 #pragma unroll
     for (int c = 0; c < 4; c++) {
         unsigned int j = (threadIdx.x + c * 128) * 8;
-        if (j < d) wv[c] = *reinterpret_cast<const uint4 *>(w + j);
+        if (j < d) load_v<8>(w + j, wv[c]);
     }
     ss = warp_sum(ss);
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
@@ -610,12 +605,10 @@ extern "C" __global__ void __launch_bounds__(128) add_rms_norm_bf16(
     for (int c = 0; c < 4; c++) {
         unsigned int j = (threadIdx.x + c * 128) * 8;
         if (j < d) {
-            const unsigned short *wh = reinterpret_cast<const unsigned short *>(&wv[c]);
-            uint4 o;
-            unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+            float o[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) oh[e] = f2bf(v[c][e] * inv * bf2f(wh[e]));
-            *reinterpret_cast<uint4 *>(no + j) = o;
+            for (int e = 0; e < 8; e++) o[e] = v[c][e] * inv * wv[c][e];
+            store_v<8>(no + j, o);
         }
     }
 }
@@ -629,18 +622,12 @@ extern "C" __global__ void silu_mul_bf16(
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8;
          i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i * 8 / hid, j = i * 8 % hid;
-        uint4 av = *reinterpret_cast<const uint4 *>(h + r * 2 * hid + j);
-        uint4 bv = *reinterpret_cast<const uint4 *>(h + r * 2 * hid + hid + j);
-        const unsigned short *ah = reinterpret_cast<const unsigned short *>(&av);
-        const unsigned short *bh = reinterpret_cast<const unsigned short *>(&bv);
-        uint4 o;
-        unsigned short *oh = reinterpret_cast<unsigned short *>(&o);
+        float a[8], b[8];
+        load_v<8>(h + r * 2 * hid + j, a);
+        load_v<8>(h + r * 2 * hid + hid + j, b);
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float a = bf2f(ah[e]);
-            oh[e] = f2bf(bf2f(f2bf(a / (1.0f + expf(-a)))) * bf2f(bh[e]));
-        }
-        *reinterpret_cast<uint4 *>(out + i * 8) = o;
+        for (int e = 0; e < 8; e++) a[e] = bf2f(f2bf(a[e] / (1.0f + expf(-a[e])))) * b[e];
+        store_v<8>(out + i * 8, a);
     }
 }
 

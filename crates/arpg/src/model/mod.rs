@@ -122,14 +122,7 @@ impl SelfBlock {
         let buf = f.cache.layer(i);
         decode::kv_to_cache(buf, &qkv, &f.cs, d, 2 * d, f.at)?;
         let a = decode::cache_attention(&qkv, buf, &f.cs, 0, f.at + f.m)?;
-        let (x, xn) = decode::add_rms_norm(
-            &x,
-            &self.proj.forward(&a)?,
-            &self.ffn_norm.weight,
-            self.ffn_norm.eps,
-        )?;
-        let h = decode::silu_mul(&w.w13.forward(&xn)?)?;
-        decode::add_rms_norm(&x, &self.ffn.w2.forward(&h)?, &next.weight, next.eps)
+        w.proj_and_ffn(&x, &a, &self.proj, &self.ffn_norm, &self.ffn, next)
     }
 }
 
@@ -177,14 +170,7 @@ impl CrossBlock {
         let _enter = self.span.enter();
         let qh = self.to_q.forward(&qn)?;
         let a = decode::cache_attention(&qh, f.cache.shared(), &f.cs, 0, f.at + f.m)?;
-        let (q, qn) = decode::add_rms_norm(
-            &q,
-            &self.proj.forward(&a)?,
-            &self.ffn_norm.weight,
-            self.ffn_norm.eps,
-        )?;
-        let h = decode::silu_mul(&w.w13.forward(&qn)?)?;
-        decode::add_rms_norm(&q, &self.ffn.w2.forward(&h)?, &next.weight, next.eps)
+        w.proj_and_ffn(&q, &a, &self.proj, &self.ffn_norm, &self.ffn, next)
     }
 }
 
@@ -193,6 +179,26 @@ impl CrossBlock {
 struct FusedBlock {
     qkv: Option<Linear>,
     w13: Linear,
+}
+
+impl FusedBlock {
+    /// What both kinds of fused layer end with: `x + proj(a)`, then its FFN through the merged
+    /// w1|w3, added back: `(x', next(x'))`.
+    fn proj_and_ffn(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        proj: &Linear,
+        ffn_norm: &RmsNorm,
+        ffn: &FeedForward,
+        next: &RmsNorm,
+    ) -> Result<(Tensor, Tensor)> {
+        let add_norm =
+            |x: &Tensor, y: &Tensor, n: &RmsNorm| decode::add_rms_norm(x, y, &n.weight, n.eps);
+        let (x, xn) = add_norm(x, &proj.forward(a)?, ffn_norm)?;
+        let h = decode::silu_mul(&self.w13.forward(&xn)?)?;
+        add_norm(&x, &ffn.w2.forward(&h)?, next)
+    }
 }
 
 /// The merged weights of [`Arpg::fuse_for_decoding`].
