@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Also time training steps (batch --batch-size, synthetic tokens).
     #[arg(long)]
     pub train: bool,
+    /// With --train: the training step to time (auto: the hand-written one on CUDA, autograd
+    /// on the CPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "autograd", "hand"])]
+    pub train_step: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -66,6 +70,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vq_dtype: a.vq_dtype.clone(),
         e2e: a.e2e,
         train: a.train,
+        train_step: a.train_step.parse()?,
         cuda_graph: !a.no_cuda_graph,
     };
     arpg::bench::run(&spec, dtype, &dev, &bench, &mut out)?;

@@ -99,6 +99,11 @@ pub struct TrainArgs {
     /// 1), updates those and broadcasts them; the same weights, less memory per GPU.
     #[arg(long)]
     pub zero1: bool,
+    /// How gradients are computed: `hand` (the hand-written forward and backward, no
+    /// autograd graph; class-conditional models), `autograd` (candle's autograd, the CPU's
+    /// path and what `hand` is checked against), `auto` (hand on CUDA, else autograd).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "autograd", "hand"])]
+    pub step: String,
     /// Log every N steps (stdout and train.jsonl).
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
@@ -152,6 +157,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             dropout: a.dropout,
             seed: a.seed,
             zero1: a.zero1,
+            step_kind: a.step.parse()?,
             ..TrainConfig::default()
         },
         lr: a.lr,

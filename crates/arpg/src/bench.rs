@@ -32,6 +32,8 @@ pub struct Bench {
     pub e2e: Option<usize>,
     /// Also time training steps.
     pub train: bool,
+    /// Which training step (auto: the hand-written one on CUDA).
+    pub train_step: crate::train::StepKind,
     pub cuda_graph: bool,
 }
 
@@ -262,16 +264,30 @@ fn training(
         batch_size: b.batch_size,
         steps: 1000,
         lr: 1e-4,
+        step_kind: b.train_step,
         ..Default::default()
     };
     let mut tr = Trainer::new(cfg, &tc, dtype, dev)?;
+    out["train_step_kind"] = if tr.hand_step() { "hand" } else { "autograd" }.into();
     crate::util::take_profile();
+    crate::device::reset_peak_memory(dev)?;
     let mut phases = None;
     let s = time(dev, b.warmup.max(1), b.repeats, || {
         phases = tr.train_step(&data)?.phases_ms;
         Ok(())
     })?;
     out["train_step_seconds"] = s.into();
+    if let Some(p) = crate::device::peak_memory(dev)? {
+        // Weights, gradients, AdamW moments and the step's activations.
+        out["train_peak_pool_gib"] = gib(p.pool);
+    }
+    {
+        // One more step for a profiler started with `--profile-from-start off` (ncu): only a
+        // warm step's kernels.
+        let _range = crate::device::profiler_range(dev);
+        tr.train_step(&data)?;
+        dev.synchronize()?;
+    }
     if let Some(p) = profile_json() {
         out["train_profile_ms"] = p;
     }

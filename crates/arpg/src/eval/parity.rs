@@ -163,6 +163,10 @@ pub struct ParityReport {
     pub fused_decode_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
     /// CUDA bf16 only: a random model's decoding-step logits, fused against generic, relative.
     pub fused_step_logits_rel_diff: Option<f64>,
+    /// CUDA only: the hand-written training step against autograd on ARPG-L-shaped layers
+    /// ([`crate::train::hand_step_check`]): the loss's relative difference, the parameter
+    /// whose gradient differs most, and by how much (relative).
+    pub hand_step_rel_diff: Option<(f64, String, f64)>,
 }
 
 impl ParityReport {
@@ -193,6 +197,17 @@ impl ParityReport {
         for (op, v) in fused.chain(self.fused_step_logits_rel_diff.map(|v| ("step_logits", v))) {
             if v.is_nan() || v > 3e-2 {
                 out.push(format!("fused decoding step: {op} {v:.3e} > 3e-2"));
+            }
+        }
+        if let Some((dl, name, g)) = &self.hand_step_rel_diff {
+            // The bars: 1e-5 in f32, 2e-2 in bf16, per tensor.
+            let tol = if f32 { 1e-5 } else { 2e-2 };
+            for (what, v) in [("loss", *dl), (name.as_str(), *g)] {
+                if v.is_nan() || v > tol {
+                    out.push(format!(
+                        "hand-written training step: {what} {v:.3e} > {tol:.0e}"
+                    ));
+                }
             }
         }
         if f32 {
@@ -280,6 +295,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,
         fused_decode_ops_rel_diff: crate::kernels::decode::check(device)?,
         fused_step_logits_rel_diff: crate::model::fused_step_rel_diff(device, dtype, false)?,
+        hand_step_rel_diff: crate::train::hand_step_check(dtype, device)?,
     })
 }
 

@@ -83,6 +83,34 @@ pub fn slow(scores: &Tensor, scale: f64, causal: Option<CausalMask>) -> Result<T
     Ok(softmax_with_grad(&s)?.to_dtype(dtype)?)
 }
 
+/// The training attention's probabilities of `scores [b, h, tq, tk]` (f32 or bf16) under
+/// `causal`, with no autograd graph: the fused op's own forward on the CPU and CUDA alike.
+pub fn probs(scores: &Tensor, scale: f64, causal: Option<CausalMask>) -> Result<Tensor> {
+    if let Some(m) = causal {
+        m.ensure_fits(scores)?;
+    }
+    let fast = super::enabled() && (scores.device().is_cpu() || super::on(scores.device()));
+    if !(matches!(scores.dtype(), DType::F32 | DType::BF16) && scores.rank() == 4 && fast) {
+        return Ok(slow(scores, scale, causal)?.detach());
+    }
+    Ok(scores
+        .contiguous()?
+        .apply_op1_no_bwd(&AttnSoftmax::new(scale, causal))?)
+}
+
+/// [`probs`]' backward: the scores' gradient from the probabilities `p` and their gradient.
+pub fn probs_backward(p: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    let grad = grad.to_dtype(p.dtype())?.contiguous()?;
+    if matches!(p.dtype(), DType::F32 | DType::BF16) {
+        return Ok(p
+            .contiguous()?
+            .apply_op2_no_bwd(&grad, &AttnSoftmaxBwd(scale as f32))?);
+    }
+    // f64 (gradient checks): scale * p * (g - sum(p * g)).
+    let dot = (p * &grad)?.sum_keepdim(D::Minus1)?;
+    Ok(((p * grad.broadcast_sub(&dot)?)? * scale)?)
+}
+
 /// Softmax over the last dimension with a backward. On the CPU (f32/f64) it is one pass
 /// forward and `y * (g - sum(g * y))` backward, instead of candle's five-op composite and its
 /// gradients (the training step's attention is dominated by these `[b, h, t, t]` passes).

@@ -99,26 +99,38 @@ impl CustomOp2 for RmsNormTrain {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(x.dtype())?.contiguous()?;
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            return cuda_bwd::grads(x, w, &g, self.eps);
-        }
-        // With den = sqrt(mean(x^2) + eps), n = x / den and gn = g w (in f32):
-        // gx = (gn - n mean(gn n)) / den; gw = sum over rows of g * round(n).
-        let x32 = x.to_dtype(DType::F32)?;
-        let den = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?;
-        let n = x32.broadcast_div(&den)?;
-        let gn = g
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let dot = (&gn * &n)?.mean_keepdim(D::Minus1)?;
-        let gx = (gn - n.broadcast_mul(&dot)?)?.broadcast_div(&den)?;
-        let nr = n.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
-        let d = w.elem_count();
-        let gw = (g.to_dtype(DType::F32)? * nr)?.reshape(((), d))?.sum(0)?;
-        Ok((Some(gx.to_dtype(x.dtype())?), Some(gw.to_dtype(w.dtype())?)))
+        let (gx, gw) = grads(x, w, grad, self.eps)?;
+        Ok((Some(gx), Some(gw.to_dtype(w.dtype())?)))
     }
+}
+
+/// The gradients of the training RMSNorm's input (in its dtype) and weight (f32, summed
+/// over rows in f32) from the output's gradient `grad`: the fused op's backward, and the
+/// hand-written training step's.
+pub fn backward(x: &Tensor, weight: &Tensor, eps: f64, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok(grads(x, weight, grad, eps as f32)?)
+}
+
+fn grads(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    let g = grad.to_dtype(x.dtype())?.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        return cuda_bwd::grads(&x.contiguous()?, &w.contiguous()?, &g, eps);
+    }
+    // With den = sqrt(mean(x^2) + eps), n = x / den and gn = g w (in f32):
+    // gx = (gn - n mean(gn n)) / den; gw = sum over rows of g * round(n).
+    let x32 = x.to_dtype(DType::F32)?;
+    let den = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?;
+    let n = x32.broadcast_div(&den)?;
+    let gn = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let dot = (&gn * &n)?.mean_keepdim(D::Minus1)?;
+    let gx = (gn - n.broadcast_mul(&dot)?)?.broadcast_div(&den)?;
+    let nr = n.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+    let d = w.elem_count();
+    let gw = (g.to_dtype(DType::F32)? * nr)?.reshape(((), d))?.sum(0)?;
+    Ok((gx.to_dtype(x.dtype())?, gw))
 }
 
 #[cfg(feature = "cuda")]
@@ -136,12 +148,11 @@ mod cuda_bwd {
         w: &Tensor,
         g: &Tensor,
         eps: f32,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let gx = x.apply_op3_no_bwd(w, g, &BwdX { eps })?;
         let dens = x.apply_op1_no_bwd(&Dens { eps })?;
         let part = x.apply_op3_no_bwd(g, &dens, &BwdW)?;
-        let gw = part.sum(0)?.to_dtype(w.dtype())?;
-        Ok((Some(gx), Some(gw)))
+        Ok((gx, part.sum(0)?.to_dtype(candle_core::DType::F32)?))
     }
 
     struct BwdX {

@@ -10,6 +10,7 @@
 //! decoding ([`Arpg::fuse_for_decoding`]: bf16 on CUDA) runs its unmasked steps through the
 //! same blocks with merged weights and the kernels of [`crate::kernels::decode`] instead.
 
+pub mod backward;
 pub mod cache;
 pub mod control;
 pub mod layers;

@@ -21,6 +21,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use dist::Collective;
 use optim::{clip_grad_norm, AdamW};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,35 @@ pub struct TrainConfig {
     /// (ZeRO stage 1, [`dist::zero1_owners`]), updates those and broadcasts them.
     #[serde(default)]
     pub zero1: bool,
+    /// Which forward + backward computes the gradients.
+    #[serde(default)]
+    pub step_kind: StepKind,
+}
+
+/// How a training step computes its gradients.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// The hand-written step on CUDA, candle's autograd elsewhere (and for control models).
+    #[default]
+    Auto,
+    /// candle's autograd through [`Arpg::forward`]: the reference the hand-written step is
+    /// checked against, and the CPU's path.
+    Autograd,
+    /// [`Arpg::loss_and_grads`]: an explicit backward, no autograd graph (no control encoder).
+    Hand,
+}
+
+impl std::str::FromStr for StepKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "autograd" => Self::Autograd,
+            "hand" => Self::Hand,
+            _ => anyhow::bail!("--step {s}: expected auto, autograd or hand"),
+        })
+    }
 }
 
 impl Default for TrainConfig {
@@ -75,6 +105,7 @@ impl Default for TrainConfig {
             seed: 0,
             warmup: optim::Warmup::FromFirstStep,
             zero1: false,
+            step_kind: StepKind::Auto,
         }
     }
 }
@@ -234,6 +265,17 @@ impl Batch {
 /// op, so gradients reach the master weights: bf16 autocast with f32 masters).
 struct MasterWeights {
     vars: HashMap<String, Var>,
+    /// Casts with no autograd graph (the hand-written step's weights).
+    detached: bool,
+}
+
+impl MasterWeights {
+    fn cast(&self, v: &Var, dtype: DType) -> candle_core::Result<Tensor> {
+        match self.detached {
+            true => v.as_tensor().detach().to_dtype(dtype),
+            false => v.as_tensor().to_dtype(dtype),
+        }
+    }
 }
 
 impl SimpleBackend for MasterWeights {
@@ -252,10 +294,10 @@ impl SimpleBackend for MasterWeights {
         if v.shape() != &s {
             candle_core::bail!("parameter {name}: {:?} vs {:?}", v.shape(), s);
         }
-        v.as_tensor().to_dtype(dtype)
+        self.cast(v, dtype)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
-        self.vars[name].as_tensor().to_dtype(dtype)
+        self.cast(&self.vars[name], dtype)
     }
     fn contains_tensor(&self, name: &str) -> bool {
         self.vars.contains_key(name)
@@ -457,6 +499,12 @@ impl Trainer {
 
     /// The model as it is now, in the compute dtype, sharing the master weights.
     pub fn model(&self) -> Result<Arpg> {
+        self.model_with(false)
+    }
+
+    /// The model in the compute dtype, its weights cast from the masters with (`detached`
+    /// false: autograd reaches the masters) or without an autograd graph.
+    fn model_with(&self, detached: bool) -> Result<Arpg> {
         let vars = self
             .names
             .iter()
@@ -464,7 +512,7 @@ impl Trainer {
             .zip(self.params.iter().cloned())
             .collect();
         let vb = VarBuilder::from_backend(
-            Box::new(MasterWeights { vars }),
+            Box::new(MasterWeights { vars, detached }),
             self.dtype,
             self.device.clone(),
         );
@@ -551,22 +599,12 @@ impl Trainer {
             if world > 1 {
                 batch = batch.rows(rank * local, local)?;
             }
-            let loss = {
-                let _enter = tracing::trace_span!("train.forward").entered();
-                self.loss(&batch)?
-            };
+            let (loss, g) = self.loss_and_grads(&batch, (self.cfg.grad_accum * world) as f64)?;
             losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
-            let g = {
-                let _enter = tracing::trace_span!("train.backward").entered();
-                (loss / (self.cfg.grad_accum * world) as f64)?.backward()?
-            };
-            for (i, p) in self.params.iter().enumerate() {
-                let gi = g
-                    .get(p)
-                    .with_context(|| format!("parameter {} received no gradient", self.names[i]))?;
+            for (i, gi) in g.into_iter().enumerate() {
                 grads[i] = Some(match grads[i].take() {
                     Some(acc) => (acc + gi)?,
-                    None => gi.clone(),
+                    None => gi,
                 });
             }
         }
@@ -621,6 +659,71 @@ impl Trainer {
             grad_norm,
             phases_ms: profile.then_some(phases),
         })
+    }
+
+    /// Whether this trainer's steps take the hand-written backward ([`StepKind`]).
+    pub fn hand_step(&self) -> bool {
+        match self.cfg.step_kind {
+            StepKind::Auto => self.device.is_cuda() && self.model_cfg.control.is_none(),
+            StepKind::Autograd => false,
+            StepKind::Hand => true,
+        }
+    }
+
+    /// A micro-batch's mean cross entropy and the f32 gradients of `loss / divisor`, one per
+    /// parameter in order, by the step [`Trainer::hand_step`] picks.
+    pub fn loss_and_grads(&mut self, batch: &Batch, divisor: f64) -> Result<(Tensor, Vec<Tensor>)> {
+        if !self.hand_step() {
+            let loss = {
+                let _enter = tracing::trace_span!("train.forward").entered();
+                self.loss(batch)?
+            };
+            let _enter = tracing::trace_span!("train.backward").entered();
+            let g = (&loss / divisor)?.backward()?;
+            let grads = self
+                .params
+                .iter()
+                .zip(&self.names)
+                .map(|(p, name)| {
+                    g.get(p)
+                        .cloned()
+                        .with_context(|| format!("parameter {name} received no gradient"))
+                })
+                .collect::<Result<_>>()?;
+            return Ok((loss, grads));
+        }
+        ensure!(
+            batch.control.is_none(),
+            "the hand-written training step has no control encoder (use --step autograd)"
+        );
+        let _enter = tracing::trace_span!("train.hand_step").entered();
+        let model = self.model_with(true)?;
+        let (p, dev) = (self.cfg.dropout, self.device.clone());
+        let rng = &mut self.drop_rng;
+        let mut draw = |s: &Shape, dt: DType| dropout_mask(s, dt, p, rng, &dev);
+        let masks: Option<&mut crate::model::backward::MaskSource> = match p > 0.0 {
+            true => Some(&mut draw),
+            false => None,
+        };
+        let pos = Positions {
+            keys: &batch.keys,
+            queries: &batch.queries,
+            control: None,
+        };
+        let scale = 1.0 / divisor;
+        let mut out = model.loss_and_grads(&batch.tokens, pos, &batch.targets, scale, masks)?;
+        let grads = self
+            .names
+            .iter()
+            .map(|name| {
+                let g = out
+                    .grads
+                    .remove(name)
+                    .with_context(|| format!("parameter {name} received no gradient"))?;
+                Ok(g.to_dtype(DType::F32)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok((out.loss, grads))
     }
 
     /// Mean cross entropy of a batch, with dropout as configured (a differentiable graph).
@@ -944,15 +1047,166 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng, device: &Device) -> Result<
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    Ok((x * dropout_mask(x.shape(), x.dtype(), p, rng, device)?)?)
+}
+
+/// [`dropout`]'s mask: `0` with probability `p`, else `1 / (1 - p)`.
+fn dropout_mask(
+    shape: &Shape,
+    dtype: DType,
+    p: f64,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Tensor> {
+    let scale = 1.0 / (1.0 - p);
     if device.is_cpu() {
-        let n = x.elem_count();
-        let scale = (1.0 / (1.0 - p)) as f32;
+        let n = shape.elem_count();
+        let s = scale as f32;
         let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { s })
             .collect();
-        let m = Tensor::from_vec(mask, x.shape(), device)?.to_dtype(x.dtype())?;
-        Ok((x * m)?)
-    } else {
-        Ok(candle_nn::ops::dropout(x, p as f32)?)
+        return Ok(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?);
+    }
+    let u = Tensor::rand(0f32, 1f32, shape, device)?;
+    Ok((u.ge(p)?.to_dtype(dtype)? * scale)?)
+}
+
+/// A trainer of `cfg` on `device` whose every weight is random (a fresh head is zero and the
+/// norms one: their gradients would test little), and a teacher-forced batch of `b` random
+/// sequences in scrambled orders: what the hand-written step is checked on.
+fn random_trainer(
+    cfg: &ArpgConfig,
+    dropout: f64,
+    b: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Trainer, Batch)> {
+    let tc = TrainConfig {
+        dropout,
+        batch_size: b,
+        ..Default::default()
+    };
+    let tr = Trainer::new(cfg, &tc, dtype, device)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (name, v) in tr.parameters() {
+        let base = if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            0.0
+        };
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| base + 0.3 * (rng.random::<f32>() - 0.5))
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), device)?)?;
+    }
+    let l = cfg.block_size;
+    let raster: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            (0..l)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let orders: Vec<Vec<usize>> = (0..b)
+        .map(|_| {
+            let mut o: Vec<usize> = (0..l).collect();
+            o.shuffle(&mut rng);
+            o
+        })
+        .collect();
+    let seqs: Vec<TeacherSeq> = (0..b)
+        .map(|s| TeacherSeq {
+            first: cfg.class_token(s % cfg.num_classes),
+            raster: &raster[s],
+            order: &orders[s],
+        })
+        .collect();
+    let batch = Batch::teacher_forced(&seqs, device)?;
+    Ok((tr, batch))
+}
+
+/// The hand-written step against autograd on the same batch and dropout masks: the
+/// loss's relative difference and, per parameter, the gradients' (max |a - b| / max |b|),
+/// worst first.
+pub fn hand_step_rel_diff(
+    cfg: &ArpgConfig,
+    dropout: f64,
+    b: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let (mut tr, batch) = random_trainer(cfg, dropout, b, dtype, device)?;
+    let rng = tr.drop_rng.clone();
+    tr.cfg.step_kind = StepKind::Autograd;
+    let (la, ga) = tr.loss_and_grads(&batch, 2.0)?;
+    // The same dropout masks: the same generator, drawn in the same order (the CPU's).
+    tr.drop_rng = rng;
+    tr.cfg.step_kind = StepKind::Hand;
+    let (lh, gh) = tr.loss_and_grads(&batch, 2.0)?;
+    let (la, lh) = (la.to_scalar::<f32>()? as f64, lh.to_scalar::<f32>()? as f64);
+    let mut per = Vec::with_capacity(ga.len());
+    for ((name, a), h) in tr.names.iter().zip(&ga).zip(&gh) {
+        ensure!(
+            a.dims() == h.dims(),
+            "{name}: {:?} vs {:?}",
+            a.dims(),
+            h.dims()
+        );
+        per.push((name.clone(), crate::kernels::rel_diff(h, a)?));
+    }
+    per.sort_by(|x, y| y.1.total_cmp(&x.1));
+    Ok(((la - lh).abs() / la.abs().max(1e-12), per))
+}
+
+/// [`hand_step_rel_diff`] on ARPG-L-shaped layers (dim 1024, 16 heads, vocabulary 16,384,
+/// 256 cells; one self- and one cross-attention block), batch 2, dropout 0: the loss's
+/// relative difference, then the worst parameter and its difference. CUDA only.
+pub fn hand_step_check(dtype: DType, device: &Device) -> Result<Option<(f64, String, f64)>> {
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    let cfg = ArpgConfig {
+        n_layer: 2,
+        ..ArpgConfig::preset("ARPG-L")?
+    };
+    let (dl, per) = hand_step_rel_diff(&cfg, 0.0, 2, dtype, device)?;
+    let (name, worst) = per.into_iter().next().context("no parameters")?;
+    Ok(Some((dl, name, worst)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::rel_diff;
+
+    #[test]
+    fn the_hand_written_step_gives_autograds_loss_and_gradients() {
+        for (abs_pos_embed, dropout) in [(false, 0.0), (true, 0.2)] {
+            let cfg = ArpgConfig {
+                abs_pos_embed,
+                ..crate::zoo::digits_config()
+            };
+            let (dl, per) = hand_step_rel_diff(&cfg, dropout, 3, DType::F32, &Device::Cpu).unwrap();
+            assert!(dl < 1e-6, "loss relative difference {dl:e}");
+            let n = Arpg::parameter_shapes(&cfg).unwrap().len();
+            assert_eq!(per.len(), n, "every parameter compared");
+            for (name, r) in per {
+                assert!(
+                    r < 1e-5,
+                    "{name}: relative difference {r:e} (dropout {dropout})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_gradient_fails_the_comparison() {
+        // The check above must be able to fail: one weight's gradient scaled by 1.001.
+        let cfg = crate::zoo::digits_config();
+        let (mut tr, batch) = random_trainer(&cfg, 0.0, 3, DType::F32, &Device::Cpu).unwrap();
+        tr.cfg.step_kind = StepKind::Autograd;
+        let (_, ga) = tr.loss_and_grads(&batch, 1.0).unwrap();
+        let off = (&ga[3] * 1.001).unwrap();
+        assert!(rel_diff(&off, &ga[3]).unwrap() > 1e-5);
     }
 }

@@ -1,0 +1,444 @@
+//! The hand-written training step: the teacher-forced forward keeping only what the backward
+//! reads, then every gradient by explicit GEMMs and the kernels' own backward ops, with no
+//! autograd graph. Merged q|k|v and w1|w3 GEMMs each way. Checked against candle's autograd
+//! through [`Arpg::forward`] (tests here; `arpg check-parity` on the GPU).
+
+use super::layers::{causal_mask, merge_heads, split_heads, CausalMask, RmsNorm};
+use super::{Arpg, Positions};
+use crate::kernels::{attn_softmax, decode, rms_norm};
+use anyhow::{ensure, Result};
+use candle_core::{DType, Shape, Tensor, D};
+use std::collections::HashMap;
+
+/// Scaled dropout masks (`0` or `1 / (1 - p)`) of a shape and dtype, drawn in the order the
+/// forward applies them; `None` for no dropout.
+pub type MaskSource<'a> = dyn FnMut(&Shape, DType) -> Result<Tensor> + 'a;
+
+/// One micro-batch: the mean cross entropy (f32 scalar, not read back) and the gradient of
+/// `loss * loss_scale` for every parameter, by its state-dict name, in the compute dtype.
+pub struct LossAndGrads {
+    pub loss: Tensor,
+    pub grads: HashMap<String, Tensor>,
+}
+
+/// `[rows, in] x [out, in]^T`.
+fn mm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// A weight's gradient `dy^T x`: `[out, in]` from `dy [rows, out]`, `x [rows, in]`.
+fn wgrad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(dy.t()?.matmul(x)?)
+}
+
+fn rows(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    Ok(x.reshape(((), d))?)
+}
+
+/// `x * mask` where there is a mask.
+fn masked(x: Tensor, m: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match m {
+        Some(m) => (x * m)?,
+        None => x,
+    })
+}
+
+fn silu_mul(uz: &Tensor) -> Result<Tensor> {
+    if decode::applies(uz.device(), uz.dtype()) {
+        decode::silu_mul(uz)
+    } else {
+        decode::silu_mul_slow(uz)
+    }
+}
+
+/// What one attention's backward reads: rotated queries and keys, values `[b, h, t, hd]`
+/// and the probabilities.
+struct Attn {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+}
+
+/// Scaled dot-product attention under `mask`, keeping its inputs and probabilities.
+fn attend(q: Tensor, k: Tensor, v: Tensor, mask: CausalMask) -> Result<(Tensor, Attn)> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let p = attn_softmax::probs(&q.matmul(&k.t()?)?, scale, Some(mask))?;
+    let a = merge_heads(&p.matmul(&v)?)?;
+    Ok((a, Attn { q, k, v, p }))
+}
+
+/// `da [b, h, t, hd]` back to `(dq, dk, dv)`.
+fn attend_backward(s: &Attn, da: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    let dp = da.matmul(&s.v.t()?)?;
+    let dv = s.p.t()?.matmul(da)?;
+    let ds = attn_softmax::probs_backward(&s.p, &dp, scale)?;
+    Ok((ds.matmul(&s.k)?, ds.t()?.matmul(&s.q)?, dv))
+}
+
+/// A block's activations after its attention: the residual stream, what the FFN read and
+/// produced, and the dropout masks.
+struct Saved {
+    x: Tensor,
+    xn: Tensor,
+    attn: Attn,
+    a: Tensor,
+    m1: Option<Tensor>,
+    x1: Tensor,
+    hn: Tensor,
+    uz: Tensor,
+    h: Tensor,
+    m2: Option<Tensor>,
+}
+
+/// The RoPE angles of a pass, and their negatives (the backward's rotation).
+struct Angles {
+    cos: Tensor,
+    sin: Tensor,
+    neg_sin: Tensor,
+}
+
+impl Angles {
+    fn rotate(&self, x: &Tensor, n_head: usize) -> Result<Tensor> {
+        super::rope::apply_train(&split_heads(x, n_head)?, &self.cos, &self.sin)
+    }
+    /// The gradient of [`Self::rotate`]'s input, `[b, t, h*hd]`.
+    fn unrotate(&self, g: &Tensor) -> Result<Tensor> {
+        let g = super::rope::apply_train(&g.contiguous()?, &self.cos, &self.neg_sin)?;
+        merge_heads(&g)
+    }
+}
+
+/// Gradients by parameter name, summed where a weight is used twice.
+#[derive(Default)]
+struct Grads(HashMap<String, Tensor>);
+
+impl Grads {
+    fn add(&mut self, name: String, g: Tensor) -> Result<()> {
+        let g = match self.0.remove(&name) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        self.0.insert(name, g);
+        Ok(())
+    }
+}
+
+/// One norm's backward: the input's gradient (added to `dx_res` when given) and the weight's.
+fn norm_backward(
+    n: &RmsNorm,
+    x: &Tensor,
+    g: &Tensor,
+    name: String,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    let (gx, gw) = rms_norm::backward(x, &n.weight, n.eps, g)?;
+    grads.add(name, gw)?;
+    Ok(gx)
+}
+
+impl Arpg {
+    /// The training loss of a teacher-forced batch and the gradients of `loss * loss_scale`
+    /// (see [`Arpg::forward`] for `tokens` and `pos`; `targets [b * L]`), by the hand-written
+    /// backward. Dropout masks come from `masks` in the order the autograd forward draws them
+    /// (token embeddings, then each block's attention and FFN outputs), so both paths see the
+    /// same masks from the same source. Class-conditional models only (no control encoder).
+    pub fn loss_and_grads(
+        &self,
+        tokens: &Tensor,
+        pos: Positions,
+        targets: &Tensor,
+        loss_scale: f64,
+        mut masks: Option<&mut MaskSource>,
+    ) -> Result<LossAndGrads> {
+        ensure!(
+            self.control.is_none() && pos.control.is_none(),
+            "the hand-written training step has no control encoder: train it with autograd"
+        );
+        let (cfg, nh) = (&self.cfg, self.cfg.n_head);
+        let (b, l) = tokens.dims2()?;
+        let d = cfg.dim;
+        let mask = causal_mask(l);
+        let dt = self.dtype;
+        let mut draw = |s: &Shape| -> Result<Option<Tensor>> {
+            match masks.as_mut() {
+                Some(f) => Ok(Some(f(s, dt)?)),
+                None => Ok(None),
+            }
+        };
+        let angles = |rows: &Tensor| -> Result<Angles> {
+            let (cos, sin) = self.rope.gather(rows)?;
+            let neg_sin = sin.neg()?;
+            Ok(Angles { cos, sin, neg_sin })
+        };
+        let (ka, qa) = (angles(pos.keys)?, angles(pos.queries)?);
+
+        // Forward, pass 1: the tokens through the causal self-attention blocks.
+        let x0 = self.embed(tokens, pos.keys)?;
+        let m0 = draw(x0.shape())?;
+        let mut x = masked(x0, &m0)?;
+        let mut saved = Vec::with_capacity(self.self_dec.len());
+        let mut qkv_w = Vec::with_capacity(self.self_dec.len());
+        for blk in &self.self_dec {
+            let w = Tensor::cat(&[&blk.to_q.weight, &blk.to_k.weight, &blk.to_v.weight], 0)?;
+            let xn = blk.attn_norm.forward_train(&x)?;
+            let qkv = mm(&rows(&xn)?, &w)?.reshape((b, l, 3 * d))?;
+            let q = ka.rotate(&qkv.narrow(2, 0, d)?, nh)?;
+            let k = ka.rotate(&qkv.narrow(2, d, d)?, nh)?;
+            let v = split_heads(&qkv.narrow(2, 2 * d, d)?, nh)?;
+            let (a, attn) = attend(q, k, v, mask)?;
+            let s = self.ffn_forward(
+                blk.proj.weight.clone(),
+                &blk.ffn_norm,
+                &blk.ffn,
+                x,
+                xn,
+                a,
+                attn,
+                &mut draw,
+            )?;
+            x = s.1;
+            saved.push(s.0);
+            qkv_w.push(w);
+        }
+        // The shared keys and values.
+        let kv_w = Tensor::cat(&[&self.to_k.weight, &self.to_v.weight], 0)?;
+        let xkv = x;
+        let xkn = self.kv_norm.forward_train(&xkv)?;
+        let kv = mm(&rows(&xkn)?, &kv_w)?.reshape((b, l, 2 * d))?;
+        let keys = ka.rotate(&kv.narrow(2, 0, d)?, nh)?;
+        let values = split_heads(&kv.narrow(2, d, d)?, nh)?;
+
+        // Pass 2: mask-token queries through the cross-attention blocks.
+        let mut q = self.mask_queries(pos.queries)?;
+        let mut csaved = Vec::with_capacity(self.cross_dec.len());
+        for blk in &self.cross_dec {
+            let qn = blk.attn_norm.forward_train(&q)?;
+            let qh = qa.rotate(&mm(&rows(&qn)?, &blk.to_q.weight)?.reshape((b, l, d))?, nh)?;
+            let (a, attn) = attend(qh, keys.clone(), values.clone(), mask)?;
+            let s = self.ffn_forward(
+                blk.proj.weight.clone(),
+                &blk.ffn_norm,
+                &blk.ffn,
+                q,
+                qn,
+                a,
+                attn,
+                &mut draw,
+            )?;
+            q = s.1;
+            csaved.push(s.0);
+        }
+        let qf = q;
+        let hf = rows(&self.norm.forward_train(&qf)?)?;
+        let logits = mm(&hf, &self.head.weight)?.to_dtype(super::layers::at_least_f32(dt))?;
+        let loss = candle_nn::loss::cross_entropy(&logits, targets)?;
+
+        // Backward: the cross entropy's gradient is softmax - one-hot, over the mean.
+        let n = logits.dim(0)?;
+        let minus = Tensor::full(-1f32, (n, 1), logits.device())?.to_dtype(logits.dtype())?;
+        let dlogits = candle_nn::ops::softmax_last_dim(&logits)?.scatter_add(
+            &targets.reshape((n, 1))?,
+            &minus,
+            1,
+        )?;
+        let dlogits = (dlogits * (loss_scale / n as f64))?.to_dtype(dt)?;
+        let mut grads = Grads::default();
+        grads.add("head.weight".into(), wgrad(&dlogits, &hf)?)?;
+        let dhf = dlogits.matmul(&self.head.weight)?.reshape((b, l, d))?;
+        let mut dq = norm_backward(&self.norm, &qf, &dhf, "norm.weight".into(), &mut grads)?;
+        let (mut dkeys, mut dvalues): (Option<Tensor>, Option<Tensor>) = (None, None);
+        for (i, (blk, s)) in self.cross_dec.iter().zip(&csaved).enumerate().rev() {
+            let name = |p: &str| format!("layers.cross_dec.{i}.{p}");
+            let (dx, da) = self.ffn_backward(
+                &blk.proj.weight,
+                &blk.ffn_norm,
+                &blk.ffn,
+                s,
+                dq,
+                &name,
+                &mut grads,
+            )?;
+            let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
+            dkeys = Some(match dkeys {
+                Some(acc) => (acc + dk)?,
+                None => dk,
+            });
+            dvalues = Some(match dvalues {
+                Some(acc) => (acc + dv)?,
+                None => dv,
+            });
+            let dql = rows(&qa.unrotate(&dqh)?)?;
+            grads.add(name("attn.to_q.weight"), wgrad(&dql, &rows(&s.xn)?)?)?;
+            let dqn = dql.matmul(&blk.to_q.weight)?.reshape((b, l, d))?;
+            let g = norm_backward(
+                &blk.attn_norm,
+                &s.x,
+                &dqn,
+                name("attn_norm.weight"),
+                &mut grads,
+            )?;
+            dq = (dx + g)?;
+        }
+        // The queries' gradient reaches the mask token's embedding (and positions).
+        let dq0 = dq;
+        let dk = ka.unrotate(&dkeys.expect("at least one cross block"))?;
+        let dv = merge_heads(&dvalues.expect("at least one cross block"))?;
+        let dkv = rows(&Tensor::cat(&[&dk, &dv], 2)?)?;
+        let dkv_w = wgrad(&dkv, &rows(&xkn)?)?;
+        grads.add("layers.to_k.weight".into(), dkv_w.narrow(0, 0, d)?)?;
+        grads.add("layers.to_v.weight".into(), dkv_w.narrow(0, d, d)?)?;
+        let dxkn = dkv.matmul(&kv_w)?.reshape((b, l, d))?;
+        let mut dx = norm_backward(
+            &self.kv_norm,
+            &xkv,
+            &dxkn,
+            "layers.norm.weight".into(),
+            &mut grads,
+        )?;
+        for (i, (blk, s)) in self.self_dec.iter().zip(&saved).enumerate().rev() {
+            let name = |p: &str| format!("layers.self_dec.{i}.{p}");
+            let (dx1, da) = self.ffn_backward(
+                &blk.proj.weight,
+                &blk.ffn_norm,
+                &blk.ffn,
+                s,
+                dx,
+                &name,
+                &mut grads,
+            )?;
+            let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
+            let dqkv = Tensor::cat(
+                &[&ka.unrotate(&dqh)?, &ka.unrotate(&dk)?, &merge_heads(&dv)?],
+                2,
+            )?;
+            let dqkv = rows(&dqkv)?;
+            let dw = wgrad(&dqkv, &rows(&s.xn)?)?;
+            for (j, p) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+                grads.add(name(&format!("attn.{p}.weight")), dw.narrow(0, j * d, d)?)?;
+            }
+            let dxn = dqkv.matmul(&qkv_w[i])?.reshape((b, l, d))?;
+            let g = norm_backward(
+                &blk.attn_norm,
+                &s.x,
+                &dxn,
+                name("attn_norm.weight"),
+                &mut grads,
+            )?;
+            dx = (dx1 + g)?;
+        }
+        let dx0 = masked(dx, &m0)?;
+        self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
+        Ok(LossAndGrads {
+            loss,
+            grads: grads.0,
+        })
+    }
+
+    /// A block's tail after its attention output `a [b, t, d]`: projection, dropout and
+    /// residual, then the norm, the SwiGLU FFN, dropout and residual. Returns what the
+    /// backward reads and the block's output.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_forward(
+        &self,
+        proj: Tensor,
+        ffn_norm: &RmsNorm,
+        ffn: &super::layers::FeedForward,
+        x: Tensor,
+        xn: Tensor,
+        a: Tensor,
+        attn: Attn,
+        draw: &mut dyn FnMut(&Shape) -> Result<Option<Tensor>>,
+    ) -> Result<(Saved, Tensor)> {
+        let (b, l, d) = x.dims3()?;
+        let o = mm(&rows(&a)?, &proj)?.reshape((b, l, d))?;
+        let m1 = draw(o.shape())?;
+        let x1 = (&x + masked(o, &m1)?)?;
+        let hn = ffn_norm.forward_train(&x1)?;
+        let w13 = Tensor::cat(&[&ffn.w1.weight, &ffn.w3.weight], 0)?;
+        let uz = mm(&rows(&hn)?, &w13)?;
+        let h = silu_mul(&uz)?;
+        let f = mm(&h, &ffn.w2.weight)?.reshape((b, l, d))?;
+        let m2 = draw(f.shape())?;
+        let out = (&x1 + masked(f, &m2)?)?;
+        let saved = Saved {
+            x,
+            xn,
+            attn,
+            a,
+            m1,
+            x1,
+            hn,
+            uz,
+            h,
+            m2,
+        };
+        Ok((saved, out))
+    }
+
+    /// [`Self::ffn_forward`]'s backward from the block output's gradient `dy`: the gradient
+    /// of the block input through the residuals (the attention's part still to add) and of
+    /// the attention output in heads, `[b, h, t, hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_backward(
+        &self,
+        proj: &Tensor,
+        ffn_norm: &RmsNorm,
+        ffn: &super::layers::FeedForward,
+        s: &Saved,
+        dy: Tensor,
+        name: &dyn Fn(&str) -> String,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, l, d) = s.x.dims3()?;
+        let df = rows(&masked(dy.clone(), &s.m2)?)?;
+        grads.add(name("ffn.w2.weight"), wgrad(&df, &s.h)?)?;
+        let dh = df.matmul(&ffn.w2.weight)?;
+        let duz = decode::silu_mul_backward(&s.uz, &dh)?;
+        let hid = dh.dim(1)?;
+        let dw13 = wgrad(&duz, &rows(&s.hn)?)?;
+        grads.add(name("ffn.w1.weight"), dw13.narrow(0, 0, hid)?)?;
+        grads.add(name("ffn.w3.weight"), dw13.narrow(0, hid, hid)?)?;
+        let w13 = Tensor::cat(&[&ffn.w1.weight, &ffn.w3.weight], 0)?;
+        let dhn = duz.matmul(&w13)?.reshape((b, l, d))?;
+        let g = norm_backward(ffn_norm, &s.x1, &dhn, name("ffn_norm.weight"), grads)?;
+        let dx1 = (dy + g)?;
+        let dout = rows(&masked(dx1.clone(), &s.m1)?)?;
+        grads.add(name("attn.proj.weight"), wgrad(&dout, &rows(&s.a)?)?)?;
+        let da = dout.matmul(proj)?.reshape((b, l, d))?;
+        Ok((dx1, split_heads(&da, self.cfg.n_head)?))
+    }
+
+    /// The embedding table's gradient from the tokens' (`dx0`) and the mask-token queries'
+    /// (`dq0`), and the absolute position table's where the model has one.
+    fn embed_backward(
+        &self,
+        tokens: &Tensor,
+        keys: &Tensor,
+        dx0: &Tensor,
+        dq0: &Tensor,
+        queries: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let table = self.embeddings.embeddings();
+        let d = self.cfg.dim;
+        let f32_rows = |g: &Tensor| -> Result<Tensor> { Ok(rows(g)?.to_dtype(DType::F32)?) };
+        let ids = tokens.flatten_all()?;
+        let mask_ids = Tensor::full(self.cfg.mask_token(), queries.elem_count(), table.device())?;
+        let all_ids = Tensor::cat(&[&ids, &mask_ids], 0)?;
+        let both = Tensor::cat(&[&f32_rows(dx0)?, &f32_rows(dq0)?], 0)?;
+        let de = Tensor::zeros((table.dim(0)?, d), DType::F32, table.device())?
+            .index_add(&all_ids, &both, 0)?;
+        grads.add("embeddings.weight".into(), de)?;
+        if let Some(p) = &self.pos {
+            let all_rows = Tensor::cat(&[&keys.flatten_all()?, &queries.flatten_all()?], 0)?;
+            let idx = p.map.index_select(&all_rows, 0)?;
+            let dp = Tensor::zeros(p.table.dims(), DType::F32, table.device())?
+                .index_add(&idx, &both, 0)?;
+            grads.add("pos_embeddings.weight".into(), dp)?;
+        }
+        Ok(())
+    }
+}
