@@ -15,6 +15,8 @@ p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--cfg", type=float, default=4.0)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--train", action="store_true", help="also time a training step (bf16 autocast, fused AdamW)")
+p.add_argument("--compile", action="store_true", help="with --train: also the step under torch.compile")
+p.add_argument("--no-sample", action="store_true", help="skip the sampling timings")
 a = p.parse_args()
 
 sys.path.insert(0, a.ref)
@@ -33,7 +35,7 @@ model = ref.ARPG_models[a.model]().to(dev)
 torch.nn.init.normal_(model.head.weight, std=0.02)  # the zero-init head would make sampling trivial
 model = model.to(torch.bfloat16).eval()
 out = {"impl": "reference-pytorch", "model": a.model, "batch_size": a.batch_size, "torch": torch.__version__}
-for steps in a.steps:
+for steps in ([] if a.no_sample else a.steps):
     cls = torch.randint(0, 1000, (a.batch_size,), device=dev)
     model.generate(cls, guidance_scale=a.cfg, num_iter=steps)  # warm-up
     torch.cuda.synchronize()
@@ -47,8 +49,7 @@ for steps in a.steps:
     s = sorted(times)[len(times) // 2]
     out[f"images_per_sec_{steps}"] = a.batch_size / s
     out[f"peak_gib_{steps}"] = torch.cuda.max_memory_allocated() / 2**30
-if a.train:
-    m = ref.ARPG_models[a.model]().to(dev).train()
+def time_train(m, label):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     x = torch.randint(0, 16384, (a.batch_size, 256), device=dev)
     c = torch.randint(0, 1000, (a.batch_size,), device=dev)
@@ -59,7 +60,7 @@ if a.train:
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(2):
+    for _ in range(3):  # torch.compile compiles in the first
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -67,6 +68,12 @@ if a.train:
     for _ in range(5):
         step()
     torch.cuda.synchronize()
-    out["train_step_seconds"] = (time.perf_counter() - t) / 5
-    out["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out[f"{label}_step_seconds"] = (time.perf_counter() - t) / 5
+    out[f"{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+if a.train:
+    torch.manual_seed(0)
+    time_train(ref.ARPG_models[a.model]().to(dev).train(), "train")
+    if a.compile:
+        torch.manual_seed(0)
+        time_train(torch.compile(ref.ARPG_models[a.model]().to(dev).train()), "train_compiled")
 print(json.dumps(out))

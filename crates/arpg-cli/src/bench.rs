@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// on the CPU).
     #[arg(long, default_value = "auto", value_parser = ["auto", "autograd", "hand"])]
     pub train_step: String,
+    /// With --train: time training steps only (no sampling).
+    #[arg(long, requires = "train")]
+    pub train_only: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +74,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         e2e: a.e2e,
         train: a.train,
         train_step: a.train_step.parse()?,
+        train_only: a.train_only,
         cuda_graph: !a.no_cuda_graph,
     };
     arpg::bench::run(&spec, dtype, &dev, &bench, &mut out)?;

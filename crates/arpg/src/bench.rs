@@ -34,6 +34,8 @@ pub struct Bench {
     pub train: bool,
     /// Which training step (auto: the hand-written one on CUDA).
     pub train_step: crate::train::StepKind,
+    /// Time training steps only (no model is loaded for sampling).
+    pub train_only: bool,
     pub cuda_graph: bool,
 }
 
@@ -93,13 +95,16 @@ pub fn run(
     out: &mut Value,
 ) -> Result<()> {
     let cfg = spec.config()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    if b.train_only {
+        return training(&cfg, dtype, dev, b, &mut rng, out);
+    }
     let model = spec.load(dtype, dev)?;
     let sc = SampleConfig {
         steps: b.steps,
         cfg: b.cfg,
         ..Default::default()
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut graphs = DecodeGraphs::new(b.cuda_graph);
     let last = sampling(&model, &sc, b, &mut rng, &mut graphs, out)?;
     let vq_dtype = crate::zoo::resolve_vq_dtype(&b.vq_dtype, dtype, dev)?;

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The hand-written training step on one H200, against candle's autograd and the reference
+# PyTorch step in the same command: parity (gradients on ARPG-L-shaped layers, f32 and bf16),
+# ARPG-L step time and peak memory at batch 64 (and 128) both ways, the reference's eager
+# (and, with COMPILE=1, torch.compile) step, then a per-kernel ncu window of one hand step.
+#   device run, carry [".bin/arpg.xz", ".bin/ref"]:  bash scripts/gpu-train-step.sh [ncu]
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
+export CUDA_CACHE_MAXSIZE=4294967296
+OUT=${OUT:-/tmp/train-step}; mkdir -p "$OUT"
+A=/tmp/arpg; [ -x $A ] || { xz -dc .bin/arpg.xz > $A && chmod +x $A; }
+t0=$(date +%s); el() { echo "   [elapsed $(( $(date +%s) - t0 ))s]"; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for d in f32 bf16; do
+  echo "== check-parity $d"
+  $A check-parity --device cuda:0 --dtype $d > "$OUT/parity-$d.json" 2> "$OUT/parity-$d.err"
+  echo "rc $?"; grep -o '"hand_step_rel_diff[^]]*]' "$OUT/parity-$d.json"
+  grep -o '"fused_decode_ops_rel_diff.*' "$OUT/parity-$d.json" | cut -c1-400; tail -3 "$OUT/parity-$d.err"
+done; el
+B="$A bench --model ARPG-L --init random --device cuda:0 --dtype bf16 --json --train --train-only --warmup 1"
+for bs in ${BATCHES:-64}; do
+  for k in hand autograd; do
+    echo "== ARPG-L training step, batch $bs, $k"
+    $B --batch-size $bs --repeats 3 --train-step $k | tee -a "$OUT/bench.jsonl" | grep -o '"train.*'
+  done
+  echo "== ARPG-L training step, batch $bs, hand, phases"
+  ARPG_PROFILE_STEPS=1 $B --batch-size $bs --repeats 2 --train-step hand | grep -o '"train_phases.*'
+  echo "== reference, batch $bs"
+  c=""; [ "${COMPILE:-0}" = 1 ] && c="--compile"
+  timeout 400 python3 scripts/bench_reference.py --ref .bin/ref --model ARPG-L --batch-size $bs \
+    --no-sample --train $c | tee -a "$OUT/bench.jsonl"
+  el
+done
+if [ "${1:-}" = ncu ]; then
+  echo "== ncu: the first ${NCU_COUNT:-1500} kernels of one warm hand step"
+  timeout 240 ncu --profile-from-start off --clock-control none --csv --print-units base \
+    --launch-count ${NCU_COUNT:-1500} \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    $B --batch-size 64 --repeats 1 --warmup 1 --train-step hand > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 scripts/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu.txt"; head -40 "$OUT/ncu.txt"; el
+fi
