@@ -163,10 +163,9 @@ pub struct ParityReport {
     pub fused_decode_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
     /// CUDA bf16 only: a random model's decoding-step logits, fused against generic, relative.
     pub fused_step_logits_rel_diff: Option<f64>,
-    /// CUDA only: the hand-written training step against autograd on ARPG-L-shaped layers
-    /// ([`crate::train::hand_step_check`]): the loss's relative difference, the parameter
-    /// whose gradient differs most, and by how much (relative).
-    pub hand_step_rel_diff: Option<(f64, String, f64)>,
+    /// CUDA only: the hand-written training step against autograd on ARPG-L-shaped layers,
+    /// and both against the next precision up ([`crate::train::hand_step_check`]).
+    pub hand_step: Option<crate::train::HandStepCheck>,
 }
 
 impl ParityReport {
@@ -199,15 +198,11 @@ impl ParityReport {
                 out.push(format!("fused decoding step: {op} {v:.3e} > 3e-2"));
             }
         }
-        if let Some((dl, name, g)) = &self.hand_step_rel_diff {
+        if let Some(h) = &self.hand_step {
             // The bars: 1e-5 in f32, 2e-2 in bf16, per tensor.
             let tol = if f32 { 1e-5 } else { 2e-2 };
-            for (what, v) in [("loss", *dl), (name.as_str(), *g)] {
-                if v.is_nan() || v > tol {
-                    out.push(format!(
-                        "hand-written training step: {what} {v:.3e} > {tol:.0e}"
-                    ));
-                }
+            for f in h.failures(tol) {
+                out.push(format!("hand-written training step: {f}"));
             }
         }
         if f32 {
@@ -295,7 +290,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_rms_norm_rel_diff: crate::kernels::rms_norm::check(device)?,
         fused_decode_ops_rel_diff: crate::kernels::decode::check(device)?,
         fused_step_logits_rel_diff: crate::model::fused_step_rel_diff(device, dtype, false)?,
-        hand_step_rel_diff: crate::train::hand_step_check(dtype, device)?,
+        hand_step: crate::train::hand_step_check(dtype, device)?,
     })
 }
 

@@ -884,3 +884,29 @@ extern "C" __global__ void __launch_bounds__(64, 16) cache_attention_bf16(
         }
     }
 }
+
+// AdamW in place (kernels/adamw.rs), every rounding explicit so that nothing is contracted
+// into an FMA: the roundings of the composite of candle ops. A moment: x = x * mul + g' * cg
+// with g' = g * gscale when clipping (the second moment squares g' first).
+extern "C" __global__ void adamw_moment_f32(
+    float *__restrict__ x, const float *__restrict__ g, unsigned long long n, float mul,
+    float cg, float gscale, int do_scale, int second) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = do_scale ? __fmul_rn(g[i], gscale) : g[i];
+        if (second) gi = __fmul_rn(gi, gi);
+        x[i] = __fadd_rn(__fmul_rn(x[i], mul), __fmul_rn(gi, cg));
+    }
+}
+
+// The weight: w = w * decay (matrices) - (m / (sqrt(v) * inv_bc2s + eps)) * step.
+extern "C" __global__ void adamw_weight_f32(
+    float *__restrict__ w, const float *__restrict__ m, const float *__restrict__ v,
+    unsigned long long n, float decay, int do_decay, float inv_bc2s, float eps, float step) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float wi = do_decay ? __fmul_rn(w[i], decay) : w[i];
+        float den = __fadd_rn(__fmul_rn(__fsqrt_rn(v[i]), inv_bc2s), eps);
+        w[i] = __fsub_rn(wi, __fmul_rn(__fdiv_rn(m[i], den), step));
+    }
+}

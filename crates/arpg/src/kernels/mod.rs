@@ -13,6 +13,7 @@
 //!
 //! `cudnn` is the one library called directly: convolutions through a run-time-loaded cuDNN.
 
+pub mod adamw;
 pub mod attn_softmax;
 pub mod cudnn;
 pub mod decode;

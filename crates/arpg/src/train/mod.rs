@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use dist::Collective;
-use optim::{clip_grad_norm, AdamW};
+use optim::AdamW;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -622,7 +622,9 @@ impl Trainer {
         }
         lap(&self.device, 1)?;
         let loss_sum: f64 = losses.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+        let grad_norm = optim::grad_norm(&grads)?;
+        // Clipping is folded into the optimizer's passes (the same roundings as scaling first).
+        let clip = optim::clip_factor(grad_norm, self.cfg.grad_clip);
         let lr = optim::lr_with(
             self.cfg.warmup,
             self.step,
@@ -638,12 +640,13 @@ impl Trainer {
         match (&self.owners, &self.group) {
             (Some(owners), Some(g)) => {
                 let mine: Vec<bool> = owners.iter().map(|&o| o == g.rank()).collect();
-                self.opt.step_owned(&self.params, &grads, lr, Some(&mine))?;
+                self.opt
+                    .step_owned(&self.params, &grads, lr, clip, Some(&mine))?;
                 for (p, &o) in self.params.iter().zip(owners) {
                     p.set(&g.broadcast(p.as_tensor(), o)?)?;
                 }
             }
-            _ => self.opt.step(&self.params, &grads, lr)?,
+            _ => self.opt.step_owned(&self.params, &grads, lr, clip, None)?,
         }
         if let (Some(ema), Some(d)) = (self.ema.as_mut(), self.cfg.ema_decay) {
             for (e, p) in ema.iter_mut().zip(&self.params) {
@@ -1072,8 +1075,10 @@ fn dropout_mask(
 }
 
 /// A trainer of `cfg` on `device` whose every weight is random (a fresh head is zero and the
-/// norms one: their gradients would test little), and a teacher-forced batch of `b` random
-/// sequences in scrambled orders: what the hand-written step is checked on.
+/// norms one: their gradients would test little) at about the paper's initial scale (std
+/// 0.02; norms 1 +- 0.1), and a teacher-forced batch of `b` random sequences in shuffled
+/// orders: what the hand-written step is checked on. The same weights and batch whatever
+/// the compute dtype.
 fn random_trainer(
     cfg: &ArpgConfig,
     dropout: f64,
@@ -1089,13 +1094,12 @@ fn random_trainer(
     let tr = Trainer::new(cfg, &tc, dtype, device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (name, v) in tr.parameters() {
-        let base = if name.ends_with("norm.weight") {
-            1.0
-        } else {
-            0.0
+        let (base, half) = match name.ends_with("norm.weight") {
+            true => (1.0, 0.1),
+            false => (0.0, 0.02 * 3f32.sqrt()),
         };
         let vals: Vec<f32> = (0..v.elem_count())
-            .map(|_| base + 0.3 * (rng.random::<f32>() - 0.5))
+            .map(|_| base + half * (2.0 * rng.random::<f32>() - 1.0))
             .collect();
         v.set(&Tensor::from_vec(vals, v.shape(), device)?)?;
     }
@@ -1125,9 +1129,26 @@ fn random_trainer(
     Ok((tr, batch))
 }
 
-/// The hand-written step against autograd on the same batch and dropout masks: the
-/// loss's relative difference and, per parameter, the gradients' (max |a - b| / max |b|),
-/// worst first.
+/// One random batch's loss and gradients by `kind` in `dtype` (f32 gradients, names in
+/// order); the dropout masks come from the trainer's seeded CPU generator.
+fn random_step(
+    cfg: &ArpgConfig,
+    dropout: f64,
+    b: usize,
+    dtype: DType,
+    device: &Device,
+    kind: StepKind,
+) -> Result<(f64, Vec<(String, Tensor)>)> {
+    let (mut tr, batch) = random_trainer(cfg, dropout, b, dtype, device)?;
+    tr.cfg.step_kind = kind;
+    let (loss, grads) = tr.loss_and_grads(&batch, 2.0)?;
+    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok((loss, tr.names.iter().cloned().zip(grads).collect()))
+}
+
+/// The hand-written step against autograd on the same batch and dropout masks: the loss's
+/// relative difference and, per parameter, the gradients' (max |a - b| / max |b|), worst
+/// first.
 pub fn hand_step_rel_diff(
     cfg: &ArpgConfig,
     dropout: f64,
@@ -1135,17 +1156,10 @@ pub fn hand_step_rel_diff(
     dtype: DType,
     device: &Device,
 ) -> Result<(f64, Vec<(String, f64)>)> {
-    let (mut tr, batch) = random_trainer(cfg, dropout, b, dtype, device)?;
-    let rng = tr.drop_rng.clone();
-    tr.cfg.step_kind = StepKind::Autograd;
-    let (la, ga) = tr.loss_and_grads(&batch, 2.0)?;
-    // The same dropout masks: the same generator, drawn in the same order (the CPU's).
-    tr.drop_rng = rng;
-    tr.cfg.step_kind = StepKind::Hand;
-    let (lh, gh) = tr.loss_and_grads(&batch, 2.0)?;
-    let (la, lh) = (la.to_scalar::<f32>()? as f64, lh.to_scalar::<f32>()? as f64);
+    let (la, ga) = random_step(cfg, dropout, b, dtype, device, StepKind::Autograd)?;
+    let (lh, gh) = random_step(cfg, dropout, b, dtype, device, StepKind::Hand)?;
     let mut per = Vec::with_capacity(ga.len());
-    for ((name, a), h) in tr.names.iter().zip(&ga).zip(&gh) {
+    for ((name, a), (_, h)) in ga.iter().zip(&gh) {
         ensure!(
             a.dims() == h.dims(),
             "{name}: {:?} vs {:?}",
@@ -1158,10 +1172,41 @@ pub fn hand_step_rel_diff(
     Ok(((la - lh).abs() / la.abs().max(1e-12), per))
 }
 
-/// [`hand_step_rel_diff`] on ARPG-L-shaped layers (dim 1024, 16 heads, vocabulary 16,384,
-/// 256 cells; one self- and one cross-attention block), batch 2, dropout 0: the loss's
-/// relative difference, then the worst parameter and its difference. CUDA only.
-pub fn hand_step_check(dtype: DType, device: &Device) -> Result<Option<(f64, String, f64)>> {
+/// [`hand_step_check`]'s findings.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandStepCheck {
+    /// The losses' relative difference, hand against autograd.
+    pub loss_rel_diff: f64,
+    /// The parameter whose gradient differs most between the two, and by how much.
+    pub worst: (String, f64),
+    /// Against gradients in the next precision up (autograd in f64 for f32, in f32 for
+    /// bf16): the parameter where the hand step errs most, its error and autograd's there.
+    pub worst_vs_truth: (String, f64, f64),
+}
+
+impl HandStepCheck {
+    /// Where the hand step falls short: over `tol` against autograd, unless it is no further
+    /// from the higher-precision gradients than autograd is (then autograd is the one off).
+    pub fn failures(&self, tol: f64) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.loss_rel_diff.is_nan() || self.loss_rel_diff > tol {
+            out.push(format!("loss {:.3e} > {tol:.0e}", self.loss_rel_diff));
+        }
+        let (name, hand, auto) = &self.worst_vs_truth;
+        if self.worst.1.is_nan() || (self.worst.1 > tol && hand > auto && *hand > tol) {
+            out.push(format!(
+                "{} {:.3e} > {tol:.0e} (against the next precision: {name} {hand:.3e}, autograd {auto:.3e})",
+                self.worst.0, self.worst.1
+            ));
+        }
+        out
+    }
+}
+
+/// The hand-written step against autograd on ARPG-L-shaped layers (dim 1024, 16 heads,
+/// vocabulary 16,384, 256 cells; one self- and one cross-attention block), batch 2, dropout
+/// 0, in `dtype`, and both against autograd one precision up. CUDA only.
+pub fn hand_step_check(dtype: DType, device: &Device) -> Result<Option<HandStepCheck>> {
     if !device.is_cuda() {
         return Ok(None);
     }
@@ -1170,8 +1215,31 @@ pub fn hand_step_check(dtype: DType, device: &Device) -> Result<Option<(f64, Str
         ..ArpgConfig::preset("ARPG-L")?
     };
     let (dl, per) = hand_step_rel_diff(&cfg, 0.0, 2, dtype, device)?;
-    let (name, worst) = per.into_iter().next().context("no parameters")?;
-    Ok(Some((dl, name, worst)))
+    let worst = per.into_iter().next().context("no parameters")?;
+    let up = if dtype == DType::F32 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (_, truth) = random_step(&cfg, 0.0, 2, up, device, StepKind::Autograd)?;
+    let (_, hand) = random_step(&cfg, 0.0, 2, dtype, device, StepKind::Hand)?;
+    let (_, auto) = random_step(&cfg, 0.0, 2, dtype, device, StepKind::Autograd)?;
+    let mut worst_vs_truth = (String::new(), 0.0, 0.0);
+    for (((name, t), (_, h)), (_, a)) in truth.iter().zip(&hand).zip(&auto) {
+        let t = t.to_dtype(DType::F32)?;
+        let (eh, ea) = (
+            crate::kernels::rel_diff(h, &t)?,
+            crate::kernels::rel_diff(a, &t)?,
+        );
+        if eh >= worst_vs_truth.1 {
+            worst_vs_truth = (name.clone(), eh, ea);
+        }
+    }
+    Ok(Some(HandStepCheck {
+        loss_rel_diff: dl,
+        worst,
+        worst_vs_truth,
+    }))
 }
 
 #[cfg(test)]

@@ -70,33 +70,52 @@ impl AdamW {
     /// One update, in the order PyTorch's AdamW does it. Weight decay applies to tensors of
     /// two or more dimensions only (matrices and embeddings, not norms).
     pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
-        self.step_owned(params, grads, lr, None)
+        self.step_owned(params, grads, lr, 1.0, None)
     }
 
-    /// [`Self::step`] for the tensors marked in `owned` only (all when `None`): under ZeRO-1 a
-    /// rank keeps the moments of its own tensors and updates those.
+    /// [`Self::step`] with the gradients scaled by `grad_scale` when it is below 1 (the
+    /// clipping factor), for the tensors marked in `owned` only (all when `None`): under
+    /// ZeRO-1 a rank keeps the moments of its own tensors and updates those. f32 tensors take
+    /// the in-place passes of [`crate::kernels::adamw`] (the composite's roundings).
     pub fn step_owned(
         &mut self,
         params: &[Var],
         grads: &[Tensor],
         lr: f64,
+        grad_scale: f64,
         owned: Option<&[bool]>,
     ) -> Result<()> {
         self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let (bc1, bc2) = (
+            1.0 - self.beta1.powi(self.t as i32),
+            1.0 - self.beta2.powi(self.t as i32),
+        );
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             if owned.is_some_and(|o| !o[i]) {
                 continue;
             }
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let mut w = p.as_tensor().clone();
-            if self.weight_decay > 0.0 && p.rank() >= 2 {
-                w = (w * (1.0 - lr * self.weight_decay))?;
+            let s = crate::kernels::adamw::Step {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                lr,
+                weight_decay: if p.rank() >= 2 {
+                    self.weight_decay
+                } else {
+                    0.0
+                },
+                bc1,
+                bc2,
+                grad_scale,
+            };
+            let f32s = [p.as_tensor(), &self.m[i], &self.v[i], g]
+                .iter()
+                .all(|t| t.dtype() == candle_core::DType::F32 && t.is_contiguous());
+            if f32s && crate::kernels::enabled() {
+                crate::kernels::adamw::update(p, &self.m[i], &self.v[i], g, &s)?;
+                continue;
             }
-            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let w = (w - (m.div(&denom)? * (lr / bc1))?)?;
+            let (w, m, v) = crate::kernels::adamw::update_slow(p, &self.m[i], &self.v[i], g, &s)?;
             p.set(&w)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -105,8 +124,8 @@ impl AdamW {
     }
 }
 
-/// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads` (one read back to the host for all of them).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     // One host read for all tensors: a read per tensor would drain the GPU queue each time.
     let parts: Vec<Tensor> = grads
         .iter()
@@ -119,13 +138,26 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
         })
         .collect::<candle_core::Result<_>>()?;
     let sq: f64 = Tensor::cat(&parts, 0)?.to_vec1::<f64>()?.iter().sum();
-    let norm = sq.sqrt();
+    Ok(sq.sqrt())
+}
+
+/// The factor that brings a gradient norm down to `max_norm` (1 when it is within it, or
+/// when clipping is off).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    let coef = clip_factor(norm, max_norm);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
