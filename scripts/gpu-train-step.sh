@@ -3,7 +3,10 @@
 # PyTorch step in the same command: parity (gradients on ARPG-L-shaped layers, f32 and bf16),
 # ARPG-L step time and peak memory at batch 64 (and 128) both ways, the reference's eager
 # (and, with COMPILE=1, torch.compile) step, then a per-kernel ncu window of one hand step.
-#   device run, carry [".bin/arpg.xz", ".bin/ref"]:  bash scripts/gpu-train-step.sh [ncu]
+# With .bin/rtt holding a trace of crates/arpg/examples/reference_train_trace.rs, also the
+# reference's training step on it against both of our steps (CPU, f32).
+#   device run, carry [".bin/arpg.xz", ".bin/ref", ".bin/rtt"]:
+#     BATCHES="64 128" COMPILE=1 bash scripts/gpu-train-step.sh [ncu]
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
 export CUDA_CACHE_MAXSIZE=4294967296
@@ -14,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for d in f32 bf16; do
   echo "== check-parity $d"
   $A check-parity --device cuda:0 --dtype $d > "$OUT/parity-$d.json" 2> "$OUT/parity-$d.err"
-  echo "rc $?"; grep -o '"hand_step_rel_diff[^]]*]' "$OUT/parity-$d.json"
+  echo "rc $?"; grep -o "\"hand_step\":{[^}]*}" "$OUT/parity-$d.json"
   grep -o '"fused_decode_ops_rel_diff.*' "$OUT/parity-$d.json" | cut -c1-400; tail -3 "$OUT/parity-$d.err"
 done; el
 B="$A bench --model ARPG-L --init random --device cuda:0 --dtype bf16 --json --train --train-only --warmup 1"
@@ -26,16 +29,21 @@ for bs in ${BATCHES:-64}; do
   echo "== ARPG-L training step, batch $bs, hand, phases"
   ARPG_PROFILE_STEPS=1 $B --batch-size $bs --repeats 2 --train-step hand | grep -o '"train_phases.*'
   echo "== reference, batch $bs"
-  c=""; [ "${COMPILE:-0}" = 1 ] && c="--compile"
+  c=""; [ "${COMPILE:-0}" = 1 ] && [ "$bs" = 64 ] && c="--compile"
   timeout 400 python3 scripts/bench_reference.py --ref .bin/ref --model ARPG-L --batch-size $bs \
     --no-sample --train $c | tee -a "$OUT/bench.jsonl"
   el
 done
+if [ -d .bin/rtt ]; then
+  echo "== 200 digits steps: the reference's training step on our trace (autograd and hand-written)"
+  timeout 300 python3 scripts/reference_train_compare.py --ref .bin/ref --trace .bin/rtt \
+    --plot "$OUT/train-vs-reference.png"; cp .bin/rtt/reference.jsonl "$OUT/" 2>/dev/null; el
+fi
 if [ "${1:-}" = ncu ]; then
   echo "== ncu: the first ${NCU_COUNT:-1500} kernels of one warm hand step"
   timeout 240 ncu --profile-from-start off --clock-control none --csv --print-units base \
     --launch-count ${NCU_COUNT:-1500} \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-    $B --batch-size 64 --repeats 1 --warmup 1 --train-step hand > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+    $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   python3 scripts/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu.txt"; head -40 "$OUT/ncu.txt"; el
 fi
