@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The paper's training step on our run's trace (crates/arpg/examples/reference_train_trace.rs).
+"""The paper's training step on our run's trace (crates/arpg/examples/reference_train_trace.rs),
+against both of our steps (candle autograd: ours.jsonl; the hand-written one: hand.jsonl).
 
 Loads the reference model (models/arpg.py of hp-l33/ARPG, fetched, never committed) from
 --ref, our initial weights, and for every step our batch (class tokens after class dropout,
@@ -53,6 +54,7 @@ def main():
     )
     trace = load_file(f"{a.trace}/batches.safetensors")
     ours = [json.loads(l) for l in open(f"{a.trace}/ours.jsonl")]
+    hand = [json.loads(l) for l in open(f"{a.trace}/hand.jsonl")]
     V, C, L = cfg["vocab_size"], cfg["num_classes"], cfg["block_size"]
     # Our batches fix the orders: the reference's shuffle takes them instead of drawing.
     state = {}
@@ -86,6 +88,9 @@ def main():
         theirs.append({"step": k + 1, "loss": loss.item(), "grad_norm": norm.item()})
     diffs = [abs(o["loss"] - t["loss"]) for o, t in zip(ours, theirs)]
     worst = max(range(len(diffs)), key=lambda i: diffs[i])
+    hdiffs = [abs(h["loss"] - t["loss"]) for h, t in zip(hand, theirs)]
+    hworst = max(range(len(hdiffs)), key=lambda i: hdiffs[i])
+    hadiffs = [abs(h["loss"] - o["loss"]) for h, o in zip(hand, ours)]
     summary = {
         "steps": len(diffs),
         "max_abs_loss_diff": diffs[worst],
@@ -96,7 +101,11 @@ def main():
             abs(o["grad_norm"] - t["grad_norm"]) / max(t["grad_norm"], 1e-12)
             for o, t in zip(ours, theirs)
         ),
-        "within_tolerance": diffs[worst] <= a.tolerance,
+        "hand_max_abs_loss_diff": hdiffs[hworst],
+        "hand_at_step": hworst + 1,
+        "hand_vs_autograd_max_abs_loss_diff": max(hadiffs),
+        "within_tolerance": max(diffs[worst], hdiffs[hworst]) <= a.tolerance
+        and len(hand) == len(theirs),
     }
     with open(f"{a.trace}/reference.jsonl", "w") as f:
         for t in theirs:
@@ -108,9 +117,12 @@ def main():
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         ax[0].plot([o["step"] for o in ours], [o["loss"] for o in ours], label="arpg (Rust, candle autograd)")
+        ax[0].plot([h["step"] for h in hand], [h["loss"] for h in hand], ":", label="arpg, hand-written step")
         ax[0].plot([t["step"] for t in theirs], [t["loss"] for t in theirs], "--", label="reference (PyTorch)")
         ax[0].set_xlabel("step"); ax[0].set_ylabel("training loss"); ax[0].legend()
-        ax[1].semilogy([o["step"] for o in ours], [max(d, 1e-9) for d in diffs])
+        ax[1].semilogy([o["step"] for o in ours], [max(d, 1e-9) for d in diffs], label="autograd vs reference")
+        ax[1].semilogy([h["step"] for h in hand], [max(d, 1e-9) for d in hdiffs], ":", label="hand vs reference")
+        ax[1].legend()
         ax[1].set_xlabel("step"); ax[1].set_ylabel("|loss difference|")
         fig.suptitle("Same weights, batches, orders and class drops; dropout 0; f32 on the CPU")
         fig.tight_layout(); fig.savefig(a.plot, dpi=110)

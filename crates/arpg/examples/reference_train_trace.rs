@@ -2,7 +2,8 @@
 //! one"). Trains a small reference-architecture model (no `abs_pos_embed`) on the UCI digits
 //! with the autograd path, dropout 0, and writes what the paper's training step needs to
 //! repeat the run exactly: the initial weights, every step's batch (class tokens after class
-//! dropout, orders, targets) and learning rate, and our losses.
+//! dropout, orders, targets) and learning rate, and our losses (`ours.jsonl`); then the same
+//! run through the hand-written step (`hand.jsonl`).
 //!
 //! ```sh
 //! cargo run --release -p arpg --example reference_train_trace -- OUT [STEPS] [BATCH]
@@ -11,7 +12,7 @@
 
 use anyhow::{Context, Result};
 use arpg::data::{digits, PackWriter, Packed, Sample};
-use arpg::train::{TrainConfig, Trainer};
+use arpg::train::{StepKind, TrainConfig, Trainer};
 use arpg::ArpgConfig;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ fn main() -> Result<()> {
         min_lr: 1e-4,
         warmup_steps: steps / 10,
         dropout: 0.0,
+        step_kind: StepKind::Autograd,
         ..Default::default()
     };
     let dev = Device::Cpu;
@@ -77,6 +79,21 @@ fn main() -> Result<()> {
         )?;
     }
     arpg::checkpoint::save_safetensors_atomic(&trace, &out.join("batches.safetensors"))?;
+    // The hand-written step from the same seed: the same initial weights and batches.
+    let hand_cfg = TrainConfig {
+        step_kind: StepKind::Hand,
+        ..tc
+    };
+    let mut hand = Trainer::new(&cfg, &hand_cfg, DType::F32, &dev)?;
+    let mut log = std::fs::File::create(out.join("hand.jsonl"))?;
+    for _ in 0..steps {
+        let s = hand.train_step(&data)?;
+        writeln!(
+            log,
+            "{}",
+            serde_json::json!({"step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm})
+        )?;
+    }
     eprintln!("{steps} steps of batch {batch}: trace in {}", out.display());
     Ok(())
 }

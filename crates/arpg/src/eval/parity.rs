@@ -166,6 +166,9 @@ pub struct ParityReport {
     /// CUDA only: the hand-written training step against autograd on ARPG-L-shaped layers,
     /// and both against the next precision up ([`crate::train::hand_step_check`]).
     pub hand_step: Option<crate::train::HandStepCheck>,
+    /// CUDA only: the training step's other fused ops against their composites, relative:
+    /// AdamW's passes, dropout (bf16), cross entropy's loss and gradient (bf16).
+    pub fused_train_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
 }
 
 impl ParityReport {
@@ -196,6 +199,11 @@ impl ParityReport {
         for (op, v) in fused.chain(self.fused_step_logits_rel_diff.map(|v| ("step_logits", v))) {
             if v.is_nan() || v > 3e-2 {
                 out.push(format!("fused decoding step: {op} {v:.3e} > 3e-2"));
+            }
+        }
+        for (op, v) in self.fused_train_ops_rel_diff.iter().flatten() {
+            if v.is_nan() || *v > 3e-2 {
+                out.push(format!("fused training op: {op} {v:.3e} > 3e-2"));
             }
         }
         if let Some(h) = &self.hand_step {
@@ -291,7 +299,26 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_decode_ops_rel_diff: crate::kernels::decode::check(device)?,
         fused_step_logits_rel_diff: crate::model::fused_step_rel_diff(device, dtype, false)?,
         hand_step: crate::train::hand_step_check(dtype, device)?,
+        fused_train_ops_rel_diff: fused_train_ops(device)?,
     })
+}
+
+/// [`ParityReport::fused_train_ops_rel_diff`].
+fn fused_train_ops(device: &Device) -> Result<Option<Vec<(&'static str, f64)>>> {
+    use crate::kernels::{adamw, cross_entropy, dropout};
+    let (Some(a), Some(d), Some([l, g])) = (
+        adamw::check(device)?,
+        dropout::check(device)?,
+        cross_entropy::check(device)?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(vec![
+        ("adamw", a),
+        ("dropout", d),
+        ("cross_entropy_loss", l),
+        ("cross_entropy_grad", g),
+    ]))
 }
 
 /// One `generate` case of the fixtures, greedy: whether the tokens equal the reference's,

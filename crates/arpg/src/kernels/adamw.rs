@@ -251,6 +251,94 @@ fn grid(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
     }
 }
 
+/// Partial sums per tensor of [`squared_norms`] (a fixed count: the same sums every run).
+const PARTS: usize = 128;
+
+/// Each tensor's sum of squares, in f64, with one read back to the host for all of them.
+/// On CUDA (f32 tensors) one kernel per tensor writes a fixed number of partial sums, which
+/// are then added in a fixed order: deterministic, no atomics, no squared copies.
+pub fn squared_norms(ts: &[Tensor]) -> Result<Vec<f64>> {
+    let Some(first) = ts.first() else {
+        return Ok(Vec::new());
+    };
+    let dev = first.device();
+    let fast = dev.is_cuda()
+        && super::on(dev)
+        && ts
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+    if !fast {
+        let parts: Vec<Tensor> = ts
+            .iter()
+            .map(|g| {
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .reshape(1)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        return Ok(Tensor::cat(&parts, 0)?.to_vec1::<f64>()?);
+    }
+    let buf = Tensor::zeros((ts.len(), PARTS), DType::F32, dev)?;
+    for (slot, t) in ts.iter().enumerate() {
+        buf.inplace_op2(t, &SquaredPartials { slot })?;
+    }
+    Ok(buf.to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?)
+}
+
+/// Writes row `slot` of `[tensors, PARTS]`: the partial sums of squares of the source.
+struct SquaredPartials {
+    slot: usize,
+}
+
+impl InplaceOp2 for SquaredPartials {
+    fn name(&self) -> &'static str {
+        "arpg-squared-partials"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = cpu_f32(g, gl, "squared norm")?;
+        let row = &mut f32_mut(s, l)?[self.slot * PARTS..][..PARTS];
+        for (k, p) in row.iter_mut().enumerate() {
+            *p = g.iter().skip(k).step_by(PARTS).map(|v| v * v).sum();
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        l: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        use super::cuda::{launch, view};
+        let dev = s.device().clone();
+        let gs = view::<f32>(g, gl, "squared norm")?;
+        let n = gl.shape().elem_count() as u64;
+        let (a, _) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("squared norm: strided buffer".into()))?;
+        let at = a + self.slot * PARTS;
+        let mut row = s.as_cuda_slice_mut::<f32>()?.slice_mut(at..at + PARTS);
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (PARTS as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "squared_partials_f32", cfg; &mut row, &gs, &n);
+        Ok(())
+    }
+}
+
 /// The kernels against the composite on `device` over a few steps of random tensors (a
 /// matrix with weight decay and clipping, a vector without): the largest relative
 /// difference of the weights and moments (0 expected: the same roundings).
@@ -282,12 +370,26 @@ pub fn compare(device: &candle_core::Device) -> Result<f64> {
     Ok(worst)
 }
 
-/// [`compare`] on CUDA; `None` elsewhere.
+/// [`compare`] on CUDA, and the squared norms' relative difference from the composite's;
+/// `None` elsewhere.
 pub fn check(device: &candle_core::Device) -> Result<Option<f64>> {
-    match device.is_cuda() {
-        true => Ok(Some(compare(device)?)),
-        false => Ok(None),
+    if !device.is_cuda() {
+        return Ok(None);
     }
+    let ts = [
+        Tensor::randn(0f32, 1.0, (1024, 1031), device)?,
+        Tensor::randn(0f32, 2.0, 77, device)?,
+    ];
+    let mut worst = compare(device)?;
+    for (t, got) in ts.iter().zip(squared_norms(&ts)?) {
+        let want = t
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        worst = worst.max((got - want).abs() / want);
+    }
+    Ok(Some(worst))
 }
 
 #[cfg(test)]
@@ -295,5 +397,28 @@ mod tests {
     #[test]
     fn the_cpu_passes_round_as_the_composite() {
         assert_eq!(super::compare(&candle_core::Device::Cpu).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn partial_sums_add_up_to_the_squared_norm() {
+        use candle_core::{DType, Device, Tensor};
+        let t = Tensor::randn(0f32, 1.0, 1000, &Device::Cpu).unwrap();
+        let buf = Tensor::zeros((2, super::PARTS), DType::F32, &Device::Cpu).unwrap();
+        buf.inplace_op2(&t, &super::SquaredPartials { slot: 1 })
+            .unwrap();
+        let rows = buf.sum(1).unwrap().to_vec1::<f32>().unwrap();
+        let want = t
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(rows[0], 0.0);
+        assert!(
+            (rows[1] - want).abs() < 1e-4 * want,
+            "{} vs {want}",
+            rows[1]
+        );
     }
 }

@@ -910,3 +910,106 @@ extern "C" __global__ void adamw_weight_f32(
         w[i] = __fsub_rn(wi, __fmul_rn(__fdiv_rn(m[i], den), step));
     }
 }
+
+// Dropout from a counter-based generator (kernels/dropout.rs computes the same on the CPU):
+// element i survives when the 24-bit hash of (seed, i) is at least thr. out = round(y * s)
+// where it survives, else 0; with `add`, plus x (rounded once more), the residual add.
+__device__ __forceinline__ unsigned int fmix32(unsigned int h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+template <typename T>
+__device__ __forceinline__ void dropout_impl(
+    const T *__restrict__ y, const T *__restrict__ x, T *__restrict__ out, unsigned int n,
+    unsigned int lo, unsigned int hi, unsigned int thr, float s, int add) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += gridDim.x * blockDim.x) {
+        bool keep = (fmix32(fmix32(i ^ lo) ^ hi) >> 8) >= thr;
+        float d = keep ? round_to(y, __fmul_rn(load_f32(y, i), s)) : 0.0f;
+        store_f32(out, i, add ? __fadd_rn(load_f32(x, i), d) : d);
+    }
+}
+extern "C" __global__ void dropout_bf16(
+    const unsigned short *y, const unsigned short *x, unsigned short *out, unsigned int n,
+    unsigned int lo, unsigned int hi, unsigned int thr, float s, int add) {
+    dropout_impl(y, x, out, n, lo, hi, thr, s, add);
+}
+extern "C" __global__ void dropout_f32(
+    const float *y, const float *x, float *out, unsigned int n, unsigned int lo,
+    unsigned int hi, unsigned int thr, float s, int add) {
+    dropout_impl(y, x, out, n, lo, hi, thr, s, add);
+}
+
+// Cross entropy of logits [rows, v] (bf16 or f32) against targets: either the per-row loss
+// logsumexp(row) - row[t] (f32), or the gradient (softmax(row) - onehot(t)) * gscale rounded
+// once to the logits' dtype. One block of 256 threads per row; an online max and sum per
+// thread, combined over the block.
+template <bool GRAD, typename T>
+__device__ void cross_entropy_impl(
+    const T *logits, const unsigned int *targets, float *loss, T *grad, unsigned int v,
+    float gscale) {
+    __shared__ float red[32];
+    size_t base = (size_t)blockIdx.x * v;
+    float m = -INFINITY, s = 0.0f;
+    for (unsigned int i = threadIdx.x; i < v; i += blockDim.x) {
+        float x = load_f32(logits, base + i);
+        if (x > m) {
+            s = s * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
+    }
+    float mm = m;
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) red[warp] = mm;
+    __syncthreads();
+    float big = -INFINITY;
+    for (unsigned int k = 0; k < blockDim.x / 32; k++) big = fmaxf(big, red[k]);
+    float total = block_sum(m == -INFINITY ? 0.0f : s * expf(m - big), red);
+    float lse = big + logf(total);
+    unsigned int t = targets[blockIdx.x];
+    if constexpr (GRAD) {
+        for (unsigned int i = threadIdx.x; i < v; i += blockDim.x) {
+            float p = expf(load_f32(logits, base + i) - lse);
+            store_f32(grad, base + i, (p - (i == t ? 1.0f : 0.0f)) * gscale);
+        }
+    } else if (threadIdx.x == 0) {
+        loss[blockIdx.x] = lse - load_f32(logits, base + t);
+    }
+}
+extern "C" __global__ void cross_entropy_loss_bf16(
+    const unsigned short *logits, const unsigned int *targets, float *loss, unsigned int v) {
+    cross_entropy_impl<false>(logits, targets, loss, (unsigned short *)0, v, 0.0f);
+}
+extern "C" __global__ void cross_entropy_loss_f32(
+    const float *logits, const unsigned int *targets, float *loss, unsigned int v) {
+    cross_entropy_impl<false>(logits, targets, loss, (float *)0, v, 0.0f);
+}
+extern "C" __global__ void cross_entropy_grad_bf16(
+    const unsigned short *logits, const unsigned int *targets, unsigned short *grad,
+    unsigned int v, float gscale) {
+    cross_entropy_impl<true>(logits, targets, (float *)0, grad, v, gscale);
+}
+extern "C" __global__ void cross_entropy_grad_f32(
+    const float *logits, const unsigned int *targets, float *grad, unsigned int v,
+    float gscale) {
+    cross_entropy_impl<true>(logits, targets, (float *)0, grad, v, gscale);
+}
+
+// Partial sums of squares of g [n] (f32): block k of a fixed grid sums elements k * 256 + j
+// (j < 256) and every grid-stride after them, and writes out[k]. Deterministic (no atomics).
+extern "C" __global__ void squared_partials_f32(
+    float *__restrict__ out, const float *__restrict__ g, unsigned long long n) {
+    __shared__ float red[32];
+    float s = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    float t = block_sum(s, red);
+    if (threadIdx.x == 0) out[blockIdx.x] = t;
+}

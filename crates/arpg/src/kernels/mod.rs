@@ -15,9 +15,11 @@
 
 pub mod adamw;
 pub mod attn_softmax;
+pub mod cross_entropy;
 pub mod cudnn;
 pub mod decode;
 pub mod draw;
+pub mod dropout;
 pub mod group_norm;
 pub mod rms_norm;
 pub mod rope;

@@ -5,14 +5,11 @@
 
 use super::layers::{causal_mask, merge_heads, split_heads, CausalMask, RmsNorm};
 use super::{Arpg, Positions};
-use crate::kernels::{attn_softmax, decode, rms_norm};
+use crate::kernels::dropout::{self, Dropout, Site};
+use crate::kernels::{attn_softmax, cross_entropy, decode, rms_norm};
 use anyhow::{ensure, Result};
-use candle_core::{DType, Shape, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
-
-/// Scaled dropout masks (`0` or `1 / (1 - p)`) of a shape and dtype, drawn in the order the
-/// forward applies them; `None` for no dropout.
-pub type MaskSource<'a> = dyn FnMut(&Shape, DType) -> Result<Tensor> + 'a;
 
 /// One micro-batch: the mean cross entropy (f32 scalar, not read back) and the gradient of
 /// `loss * loss_scale` for every parameter, by its state-dict name, in the compute dtype.
@@ -36,12 +33,20 @@ fn rows(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape(((), d))?)
 }
 
-/// `x * mask` where there is a mask.
-fn masked(x: Tensor, m: &Option<Tensor>) -> Result<Tensor> {
-    Ok(match m {
-        Some(m) => (x * m)?,
-        None => x,
-    })
+/// Dropout at `site` (none without one): `x * mask`, the mask drawn again from its seed.
+fn masked(x: Tensor, site: Option<Site>) -> Result<Tensor> {
+    match site {
+        Some(s) => dropout::apply(&x, s),
+        None => Ok(x),
+    }
+}
+
+/// `x + dropout(y)` in one pass.
+fn add_masked(x: &Tensor, y: Tensor, site: Option<Site>) -> Result<Tensor> {
+    match site {
+        Some(s) => dropout::add(x, &y, s),
+        None => Ok((x + y)?),
+    }
 }
 
 fn silu_mul(uz: &Tensor) -> Result<Tensor> {
@@ -85,12 +90,12 @@ struct Saved {
     xn: Tensor,
     attn: Attn,
     a: Tensor,
-    m1: Option<Tensor>,
+    m1: Option<Site>,
     x1: Tensor,
     hn: Tensor,
     uz: Tensor,
     h: Tensor,
-    m2: Option<Tensor>,
+    m2: Option<Site>,
 }
 
 /// The RoPE angles of a pass, and their negatives (the backward's rotation).
@@ -142,16 +147,17 @@ fn norm_backward(
 impl Arpg {
     /// The training loss of a teacher-forced batch and the gradients of `loss * loss_scale`
     /// (see [`Arpg::forward`] for `tokens` and `pos`; `targets [b * L]`), by the hand-written
-    /// backward. Dropout masks come from `masks` in the order the autograd forward draws them
-    /// (token embeddings, then each block's attention and FFN outputs), so both paths see the
-    /// same masks from the same source. Class-conditional models only (no control encoder).
+    /// backward. Dropout sites are numbered in the order the autograd forward applies them
+    /// (token embeddings, then each block's attention and FFN outputs), so both paths drop
+    /// the same elements for the same [`Dropout`]; the backward draws each mask again from
+    /// its seed. Class-conditional models only (no control encoder).
     pub fn loss_and_grads(
         &self,
         tokens: &Tensor,
         pos: Positions,
         targets: &Tensor,
         loss_scale: f64,
-        mut masks: Option<&mut MaskSource>,
+        drop: Option<Dropout>,
     ) -> Result<LossAndGrads> {
         ensure!(
             self.control.is_none() && pos.control.is_none(),
@@ -162,11 +168,11 @@ impl Arpg {
         let d = cfg.dim;
         let mask = causal_mask(l);
         let dt = self.dtype;
-        let mut draw = |s: &Shape| -> Result<Option<Tensor>> {
-            match masks.as_mut() {
-                Some(f) => Ok(Some(f(s, dt)?)),
-                None => Ok(None),
-            }
+        let mut sites = 0usize;
+        let mut draw = || -> Option<Site> {
+            let d = drop.filter(|d| d.p > 0.0)?;
+            sites += 1;
+            Some(d.site(sites - 1))
         };
         let angles = |rows: &Tensor| -> Result<Angles> {
             let (cos, sin) = self.rope.gather(rows)?;
@@ -176,9 +182,8 @@ impl Arpg {
         let (ka, qa) = (angles(pos.keys)?, angles(pos.queries)?);
 
         // Forward, pass 1: the tokens through the causal self-attention blocks.
-        let x0 = self.embed(tokens, pos.keys)?;
-        let m0 = draw(x0.shape())?;
-        let mut x = masked(x0, &m0)?;
+        let m0 = draw();
+        let mut x = masked(self.embed(tokens, pos.keys)?, m0)?;
         let mut saved = Vec::with_capacity(self.self_dec.len());
         let mut qkv_w = Vec::with_capacity(self.self_dec.len());
         for blk in &self.self_dec {
@@ -233,18 +238,17 @@ impl Arpg {
         }
         let qf = q;
         let hf = rows(&self.norm.forward_train(&qf)?)?;
-        let logits = mm(&hf, &self.head.weight)?.to_dtype(super::layers::at_least_f32(dt))?;
-        let loss = candle_nn::loss::cross_entropy(&logits, targets)?;
+        let logits = mm(&hf, &self.head.weight)?;
 
         // Backward: the cross entropy's gradient is softmax - one-hot, over the mean.
         let n = logits.dim(0)?;
-        let minus = Tensor::full(-1f32, (n, 1), logits.device())?.to_dtype(logits.dtype())?;
-        let dlogits = candle_nn::ops::softmax_last_dim(&logits)?.scatter_add(
-            &targets.reshape((n, 1))?,
-            &minus,
-            1,
-        )?;
-        let dlogits = (dlogits * (loss_scale / n as f64))?.to_dtype(dt)?;
+        let (losses, dlogits) = match dt {
+            DType::F32 | DType::BF16 => {
+                cross_entropy::fused(&logits, targets, loss_scale / n as f64)?
+            }
+            _ => cross_entropy::slow(&logits, targets, loss_scale / n as f64)?,
+        };
+        let loss = losses.to_dtype(DType::F32)?.mean_all()?;
         let mut grads = Grads::default();
         grads.add("head.weight".into(), wgrad(&dlogits, &hf)?)?;
         let dhf = dlogits.matmul(&self.head.weight)?.reshape((b, l, d))?;
@@ -329,7 +333,7 @@ impl Arpg {
             )?;
             dx = (dx1 + g)?;
         }
-        let dx0 = masked(dx, &m0)?;
+        let dx0 = masked(dx, m0)?;
         self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
         Ok(LossAndGrads {
             loss,
@@ -350,19 +354,19 @@ impl Arpg {
         xn: Tensor,
         a: Tensor,
         attn: Attn,
-        draw: &mut dyn FnMut(&Shape) -> Result<Option<Tensor>>,
+        draw: &mut dyn FnMut() -> Option<Site>,
     ) -> Result<(Saved, Tensor)> {
         let (b, l, d) = x.dims3()?;
         let o = mm(&rows(&a)?, &proj)?.reshape((b, l, d))?;
-        let m1 = draw(o.shape())?;
-        let x1 = (&x + masked(o, &m1)?)?;
+        let m1 = draw();
+        let x1 = add_masked(&x, o, m1)?;
         let hn = ffn_norm.forward_train(&x1)?;
         let w13 = Tensor::cat(&[&ffn.w1.weight, &ffn.w3.weight], 0)?;
         let uz = mm(&rows(&hn)?, &w13)?;
         let h = silu_mul(&uz)?;
         let f = mm(&h, &ffn.w2.weight)?.reshape((b, l, d))?;
-        let m2 = draw(f.shape())?;
-        let out = (&x1 + masked(f, &m2)?)?;
+        let m2 = draw();
+        let out = add_masked(&x1, f, m2)?;
         let saved = Saved {
             x,
             xn,
@@ -393,7 +397,7 @@ impl Arpg {
         grads: &mut Grads,
     ) -> Result<(Tensor, Tensor)> {
         let (b, l, d) = s.x.dims3()?;
-        let df = rows(&masked(dy.clone(), &s.m2)?)?;
+        let df = rows(&masked(dy.clone(), s.m2)?)?;
         grads.add(name("ffn.w2.weight"), wgrad(&df, &s.h)?)?;
         let dh = df.matmul(&ffn.w2.weight)?;
         let duz = decode::silu_mul_backward(&s.uz, &dh)?;
@@ -405,7 +409,7 @@ impl Arpg {
         let dhn = duz.matmul(&w13)?.reshape((b, l, d))?;
         let g = norm_backward(ffn_norm, &s.x1, &dhn, name("ffn_norm.weight"), grads)?;
         let dx1 = (dy + g)?;
-        let dout = rows(&masked(dx1.clone(), &s.m1)?)?;
+        let dout = rows(&masked(dx1.clone(), s.m1)?)?;
         grads.add(name("attn.proj.weight"), wgrad(&dout, &rows(&s.a)?)?)?;
         let da = dout.matmul(proj)?.reshape((b, l, d))?;
         Ok((dx1, split_heads(&da, self.cfg.n_head)?))

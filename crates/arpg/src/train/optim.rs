@@ -126,18 +126,7 @@ impl AdamW {
 
 /// The global L2 norm of `grads` (one read back to the host for all of them).
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
-    // One host read for all tensors: a read per tensor would drain the GPU queue each time.
-    let parts: Vec<Tensor> = grads
-        .iter()
-        .map(|g| {
-            g.to_dtype(candle_core::DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .reshape(1)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let sq: f64 = Tensor::cat(&parts, 0)?.to_vec1::<f64>()?.iter().sum();
+    let sq: f64 = crate::kernels::adamw::squared_norms(grads)?.iter().sum();
     Ok(sq.sqrt())
 }
 
