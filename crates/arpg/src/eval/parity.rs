@@ -167,7 +167,8 @@ pub struct ParityReport {
     /// and both against the next precision up ([`crate::train::hand_step_check`]).
     pub hand_step: Option<crate::train::HandStepCheck>,
     /// CUDA only: the training step's other fused ops against their composites, relative:
-    /// AdamW's passes, dropout (bf16), cross entropy's loss and gradient (bf16).
+    /// AdamW's passes and squared norms, dropout, cross entropy's loss and gradient, the
+    /// embedding's gradient, the heads' layout changes with RoPE (bf16 where typed).
     pub fused_train_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
 }
 
@@ -318,6 +319,14 @@ fn fused_train_ops(device: &Device) -> Result<Option<Vec<(&'static str, f64)>>> 
         ("dropout", d),
         ("cross_entropy_loss", l),
         ("cross_entropy_grad", g),
+        (
+            "embedding_backward",
+            crate::kernels::embedding::compare(device, DType::BF16)?,
+        ),
+        (
+            "heads",
+            crate::kernels::heads::compare(device, DType::BF16)?,
+        ),
     ]))
 }
 

@@ -252,7 +252,7 @@ fn grid(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
 }
 
 /// Partial sums per tensor of [`squared_norms`] (a fixed count: the same sums every run).
-const PARTS: usize = 128;
+const PARTS: usize = 1024;
 
 /// Each tensor's sum of squares, in f64, with one read back to the host for all of them.
 /// On CUDA (f32 tensors) one kernel per tensor writes a fixed number of partial sums, which

@@ -1013,3 +1013,70 @@ extern "C" __global__ void squared_partials_f32(
     float t = block_sum(s, red);
     if (threadIdx.x == 0) out[blockIdx.x] = t;
 }
+
+// An embedding table's gradient (kernels/embedding.rs): block r sums, column by column, the
+// gradient rows order[offsets[r] .. offsets[r + 1]] in that order (f32), into out[r].
+template <typename T>
+__device__ void embedding_bwd(
+    const T *g, const unsigned int *order, const unsigned int *offsets, float *out,
+    unsigned int d) {
+    unsigned int r = blockIdx.x, a = offsets[r], b = offsets[r + 1];
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        float s = 0.0f;
+        for (unsigned int k = a; k < b; k++) s += load_f32(g, (size_t)order[k] * d + c);
+        out[(size_t)r * d + c] = s;
+    }
+}
+extern "C" __global__ void embedding_bwd_bf16(
+    const unsigned short *g, const unsigned int *order, const unsigned int *offsets, float *out,
+    unsigned int d) {
+    embedding_bwd(g, order, offsets, out, d);
+}
+extern "C" __global__ void embedding_bwd_f32(
+    const float *g, const unsigned int *order, const unsigned int *offsets, float *out,
+    unsigned int d) {
+    embedding_bwd(g, order, offsets, out, d);
+}
+
+// Attention's layout changes (kernels/heads.rs): one thread per channel pair. split: columns
+// col.. of x [b, t, stride] to [b, h, t, hd]; else [b, h, t, hd] to [b, t, h * hd] (stride =
+// h * hd, col 0). With rotate, the pair turns by cs [2, b, t, hd / 2] (by the opposite angle
+// with inverse), in f32, rounded once, as rope_i does.
+template <typename T>
+__device__ void heads_impl(
+    const T *x, const float *cs, T *out, unsigned int b, unsigned int t, unsigned int h,
+    unsigned int hd, unsigned int stride, unsigned int col, unsigned int split, int rotate,
+    int inverse) {
+    unsigned int half = hd / 2;
+    size_t n = (size_t)b * t * h * half;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int p = i % half, hh = (i / half) % h;
+    size_t bt = i / half / h;  // bb * t + tt
+    unsigned int tt = bt % t, bb = bt / t;
+    size_t flat = bt * stride + col + (size_t)hh * hd + 2 * p;
+    size_t heads = (((size_t)bb * h + hh) * t + tt) * hd + 2 * p;
+    size_t src = split ? flat : heads, dst = split ? heads : flat;
+    float x0 = load_f32(x, src), x1 = load_f32(x, src + 1);
+    if (rotate) {
+        float c = cs[bt * half + p], s = cs[(size_t)b * t * half + bt * half + p];
+        if (inverse) s = -s;
+        store_f32(out, dst, x0 * c - x1 * s);
+        store_f32(out, dst + 1, x1 * c + x0 * s);
+    } else {
+        store_f32(out, dst, x0);
+        store_f32(out, dst + 1, x1);
+    }
+}
+extern "C" __global__ void heads_bf16(
+    const unsigned short *x, const float *cs, unsigned short *out, unsigned int b,
+    unsigned int t, unsigned int h, unsigned int hd, unsigned int stride, unsigned int col,
+    unsigned int split, int rotate, int inverse) {
+    heads_impl(x, cs, out, b, t, h, hd, stride, col, split, rotate, inverse);
+}
+extern "C" __global__ void heads_f32(
+    const float *x, const float *cs, float *out, unsigned int b, unsigned int t, unsigned int h,
+    unsigned int hd, unsigned int stride, unsigned int col, unsigned int split, int rotate,
+    int inverse) {
+    heads_impl(x, cs, out, b, t, h, hd, stride, col, split, rotate, inverse);
+}

@@ -3,10 +3,10 @@
 //! autograd graph. Merged q|k|v and w1|w3 GEMMs each way. Checked against candle's autograd
 //! through [`Arpg::forward`] (tests here; `arpg check-parity` on the GPU).
 
-use super::layers::{causal_mask, merge_heads, split_heads, CausalMask, RmsNorm};
+use super::layers::{causal_mask, CausalMask, RmsNorm};
 use super::{Arpg, Positions};
 use crate::kernels::dropout::{self, Dropout, Site};
-use crate::kernels::{attn_softmax, cross_entropy, decode, rms_norm};
+use crate::kernels::{attn_softmax, cross_entropy, decode, embedding, heads, rms_norm};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
@@ -70,7 +70,7 @@ struct Attn {
 fn attend(q: Tensor, k: Tensor, v: Tensor, mask: CausalMask) -> Result<(Tensor, Attn)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let p = attn_softmax::probs(&q.matmul(&k.t()?)?, scale, Some(mask))?;
-    let a = merge_heads(&p.matmul(&v)?)?;
+    let a = heads::merge(&p.matmul(&v)?, None)?;
     Ok((a, Attn { q, k, v, p }))
 }
 
@@ -98,21 +98,25 @@ struct Saved {
     m2: Option<Site>,
 }
 
-/// The RoPE angles of a pass, and their negatives (the backward's rotation).
+/// The RoPE angles of a pass (packed `[2, b, t, hd / 2]`) and the head layout.
 struct Angles {
-    cos: Tensor,
-    sin: Tensor,
-    neg_sin: Tensor,
+    cs: Tensor,
+    n_head: usize,
+    hd: usize,
 }
 
 impl Angles {
-    fn rotate(&self, x: &Tensor, n_head: usize) -> Result<Tensor> {
-        super::rope::apply_train(&split_heads(x, n_head)?, &self.cos, &self.sin)
+    /// Columns `col..` of `x [b, t, _]` as rotated heads `[b, h, t, hd]`.
+    fn rotate(&self, x: &Tensor, col: usize) -> Result<Tensor> {
+        heads::split(x, col, self.n_head, self.hd, Some(&self.cs))
+    }
+    /// The same without the rotation (values).
+    fn split(&self, x: &Tensor, col: usize) -> Result<Tensor> {
+        heads::split(x, col, self.n_head, self.hd, None)
     }
     /// The gradient of [`Self::rotate`]'s input, `[b, t, h*hd]`.
     fn unrotate(&self, g: &Tensor) -> Result<Tensor> {
-        let g = super::rope::apply_train(&g.contiguous()?, &self.cos, &self.neg_sin)?;
-        merge_heads(&g)
+        heads::merge(g, Some(&self.cs))
     }
 }
 
@@ -175,9 +179,11 @@ impl Arpg {
             Some(d.site(sites - 1))
         };
         let angles = |rows: &Tensor| -> Result<Angles> {
-            let (cos, sin) = self.rope.gather(rows)?;
-            let neg_sin = sin.neg()?;
-            Ok(Angles { cos, sin, neg_sin })
+            Ok(Angles {
+                cs: self.rope.gather_packed(rows)?,
+                n_head: nh,
+                hd: cfg.head_dim(),
+            })
         };
         let (ka, qa) = (angles(pos.keys)?, angles(pos.queries)?);
 
@@ -190,9 +196,9 @@ impl Arpg {
             let w = Tensor::cat(&[&blk.to_q.weight, &blk.to_k.weight, &blk.to_v.weight], 0)?;
             let xn = blk.attn_norm.forward_train(&x)?;
             let qkv = mm(&rows(&xn)?, &w)?.reshape((b, l, 3 * d))?;
-            let q = ka.rotate(&qkv.narrow(2, 0, d)?, nh)?;
-            let k = ka.rotate(&qkv.narrow(2, d, d)?, nh)?;
-            let v = split_heads(&qkv.narrow(2, 2 * d, d)?, nh)?;
+            let q = ka.rotate(&qkv, 0)?;
+            let k = ka.rotate(&qkv, d)?;
+            let v = ka.split(&qkv, 2 * d)?;
             let (a, attn) = attend(q, k, v, mask)?;
             let s = self.ffn_forward(
                 blk.proj.weight.clone(),
@@ -213,15 +219,15 @@ impl Arpg {
         let xkv = x;
         let xkn = self.kv_norm.forward_train(&xkv)?;
         let kv = mm(&rows(&xkn)?, &kv_w)?.reshape((b, l, 2 * d))?;
-        let keys = ka.rotate(&kv.narrow(2, 0, d)?, nh)?;
-        let values = split_heads(&kv.narrow(2, d, d)?, nh)?;
+        let keys = ka.rotate(&kv, 0)?;
+        let values = ka.split(&kv, d)?;
 
         // Pass 2: mask-token queries through the cross-attention blocks.
         let mut q = self.mask_queries(pos.queries)?;
         let mut csaved = Vec::with_capacity(self.cross_dec.len());
         for blk in &self.cross_dec {
             let qn = blk.attn_norm.forward_train(&q)?;
-            let qh = qa.rotate(&mm(&rows(&qn)?, &blk.to_q.weight)?.reshape((b, l, d))?, nh)?;
+            let qh = qa.rotate(&mm(&rows(&qn)?, &blk.to_q.weight)?.reshape((b, l, d))?, 0)?;
             let (a, attn) = attend(qh, keys.clone(), values.clone(), mask)?;
             let s = self.ffn_forward(
                 blk.proj.weight.clone(),
@@ -289,7 +295,7 @@ impl Arpg {
         // The queries' gradient reaches the mask token's embedding (and positions).
         let dq0 = dq;
         let dk = ka.unrotate(&dkeys.expect("at least one cross block"))?;
-        let dv = merge_heads(&dvalues.expect("at least one cross block"))?;
+        let dv = heads::merge(&dvalues.expect("at least one cross block"), None)?;
         let dkv = rows(&Tensor::cat(&[&dk, &dv], 2)?)?;
         let dkv_w = wgrad(&dkv, &rows(&xkn)?)?;
         grads.add("layers.to_k.weight".into(), dkv_w.narrow(0, 0, d)?)?;
@@ -315,7 +321,11 @@ impl Arpg {
             )?;
             let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
             let dqkv = Tensor::cat(
-                &[&ka.unrotate(&dqh)?, &ka.unrotate(&dk)?, &merge_heads(&dv)?],
+                &[
+                    &ka.unrotate(&dqh)?,
+                    &ka.unrotate(&dk)?,
+                    &heads::merge(&dv, None)?,
+                ],
                 2,
             )?;
             let dqkv = rows(&dqkv)?;
@@ -412,7 +422,10 @@ impl Arpg {
         let dout = rows(&masked(dx1.clone(), s.m1)?)?;
         grads.add(name("attn.proj.weight"), wgrad(&dout, &rows(&s.a)?)?)?;
         let da = dout.matmul(proj)?.reshape((b, l, d))?;
-        Ok((dx1, split_heads(&da, self.cfg.n_head)?))
+        Ok((
+            dx1,
+            heads::split(&da, 0, self.cfg.n_head, self.cfg.head_dim(), None)?,
+        ))
     }
 
     /// The embedding table's gradient from the tokens' (`dx0`) and the mask-token queries'
@@ -427,20 +440,16 @@ impl Arpg {
         grads: &mut Grads,
     ) -> Result<()> {
         let table = self.embeddings.embeddings();
-        let d = self.cfg.dim;
-        let f32_rows = |g: &Tensor| -> Result<Tensor> { Ok(rows(g)?.to_dtype(DType::F32)?) };
         let ids = tokens.flatten_all()?;
         let mask_ids = Tensor::full(self.cfg.mask_token(), queries.elem_count(), table.device())?;
         let all_ids = Tensor::cat(&[&ids, &mask_ids], 0)?;
-        let both = Tensor::cat(&[&f32_rows(dx0)?, &f32_rows(dq0)?], 0)?;
-        let de = Tensor::zeros((table.dim(0)?, d), DType::F32, table.device())?
-            .index_add(&all_ids, &both, 0)?;
+        let both = Tensor::cat(&[&rows(dx0)?, &rows(dq0)?], 0)?;
+        let de = embedding::backward(&all_ids, &both, table.dim(0)?)?;
         grads.add("embeddings.weight".into(), de)?;
         if let Some(p) = &self.pos {
             let all_rows = Tensor::cat(&[&keys.flatten_all()?, &queries.flatten_all()?], 0)?;
             let idx = p.map.index_select(&all_rows, 0)?;
-            let dp = Tensor::zeros(p.table.dims(), DType::F32, table.device())?
-                .index_add(&idx, &both, 0)?;
+            let dp = embedding::backward(&idx, &both, p.table.dim(0)?)?;
             grads.add("pos_embeddings.weight".into(), dp)?;
         }
         Ok(())

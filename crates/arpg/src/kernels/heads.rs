@@ -1,0 +1,295 @@
+//! Attention's layout changes with RoPE folded in: columns of a projection `[b, t, stride]`
+//! to heads `[b, h, t, hd]` (rotated by the packed angles `[2, b, t, hd/2]` or not), and
+//! heads back to `[b, t, h * hd]` (rotated by the opposite angles: RoPE's backward). One
+//! coalesced pass each, where the generic path is a strided copy, a second copy and the
+//! rotation. The arithmetic of [`super::rope`]: f32, rounded once.
+
+use super::{cpu_f32, cpu_store};
+use anyhow::{ensure, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+/// Columns `col .. col + n_head * hd` of `src [b, t, stride]` as `[b, n_head, t, hd]`,
+/// rotated by `cs [2, b, t, hd / 2]` when given.
+pub fn split(
+    src: &Tensor,
+    col: usize,
+    n_head: usize,
+    hd: usize,
+    cs: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, _, stride) = src.dims3()?;
+    ensure!(
+        hd.is_multiple_of(2) && col + n_head * hd <= stride,
+        "heads: columns {col}..{} of {stride}",
+        col + n_head * hd
+    );
+    if !fast(src) {
+        return split_slow(src, col, n_head, hd, cs);
+    }
+    let op = Heads {
+        split: true,
+        col,
+        n_head,
+        hd,
+        inverse: false,
+    };
+    let src = src.contiguous()?;
+    Ok(match cs {
+        Some(cs) => src.apply_op2_no_bwd(&cs.contiguous()?, &op)?,
+        None => src.apply_op1_no_bwd(&op)?,
+    })
+}
+
+/// `g [b, h, t, hd]` as `[b, t, h * hd]`, rotated by the opposite angles of `cs` when given.
+pub fn merge(g: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
+    let (_, h, _, hd) = g.dims4()?;
+    if !fast(g) {
+        return merge_slow(g, cs);
+    }
+    let op = Heads {
+        split: false,
+        col: 0,
+        n_head: h,
+        hd,
+        inverse: true,
+    };
+    let g = g.contiguous()?;
+    Ok(match cs {
+        Some(cs) => g.apply_op2_no_bwd(&cs.contiguous()?, &op)?,
+        None => g.apply_op1_no_bwd(&op)?,
+    })
+}
+
+/// Whether the one-pass ops take `x` (f32 or bf16, kernels not turned off, loaded on CUDA).
+fn fast(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16)
+        && super::enabled()
+        && (x.device().is_cpu() || super::on(x.device()))
+}
+
+/// The composite: narrow, split heads, [`super::rope::slow`].
+pub fn split_slow(
+    src: &Tensor,
+    col: usize,
+    n_head: usize,
+    hd: usize,
+    cs: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x =
+        crate::model::layers::split_heads(&src.narrow(2, col, n_head * hd)?.contiguous()?, n_head)?;
+    match cs {
+        Some(cs) => super::rope::slow(&x, &cs.get(0)?, &cs.get(1)?),
+        None => Ok(x),
+    }
+}
+
+/// The composite of [`merge`].
+pub fn merge_slow(g: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
+    let g = match cs {
+        Some(cs) => super::rope::slow(g, &cs.get(0)?, &cs.get(1)?.neg()?)?,
+        None => g.clone(),
+    };
+    crate::model::layers::merge_heads(&g)
+}
+
+struct Heads {
+    split: bool,
+    col: usize,
+    n_head: usize,
+    hd: usize,
+    /// Rotate by the opposite angles.
+    inverse: bool,
+}
+
+/// (b, t, stride of the `[b, t, _]` side).
+fn dims(op: &Heads, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    Ok(match op.split {
+        true => l.shape().dims3()?,
+        false => {
+            let (b, _, t, _) = l.shape().dims4()?;
+            (b, t, op.n_head * op.hd)
+        }
+    })
+}
+
+impl Heads {
+    fn out_shape(&self, b: usize, t: usize) -> Shape {
+        match self.split {
+            true => Shape::from((b, self.n_head, t, self.hd)),
+            false => Shape::from((b, t, self.n_head * self.hd)),
+        }
+    }
+
+    fn cpu(
+        &self,
+        x: &CpuStorage,
+        l: &Layout,
+        cs: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, stride) = dims(self, l)?;
+        let (h, hd, half) = (self.n_head, self.hd, self.hd / 2);
+        let v = cpu_f32(x, l, "heads")?;
+        let cs = match cs {
+            Some((c, cl)) => Some(cpu_f32(c, cl, "heads")?),
+            None => None,
+        };
+        let mut out = vec![0f32; b * t * h * hd];
+        for bb in 0..b {
+            for tt in 0..t {
+                for hh in 0..h {
+                    let flat = (bb * t + tt) * stride + self.col + hh * hd;
+                    let heads = ((bb * h + hh) * t + tt) * hd;
+                    let (src, dst) = match self.split {
+                        true => (flat, heads),
+                        false => (heads, flat),
+                    };
+                    for p in 0..half {
+                        let (x0, x1) = (v[src + 2 * p], v[src + 2 * p + 1]);
+                        let (y0, y1) = match &cs {
+                            Some(cs) => {
+                                let c = cs[(bb * t + tt) * half + p];
+                                let s = cs[b * t * half + (bb * t + tt) * half + p];
+                                let s = if self.inverse { -s } else { s };
+                                (x0 * c - x1 * s, x1 * c + x0 * s)
+                            }
+                            None => (x0, x1),
+                        };
+                        out[dst + 2 * p] = y0;
+                        out[dst + 2 * p + 1] = y1;
+                    }
+                }
+            }
+        }
+        Ok((cpu_store(out, x.dtype())?, self.out_shape(b, t)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+        cs: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{launch, view};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let (b, t, stride) = dims(self, l)?;
+        let dev = x.device().clone();
+        let pairs = b * t * self.n_head * self.hd / 2;
+        let cfg = LaunchConfig {
+            grid_dim: ((pairs as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims: [u32; 7] = [
+            b as u32,
+            t as u32,
+            self.n_head as u32,
+            self.hd as u32,
+            stride as u32,
+            self.col as u32,
+            self.split as u32,
+        ];
+        let (rotate, inverse) = (cs.is_some() as i32, self.inverse as i32);
+        // Without angles the kernel reads none: pass a one-element stand-in.
+        let none = dev.alloc_zeros::<f32>(1)?;
+        let cv = match cs {
+            Some((c, cl)) => view::<f32>(c, cl, "heads")?,
+            None => none.slice(0..1),
+        };
+        let [b_u, t_u, h_u, hd_u, st_u, col_u, split_u] = dims;
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let xs = view::<$t>(x, l, "heads")?;
+                // Safety: the kernel writes every element.
+                let mut dst = unsafe { dev.alloc::<$t>(pairs * 2) }?;
+                launch!(dev, $name, cfg; &xs, &cv, &mut dst, &b_u, &t_u, &h_u, &hd_u, &st_u,
+                    &col_u, &split_u, &rotate, &inverse);
+                candle_core::CudaStorage::wrap_cuda_slice(dst, dev.clone())
+            }};
+        }
+        let out = match x.dtype() {
+            DType::BF16 => run!(half::bf16, "heads_bf16"),
+            DType::F32 => run!(f32, "heads_f32"),
+            dt => candle_core::bail!("heads: {dt:?}"),
+        };
+        Ok((out, self.out_shape(b, t)))
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "arpg-heads"
+    }
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu(x, l, None)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(x, l, None)
+    }
+}
+
+impl CustomOp2 for Heads {
+    fn name(&self) -> &'static str {
+        "arpg-heads-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        l: &Layout,
+        cs: &CpuStorage,
+        csl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu(x, l, Some((cs, csl)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+        cs: &candle_core::CudaStorage,
+        csl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(x, l, Some((cs, csl)))
+    }
+}
+
+/// The fused ops against their composites on `device` in `dtype`: the largest relative
+/// difference over a split with and without rotation and a merge with and without.
+pub fn compare(device: &candle_core::Device, dtype: DType) -> Result<f64> {
+    let (b, t, h, hd) = (3, 5, 2, 8);
+    let src = Tensor::randn(0f32, 1.0, (b, t, 3 * h * hd), device)?.to_dtype(dtype)?;
+    let ang = Tensor::randn(0f32, 2.0, (b, t, hd / 2), device)?;
+    let cs = Tensor::stack(&[ang.cos()?, ang.sin()?], 0)?;
+    let g = Tensor::randn(0f32, 1.0, (b, h, t, hd), device)?.to_dtype(dtype)?;
+    let mut worst = 0f64;
+    for c in [None, Some(&cs)] {
+        let s = split(&src, h * hd, h, hd, c)?;
+        worst = worst.max(super::rel_diff(&s, &split_slow(&src, h * hd, h, hd, c)?)?);
+        worst = worst.max(super::rel_diff(&merge(&g, c)?, &merge_slow(&g, c)?)?);
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_layout_changes_match_their_composites() {
+        let dev = candle_core::Device::Cpu;
+        assert!(compare(&dev, DType::F32).unwrap() < 1e-6);
+        assert!(compare(&dev, DType::BF16).unwrap() < 1e-2);
+        // Merging undoes splitting, and the opposite rotation undoes the rotation.
+        let src = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev).unwrap();
+        let ang = Tensor::randn(0f32, 2.0, (2, 3, 4), &dev).unwrap();
+        let cs = Tensor::stack(&[ang.cos().unwrap(), ang.sin().unwrap()], 0).unwrap();
+        let back = merge(&split(&src, 0, 2, 8, Some(&cs)).unwrap(), Some(&cs)).unwrap();
+        assert!(super::super::rel_diff(&back, &src).unwrap() < 1e-6);
+    }
+}
