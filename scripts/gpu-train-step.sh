@@ -6,7 +6,8 @@
 # With .bin/rtt holding a trace of crates/arpg/examples/reference_train_trace.rs, also the
 # reference's training step on it against both of our steps (CPU, f32).
 #   device run, carry [".bin/arpg.xz", ".bin/ref", ".bin/rtt"]:
-#     BATCHES="64 128" COMPILE=1 bash scripts/gpu-train-step.sh [ncu]
+#     BATCHES="64 128" COMPILE=1 MODELS="ARPG-XL ARPG-XXL" bash scripts/gpu-train-step.sh [ncu]
+# (autograd is timed at batch 64 only unless AUTOGRAD_ALL=1)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
 export CUDA_CACHE_MAXSIZE=4294967296
@@ -22,7 +23,8 @@ for d in f32 bf16; do
 done; el
 B="$A bench --model ARPG-L --init random --device cuda:0 --dtype bf16 --json --train --train-only --warmup 1"
 for bs in ${BATCHES:-64}; do
-  for k in hand autograd; do
+  kinds="hand autograd"; [ "$bs" = 64 ] || [ "${AUTOGRAD_ALL:-0}" = 1 ] || kinds=hand
+  for k in $kinds; do
     echo "== ARPG-L training step, batch $bs, $k"
     $B --batch-size $bs --repeats 3 --train-step $k | tee -a "$OUT/bench.jsonl" | grep -o '"train.*'
   done
@@ -34,16 +36,25 @@ for bs in ${BATCHES:-64}; do
     --no-sample --train $c | tee -a "$OUT/bench.jsonl"
   el
 done
+for m in ${MODELS:-}; do
+  echo "== $m training step, batch 64, hand"
+  $A bench --model $m --init random --device cuda:0 --dtype bf16 --json --train --train-only \
+    --warmup 1 --batch-size 64 --repeats 3 --train-step hand | tee -a "$OUT/bench.jsonl" | grep -o '"train.*'
+done; el
 if [ -d .bin/rtt ]; then
   echo "== 200 digits steps: the reference's training step on our trace (autograd and hand-written)"
   timeout 300 python3 scripts/reference_train_compare.py --ref .bin/ref --trace .bin/rtt \
     --plot "$OUT/train-vs-reference.png"; cp .bin/rtt/reference.jsonl "$OUT/" 2>/dev/null; el
 fi
 if [ "${1:-}" = ncu ]; then
-  echo "== ncu: the first ${NCU_COUNT:-1500} kernels of one warm hand step"
-  timeout 240 ncu --profile-from-start off --clock-control none --csv --print-units base \
-    --launch-count ${NCU_COUNT:-1500} \
-    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-    $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  python3 scripts/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu.txt"; head -40 "$OUT/ncu.txt"; el
+  # Two windows of one warm hand step: its first 1,500 kernels, then the next 3,000.
+  for w in ${NCU_WINDOWS:-"0 1500" "1500 3000"}; do
+    set -- $w
+    echo "== ncu: kernels $1.. ($2) of one warm hand step"
+    timeout 200 ncu --profile-from-start off --clock-control none --csv --print-units base \
+      --launch-skip $1 --launch-count $2 \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu-$1.csv" 2> "$OUT/ncu-$1.err"
+    python3 scripts/ncu_summary.py "$OUT/ncu-$1.csv" > "$OUT/ncu-$1.txt"; head -30 "$OUT/ncu-$1.txt"; el
+  done
 fi
