@@ -48,13 +48,14 @@ if [ -d .bin/rtt ]; then
 fi
 if [ "${1:-}" = ncu ]; then
   # Two windows of one warm hand step: its first 1,500 kernels, then the next 3,000.
-  for w in ${NCU_WINDOWS:-"0 1500" "1500 3000"}; do
-    set -- $w
-    echo "== ncu: kernels $1.. ($2) of one warm hand step"
+  windows=${NCU_WINDOWS:-0:1500,1500:3000}
+  for w in ${windows//,/ }; do
+    skip=${w%:*}; count=${w#*:}
+    echo "== ncu: kernels $skip.. ($count) of one warm hand step"
     timeout 200 ncu --profile-from-start off --clock-control none --csv --print-units base \
-      --launch-skip $1 --launch-count $2 \
+      --launch-skip $skip --launch-count $count \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-      $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu-$1.csv" 2> "$OUT/ncu-$1.err"
-    python3 scripts/ncu_summary.py "$OUT/ncu-$1.csv" > "$OUT/ncu-$1.txt"; head -30 "$OUT/ncu-$1.txt"; el
+      $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu-$skip.csv" 2> "$OUT/ncu-$skip.err"
+    python3 scripts/ncu_summary.py "$OUT/ncu-$skip.csv" > "$OUT/ncu-$skip.txt"; head -30 "$OUT/ncu-$skip.txt"; el
   done
 fi
