@@ -17,9 +17,9 @@ t0=$(date +%s); el() { echo "   [elapsed $(( $(date +%s) - t0 ))s]"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for d in f32 bf16; do
   echo "== check-parity $d"
-  $A check-parity --device cuda:0 --dtype $d > "$OUT/parity-$d.json" 2> "$OUT/parity-$d.err"
-  echo "rc $?"; grep -o "\"hand_step\":{[^}]*}" "$OUT/parity-$d.json"
-  grep -o '"fused_decode_ops_rel_diff.*' "$OUT/parity-$d.json" | cut -c1-400; tail -3 "$OUT/parity-$d.err"
+  $A check-parity --device cuda:0 --dtype $d > "/tmp/parity-$d.json" 2> "/tmp/parity-$d.err"
+  echo "rc $?"; grep -o "\"hand_step\":{[^}]*}" "/tmp/parity-$d.json"
+  grep -o '"fused_decode_ops_rel_diff.*' "/tmp/parity-$d.json" | cut -c1-400; tail -3 "/tmp/parity-$d.err"
 done; el
 B="$A bench --model ARPG-L --init random --device cuda:0 --dtype bf16 --json --train --train-only --warmup 1"
 for bs in ${BATCHES:-64}; do
@@ -55,7 +55,7 @@ if [ "${1:-}" = ncu ]; then
     timeout 200 ncu --profile-from-start off --clock-control none --csv --print-units base \
       --launch-skip $skip --launch-count $count \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-      $B --batch-size 64 --repeats 1 --train-step hand > "$OUT/ncu-$skip.csv" 2> "$OUT/ncu-$skip.err"
-    python3 scripts/ncu_summary.py "$OUT/ncu-$skip.csv" > "$OUT/ncu-$skip.txt"; head -30 "$OUT/ncu-$skip.txt"; el
+      $B --batch-size 64 --repeats 1 --train-step hand > "/tmp/ncu-$skip.csv" 2> "/tmp/ncu-$skip.err"
+    python3 scripts/ncu_summary.py "/tmp/ncu-$skip.csv" > "$OUT/ncu-$skip.txt"; head -30 "$OUT/ncu-$skip.txt"; el
   done
 fi
