@@ -18,8 +18,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for d in f32 bf16; do
   echo "== check-parity $d"
   $A check-parity --device cuda:0 --dtype $d > "/tmp/parity-$d.json" 2> "/tmp/parity-$d.err"
-  echo "rc $?"; grep -o "\"hand_step\":{[^}]*}" "/tmp/parity-$d.json"
-  grep -o '"fused_decode_ops_rel_diff.*' "/tmp/parity-$d.json" | cut -c1-400; tail -3 "/tmp/parity-$d.err"
+  echo "rc $?"; grep -o '"hand_step":{[^}]*}' "/tmp/parity-$d.json" | cut -c1-700
+  grep -o '"fused_train_ops_rel_diff":[^]]*]*' "/tmp/parity-$d.json"
+  grep -o '"fused_decode_ops_rel_diff":[^]]*]*' "/tmp/parity-$d.json" | cut -c1-300
+  grep -o '"greedy_equal[^]]*]' "/tmp/parity-$d.json"; tail -2 "/tmp/parity-$d.err"
 done; el
 B="$A bench --model ARPG-L --init random --device cuda:0 --dtype bf16 --json --train --train-only --warmup 1"
 for bs in ${BATCHES:-64}; do
