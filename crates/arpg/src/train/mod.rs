@@ -326,6 +326,9 @@ pub struct Trainer {
     perm_cache: Option<(usize, Vec<usize>)>,
     /// Whether this process has taken an optimizer step (to tell a bad start from divergence).
     stepped: bool,
+    /// The autograd path drops what the hand-written step drops (the counter-based masks of
+    /// [`dropout`]'s sites) instead of its own stream: for comparing the two.
+    hashed_masks: bool,
 }
 
 /// Refuse a model or batch that cannot fit before allocating it: f32 weights, gradients and
@@ -412,6 +415,7 @@ impl Trainer {
             device: device.clone(),
             perm_cache: None,
             stepped: false,
+            hashed_masks: false,
         })
     }
 
@@ -736,23 +740,25 @@ impl Trainer {
     /// Mean cross entropy of a batch, with dropout as configured (a differentiable graph).
     pub fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
         let model = self.model()?;
-        let drop = self.draw_dropout();
-        let dev = self.device.clone();
+        let p = self.cfg.dropout;
+        let hashed = match self.hashed_masks {
+            true => self.draw_dropout(),
+            false => None,
+        };
+        let (dev, rng) = (self.device.clone(), &mut self.drop_rng);
         let mut site = 0usize;
-        // The hand-written step's masks, materialised: the same sites in the same order.
         let mut apply = |x: &Tensor| -> Result<Tensor> {
-            let Some(d) = drop else { return Ok(x.clone()) };
+            let Some(d) = hashed else {
+                return dropout(x, p, rng, &dev);
+            };
+            // The hand-written step's masks, materialised: the same sites in the same order.
             site += 1;
             let m = dropout::mask(x.shape(), x.dtype(), &dev, d.site(site - 1))?;
             Ok((x * m)?)
         };
         let mut mode = Mode {
             differentiable: true,
-            dropout: if drop.is_some() {
-                Some(&mut apply)
-            } else {
-                None
-            },
+            dropout: if p > 0.0 { Some(&mut apply) } else { None },
         };
         let table = match &batch.control {
             Some((cond, keep)) => Some(model.control_queries(cond, Some(keep), &mut mode)?),
@@ -1058,6 +1064,26 @@ impl Trainer {
     }
 }
 
+/// The autograd path's own dropout (unless [`Trainer::hashed_masks`]): on the CPU the mask
+/// comes from our seeded generator element by element, so runs (and resumed runs) repeat bit
+/// for bit, as the shipped digits model's run does; on GPUs from the device's generator.
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng, device: &Device) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if device.is_cpu() {
+        let n = x.elem_count();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        let m = Tensor::from_vec(mask, x.shape(), device)?.to_dtype(x.dtype())?;
+        Ok((x * m)?)
+    } else {
+        Ok(candle_nn::ops::dropout(x, p as f32)?)
+    }
+}
+
 /// A trainer of `cfg` on `device` whose every weight is random (a fresh head is zero and the
 /// norms one: their gradients would test little) at about the paper's initial scale (std
 /// 0.02; norms 1 +- 0.1), and a teacher-forced batch of `b` random sequences in shuffled
@@ -1125,6 +1151,7 @@ fn random_step(
 ) -> Result<(f64, Vec<(String, Tensor)>)> {
     let (mut tr, batch) = random_trainer(cfg, dropout, b, dtype, device)?;
     tr.cfg.step_kind = kind;
+    tr.hashed_masks = true;
     let (loss, grads) = tr.loss_and_grads(&batch, 2.0)?;
     let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((loss, tr.names.iter().cloned().zip(grads).collect()))
