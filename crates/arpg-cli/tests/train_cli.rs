@@ -286,3 +286,53 @@ fn multi_process_training_without_nccl_or_with_bad_launcher_variables_is_refused
     assert!(e.contains("RANK=5"), "{e}");
     assert!(!out.join("checkpoint.safetensors").exists());
 }
+
+#[test]
+fn the_hand_written_step_trains_from_the_command_line_like_autograd() {
+    let d = tempfile::tempdir().unwrap();
+    let pack = digits_pack(d.path());
+    let cfg = tiny_config(d.path());
+    let run = |step: &str| {
+        let out = d.path().join(step);
+        let o = bin()
+            .args(["train", "--data", pack.to_str().unwrap(), "--config", &cfg])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                "6",
+                "--batch-size",
+                "8",
+            ])
+            .args(["--dropout", "0", "--log-every", "2", "--step", step])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<f64>>()
+    };
+    let (auto, hand) = (run("autograd"), run("hand"));
+    assert_eq!(auto.len(), 3);
+    for (a, h) in auto.iter().zip(&hand) {
+        assert!((a - h).abs() < 1e-4 * a, "losses {auto:?} vs {hand:?}");
+    }
+    let o = bin()
+        .args(["train", "--data", pack.to_str().unwrap(), "--config", &cfg])
+        .args([
+            "--out",
+            d.path().join("x").to_str().unwrap(),
+            "--step",
+            "fast",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--step"), "{e}");
+}
