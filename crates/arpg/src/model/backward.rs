@@ -7,7 +7,7 @@ use super::layers::{causal_mask, CausalMask, RmsNorm};
 use super::{Arpg, Positions};
 use crate::kernels::dropout::{self, Dropout, Site};
 use crate::kernels::{attn_softmax, cross_entropy, decode, embedding, heads, rms_norm};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
 
@@ -189,31 +189,8 @@ impl Arpg {
 
         // Forward, pass 1: the tokens through the causal self-attention blocks.
         let m0 = draw();
-        let mut x = masked(self.embed(tokens, pos.keys)?, m0)?;
-        let mut saved = Vec::with_capacity(self.self_dec.len());
-        let mut qkv_w = Vec::with_capacity(self.self_dec.len());
-        for blk in &self.self_dec {
-            let w = Tensor::cat(&[&blk.to_q.weight, &blk.to_k.weight, &blk.to_v.weight], 0)?;
-            let xn = blk.attn_norm.forward_train(&x)?;
-            let qkv = mm(&rows(&xn)?, &w)?.reshape((b, l, 3 * d))?;
-            let q = ka.rotate(&qkv, 0)?;
-            let k = ka.rotate(&qkv, d)?;
-            let v = ka.split(&qkv, 2 * d)?;
-            let (a, attn) = attend(q, k, v, mask)?;
-            let s = self.ffn_forward(
-                blk.proj.weight.clone(),
-                &blk.ffn_norm,
-                &blk.ffn,
-                x,
-                xn,
-                a,
-                attn,
-                &mut draw,
-            )?;
-            x = s.1;
-            saved.push(s.0);
-            qkv_w.push(w);
-        }
+        let x = masked(self.embed(tokens, pos.keys)?, m0)?;
+        let (saved, qkv_w, x) = self.self_forward(x, &ka, mask, &mut draw)?;
         // The shared keys and values.
         let kv_w = Tensor::cat(&[&self.to_k.weight, &self.to_v.weight], 0)?;
         let xkv = x;
@@ -258,9 +235,83 @@ impl Arpg {
         let mut grads = Grads::default();
         grads.add("head.weight".into(), wgrad(&dlogits, &hf)?)?;
         let dhf = dlogits.matmul(&self.head.weight)?.reshape((b, l, d))?;
-        let mut dq = norm_backward(&self.norm, &qf, &dhf, "norm.weight".into(), &mut grads)?;
+        let dq = norm_backward(&self.norm, &qf, &dhf, "norm.weight".into(), &mut grads)?;
+        let (dq, dkeys, dvalues) = self.cross_backward(&csaved, dq, &qa, &mut grads)?;
+        // The queries' gradient reaches the mask token's embedding (and positions).
+        let dq0 = dq;
+        let dk = ka.unrotate(&dkeys)?;
+        let dv = heads::merge(&dvalues, None)?;
+        let dkv = rows(&Tensor::cat(&[&dk, &dv], 2)?)?;
+        let dkv_w = wgrad(&dkv, &rows(&xkn)?)?;
+        grads.add("layers.to_k.weight".into(), dkv_w.narrow(0, 0, d)?)?;
+        grads.add("layers.to_v.weight".into(), dkv_w.narrow(0, d, d)?)?;
+        let dxkn = dkv.matmul(&kv_w)?.reshape((b, l, d))?;
+        let dx = norm_backward(
+            &self.kv_norm,
+            &xkv,
+            &dxkn,
+            "layers.norm.weight".into(),
+            &mut grads,
+        )?;
+        let dx = self.self_backward(&saved, &qkv_w, dx, &ka, &mut grads)?;
+        let dx0 = masked(dx, m0)?;
+        self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
+        Ok(LossAndGrads {
+            loss,
+            grads: grads.0,
+        })
+    }
+
+    /// Pass 1's blocks from the token embeddings `x`: what their backward reads, their merged
+    /// q|k|v weights, and the last block's output.
+    fn self_forward(
+        &self,
+        mut x: Tensor,
+        ka: &Angles,
+        mask: CausalMask,
+        draw: &mut dyn FnMut() -> Option<Site>,
+    ) -> Result<(Vec<Saved>, Vec<Tensor>, Tensor)> {
+        let (b, l, d) = x.dims3()?;
+        let mut saved = Vec::with_capacity(self.self_dec.len());
+        let mut qkv_w = Vec::with_capacity(self.self_dec.len());
+        for blk in &self.self_dec {
+            let w = Tensor::cat(&[&blk.to_q.weight, &blk.to_k.weight, &blk.to_v.weight], 0)?;
+            let xn = blk.attn_norm.forward_train(&x)?;
+            let qkv = mm(&rows(&xn)?, &w)?.reshape((b, l, 3 * d))?;
+            let q = ka.rotate(&qkv, 0)?;
+            let k = ka.rotate(&qkv, d)?;
+            let v = ka.split(&qkv, 2 * d)?;
+            let (a, attn) = attend(q, k, v, mask)?;
+            let s = self.ffn_forward(
+                blk.proj.weight.clone(),
+                &blk.ffn_norm,
+                &blk.ffn,
+                x,
+                xn,
+                a,
+                attn,
+                draw,
+            )?;
+            x = s.1;
+            saved.push(s.0);
+            qkv_w.push(w);
+        }
+        Ok((saved, qkv_w, x))
+    }
+
+    /// The cross-attention blocks' backward from the final queries' gradient `dq`: the
+    /// gradient of the mask-token queries and the shared keys' and values' (summed over the
+    /// blocks, in heads).
+    fn cross_backward(
+        &self,
+        saved: &[Saved],
+        mut dq: Tensor,
+        qa: &Angles,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, l, d) = dq.dims3()?;
         let (mut dkeys, mut dvalues): (Option<Tensor>, Option<Tensor>) = (None, None);
-        for (i, (blk, s)) in self.cross_dec.iter().zip(&csaved).enumerate().rev() {
+        for (i, (blk, s)) in self.cross_dec.iter().zip(saved).enumerate().rev() {
             let name = |p: &str| format!("layers.cross_dec.{i}.{p}");
             let (dx, da) = self.ffn_backward(
                 &blk.proj.weight,
@@ -269,7 +320,7 @@ impl Arpg {
                 s,
                 dq,
                 &name,
-                &mut grads,
+                grads,
             )?;
             let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
             dkeys = Some(match dkeys {
@@ -283,32 +334,25 @@ impl Arpg {
             let dql = rows(&qa.unrotate(&dqh)?)?;
             grads.add(name("attn.to_q.weight"), wgrad(&dql, &rows(&s.xn)?)?)?;
             let dqn = dql.matmul(&blk.to_q.weight)?.reshape((b, l, d))?;
-            let g = norm_backward(
-                &blk.attn_norm,
-                &s.x,
-                &dqn,
-                name("attn_norm.weight"),
-                &mut grads,
-            )?;
+            let g = norm_backward(&blk.attn_norm, &s.x, &dqn, name("attn_norm.weight"), grads)?;
             dq = (dx + g)?;
         }
-        // The queries' gradient reaches the mask token's embedding (and positions).
-        let dq0 = dq;
-        let dk = ka.unrotate(&dkeys.expect("at least one cross block"))?;
-        let dv = heads::merge(&dvalues.expect("at least one cross block"), None)?;
-        let dkv = rows(&Tensor::cat(&[&dk, &dv], 2)?)?;
-        let dkv_w = wgrad(&dkv, &rows(&xkn)?)?;
-        grads.add("layers.to_k.weight".into(), dkv_w.narrow(0, 0, d)?)?;
-        grads.add("layers.to_v.weight".into(), dkv_w.narrow(0, d, d)?)?;
-        let dxkn = dkv.matmul(&kv_w)?.reshape((b, l, d))?;
-        let mut dx = norm_backward(
-            &self.kv_norm,
-            &xkv,
-            &dxkn,
-            "layers.norm.weight".into(),
-            &mut grads,
-        )?;
-        for (i, (blk, s)) in self.self_dec.iter().zip(&saved).enumerate().rev() {
+        let total = |t: Option<Tensor>| t.context("a model without cross-attention blocks");
+        Ok((dq, total(dkeys)?, total(dvalues)?))
+    }
+
+    /// The self-attention blocks' backward from the last block output's gradient `dx`: the
+    /// gradient of the (dropped-out) token embeddings.
+    fn self_backward(
+        &self,
+        saved: &[Saved],
+        qkv_w: &[Tensor],
+        mut dx: Tensor,
+        ka: &Angles,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (b, l, d) = dx.dims3()?;
+        for (i, (blk, s)) in self.self_dec.iter().zip(saved).enumerate().rev() {
             let name = |p: &str| format!("layers.self_dec.{i}.{p}");
             let (dx1, da) = self.ffn_backward(
                 &blk.proj.weight,
@@ -317,7 +361,7 @@ impl Arpg {
                 s,
                 dx,
                 &name,
-                &mut grads,
+                grads,
             )?;
             let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
             let dqkv = Tensor::cat(
@@ -334,21 +378,10 @@ impl Arpg {
                 grads.add(name(&format!("attn.{p}.weight")), dw.narrow(0, j * d, d)?)?;
             }
             let dxn = dqkv.matmul(&qkv_w[i])?.reshape((b, l, d))?;
-            let g = norm_backward(
-                &blk.attn_norm,
-                &s.x,
-                &dxn,
-                name("attn_norm.weight"),
-                &mut grads,
-            )?;
+            let g = norm_backward(&blk.attn_norm, &s.x, &dxn, name("attn_norm.weight"), grads)?;
             dx = (dx1 + g)?;
         }
-        let dx0 = masked(dx, m0)?;
-        self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
-        Ok(LossAndGrads {
-            loss,
-            grads: grads.0,
-        })
+        Ok(dx)
     }
 
     /// A block's tail after its attention output `a [b, t, d]`: projection, dropout and
