@@ -286,7 +286,7 @@ fn training(
         // Weights, gradients, AdamW moments and the step's activations.
         out["train_peak_pool_gib"] = gib(p.pool);
     }
-    {
+    if dev.is_cuda() {
         // One more step for a profiler started with `--profile-from-start off` (ncu): only a
         // warm step's kernels.
         let _range = crate::device::profiler_range(dev);

@@ -172,14 +172,11 @@ impl InplaceOp2 for Moment {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::{launch, view};
+        use super::cuda::{launch, view, view_mut};
         let dev = s.device().clone();
         let n = l.shape().elem_count();
         let gs = view::<f32>(g, gl, "AdamW")?;
-        let (a, _) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW: strided moment".into()))?;
-        let mut xs = s.as_cuda_slice_mut::<f32>()?.slice_mut(a..a + n);
+        let mut xs = view_mut::<f32>(s, l, "AdamW moment")?;
         let c = &self.c;
         let (mul, cg) = match self.second {
             false => (c.b1, c.c1),
@@ -226,14 +223,11 @@ impl InplaceOp3 for Weight {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::{launch, view};
+        use super::cuda::{launch, view, view_mut};
         let dev = s.device().clone();
         let n = l.shape().elem_count();
         let (ms, vs) = (view::<f32>(m, ml, "AdamW")?, view::<f32>(v, vl, "AdamW")?);
-        let (a, _) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW: strided weight".into()))?;
-        let mut ws = s.as_cuda_slice_mut::<f32>()?.slice_mut(a..a + n);
+        let mut ws = view_mut::<f32>(s, l, "AdamW weight")?;
         let c = &self.0;
         let n_u = n as u64;
         launch!(dev, "adamw_weight_f32", grid(n);
@@ -320,15 +314,13 @@ impl InplaceOp2 for SquaredPartials {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::{launch, view};
+        use super::cuda::{launch, view, view_mut};
         let dev = s.device().clone();
         let gs = view::<f32>(g, gl, "squared norm")?;
         let n = gl.shape().elem_count() as u64;
-        let (a, _) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("squared norm: strided buffer".into()))?;
-        let at = a + self.slot * PARTS;
-        let mut row = s.as_cuda_slice_mut::<f32>()?.slice_mut(at..at + PARTS);
+        let at = self.slot * PARTS;
+        let mut buf = view_mut::<f32>(s, l, "squared norm")?;
+        let mut row = buf.slice_mut(at..at + PARTS);
         let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
             grid_dim: (PARTS as u32, 1, 1),
             block_dim: (256, 1, 1),

@@ -513,8 +513,7 @@ impl InplaceOp3 for KvToCache {
         let dev = src.device().clone();
         let s = view::<half::bf16>(src, sl, "kv_to_cache")?;
         let c = view::<f32>(cs, csl, "kv_to_cache")?;
-        let (a, b) = contiguous(cl, "kv_to_cache")?;
-        let mut dst = cache.as_cuda_slice_mut::<half::bf16>()?.slice_mut(a..b);
+        let mut dst = super::cuda::view_mut::<half::bf16>(cache, cl, "kv_to_cache")?;
         let n = (sh.b * sh.m * sh.nh * HEAD_DIM / 2) as u32;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(256), 1, 1),

@@ -27,18 +27,13 @@ pub fn split(
     if !fast(src) {
         return split_slow(src, col, n_head, hd, cs);
     }
-    let op = Heads {
+    Heads {
         split: true,
         col,
         n_head,
         hd,
-        inverse: false,
-    };
-    let src = src.contiguous()?;
-    Ok(match cs {
-        Some(cs) => src.apply_op2_no_bwd(&cs.contiguous()?, &op)?,
-        None => src.apply_op1_no_bwd(&op)?,
-    })
+    }
+    .run(src, cs)
 }
 
 /// `g [b, h, t, hd]` as `[b, t, h * hd]`, rotated by the opposite angles of `cs` when given.
@@ -47,18 +42,13 @@ pub fn merge(g: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
     if !fast(g) {
         return merge_slow(g, cs);
     }
-    let op = Heads {
+    Heads {
         split: false,
         col: 0,
         n_head: h,
         hd,
-        inverse: true,
-    };
-    let g = g.contiguous()?;
-    Ok(match cs {
-        Some(cs) => g.apply_op2_no_bwd(&cs.contiguous()?, &op)?,
-        None => g.apply_op1_no_bwd(&op)?,
-    })
+    }
+    .run(g, cs)
 }
 
 /// Whether the one-pass ops take `x` (f32 or bf16, kernels not turned off, loaded on CUDA).
@@ -93,13 +83,13 @@ pub fn merge_slow(g: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
     crate::model::layers::merge_heads(&g)
 }
 
+/// One layout change: `split` (columns to heads, rotated by the angles) or not (heads to
+/// columns, rotated back: the opposite angles).
 struct Heads {
     split: bool,
     col: usize,
     n_head: usize,
     hd: usize,
-    /// Rotate by the opposite angles.
-    inverse: bool,
 }
 
 /// (b, t, stride of the `[b, t, _]` side).
@@ -114,6 +104,15 @@ fn dims(op: &Heads, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 impl Heads {
+    /// On `x` (rotating when `cs` is given): the unary or the binary op.
+    fn run(&self, x: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        Ok(match cs {
+            Some(cs) => x.apply_op2_no_bwd(&cs.contiguous()?, self)?,
+            None => x.apply_op1_no_bwd(self)?,
+        })
+    }
+
     fn out_shape(&self, b: usize, t: usize) -> Shape {
         match self.split {
             true => Shape::from((b, self.n_head, t, self.hd)),
@@ -150,7 +149,7 @@ impl Heads {
                             Some(cs) => {
                                 let c = cs[(bb * t + tt) * half + p];
                                 let s = cs[b * t * half + (bb * t + tt) * half + p];
-                                let s = if self.inverse { -s } else { s };
+                                let s = if self.split { s } else { -s };
                                 (x0 * c - x1 * s, x1 * c + x0 * s)
                             }
                             None => (x0, x1),
@@ -190,7 +189,7 @@ impl Heads {
             self.col as u32,
             self.split as u32,
         ];
-        let (rotate, inverse) = (cs.is_some() as i32, self.inverse as i32);
+        let (rotate, inverse) = (cs.is_some() as i32, !self.split as i32);
         // Without angles the kernel reads none: pass a one-element stand-in.
         let none = dev.alloc_zeros::<f32>(1)?;
         let cv = match cs {

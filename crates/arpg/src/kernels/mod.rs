@@ -110,7 +110,7 @@ fn round_to(dt: DType, v: f32) -> f32 {
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaDevice, CudaStorage, Layout};
 
@@ -167,6 +167,18 @@ pub(crate) mod cuda {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided input")))?;
         Ok(st.as_cuda_slice::<T>()?.slice(a..b))
+    }
+
+    /// The contiguous elements of an in-place op's destination, typed and writable.
+    pub(crate) fn view_mut<'a, T: CudaDType>(
+        st: &'a mut CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaViewMut<'a, T>> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided destination")))?;
+        Ok(st.as_cuda_slice_mut::<T>()?.slice_mut(a..b))
     }
 
     /// One warp per row, eight rows a block.

@@ -93,6 +93,8 @@ struct Saved {
     m1: Option<Site>,
     x1: Tensor,
     hn: Tensor,
+    /// The merged w1|w3 weight (the backward's GEMM reads it again).
+    w13: Tensor,
     uz: Tensor,
     h: Tensor,
     m2: Option<Site>,
@@ -418,6 +420,7 @@ impl Arpg {
             m1,
             x1,
             hn,
+            w13,
             uz,
             h,
             m2,
@@ -448,8 +451,7 @@ impl Arpg {
         let dw13 = wgrad(&duz, &rows(&s.hn)?)?;
         grads.add(name("ffn.w1.weight"), dw13.narrow(0, 0, hid)?)?;
         grads.add(name("ffn.w3.weight"), dw13.narrow(0, hid, hid)?)?;
-        let w13 = Tensor::cat(&[&ffn.w1.weight, &ffn.w3.weight], 0)?;
-        let dhn = duz.matmul(&w13)?.reshape((b, l, d))?;
+        let dhn = duz.matmul(&s.w13)?.reshape((b, l, d))?;
         let g = norm_backward(ffn_norm, &s.x1, &dhn, name("ffn_norm.weight"), grads)?;
         let dx1 = (dy + g)?;
         let dout = rows(&masked(dx1.clone(), s.m1)?)?;

@@ -1157,32 +1157,6 @@ fn random_step(
     Ok((loss, tr.names.iter().cloned().zip(grads).collect()))
 }
 
-/// The hand-written step against autograd on the same batch and dropout masks: the loss's
-/// relative difference and, per parameter, the gradients' (max |a - b| / max |b|), worst
-/// first.
-pub fn hand_step_rel_diff(
-    cfg: &ArpgConfig,
-    dropout: f64,
-    b: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(f64, Vec<(String, f64)>)> {
-    let (la, ga) = random_step(cfg, dropout, b, dtype, device, StepKind::Autograd)?;
-    let (lh, gh) = random_step(cfg, dropout, b, dtype, device, StepKind::Hand)?;
-    let mut per = Vec::with_capacity(ga.len());
-    for ((name, a), (_, h)) in ga.iter().zip(&gh) {
-        ensure!(
-            a.dims() == h.dims(),
-            "{name}: {:?} vs {:?}",
-            a.dims(),
-            h.dims()
-        );
-        per.push((name.clone(), crate::kernels::rel_diff(h, a)?));
-    }
-    per.sort_by(|x, y| y.1.total_cmp(&x.1));
-    Ok(((la - lh).abs() / la.abs().max(1e-12), per))
-}
-
 /// [`hand_step_check`]'s findings.
 #[derive(Debug, Clone, Serialize)]
 pub struct HandStepCheck {
@@ -1225,21 +1199,34 @@ pub fn hand_step_check(dtype: DType, device: &Device) -> Result<Option<HandStepC
         n_layer: 2,
         ..ArpgConfig::preset("ARPG-L")?
     };
-    hand_step_against(&cfg, dtype, device).map(Some)
+    hand_step_against(&cfg, 0.0, 2, dtype, device).map(Some)
 }
 
-/// [`hand_step_check`] for any model and device.
-fn hand_step_against(cfg: &ArpgConfig, dtype: DType, device: &Device) -> Result<HandStepCheck> {
+/// [`hand_step_check`] for any model, dropout, batch and device: both steps on the same
+/// random batch, weights and dropout masks, and autograd one precision up.
+fn hand_step_against(
+    cfg: &ArpgConfig,
+    dropout: f64,
+    b: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<HandStepCheck> {
     let up = if dtype == DType::F32 {
         DType::F64
     } else {
         DType::F32
     };
-    let (_, truth) = random_step(cfg, 0.0, 2, up, device, StepKind::Autograd)?;
-    let (lh, hand) = random_step(cfg, 0.0, 2, dtype, device, StepKind::Hand)?;
-    let (la, auto) = random_step(cfg, 0.0, 2, dtype, device, StepKind::Autograd)?;
+    let (_, truth) = random_step(cfg, dropout, b, up, device, StepKind::Autograd)?;
+    let (lh, hand) = random_step(cfg, dropout, b, dtype, device, StepKind::Hand)?;
+    let (la, auto) = random_step(cfg, dropout, b, dtype, device, StepKind::Autograd)?;
     let mut worst = Vec::with_capacity(truth.len());
     for (((name, t), (_, h)), (_, a)) in truth.iter().zip(&hand).zip(&auto) {
+        ensure!(
+            a.dims() == h.dims(),
+            "{name}: {:?} vs {:?}",
+            a.dims(),
+            h.dims()
+        );
         let t = t.to_dtype(DType::F32)?;
         let rel = crate::kernels::rel_diff;
         worst.push((name.clone(), rel(h, a)?, rel(h, &t)?, rel(a, &t)?));
@@ -1263,11 +1250,12 @@ mod tests {
                 abs_pos_embed,
                 ..crate::zoo::digits_config()
             };
-            let (dl, per) = hand_step_rel_diff(&cfg, dropout, 3, DType::F32, &Device::Cpu).unwrap();
+            let c = hand_step_against(&cfg, dropout, 3, DType::F32, &Device::Cpu).unwrap();
+            let dl = c.loss_rel_diff;
             assert!(dl < 1e-6, "loss relative difference {dl:e}");
             let n = Arpg::parameter_shapes(&cfg).unwrap().len();
-            assert_eq!(per.len(), n, "every parameter compared");
-            for (name, r) in per {
+            assert_eq!(c.worst.len(), n, "every parameter compared");
+            for (name, r, _, _) in c.worst {
                 assert!(
                     r < 1e-5,
                     "{name}: relative difference {r:e} (dropout {dropout})"
@@ -1279,7 +1267,7 @@ mod tests {
     #[test]
     fn the_check_passes_the_hand_step_and_holds_it_to_the_next_precision() {
         let cfg = crate::zoo::digits_config();
-        let c = hand_step_against(&cfg, DType::F32, &Device::Cpu).unwrap();
+        let c = hand_step_against(&cfg, 0.0, 2, DType::F32, &Device::Cpu).unwrap();
         assert!(c.failures(1e-5).is_empty(), "{:?}", c.failures(1e-5));
         // Both within 1e-5 of the f64 gradients.
         assert!(

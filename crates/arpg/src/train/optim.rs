@@ -140,18 +140,6 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
-    let coef = clip_factor(norm, max_norm);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,10 +197,15 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let dev = Device::Cpu;
-        let mut g = vec![Tensor::new(&[3.0f32, 4.0], &dev).unwrap()];
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        let g = vec![Tensor::new(&[3.0f32, 4.0], &dev).unwrap()];
+        let n = grad_norm(&g).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
-        let v = g[0].to_vec1::<f32>().unwrap();
+        assert_eq!(clip_factor(n, 0.0), 1.0, "clipping off");
+        assert_eq!(clip_factor(n, 10.0), 1.0, "within the bound");
+        let v = (&g[0] * clip_factor(n, 1.0))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!((v[0] - 0.6).abs() < 1e-5 && (v[1] - 0.8).abs() < 1e-5);
     }
 }
