@@ -168,7 +168,8 @@ pub struct ParityReport {
     pub hand_step: Option<crate::train::HandStepCheck>,
     /// CUDA only: the training step's other fused ops against their composites, relative:
     /// AdamW's passes and squared norms, dropout, cross entropy's loss and gradient, the
-    /// embedding's gradient, the heads' layout changes with RoPE (bf16 where typed).
+    /// embedding's gradient, the heads' layout changes with RoPE, the residual add + dropout +
+    /// RMSNorm each way (bf16 where typed).
     pub fused_train_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
 }
 
@@ -314,7 +315,7 @@ fn fused_train_ops(device: &Device) -> Result<Option<Vec<(&'static str, f64)>>> 
     ) else {
         return Ok(None);
     };
-    Ok(Some(vec![
+    let mut ops = vec![
         ("adamw", a),
         ("dropout", d),
         ("cross_entropy_loss", l),
@@ -327,7 +328,18 @@ fn fused_train_ops(device: &Device) -> Result<Option<Vec<(&'static str, f64)>>> 
             "heads",
             crate::kernels::heads::compare(device, DType::BF16)?,
         ),
-    ]))
+    ];
+    if let Some(r) = crate::kernels::residual_norm::check(device)? {
+        let names = [
+            "residual_norm_sum",
+            "residual_norm_norm",
+            "residual_norm_backward",
+            "residual_norm_backward_dropped",
+            "residual_norm_weight_grad",
+        ];
+        ops.extend(names.into_iter().zip(r));
+    }
+    Ok(Some(ops))
 }
 
 /// One `generate` case of the fixtures, greedy: whether the tokens equal the reference's,

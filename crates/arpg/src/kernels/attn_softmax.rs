@@ -182,20 +182,25 @@ impl CustomOp1 for AttnSoftmax {
         let rows = (b * h * tq) as u32;
         let (tq_u, tk_u, causal) = (tq as u32, tk as u32, self.causal as i32);
         let n = l.shape().elem_count();
+        let suffix = match s.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            dt => candle_core::bail!("fused attention softmax: {dt:?}"),
+        };
+        let name = kernel("attn_softmax", tk, suffix);
         macro_rules! run {
-            ($t:ty, $name:literal) => {{
+            ($t:ty) => {{
                 let src = view::<$t>(s, l, "fused attention softmax")?;
                 // Safety: the kernel writes every element.
                 let mut dst = unsafe { dev.alloc::<$t>(n) }?;
-                launch!(dev, $name, warp_rows(rows as usize);
+                launch!(dev, &name, warp_rows(rows as usize);
                     &src, &mut dst, &rows, &tq_u, &tk_u, &self.scale, &causal, &self.offset);
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }};
         }
         let out = match s.dtype() {
-            DType::F32 => run!(f32, "attn_softmax_f32"),
-            DType::BF16 => run!(half::bf16, "attn_softmax_bf16"),
-            dt => candle_core::bail!("fused attention softmax: {dt:?}"),
+            DType::F32 => run!(f32),
+            _ => run!(half::bf16),
         };
         Ok((out, l.shape().clone()))
     }
@@ -262,23 +267,38 @@ impl CustomOp2 for AttnSoftmaxBwd {
         let dev = p.device().clone();
         let rows = (n / tk.max(1)) as u32;
         let tk_u = tk as u32;
+        let suffix = match p.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            dt => candle_core::bail!("softmax backward: {dt:?}"),
+        };
+        let name = kernel("attn_softmax_bwd", tk, suffix);
         macro_rules! run {
-            ($t:ty, $name:literal) => {{
+            ($t:ty) => {{
                 let ps = view::<$t>(p, pl, "softmax backward")?;
                 let gs = view::<$t>(g, gl, "softmax backward")?;
                 // Safety: the kernel writes every element.
                 let mut dst = unsafe { dev.alloc::<$t>(n) }?;
-                launch!(dev, $name, warp_rows(rows as usize);
+                launch!(dev, &name, warp_rows(rows as usize);
                     &ps, &gs, &mut dst, &rows, &tk_u, &self.0);
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }};
         }
         let out = match p.dtype() {
-            DType::F32 => run!(f32, "attn_softmax_bwd_f32"),
-            DType::BF16 => run!(half::bf16, "attn_softmax_bwd_bf16"),
-            dt => candle_core::bail!("softmax backward: {dt:?}"),
+            DType::F32 => run!(f32),
+            _ => run!(half::bf16),
         };
         Ok((out, pl.shape().clone()))
+    }
+}
+
+/// The kernel for rows of `tk`: the row held in registers (`_r{K}`: up to 32 K values a
+/// warp) where it fits, else the one that reads it again per pass.
+#[cfg(feature = "cuda")]
+fn kernel(stem: &str, tk: usize, suffix: &str) -> String {
+    match [4usize, 9, 16].into_iter().find(|k| tk <= 32 * k) {
+        Some(k) => format!("{stem}_r{k}_{suffix}"),
+        None => format!("{stem}_{suffix}"),
     }
 }
 

@@ -28,15 +28,6 @@ pub fn applies(dev: &Device, dtype: DType) -> bool {
     on && dtype == DType::BF16 && super::on(dev)
 }
 
-/// `t` contiguous and starting on a 16-byte boundary (the kernels read 8 bf16 at a time).
-fn aligned(t: &Tensor) -> Result<Tensor> {
-    let t = t.contiguous()?;
-    Ok(match t.layout().start_offset() % 8 {
-        0 => t,
-        _ => t.copy()?,
-    })
-}
-
 fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided input")))
@@ -66,7 +57,8 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f64) -> Result
         return add_rms_norm_slow(x, y, weight, eps);
     }
     let op = AddRmsNorm { eps: eps as f32 };
-    let out = aligned(x)?.apply_op3_no_bwd(&aligned(y)?, &aligned(weight)?, &op)?;
+    let out =
+        super::aligned(x)?.apply_op3_no_bwd(&super::aligned(y)?, &super::aligned(weight)?, &op)?;
     Ok((out.get(0)?, out.get(1)?))
 }
 
@@ -189,7 +181,7 @@ pub fn silu_mul(h: &Tensor) -> Result<Tensor> {
         // The kernel writes 8 values a thread.
         return silu_mul_slow(h);
     }
-    Ok(aligned(h)?.apply_op1_no_bwd(&SiluMul)?)
+    Ok(super::aligned(h)?.apply_op1_no_bwd(&SiluMul)?)
 }
 
 /// The composite: candle's silu and product.
@@ -213,7 +205,7 @@ pub fn silu_mul_backward(h: &Tensor, g: &Tensor) -> Result<Tensor> {
     if h.device().is_cuda() && !(applies(h.device(), h.dtype()) && hid % 8 == 0) {
         return silu_mul_backward_slow(h, g);
     }
-    Ok(aligned(h)?.apply_op2_no_bwd(&aligned(g)?, &SiluMulBwd)?)
+    Ok(super::aligned(h)?.apply_op2_no_bwd(&super::aligned(g)?, &SiluMulBwd)?)
 }
 
 /// The composite of [`silu_mul_backward`], in f32.

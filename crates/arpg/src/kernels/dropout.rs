@@ -34,11 +34,11 @@ pub struct Site {
 
 impl Site {
     /// Elements whose 24-bit draw is below this are dropped.
-    fn threshold(&self) -> u32 {
+    pub(crate) fn threshold(&self) -> u32 {
         (self.p * (1u32 << 24) as f64).round() as u32
     }
     /// The survivors' scale `1 / (1 - p)` as a tensor of `dtype` holds it.
-    fn scale(&self, dtype: DType) -> f32 {
+    pub(crate) fn scale(&self, dtype: DType) -> f32 {
         round_to(dtype, (1.0 / (1.0 - self.p)) as f32)
     }
 }
@@ -60,7 +60,7 @@ fn fmix32(mut h: u32) -> u32 {
 }
 
 /// Whether element `i` survives (the CUDA kernels compute the same).
-fn keep(seed: u64, i: u32, threshold: u32) -> bool {
+pub(crate) fn keep(seed: u64, i: u32, threshold: u32) -> bool {
     let (lo, hi) = (seed as u32, (seed >> 32) as u32);
     (fmix32(fmix32(i ^ lo) ^ hi) >> 8) >= threshold
 }

@@ -1080,3 +1080,291 @@ extern "C" __global__ void heads_f32(
     int inverse) {
     heads_impl(x, cs, out, b, t, h, hd, stride, col, split, rotate, inverse);
 }
+
+// ---- The training step's residual stream (Rust side: kernels/residual_norm.rs), bf16. ----
+// One block of 128 threads a row, 8 values a thread per pass (d % 8 == 0, d <= 4096: the Rust
+// side checks); the dropout hash of dropout_impl on the flat index (row * d + column).
+
+__device__ __forceinline__ bool drop_keep(size_t i, unsigned int lo, unsigned int hi, unsigned int thr) {
+    return (fmix32(fmix32((unsigned int)i ^ lo) ^ hi) >> 8) >= thr;
+}
+
+// Sum over a block of 128 threads; every thread gets it.
+__device__ __forceinline__ float block128_sum(float v, float *red) {
+    v = warp_sum(v);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    return red[0] + red[1] + red[2] + red[3];
+}
+
+// s = x + dropout(y) (dropout_bf16's add: y * scale rounded where kept, then the add rounded;
+// plain x + y rounded without it; x absent: 0), n = rms_norm(s) * w (rms_norm_fwd's roundings),
+// into out [2, rows, d].
+template <int C>
+__device__ __forceinline__ void add_norm_train(
+    const unsigned short *__restrict__ x, const unsigned short *__restrict__ y,
+    const unsigned short *__restrict__ w, unsigned short *__restrict__ out, unsigned int rows,
+    unsigned int d, float eps, int has_x, int drop, unsigned int lo, unsigned int hi,
+    unsigned int thr, float scale) {
+    __shared__ float red[4];
+    size_t base = (size_t)blockIdx.x * d;
+    unsigned short *so = out + base, *no = out + (size_t)rows * d + base;
+    float v[C][8], wv[C][8];
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) {
+            float a[8];
+            load_v<8>(y + base + j, v[c]);
+            if (has_x) load_v<8>(x + base + j, a);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float t = v[c][e];
+                if (drop) t = drop_keep(base + j + e, lo, hi, thr) ? bf2f(f2bf(__fmul_rn(t, scale))) : 0.0f;
+                if (has_x) t = bf2f(f2bf(__fadd_rn(a[e], t)));
+                v[c][e] = t;
+                ss += t * t;
+            }
+            store_v<8>(so + j, v[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) load_v<8>(w + j, wv[c]);
+    }
+    float den = sqrtf(block128_sum(ss, red) / (float)d + eps);
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) {
+            float o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = bf2f(f2bf(__fdiv_rn(v[c][e], den))) * wv[c][e];
+            store_v<8>(no + j, o);
+        }
+    }
+}
+
+// The norm's backward where its input also flows on through the residual: with den =
+// sqrt(mean(x^2) + eps), n = x / den, gx = (g w - n mean(g w n)) / den rounded (rms_norm_bwd_x);
+// total = res + gx rounded (without res: gx); dropped = dropout(total) (dropout_bf16 without
+// the add). out [2, rows, d] = total | dropped (dropped only with drop). Each block also sums
+// g * round(n) over its rows_per_block rows into part[block, d] (f32, the weight's gradient:
+// each thread owns the same 8 columns of every row, so no atomics).
+template <int C>
+__device__ __forceinline__ void norm_bwd_train(
+    const unsigned short *__restrict__ x, const unsigned short *__restrict__ w,
+    const unsigned short *__restrict__ g, const unsigned short *__restrict__ res,
+    unsigned short *__restrict__ out, float *__restrict__ part, unsigned int rows,
+    unsigned int d, unsigned int rows_per_block, float eps, int has_res, int drop,
+    unsigned int lo, unsigned int hi, unsigned int thr, float scale) {
+    __shared__ float red[4];
+    float wv[C][8], acc[C][8];
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) load_v<8>(w + j, wv[c]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[c][e] = 0.0f;
+    }
+    unsigned int r0 = blockIdx.x * rows_per_block, r1 = min(rows, r0 + rows_per_block);
+    for (unsigned int r = r0; r < r1; r++) {
+        size_t base = (size_t)r * d;
+        float xv[C][8], gv[C][8];
+        float ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            unsigned int j = (threadIdx.x + c * 128) * 8;
+            if (j < d) {
+                load_v<8>(x + base + j, xv[c]);
+                load_v<8>(g + base + j, gv[c]);
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += xv[c][e] * xv[c][e];
+            }
+        }
+        float den = sqrtf(block128_sum(ss, red) / (float)d + eps);
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            unsigned int j = (threadIdx.x + c * 128) * 8;
+            if (j < d) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    dot += gv[c][e] * wv[c][e] * (xv[c][e] / den);
+                    acc[c][e] += gv[c][e] * bf2f(f2bf(__fdiv_rn(xv[c][e], den)));
+                }
+            }
+        }
+        dot = block128_sum(dot, red) / (float)d;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            unsigned int j = (threadIdx.x + c * 128) * 8;
+            if (j < d) {
+                float t[8], rv[8];
+                if (has_res) load_v<8>(res + base + j, rv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float n = xv[c][e] / den;
+                    float gx = bf2f(f2bf((gv[c][e] * wv[c][e] - n * dot) / den));
+                    t[e] = has_res ? bf2f(f2bf(__fadd_rn(rv[e], gx))) : gx;
+                }
+                store_v<8>(out + base + j, t);
+                if (drop) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++)
+                        t[e] = drop_keep(base + j + e, lo, hi, thr) ? __fmul_rn(t[e], scale) : 0.0f;
+                    store_v<8>(out + (size_t)rows * d + base + j, t);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        unsigned int j = (threadIdx.x + c * 128) * 8;
+        if (j < d) {
+            store_v<4>(part + (size_t)blockIdx.x * d + j, acc[c]);
+            store_v<4>(part + (size_t)blockIdx.x * d + j + 4, acc[c] + 4);
+        }
+    }
+}
+
+#define RESIDUAL_NORM(C)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) add_norm_train_c##C##_bf16(               \
+        const unsigned short *x, const unsigned short *y, const unsigned short *w,              \
+        unsigned short *out, unsigned int rows, unsigned int d, float eps, int has_x, int drop, \
+        unsigned int lo, unsigned int hi, unsigned int thr, float scale) {                      \
+        add_norm_train<C>(x, y, w, out, rows, d, eps, has_x, drop, lo, hi, thr, scale);         \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) norm_bwd_train_c##C##_bf16(               \
+        const unsigned short *x, const unsigned short *w, const unsigned short *g,              \
+        const unsigned short *res, unsigned short *out, float *part, unsigned int rows,         \
+        unsigned int d, unsigned int rows_per_block, float eps, int has_res, int drop,          \
+        unsigned int lo, unsigned int hi, unsigned int thr, float scale) {                      \
+        norm_bwd_train<C>(x, w, g, res, out, part, rows, d, rows_per_block, eps, has_res, drop, \
+                          lo, hi, thr, scale);                                                  \
+    }
+RESIDUAL_NORM(1)
+RESIDUAL_NORM(2)
+RESIDUAL_NORM(4)
+
+// heads_impl with 8 channels (4 pairs) a thread and 16-byte accesses (hd, stride and col
+// multiples of 8). The same arithmetic.
+extern "C" __global__ void heads8_bf16(
+    const unsigned short *__restrict__ x, const float *__restrict__ cs,
+    unsigned short *__restrict__ out, unsigned int b, unsigned int t, unsigned int h,
+    unsigned int hd, unsigned int stride, unsigned int col, unsigned int split, int rotate,
+    int inverse) {
+    unsigned int half = hd / 2, oct = hd / 8;
+    size_t n = (size_t)b * t * h * oct;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int q = i % oct, hh = (i / oct) % h;
+    size_t bt = i / oct / h;
+    unsigned int tt = bt % t, bb = bt / t;
+    size_t flat = bt * stride + col + (size_t)hh * hd + 8 * q;
+    size_t heads = (((size_t)bb * h + hh) * t + tt) * hd + 8 * q;
+    size_t src = split ? flat : heads, dst = split ? heads : flat;
+    float v[8], o[8];
+    load_v<8>(x + src, v);
+    if (rotate) {
+        float c[4], s[4];
+        load_v<4>(cs + bt * half + 4 * q, c);
+        load_v<4>(cs + (size_t)b * t * half + bt * half + 4 * q, s);
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            float sn = inverse ? -s[p] : s[p];
+            o[2 * p] = v[2 * p] * c[p] - v[2 * p + 1] * sn;
+            o[2 * p + 1] = v[2 * p + 1] * c[p] + v[2 * p] * sn;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = v[e];
+    }
+    store_v<8>(out + dst, o);
+}
+
+// attn_softmax with the row held in registers (tk <= 32 K): one read of the scores, one
+// exp per element; the same order of operations, so the same results.
+template <int K, typename T>
+__device__ void attn_softmax_reg(
+    const T *s, T *p, unsigned int rows, unsigned int tq, unsigned int tk, float scale,
+    int causal, unsigned int offset) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    unsigned int i = r % tq;
+    unsigned int lim = causal ? min(i + 1 + offset, tk) : tk;
+    size_t base = (size_t)r * tk;
+    float v[K];
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        unsigned int j = lane + 32 * k;
+        v[k] = j < lim ? __fmul_rn(load_f32(s, base + j), scale) : -INFINITY;
+        m = fmaxf(m, v[k]);
+    }
+    m = warp_max(m);
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        unsigned int j = lane + 32 * k;
+        v[k] = j < lim ? expf(v[k] - m) : 0.0f;
+        sum += v[k];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        unsigned int j = lane + 32 * k;
+        if (j < tk) store_f32(p, base + j, j < lim ? __fdiv_rn(v[k], sum) : 0.0f);
+    }
+}
+
+template <int K, typename T>
+__device__ void attn_softmax_bwd_reg(
+    const T *p, const T *g, T *gs, unsigned int rows, unsigned int tk, float scale) {
+    unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    size_t base = (size_t)r * tk;
+    float pv[K], gv[K];
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        unsigned int j = lane + 32 * k;
+        pv[k] = j < tk ? load_f32(p, base + j) : 0.0f;
+        gv[k] = j < tk ? load_f32(g, base + j) : 0.0f;
+        if (j < tk) dot += pv[k] * gv[k];
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        unsigned int j = lane + 32 * k;
+        if (j < tk) store_f32(gs, base + j, scale * pv[k] * (gv[k] - dot));
+    }
+}
+
+#define ATTN_SOFTMAX_REG(K)                                                                     \
+    extern "C" __global__ void attn_softmax_r##K##_bf16(                                        \
+        const unsigned short *s, unsigned short *p, unsigned int rows, unsigned int tq,         \
+        unsigned int tk, float scale, int causal, unsigned int offset) {                        \
+        attn_softmax_reg<K>(s, p, rows, tq, tk, scale, causal, offset);                         \
+    }                                                                                           \
+    extern "C" __global__ void attn_softmax_r##K##_f32(                                         \
+        const float *s, float *p, unsigned int rows, unsigned int tq, unsigned int tk,          \
+        float scale, int causal, unsigned int offset) {                                         \
+        attn_softmax_reg<K>(s, p, rows, tq, tk, scale, causal, offset);                         \
+    }                                                                                           \
+    extern "C" __global__ void attn_softmax_bwd_r##K##_bf16(                                    \
+        const unsigned short *p, const unsigned short *g, unsigned short *gs,                   \
+        unsigned int rows, unsigned int tk, float scale) {                                      \
+        attn_softmax_bwd_reg<K>(p, g, gs, rows, tk, scale);                                     \
+    }                                                                                           \
+    extern "C" __global__ void attn_softmax_bwd_r##K##_f32(                                     \
+        const float *p, const float *g, float *gs, unsigned int rows, unsigned int tk,          \
+        float scale) {                                                                          \
+        attn_softmax_bwd_reg<K>(p, g, gs, rows, tk, scale);                                     \
+    }
+ATTN_SOFTMAX_REG(4)
+ATTN_SOFTMAX_REG(9)
+ATTN_SOFTMAX_REG(16)

@@ -51,6 +51,72 @@ pub fn merge(g: &Tensor, cs: Option<&Tensor>) -> Result<Tensor> {
     .run(g, cs)
 }
 
+/// Several `[b, h_i, t, hd]` gradients merged (each rotated back by `cs` where its flag says)
+/// side by side into one `[b, t, sum of h_i * hd]`: the merged q|k|v projection's gradient,
+/// written in place where [`merge`] and a concatenation would copy it again.
+pub fn merge_cat(parts: &[(&Tensor, bool)], cs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda_merge_cat(parts, cs)? {
+        return Ok(out);
+    }
+    let merged = parts
+        .iter()
+        .map(|(g, rotate)| merge(g, rotate.then_some(cs)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&merged, 2)?)
+}
+
+/// [`merge_cat`]'s kernels: one launch a part into its columns of one buffer (bf16, head
+/// sizes multiples of 8); `None` where they do not apply.
+#[cfg(feature = "cuda")]
+fn cuda_merge_cat(parts: &[(&Tensor, bool)], cs: &Tensor) -> Result<Option<Tensor>> {
+    use super::cuda::{cuda_view, launch, tensor};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    let Some((first, _)) = parts.first() else {
+        anyhow::bail!("merge_cat of no parts");
+    };
+    let shapes = parts
+        .iter()
+        .map(|(g, _)| g.dims4())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (b, _, t, _) = shapes[0];
+    let fits = first.dtype() == DType::BF16
+        && super::on(first.device())
+        && parts.iter().all(|(g, _)| g.dtype() == DType::BF16)
+        && shapes
+            .iter()
+            .all(|&(bb, _, tt, hd)| (bb, tt) == (b, t) && hd.is_multiple_of(8));
+    if !fits {
+        return Ok(None);
+    }
+    let stride: usize = shapes.iter().map(|&(_, h, _, hd)| h * hd).sum();
+    let dev = first.device().as_cuda_device()?.clone();
+    let cs = super::aligned(&cs.to_dtype(DType::F32)?)?;
+    let (cg, cl) = cs.storage_and_layout();
+    let cv = cuda_view::<f32>(&cg, cl, "heads")?;
+    // Safety: the parts' launches write every column of every row between them.
+    let mut out = unsafe { dev.alloc::<half::bf16>(b * t * stride) }?;
+    let mut col = 0usize;
+    for ((g, rotate), &(_, h, _, hd)) in parts.iter().zip(&shapes) {
+        let g = super::aligned(g)?;
+        let (gg, gl) = g.storage_and_layout();
+        let gv = cuda_view::<half::bf16>(&gg, gl, "heads")?;
+        let threads = b * t * h * hd / 8;
+        let cfg = LaunchConfig {
+            grid_dim: ((threads as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [b, t, h, hd, stride, col, 0].map(|v| v as u32);
+        let [b_u, t_u, h_u, hd_u, st_u, col_u, split_u] = dims;
+        let (rot, inverse) = (*rotate as i32, 1i32);
+        launch!(dev, "heads8_bf16", cfg; &gv, &cv, &mut out, &b_u, &t_u, &h_u, &hd_u, &st_u,
+            &col_u, &split_u, &rot, &inverse);
+        col += h * hd;
+    }
+    Ok(Some(tensor(out, &dev, (b, t, stride))))
+}
+
 /// Whether the one-pass ops take `x` (f32 or bf16, kernels not turned off, loaded on CUDA).
 fn fast(x: &Tensor) -> bool {
     matches!(x.dtype(), DType::F32 | DType::BF16)
@@ -175,8 +241,16 @@ impl Heads {
         let (b, t, stride) = dims(self, l)?;
         let dev = x.device().clone();
         let pairs = b * t * self.n_head * self.hd / 2;
+        // 8 channels a thread with 16-byte accesses where the layout allows it (bf16).
+        let wide = x.dtype() == DType::BF16
+            && self.hd.is_multiple_of(8)
+            && stride.is_multiple_of(8)
+            && self.col.is_multiple_of(8)
+            && l.start_offset().is_multiple_of(8)
+            && cs.is_none_or(|(_, cl)| cl.start_offset().is_multiple_of(4));
+        let threads = if wide { pairs / 4 } else { pairs };
         let cfg = LaunchConfig {
-            grid_dim: ((pairs as u32).div_ceil(256), 1, 1),
+            grid_dim: ((threads as u32).div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -208,6 +282,7 @@ impl Heads {
             }};
         }
         let out = match x.dtype() {
+            DType::BF16 if wide => run!(half::bf16, "heads8_bf16"),
             DType::BF16 => run!(half::bf16, "heads_bf16"),
             DType::F32 => run!(f32, "heads_f32"),
             dt => candle_core::bail!("heads: {dt:?}"),
@@ -261,7 +336,7 @@ impl CustomOp2 for Heads {
 /// The fused ops against their composites on `device` in `dtype`: the largest relative
 /// difference over a split with and without rotation and a merge with and without.
 pub fn compare(device: &candle_core::Device, dtype: DType) -> Result<f64> {
-    let (b, t, h, hd) = (3, 5, 2, 8);
+    let (b, t, h, hd) = (3, 5, 2, 16);
     let src = Tensor::randn(0f32, 1.0, (b, t, 3 * h * hd), device)?.to_dtype(dtype)?;
     let ang = Tensor::randn(0f32, 2.0, (b, t, hd / 2), device)?;
     let cs = Tensor::stack(&[ang.cos()?, ang.sin()?], 0)?;
@@ -272,7 +347,17 @@ pub fn compare(device: &candle_core::Device, dtype: DType) -> Result<f64> {
         worst = worst.max(super::rel_diff(&s, &split_slow(&src, h * hd, h, hd, c)?)?);
         worst = worst.max(super::rel_diff(&merge(&g, c)?, &merge_slow(&g, c)?)?);
     }
-    Ok(worst)
+    let g2 = Tensor::randn(0f32, 1.0, (b, 1, t, hd), device)?.to_dtype(dtype)?;
+    let cat = merge_cat(&[(&g, true), (&g2, false), (&g, false)], &cs)?;
+    let want = Tensor::cat(
+        &[
+            merge_slow(&g, Some(&cs))?,
+            merge_slow(&g2, None)?,
+            merge_slow(&g, None)?,
+        ],
+        2,
+    )?;
+    Ok(worst.max(super::rel_diff(&cat, &want)?))
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod dropout;
 pub mod embedding;
 pub mod group_norm;
 pub mod heads;
+pub mod residual_norm;
 pub mod rms_norm;
 pub mod rope;
 pub mod upsample;
@@ -108,6 +109,15 @@ fn round_to(dt: DType, v: f32) -> f32 {
     }
 }
 
+/// `t` contiguous and starting on a 16-byte boundary (kernels reading 8 bf16 at a time).
+pub(crate) fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    Ok(match t.layout().start_offset() % 8 {
+        0 => t,
+        _ => t.copy()?,
+    })
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
@@ -179,6 +189,34 @@ pub(crate) mod cuda {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg(format!("{what}: strided destination")))?;
         Ok(st.as_cuda_slice_mut::<T>()?.slice_mut(a..b))
+    }
+
+    /// The CUDA storage `s` of a contiguous tensor with layout `l` (from
+    /// `Tensor::storage_and_layout`), typed: the inputs of ops with several outputs, which
+    /// are plain functions rather than custom ops.
+    pub(crate) fn cuda_view<'a, T: CudaDType>(
+        s: &'a candle_core::Storage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        match s {
+            candle_core::Storage::Cuda(c) => view(c, l, what),
+            _ => candle_core::bail!("{what}: not a CUDA tensor"),
+        }
+    }
+
+    /// A tensor (no autograd graph) over a fresh buffer a kernel filled.
+    pub(crate) fn tensor<T: CudaDType>(
+        s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        dev: &CudaDevice,
+        shape: impl Into<candle_core::Shape>,
+    ) -> candle_core::Tensor {
+        candle_core::Tensor::from_storage(
+            candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
     }
 
     /// One warp per row, eight rows a block.

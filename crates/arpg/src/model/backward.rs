@@ -5,8 +5,8 @@
 
 use super::layers::{causal_mask, CausalMask, RmsNorm};
 use super::{Arpg, Positions};
-use crate::kernels::dropout::{self, Dropout, Site};
-use crate::kernels::{attn_softmax, cross_entropy, decode, embedding, heads, rms_norm};
+use crate::kernels::dropout::{Dropout, Site};
+use crate::kernels::{attn_softmax, cross_entropy, decode, embedding, heads, residual_norm};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
@@ -31,22 +31,6 @@ fn wgrad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 fn rows(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     Ok(x.reshape(((), d))?)
-}
-
-/// Dropout at `site` (none without one): `x * mask`, the mask drawn again from its seed.
-fn masked(x: Tensor, site: Option<Site>) -> Result<Tensor> {
-    match site {
-        Some(s) => dropout::apply(&x, s),
-        None => Ok(x),
-    }
-}
-
-/// `x + dropout(y)` in one pass.
-fn add_masked(x: &Tensor, y: Tensor, site: Option<Site>) -> Result<Tensor> {
-    match site {
-        Some(s) => dropout::add(x, &y, s),
-        None => Ok((x + y)?),
-    }
 }
 
 fn silu_mul(uz: &Tensor) -> Result<Tensor> {
@@ -83,8 +67,8 @@ fn attend_backward(s: &Attn, da: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((ds.matmul(&s.k)?, ds.t()?.matmul(&s.q)?, dv))
 }
 
-/// A block's activations after its attention: the residual stream, what the FFN read and
-/// produced, and the dropout masks.
+/// A block's activations: its input and the norm of it, the attention's, what the FFN read
+/// and produced, and the dropout masks.
 struct Saved {
     x: Tensor,
     xn: Tensor,
@@ -137,17 +121,43 @@ impl Grads {
     }
 }
 
-/// One norm's backward: the input's gradient (added to `dx_res` when given) and the weight's.
+/// A residual stream's gradient, and the same after the dropout of the layer output that
+/// joined the stream there (`total` again where none did).
+struct Flow {
+    total: Tensor,
+    dropped: Tensor,
+}
+
+/// One norm's backward from `g`, the gradient of its output: its input's gradient plus the
+/// residual's `res` where the input also flows on, that after the dropout at `site`, and the
+/// weight's gradient.
 fn norm_backward(
     n: &RmsNorm,
     x: &Tensor,
     g: &Tensor,
+    res: Option<&Tensor>,
+    site: Option<Site>,
     name: String,
     grads: &mut Grads,
-) -> Result<Tensor> {
-    let (gx, gw) = rms_norm::backward(x, &n.weight, n.eps, g)?;
-    grads.add(name, gw)?;
-    Ok(gx)
+) -> Result<Flow> {
+    let r = residual_norm::backward(x, &n.weight, n.eps, g, res, site)?;
+    grads.add(name, r.weight)?;
+    Ok(Flow {
+        total: r.total,
+        dropped: r.dropped,
+    })
+}
+
+/// The residual add after a layer (`x + dropout(y)`, `x` absent: `dropout(y)`) and the
+/// norm the next layer reads: `(stream, normed)`.
+fn add_norm(
+    x: Option<&Tensor>,
+    y: &Tensor,
+    site: Option<Site>,
+    next: &RmsNorm,
+) -> Result<(Tensor, Tensor)> {
+    let a = residual_norm::forward(x, y, site, &next.weight, next.eps)?;
+    Ok((a.s, a.n))
 }
 
 impl Arpg {
@@ -191,38 +201,45 @@ impl Arpg {
 
         // Forward, pass 1: the tokens through the causal self-attention blocks.
         let m0 = draw();
-        let x = masked(self.embed(tokens, pos.keys)?, m0)?;
-        let (saved, qkv_w, x) = self.self_forward(x, &ka, mask, &mut draw)?;
+        let first = self
+            .self_dec
+            .first()
+            .map_or(&self.kv_norm, |b| &b.attn_norm);
+        let x = add_norm(None, &self.embed(tokens, pos.keys)?, m0, first)?;
+        let (saved, qkv_w, (xkv, xkn)) = self.self_forward(x, &ka, mask, &mut draw)?;
         // The shared keys and values.
         let kv_w = Tensor::cat(&[&self.to_k.weight, &self.to_v.weight], 0)?;
-        let xkv = x;
-        let xkn = self.kv_norm.forward_train(&xkv)?;
         let kv = mm(&rows(&xkn)?, &kv_w)?.reshape((b, l, 2 * d))?;
         let keys = ka.rotate(&kv, 0)?;
         let values = ka.split(&kv, d)?;
 
         // Pass 2: mask-token queries through the cross-attention blocks.
-        let mut q = self.mask_queries(pos.queries)?;
+        let q = self.mask_queries(pos.queries)?;
+        let first = self.cross_dec.first().map_or(&self.norm, |b| &b.attn_norm);
+        let mut q = (q.clone(), first.forward_train(&q)?);
         let mut csaved = Vec::with_capacity(self.cross_dec.len());
-        for blk in &self.cross_dec {
-            let qn = blk.attn_norm.forward_train(&q)?;
-            let qh = qa.rotate(&mm(&rows(&qn)?, &blk.to_q.weight)?.reshape((b, l, d))?, 0)?;
+        for (i, blk) in self.cross_dec.iter().enumerate() {
+            let qh = qa.rotate(&mm(&rows(&q.1)?, &blk.to_q.weight)?.reshape((b, l, d))?, 0)?;
             let (a, attn) = attend(qh, keys.clone(), values.clone(), mask)?;
-            let s = self.ffn_forward(
+            let next = self
+                .cross_dec
+                .get(i + 1)
+                .map_or(&self.norm, |b| &b.attn_norm);
+            let (s, out) = self.ffn_forward(
                 blk.proj.weight.clone(),
                 &blk.ffn_norm,
                 &blk.ffn,
+                next,
                 q,
-                qn,
                 a,
                 attn,
                 &mut draw,
             )?;
-            q = s.1;
-            csaved.push(s.0);
+            q = out;
+            csaved.push(s);
         }
-        let qf = q;
-        let hf = rows(&self.norm.forward_train(&qf)?)?;
+        let (qf, hf) = q;
+        let hf = rows(&hf)?;
         let logits = mm(&hf, &self.head.weight)?;
 
         // Backward: the cross entropy's gradient is softmax - one-hot, over the mean.
@@ -237,26 +254,38 @@ impl Arpg {
         let mut grads = Grads::default();
         grads.add("head.weight".into(), wgrad(&dlogits, &hf)?)?;
         let dhf = dlogits.matmul(&self.head.weight)?.reshape((b, l, d))?;
-        let dq = norm_backward(&self.norm, &qf, &dhf, "norm.weight".into(), &mut grads)?;
+        let last = csaved.last().and_then(|s| s.m2);
+        let dq = norm_backward(
+            &self.norm,
+            &qf,
+            &dhf,
+            None,
+            last,
+            "norm.weight".into(),
+            &mut grads,
+        )?;
         let (dq, dkeys, dvalues) = self.cross_backward(&csaved, dq, &qa, &mut grads)?;
         // The queries' gradient reaches the mask token's embedding (and positions).
         let dq0 = dq;
-        let dk = ka.unrotate(&dkeys)?;
-        let dv = heads::merge(&dvalues, None)?;
-        let dkv = rows(&Tensor::cat(&[&dk, &dv], 2)?)?;
+        let dkv = rows(&heads::merge_cat(
+            &[(&dkeys, true), (&dvalues, false)],
+            &ka.cs,
+        )?)?;
         let dkv_w = wgrad(&dkv, &rows(&xkn)?)?;
         grads.add("layers.to_k.weight".into(), dkv_w.narrow(0, 0, d)?)?;
         grads.add("layers.to_v.weight".into(), dkv_w.narrow(0, d, d)?)?;
         let dxkn = dkv.matmul(&kv_w)?.reshape((b, l, d))?;
+        let last = saved.last().and_then(|s| s.m2);
         let dx = norm_backward(
             &self.kv_norm,
             &xkv,
             &dxkn,
+            None,
+            last,
             "layers.norm.weight".into(),
             &mut grads,
         )?;
-        let dx = self.self_backward(&saved, &qkv_w, dx, &ka, &mut grads)?;
-        let dx0 = masked(dx, m0)?;
+        let dx0 = self.self_backward(&saved, &qkv_w, dx, m0, &ka, &mut grads)?;
         self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
         Ok(LossAndGrads {
             loss,
@@ -264,38 +293,42 @@ impl Arpg {
         })
     }
 
-    /// Pass 1's blocks from the token embeddings `x`: what their backward reads, their merged
-    /// q|k|v weights, and the last block's output.
+    /// Pass 1's blocks from the (dropped-out) token embeddings and their norm `x`: what their
+    /// backward reads, their merged q|k|v weights, and the last block's output and its norm
+    /// by the keys' and values' norm.
     fn self_forward(
         &self,
-        mut x: Tensor,
+        mut x: (Tensor, Tensor),
         ka: &Angles,
         mask: CausalMask,
         draw: &mut dyn FnMut() -> Option<Site>,
-    ) -> Result<(Vec<Saved>, Vec<Tensor>, Tensor)> {
-        let (b, l, d) = x.dims3()?;
+    ) -> Result<(Vec<Saved>, Vec<Tensor>, (Tensor, Tensor))> {
+        let (b, l, d) = x.0.dims3()?;
         let mut saved = Vec::with_capacity(self.self_dec.len());
         let mut qkv_w = Vec::with_capacity(self.self_dec.len());
-        for blk in &self.self_dec {
+        for (i, blk) in self.self_dec.iter().enumerate() {
             let w = Tensor::cat(&[&blk.to_q.weight, &blk.to_k.weight, &blk.to_v.weight], 0)?;
-            let xn = blk.attn_norm.forward_train(&x)?;
-            let qkv = mm(&rows(&xn)?, &w)?.reshape((b, l, 3 * d))?;
+            let qkv = mm(&rows(&x.1)?, &w)?.reshape((b, l, 3 * d))?;
             let q = ka.rotate(&qkv, 0)?;
             let k = ka.rotate(&qkv, d)?;
             let v = ka.split(&qkv, 2 * d)?;
             let (a, attn) = attend(q, k, v, mask)?;
-            let s = self.ffn_forward(
+            let next = self
+                .self_dec
+                .get(i + 1)
+                .map_or(&self.kv_norm, |b| &b.attn_norm);
+            let (s, out) = self.ffn_forward(
                 blk.proj.weight.clone(),
                 &blk.ffn_norm,
                 &blk.ffn,
+                next,
                 x,
-                xn,
                 a,
                 attn,
                 draw,
             )?;
-            x = s.1;
-            saved.push(s.0);
+            x = out;
+            saved.push(s);
             qkv_w.push(w);
         }
         Ok((saved, qkv_w, x))
@@ -307,11 +340,11 @@ impl Arpg {
     fn cross_backward(
         &self,
         saved: &[Saved],
-        mut dq: Tensor,
+        mut dq: Flow,
         qa: &Angles,
         grads: &mut Grads,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, l, d) = dq.dims3()?;
+        let (b, l, d) = dq.total.dims3()?;
         let (mut dkeys, mut dvalues): (Option<Tensor>, Option<Tensor>) = (None, None);
         for (i, (blk, s)) in self.cross_dec.iter().zip(saved).enumerate().rev() {
             let name = |p: &str| format!("layers.cross_dec.{i}.{p}");
@@ -336,24 +369,36 @@ impl Arpg {
             let dql = rows(&qa.unrotate(&dqh)?)?;
             grads.add(name("attn.to_q.weight"), wgrad(&dql, &rows(&s.xn)?)?)?;
             let dqn = dql.matmul(&blk.to_q.weight)?.reshape((b, l, d))?;
-            let g = norm_backward(&blk.attn_norm, &s.x, &dqn, name("attn_norm.weight"), grads)?;
-            dq = (dx + g)?;
+            // The block's input came through the previous block's FFN dropout (the first's:
+            // the mask-token queries, none).
+            let site = i.checked_sub(1).and_then(|p| saved[p].m2);
+            let norm = &blk.attn_norm;
+            dq = norm_backward(
+                norm,
+                &s.x,
+                &dqn,
+                Some(&dx),
+                site,
+                name("attn_norm.weight"),
+                grads,
+            )?;
         }
         let total = |t: Option<Tensor>| t.context("a model without cross-attention blocks");
-        Ok((dq, total(dkeys)?, total(dvalues)?))
+        Ok((dq.total, total(dkeys)?, total(dvalues)?))
     }
 
     /// The self-attention blocks' backward from the last block output's gradient `dx`: the
-    /// gradient of the (dropped-out) token embeddings.
+    /// gradient of the token embeddings (before their dropout `m0`).
     fn self_backward(
         &self,
         saved: &[Saved],
         qkv_w: &[Tensor],
-        mut dx: Tensor,
+        mut dx: Flow,
+        m0: Option<Site>,
         ka: &Angles,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let (b, l, d) = dx.dims3()?;
+        let (b, l, d) = dx.total.dims3()?;
         for (i, (blk, s)) in self.self_dec.iter().zip(saved).enumerate().rev() {
             let name = |p: &str| format!("layers.self_dec.{i}.{p}");
             let (dx1, da) = self.ffn_backward(
@@ -366,52 +411,59 @@ impl Arpg {
                 grads,
             )?;
             let (dqh, dk, dv) = attend_backward(&s.attn, &da)?;
-            let dqkv = Tensor::cat(
-                &[
-                    &ka.unrotate(&dqh)?,
-                    &ka.unrotate(&dk)?,
-                    &heads::merge(&dv, None)?,
-                ],
-                2,
-            )?;
+            let dqkv = heads::merge_cat(&[(&dqh, true), (&dk, true), (&dv, false)], &ka.cs)?;
             let dqkv = rows(&dqkv)?;
             let dw = wgrad(&dqkv, &rows(&s.xn)?)?;
             for (j, p) in ["to_q", "to_k", "to_v"].iter().enumerate() {
                 grads.add(name(&format!("attn.{p}.weight")), dw.narrow(0, j * d, d)?)?;
             }
             let dxn = dqkv.matmul(&qkv_w[i])?.reshape((b, l, d))?;
-            let g = norm_backward(&blk.attn_norm, &s.x, &dxn, name("attn_norm.weight"), grads)?;
-            dx = (dx1 + g)?;
+            // The block's input came through the previous block's FFN dropout (the first's:
+            // the embeddings' dropout).
+            let site = match i {
+                0 => m0,
+                _ => saved[i - 1].m2,
+            };
+            let norm = &blk.attn_norm;
+            dx = norm_backward(
+                norm,
+                &s.x,
+                &dxn,
+                Some(&dx1),
+                site,
+                name("attn_norm.weight"),
+                grads,
+            )?;
         }
-        Ok(dx)
+        Ok(dx.dropped)
     }
 
-    /// A block's tail after its attention output `a [b, t, d]`: projection, dropout and
-    /// residual, then the norm, the SwiGLU FFN, dropout and residual. Returns what the
-    /// backward reads and the block's output.
+    /// A block's tail after its attention output `a [b, t, d]` (`x`: the block's input and
+    /// its norm): projection, dropout and residual with the FFN's norm, the SwiGLU FFN,
+    /// dropout and residual with the `next` layer's norm. Returns what the backward reads
+    /// and the block's output with its norm.
     #[allow(clippy::too_many_arguments)]
     fn ffn_forward(
         &self,
         proj: Tensor,
         ffn_norm: &RmsNorm,
         ffn: &super::layers::FeedForward,
-        x: Tensor,
-        xn: Tensor,
+        next: &RmsNorm,
+        (x, xn): (Tensor, Tensor),
         a: Tensor,
         attn: Attn,
         draw: &mut dyn FnMut() -> Option<Site>,
-    ) -> Result<(Saved, Tensor)> {
+    ) -> Result<(Saved, (Tensor, Tensor))> {
         let (b, l, d) = x.dims3()?;
         let o = mm(&rows(&a)?, &proj)?.reshape((b, l, d))?;
         let m1 = draw();
-        let x1 = add_masked(&x, o, m1)?;
-        let hn = ffn_norm.forward_train(&x1)?;
+        let (x1, hn) = add_norm(Some(&x), &o, m1, ffn_norm)?;
         let w13 = Tensor::cat(&[&ffn.w1.weight, &ffn.w3.weight], 0)?;
         let uz = mm(&rows(&hn)?, &w13)?;
         let h = silu_mul(&uz)?;
         let f = mm(&h, &ffn.w2.weight)?.reshape((b, l, d))?;
         let m2 = draw();
-        let out = add_masked(&x1, f, m2)?;
+        let out = add_norm(Some(&x1), &f, m2, next)?;
         let saved = Saved {
             x,
             xn,
@@ -428,9 +480,10 @@ impl Arpg {
         Ok((saved, out))
     }
 
-    /// [`Self::ffn_forward`]'s backward from the block output's gradient `dy`: the gradient
-    /// of the block input through the residuals (the attention's part still to add) and of
-    /// the attention output in heads, `[b, h, t, hd]`.
+    /// [`Self::ffn_forward`]'s backward from the block output's gradient `dy` (its `dropped`:
+    /// through the FFN's dropout): the gradient of the block input through the residuals
+    /// (the attention's part still to add) and of the attention output in heads,
+    /// `[b, h, t, hd]`.
     #[allow(clippy::too_many_arguments)]
     fn ffn_backward(
         &self,
@@ -438,12 +491,12 @@ impl Arpg {
         ffn_norm: &RmsNorm,
         ffn: &super::layers::FeedForward,
         s: &Saved,
-        dy: Tensor,
+        dy: Flow,
         name: &dyn Fn(&str) -> String,
         grads: &mut Grads,
     ) -> Result<(Tensor, Tensor)> {
         let (b, l, d) = s.x.dims3()?;
-        let df = rows(&masked(dy.clone(), s.m2)?)?;
+        let df = rows(&dy.dropped)?;
         grads.add(name("ffn.w2.weight"), wgrad(&df, &s.h)?)?;
         let dh = df.matmul(&ffn.w2.weight)?;
         let duz = decode::silu_mul_backward(&s.uz, &dh)?;
@@ -452,13 +505,13 @@ impl Arpg {
         grads.add(name("ffn.w1.weight"), dw13.narrow(0, 0, hid)?)?;
         grads.add(name("ffn.w3.weight"), dw13.narrow(0, hid, hid)?)?;
         let dhn = duz.matmul(&s.w13)?.reshape((b, l, d))?;
-        let g = norm_backward(ffn_norm, &s.x1, &dhn, name("ffn_norm.weight"), grads)?;
-        let dx1 = (dy + g)?;
-        let dout = rows(&masked(dx1.clone(), s.m1)?)?;
+        let name_w = name("ffn_norm.weight");
+        let dx1 = norm_backward(ffn_norm, &s.x1, &dhn, Some(&dy.total), s.m1, name_w, grads)?;
+        let dout = rows(&dx1.dropped)?;
         grads.add(name("attn.proj.weight"), wgrad(&dout, &rows(&s.a)?)?)?;
         let da = dout.matmul(proj)?.reshape((b, l, d))?;
         Ok((
-            dx1,
+            dx1.total,
             heads::split(&da, 0, self.cfg.n_head, self.cfg.head_dim(), None)?,
         ))
     }
