@@ -1,7 +1,8 @@
 //! An embedding table's gradient: row `r` is the sum of the gradient rows of the positions
-//! that read it, added in position order (f32). One block per table row on CUDA, from a
-//! row -> positions index built on the host: deterministic and bit-identical to the CPU,
-//! where candle's `index_add` kernel scans every id for every output element.
+//! that read it, added in position order (f32) in segments of up to 128 positions, then the
+//! segments in order. One block per segment, then per table row, on CUDA, from a row ->
+//! positions index built on the host: deterministic and bit-identical to the CPU, where
+//! candle's `index_add` kernel scans every id for every output element.
 
 use super::cpu_f32;
 use anyhow::{ensure, Result};
@@ -37,13 +38,34 @@ pub fn backward(ids: &Tensor, grad: &Tensor, rows: usize) -> Result<Tensor> {
         order[next[r as usize] as usize] = p as u32;
         next[r as usize] += 1;
     }
+    // A row read by many positions (the mask token: every query) is summed in segments of
+    // at most SEGMENT positions, one block each, then the segments in order: one block
+    // summing 16k rows alone took 14 ms of the training step.
+    let mut seg_offsets = vec![0u32];
+    let mut row_segs = vec![0u32; rows + 1];
+    for r in 0..rows {
+        let (a, b) = (offsets[r], offsets[r + 1]);
+        let mut at = a;
+        while at < b {
+            at = (at + SEGMENT).min(b);
+            seg_offsets.push(at);
+        }
+        row_segs[r + 1] = (seg_offsets.len() - 1) as u32;
+    }
+    let segments = seg_offsets.len() - 1;
     let dev = grad.device();
     let order = Tensor::from_vec(order, n, dev)?;
-    let offsets = Tensor::from_vec(offsets, rows + 1, dev)?;
-    Ok(grad
+    let seg_offsets = Tensor::from_vec(seg_offsets, segments + 1, dev)?;
+    let part = grad
         .contiguous()?
-        .apply_op3_no_bwd(&order, &offsets, &EmbeddingBwd)?)
+        .apply_op3_no_bwd(&order, &seg_offsets, &EmbeddingBwd)?;
+    let identity = Tensor::arange(0u32, segments as u32, dev)?;
+    let row_segs = Tensor::from_vec(row_segs, rows + 1, dev)?;
+    Ok(part.apply_op3_no_bwd(&identity, &row_segs, &EmbeddingBwd)?)
 }
+
+/// Positions a block sums before its partial sum is added to its row's others.
+const SEGMENT: u32 = 128;
 
 struct EmbeddingBwd;
 
@@ -132,10 +154,14 @@ impl CustomOp3 for EmbeddingBwd {
     }
 }
 
-/// [`backward`] against `index_add` on `device` in `dtype`: the relative difference.
+/// [`backward`] against `index_add` on `device` in `dtype`: the relative difference (float
+/// rounding: the segments add in another order).
 pub fn compare(device: &candle_core::Device, dtype: DType) -> Result<f64> {
-    let (n, d, rows) = (300, 64, 50);
-    let ids: Vec<u32> = (0..n as u32).map(|i| (i * i + 3 * i) % 47).collect();
+    // Row 0 is read by half the positions (several segments), the others by a few.
+    let (n, d, rows) = (700, 64, 50);
+    let ids: Vec<u32> = (0..n as u32)
+        .map(|i| if i % 2 == 0 { 0 } else { (i * i + 3 * i) % 47 })
+        .collect();
     let ids = Tensor::from_vec(ids, n, device)?;
     let g = Tensor::randn(0f32, 1.0, (n, d), device)?.to_dtype(dtype)?;
     let want = Tensor::zeros((rows, d), DType::F32, device)?.index_add(
@@ -149,9 +175,9 @@ pub fn compare(device: &candle_core::Device, dtype: DType) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_gradient_is_index_adds_sum_in_the_same_order() {
+    fn the_gradient_is_index_adds_sum() {
         let dev = candle_core::Device::Cpu;
-        assert_eq!(super::compare(&dev, candle_core::DType::F32).unwrap(), 0.0);
+        assert!(super::compare(&dev, candle_core::DType::F32).unwrap() < 1e-6);
         let ids = candle_core::Tensor::new(&[3u32], &dev).unwrap();
         let g = candle_core::Tensor::zeros((1, 4), candle_core::DType::F32, &dev).unwrap();
         assert!(super::backward(&ids, &g, 3).is_err(), "an id out of range");
