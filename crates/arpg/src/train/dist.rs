@@ -2,10 +2,11 @@
 //!
 //! Every rank builds the same global batch from the same seeded generator and keeps its own
 //! slice of rows, so N ranks at global batch B see exactly the samples, orders and class
-//! drops of one process at batch B; the averaged gradient is the full batch's.
+//! drops of one process at batch B; the averaged gradient is the full batch's. The gradients
+//! travel in buckets ([`BucketReducer`]) while the backward computes the rest.
 
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{ensure, Result};
+use candle_core::{DType, Tensor};
 
 /// Sums tensors over the processes of a data-parallel group.
 pub trait Collective: Send {
@@ -13,6 +14,19 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// The elementwise sum over all ranks of `t` (same shape and dtype on every rank).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Starts summing a bucket of tensors over the ranks (every rank starts the same buckets
+    /// in the same order, their tensors alike in shape and dtype); [`Pending::wait`] gives the
+    /// sums in the same order. The tensors are the caller's to give away: no one else reads
+    /// or writes them until the wait, and an implementation may sum into them in place. By
+    /// default each is summed at once by [`Collective::all_reduce_sum`].
+    fn all_reduce_start(&self, ts: Vec<Tensor>) -> Result<Box<dyn Pending>> {
+        let sums = ts
+            .iter()
+            .map(|t| self.all_reduce_sum(t))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(Done(sums)))
+    }
 
     /// Rank `root`'s `t` on every rank (the others' `t` gives only the shape and dtype). By
     /// default the root's values summed with zeros: exact, at the cost of an all-reduce.
@@ -22,6 +36,110 @@ pub trait Collective: Send {
             false => t.zeros_like()?,
         };
         self.all_reduce_sum(&x)
+    }
+}
+
+/// A bucket's sums on their way ([`Collective::all_reduce_start`]).
+pub trait Pending {
+    /// The sums, in the order the tensors were given, once they are there (on a GPU: once
+    /// the device's stream is ordered after them).
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>>;
+}
+
+/// Sums already there.
+pub struct Done(pub Vec<Tensor>);
+
+impl Pending for Done {
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>> {
+        Ok(self.0)
+    }
+}
+
+/// `--bucket-mb` in bytes (at least one).
+pub fn bucket_bytes(mb: f64) -> usize {
+    (mb * (1u64 << 20) as f64).ceil().max(1.0) as usize
+}
+
+/// A step's f32 gradients summed over the ranks in buckets, as PyTorch DDP does: the
+/// gradients fill the open bucket in the order they become final, and a bucket starts its
+/// all-reduce ([`Collective::all_reduce_start`]) the moment it holds `cap` bytes, so the sums
+/// travel while the backward computes the rest. Every bucket but the last holds at least
+/// `cap` bytes and less without its last tensor. All ranks run the same backward, so they
+/// push the same tensors in the same order and start the same buckets.
+pub struct BucketReducer<'g> {
+    group: &'g dyn Collective,
+    cap: usize,
+    open: Vec<(usize, Tensor)>,
+    open_bytes: usize,
+    /// Started buckets: their tensors' indices and the sums on their way.
+    started: Vec<(Vec<usize>, Box<dyn Pending>)>,
+    pushed: Vec<bool>,
+}
+
+impl<'g> BucketReducer<'g> {
+    /// Buckets of `cap` bytes for the gradients `0..n`.
+    pub fn new(group: &'g dyn Collective, n: usize, cap: usize) -> Self {
+        Self {
+            group,
+            cap: cap.max(1),
+            open: Vec::new(),
+            open_bytes: 0,
+            started: Vec::new(),
+            pushed: vec![false; n],
+        }
+    }
+
+    /// Gradient `i` is final: into the open bucket, which starts if it is full. `g` is f32
+    /// and the reducer's alone (it may be summed in place).
+    pub fn push(&mut self, i: usize, g: Tensor) -> Result<()> {
+        ensure!(
+            i < self.pushed.len() && !self.pushed[i],
+            "gradient {i} pushed twice or out of range"
+        );
+        ensure!(g.dtype() == DType::F32, "gradient {i} is {:?}", g.dtype());
+        self.pushed[i] = true;
+        self.open_bytes += g.elem_count() * 4;
+        self.open.push((i, g));
+        if self.open_bytes >= self.cap {
+            self.start()?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let (idx, ts): (Vec<usize>, Vec<Tensor>) =
+            std::mem::take(&mut self.open).into_iter().unzip();
+        self.open_bytes = 0;
+        let pending = self.group.all_reduce_start(ts)?;
+        self.started.push((idx, pending));
+        Ok(())
+    }
+
+    /// Buckets started so far.
+    pub fn buckets_started(&self) -> usize {
+        self.started.len()
+    }
+
+    /// Starts the last bucket and waits for all, in order: the sums by index (`None` for a
+    /// gradient never pushed).
+    pub fn finish(mut self) -> Result<Vec<Option<Tensor>>> {
+        if !self.open.is_empty() {
+            self.start()?;
+        }
+        let mut out = vec![None; self.pushed.len()];
+        for (idx, pending) in self.started {
+            let sums = pending.wait()?;
+            ensure!(
+                sums.len() == idx.len(),
+                "a bucket of {} tensors came back with {}",
+                idx.len(),
+                sums.len()
+            );
+            for (i, s) in idx.into_iter().zip(sums) {
+                out[i] = Some(s);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -322,6 +440,125 @@ mod nccl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use std::sync::{Arc, Mutex};
+
+    /// A group of two ranks that are both this one (a sum is twice the tensor), noting every
+    /// bucket it starts: its tensors' first values (the tests' tensor `i` holds `i`).
+    struct Recorder(Arc<Mutex<Vec<Vec<f32>>>>);
+
+    impl Collective for Recorder {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            Ok((t * 2.0)?)
+        }
+        fn all_reduce_start(&self, ts: Vec<Tensor>) -> Result<Box<dyn Pending>> {
+            let firsts = ts
+                .iter()
+                .map(|t| Ok(t.flatten_all()?.get(0)?.to_scalar::<f32>()?))
+                .collect::<Result<_>>()?;
+            self.0.lock().unwrap().push(firsts);
+            let sums = ts
+                .iter()
+                .map(|t| self.all_reduce_sum(t))
+                .collect::<Result<_>>()?;
+            Ok(Box::new(Done(sums)))
+        }
+    }
+
+    #[test]
+    fn buckets_fill_in_readiness_order_and_start_once_full() {
+        // Tensor i holds i everywhere; sizes in f32 elements, pushed in a shuffled order.
+        let sizes = [3usize, 10, 1, 7, 2, 2, 9, 4];
+        let order = [5usize, 2, 7, 0, 6, 1, 3, 4];
+        let dev = Device::Cpu;
+        for cap in [1usize, 12, 40, 10_000] {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let group = Recorder(log.clone());
+            let mut r = BucketReducer::new(&group, sizes.len(), cap);
+            let mut started_while_pushing = 0;
+            for &i in &order {
+                r.push(i, Tensor::full(i as f32, sizes[i], &dev).unwrap())
+                    .unwrap();
+                started_while_pushing = r.buckets_started();
+            }
+            let sums = r.finish().unwrap();
+            let buckets: Vec<Vec<usize>> = log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|b| b.iter().map(|&x| x as usize).collect())
+                .collect();
+            // Readiness order, every gradient in exactly one bucket.
+            assert_eq!(buckets.concat(), order, "cap {cap}: {buckets:?}");
+            for (k, b) in buckets.iter().enumerate() {
+                let bytes: usize = b.iter().map(|&i| sizes[i] * 4).sum();
+                let last = sizes[*b.last().unwrap()] * 4;
+                if k + 1 < buckets.len() {
+                    assert!(bytes >= cap && bytes - last < cap, "cap {cap}: {buckets:?}");
+                } else {
+                    assert!(bytes - last < cap, "cap {cap}: {buckets:?}");
+                }
+            }
+            // Full buckets started while the gradients came; only the last one at the end.
+            assert!(started_while_pushing >= buckets.len() - 1);
+            match cap {
+                1 => assert_eq!(buckets.len(), sizes.len()),
+                10_000 => assert_eq!((buckets.len(), started_while_pushing), (1, 0)),
+                _ => assert!(buckets.len() > 1 && buckets.len() < sizes.len()),
+            }
+            for (i, s) in sums.into_iter().enumerate() {
+                let s = s.unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(s, vec![2.0 * i as f32; sizes[i]], "gradient {i}'s sum");
+            }
+        }
+    }
+
+    #[test]
+    fn a_gradient_pushed_twice_or_never_is_caught() {
+        let group = Recorder(Default::default());
+        let t = || Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let mut r = BucketReducer::new(&group, 3, 1 << 20);
+        r.push(1, t()).unwrap();
+        assert!(r.push(1, t()).is_err());
+        assert!(r.push(3, t()).is_err());
+        assert!(r.push(0, t().to_dtype(DType::F64).unwrap()).is_err());
+        let sums = r.finish().unwrap();
+        assert!(sums[0].is_none() && sums[1].is_some() && sums[2].is_none());
+    }
+
+    /// Only `all_reduce_sum`: the default bucket call.
+    struct Doubler;
+
+    impl Collective for Doubler {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            Ok((t * 2.0)?)
+        }
+    }
+
+    #[test]
+    fn the_default_bucket_call_sums_each_tensor_in_order() {
+        let dev = Device::Cpu;
+        let ts: Vec<Tensor> = (0..3)
+            .map(|i| Tensor::full(i as f32 + 1.0, i + 1, &dev).unwrap())
+            .collect();
+        let sums = Doubler.all_reduce_start(ts).unwrap().wait().unwrap();
+        let got: Vec<Vec<f32>> = sums.iter().map(|t| t.to_vec1().unwrap()).collect();
+        assert_eq!(got, vec![vec![2.0], vec![4.0; 2], vec![6.0; 3]]);
+        assert_eq!(bucket_bytes(25.0), 25 << 20);
+        assert_eq!(bucket_bytes(1e-12), 1);
+    }
 
     #[test]
     fn zero1_owners_balance_the_ranks_and_cover_every_tensor_once() {
