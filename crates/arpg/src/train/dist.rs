@@ -340,26 +340,145 @@ pub fn exchange_bytes(env: &DistEnv, payload: Option<&[u8]>, len: usize) -> Resu
 #[cfg(feature = "nccl")]
 pub use nccl::NcclGroup;
 
+/// On a CUDA device, with NCCL: a one-rank communicator's buckets (reduced asynchronously
+/// while the device computes), all-reduce and broadcast against their inputs (a one-rank sum
+/// is its input), the largest difference (0 when the plumbing holds). `None` elsewhere.
+pub fn nccl_self_check(device: &candle_core::Device) -> Result<Option<f64>> {
+    #[cfg(feature = "nccl")]
+    return nccl::self_check(device);
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = device;
+        Ok(None)
+    }
+}
+
 #[cfg(feature = "nccl")]
 mod nccl {
-    use super::{exchange_bytes, Collective, DistEnv};
-    use anyhow::{Context, Result};
+    //! NCCL on a CUDA stream of its own, ordered against the device's stream by events.
+    //!
+    //! Why buffers shared by the two streams are safe. candle leaves cudarc's per-buffer event
+    //! tracking on, but cudarc records those events only once the context has a second
+    //! stream that cudarc counts (`CudaStream::fork`, `CudaContext::new_stream`), and from
+    //! then on for every argument of every kernel launch of the process. The stream here is
+    //! created by the driver call and wrapped as a borrowed stream, so the context stays in
+    //! single-stream mode: nothing is tracked for us, and these rules are what orders it:
+    //! - before NCCL reads a buffer, its stream waits on an event recorded on the compute
+    //!   stream after the kernels (and stream-ordered allocations) that produced it;
+    //! - after the NCCL calls, an event on NCCL's stream, which the compute stream waits on
+    //!   before anything reads the sums (`Pending::wait`, or before a synchronous call
+    //!   returns);
+    //! - the buffers stay alive until that wait is queued (the pending bucket holds them; if
+    //!   dropped unwaited it queues the wait first), and candle frees on the compute stream
+    //!   (`cuMemFreeAsync`), so no buffer is freed or reused before NCCL is done with it;
+    //! - a bucket's tensors are the trainer's own fresh gradients: nothing else reads or
+    //!   writes them while they are summed in place.
+    //!
+    //! Where the context is in multi-stream mode anyway (the process opened a second stream
+    //! through cudarc), its tracking adds waits that these events make redundant.
+
+    use super::{exchange_bytes, Collective, DistEnv, Pending};
+    use anyhow::{ensure, Context, Result};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-    use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{result as drv, sys, CudaEvent, CudaStream};
+    use candle_core::cuda_backend::cudarc::nccl::safe::{
+        group_end, group_start, Comm, Id, ReduceOp,
+    };
+    use candle_core::{CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor};
+    use std::mem::ManuallyDrop;
     use std::sync::Arc;
 
-    /// An NCCL communicator on the device's own stream (so it orders with candle's kernels).
+    fn cuda_err(what: &str) -> impl Fn(drv::DriverError) -> anyhow::Error + '_ {
+        move |e| anyhow::anyhow!("{what}: {e:?}")
+    }
+
+    /// A communicator on a stream of its own, beside the device's (compute) stream.
+    struct Side {
+        comm: ManuallyDrop<Comm>,
+        /// The device's stream, where candle computes.
+        compute: Arc<CudaStream>,
+        /// NCCL's stream: a wrapper that does not own `raw` (see the module's comment).
+        stream: Arc<CudaStream>,
+        raw: sys::CUstream,
+    }
+
+    // The communicator and the streams are used from the one thread that drives the device.
+    unsafe impl Send for Side {}
+    unsafe impl Sync for Side {}
+
+    impl Side {
+        /// NCCL's stream (at the highest priority: its kernels take few SMs and the backward
+        /// waits on none of them) and the communicator `connect` makes on it.
+        fn new(
+            compute: Arc<CudaStream>,
+            connect: impl FnOnce(Arc<CudaStream>) -> Result<Comm>,
+        ) -> Result<Self> {
+            let ctx = compute.context().clone();
+            ctx.bind_to_thread()
+                .map_err(cuda_err("binding the CUDA context"))?;
+            let (_, highest) = drv::stream::get_priority_range()
+                .map_err(cuda_err("cuCtxGetStreamPriorityRange"))?;
+            let raw =
+                drv::stream::create_with_priority(drv::stream::StreamKind::NonBlocking, highest)
+                    .map_err(cuda_err("creating NCCL's stream"))?;
+            // Safety: `raw` is a stream of this context; `drop` destroys it after the
+            // communicator, the last user of the wrapper.
+            let stream = unsafe { ctx.wrap_borrowed_stream(raw) };
+            match connect(stream.clone()) {
+                Ok(comm) => Ok(Self {
+                    comm: ManuallyDrop::new(comm),
+                    compute,
+                    stream,
+                    raw,
+                }),
+                Err(e) => {
+                    // Safety: created above, used by nothing.
+                    let _ = unsafe { drv::stream::destroy(raw) };
+                    Err(e)
+                }
+            }
+        }
+
+        /// NCCL's stream waits for everything queued on the compute stream so far.
+        fn after_compute(&self) -> Result<()> {
+            let ev = self
+                .compute
+                .record_event(None)
+                .map_err(cuda_err("cuEventRecord"))?;
+            self.stream.wait(&ev).map_err(cuda_err("cuStreamWaitEvent"))
+        }
+
+        /// An event after everything queued on NCCL's stream so far.
+        fn mark(&self) -> Result<CudaEvent> {
+            self.stream
+                .record_event(None)
+                .map_err(cuda_err("cuEventRecord"))
+        }
+
+        /// The compute stream waits for `ev` (NCCL's work up to it).
+        fn compute_after(&self, ev: &CudaEvent) -> Result<()> {
+            self.compute.wait(ev).map_err(cuda_err("cuStreamWaitEvent"))
+        }
+    }
+
+    impl Drop for Side {
+        fn drop(&mut self) {
+            let _ = self.stream.synchronize();
+            // Safety: dropped once, here, and not used after.
+            unsafe { ManuallyDrop::drop(&mut self.comm) };
+            let _ = self.compute.context().bind_to_thread();
+            // Safety: created in `new`; nothing uses it any more.
+            let _ = unsafe { drv::stream::destroy(self.raw) };
+        }
+    }
+
+    /// An NCCL communicator on a stream of its own, gated against the device's stream by
+    /// events (the module's comment says why that is safe).
     pub struct NcclGroup {
-        comm: Arc<SendComm>,
+        side: Arc<Side>,
         rank: usize,
         world_size: usize,
     }
-
-    struct SendComm(Comm);
-    // The communicator is used from the one thread that drives the device's stream.
-    unsafe impl Send for SendComm {}
-    unsafe impl Sync for SendComm {}
 
     impl NcclGroup {
         pub fn connect(env: &DistEnv, device: &Device) -> Result<Self> {
@@ -379,19 +498,26 @@ mod nccl {
                 }
                 Id::uninit(internal)
             };
-            let comm = Comm::from_rank(cuda.cuda_stream(), env.rank, env.world_size, id)
-                .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {}): {e:?}", env.rank))?;
+            let side = Side::new(cuda.cuda_stream(), |stream| {
+                Comm::from_rank(stream, env.rank, env.world_size, id)
+                    .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {}): {e:?}", env.rank))
+            })?;
             Ok(Self {
-                comm: Arc::new(SendComm(comm)),
+                side: Arc::new(side),
                 rank: env.rank,
                 world_size: env.world_size,
             })
         }
     }
 
-    struct AllReduce(Arc<SendComm>);
+    fn nccl_err(e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("ncclAllReduce: {e:?}"))
+    }
 
-    impl CustomOp1 for AllReduce {
+    /// Out-of-place all-reduce into a fresh tensor, fenced both ways.
+    struct AllReduce<'a>(&'a Side);
+
+    impl CustomOp1 for AllReduce<'_> {
         fn name(&self) -> &'static str {
             "nccl-all-reduce"
         }
@@ -407,18 +533,69 @@ mod nccl {
             s: &CudaStorage,
             l: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let (start, end) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("all-reduce of a strided tensor".into()))?;
+            let src = crate::kernels::cuda::view::<f32>(s, l, "NCCL all-reduce")?;
             let dev = s.device().clone();
-            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
             // Safety: NCCL writes every element of dst before anything reads it.
-            let mut dst = unsafe { dev.alloc::<f32>(end - start) }?;
+            let mut dst = unsafe { dev.alloc::<f32>(src.len()) }?;
+            let msg = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+            self.0.after_compute().map_err(msg)?;
             self.0
-                 .0
+                .comm
                 .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-                .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
+                .map_err(nccl_err)?;
+            // `src` (the caller's tensor) lives until this returns, after the wait.
+            let done = self.0.mark().map_err(msg)?;
+            self.0.compute_after(&done).map_err(msg)?;
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+
+    /// One tensor's in-place all-reduce, queued into the open NCCL group.
+    struct InPlace<'a>(&'a Side);
+
+    impl InplaceOp1 for InPlace<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-in-place"
+        }
+        fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+            let mut v = crate::kernels::cuda::view_mut::<f32>(s, l, "NCCL all-reduce")?;
+            self.0
+                .comm
+                .all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                .map_err(nccl_err)?;
+            Ok(())
+        }
+    }
+
+    /// A bucket summed in place on NCCL's stream: the tensors are held until the compute
+    /// stream is ordered after `done`.
+    struct InFlight {
+        side: Arc<Side>,
+        done: Option<CudaEvent>,
+        ts: Vec<Tensor>,
+    }
+
+    impl Pending for InFlight {
+        fn wait(mut self: Box<Self>) -> Result<Vec<Tensor>> {
+            if let Some(ev) = &self.done {
+                self.side.compute_after(ev)?;
+            }
+            self.done = None;
+            Ok(std::mem::take(&mut self.ts))
+        }
+    }
+
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            // Unwaited (an error on the way): the buffers must outlive NCCL's use of them.
+            if let Some(ev) = self.done.take() {
+                if self.side.compute_after(&ev).is_err() {
+                    let _ = self.side.stream.synchronize();
+                }
+            }
         }
     }
 
@@ -431,9 +608,96 @@ mod nccl {
         }
         fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
             let x = t.to_dtype(DType::F32)?.contiguous()?;
-            Ok(x.apply_op1_no_bwd(&AllReduce(self.comm.clone()))?
+            Ok(x.apply_op1_no_bwd(&AllReduce(&self.side))?
                 .to_dtype(t.dtype())?)
         }
+
+        /// One NCCL group of in-place all-reduces on NCCL's stream, after the compute
+        /// stream's work so far; the wait orders the compute stream after them.
+        fn all_reduce_start(&self, ts: Vec<Tensor>) -> Result<Box<dyn Pending>> {
+            for t in &ts {
+                ensure!(
+                    t.dtype() == DType::F32 && t.device().is_cuda() && t.is_contiguous(),
+                    "a bucket's tensors are contiguous f32 CUDA tensors, not {:?} {:?}",
+                    t.dtype(),
+                    t.device().location()
+                );
+            }
+            let side = &self.side;
+            side.after_compute()?;
+            group_start().map_err(|e| anyhow::anyhow!("ncclGroupStart: {e:?}"))?;
+            let queued = ts.iter().try_for_each(|t| t.inplace_op1(&InPlace(side)));
+            let ended = group_end();
+            // Whatever was queued runs: hold the tensors until the compute stream waits.
+            let done = match side.mark() {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = side.stream.synchronize();
+                    return Err(e);
+                }
+            };
+            let flight = Box::new(InFlight {
+                side: side.clone(),
+                done: Some(done),
+                ts,
+            });
+            queued?;
+            ended.map_err(|e| anyhow::anyhow!("ncclGroupEnd: {e:?}"))?;
+            Ok(flight)
+        }
+    }
+
+    /// [`super::nccl_self_check`].
+    pub fn self_check(device: &Device) -> Result<Option<f64>> {
+        let Ok(cuda) = device.as_cuda_device() else {
+            return Ok(None);
+        };
+        let id = Id::new().map_err(|e| anyhow::anyhow!("ncclGetUniqueId: {e:?}"))?;
+        let side = Side::new(cuda.cuda_stream(), |stream| {
+            Comm::from_rank(stream, 0, 1, id)
+                .map_err(|e| anyhow::anyhow!("ncclCommInitRank (one rank): {e:?}"))
+        })?;
+        let g = NcclGroup {
+            side: Arc::new(side),
+            rank: 0,
+            world_size: 1,
+        };
+        let busy = Tensor::randn(0f32, 1.0, (2048, 2048), device)?;
+        let buckets: [&[(usize, usize)]; 3] = [
+            &[(3, 5), (1024, 1024), (1, 1)],
+            &[(257, 129)],
+            &[(4096, 1024), (7, 3), (2, 2048)],
+        ];
+        let mut flights = Vec::new();
+        for shapes in buckets {
+            let ts: Vec<Tensor> = shapes
+                .iter()
+                .map(|&s| Tensor::randn(0f32, 1.0, s, device))
+                .collect::<candle_core::Result<_>>()?;
+            let want: Vec<Tensor> = ts
+                .iter()
+                .map(Tensor::copy)
+                .collect::<candle_core::Result<_>>()?;
+            flights.push((g.all_reduce_start(ts)?, want));
+            // The device computes while the bucket is on its way.
+            let _ = busy.matmul(&busy)?;
+        }
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64)
+        };
+        let mut worst = 0f64;
+        for (flight, want) in flights {
+            let got = flight.wait()?;
+            ensure!(got.len() == want.len(), "a bucket came back short");
+            for (a, b) in got.iter().zip(&want) {
+                ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
+                worst = worst.max(diff(a, b)?);
+            }
+        }
+        let t = Tensor::randn(0f32, 1.0, (333, 77), device)?;
+        worst = worst.max(diff(&g.all_reduce_sum(&t)?, &t)?);
+        worst = worst.max(diff(&g.broadcast(&t, 0)?, &t)?);
+        Ok(Some(worst))
     }
 }
 
