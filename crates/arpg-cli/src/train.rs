@@ -99,6 +99,11 @@ pub struct TrainArgs {
     /// 1), updates those and broadcasts them; the same weights, less memory per GPU.
     #[arg(long)]
     pub zero1: bool,
+    /// With --gpus N: the gradients travel in buckets of about this many MiB (f32), each
+    /// all-reduced as soon as the backward has finished it, while the backward goes on
+    /// (PyTorch DDP's bucket_cap_mb).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_mb: f64,
     /// How gradients are computed: `hand` (the hand-written forward and backward, no
     /// autograd graph; class-conditional models), `autograd` (candle's autograd, the CPU's
     /// path and what `hand` is checked against), `auto` (hand on CUDA, else autograd).
@@ -158,6 +163,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             seed: a.seed,
             zero1: a.zero1,
             step_kind: a.step.parse()?,
+            bucket_mb: a.bucket_mb,
             ..TrainConfig::default()
         },
         lr: a.lr,

@@ -336,3 +336,22 @@ fn the_hand_written_step_trains_from_the_command_line_like_autograd() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--step"), "{e}");
 }
+
+#[test]
+fn a_bucket_size_of_nothing_is_refused_naming_the_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let pack = digits_pack(d.path());
+    let cfg = tiny_config(d.path());
+    for mb in ["0", "inf"] {
+        let out = d.path().join(format!("run-{mb}"));
+        let o = bin()
+            .args(["train", "--data", pack.to_str().unwrap(), "--config", &cfg])
+            .args(["--out", out.to_str().unwrap(), "--steps", "1"])
+            .args(["--bucket-mb", mb])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("--bucket-mb"), "{e}");
+        assert!(!out.join("checkpoint.safetensors").exists());
+    }
+}

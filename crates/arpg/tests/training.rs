@@ -2,7 +2,8 @@
 //! and a resumed run continues bit for bit.
 
 use arpg::data::{PackWriter, Packed, Sample};
-use arpg::train::{TrainConfig, Trainer};
+use arpg::train::dist::{Collective, Done, Pending};
+use arpg::train::{StepKind, TrainConfig, Trainer};
 use arpg::ArpgConfig;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -210,15 +211,33 @@ fn resuming_continues_bit_for_bit() {
 }
 
 /// An in-process group of threads standing in for NCCL: each rank deposits its tensor,
-/// everyone sums in rank order.
+/// everyone sums in rank order. A bucket's values are taken when it starts and summed when
+/// it is waited for (as NCCL's stream would, later), its starts counted in `buckets`.
+#[derive(Clone)]
 struct ThreadGroup {
     rank: usize,
     world: usize,
     slots: std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<f32>>>>>,
     barrier: std::sync::Arc<std::sync::Barrier>,
+    buckets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl arpg::train::dist::Collective for ThreadGroup {
+/// A [`ThreadGroup`] bucket: the values given and their shapes, summed at the wait.
+struct Deferred {
+    group: ThreadGroup,
+    ts: Vec<Tensor>,
+}
+
+impl Pending for Deferred {
+    fn wait(self: Box<Self>) -> anyhow::Result<Vec<Tensor>> {
+        self.ts
+            .iter()
+            .map(|t| self.group.all_reduce_sum(t))
+            .collect()
+    }
+}
+
+impl Collective for ThreadGroup {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -242,6 +261,19 @@ impl arpg::train::dist::Collective for ThreadGroup {
         self.barrier.wait();
         Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
     }
+    fn all_reduce_start(&self, ts: Vec<Tensor>) -> anyhow::Result<Box<dyn Pending>> {
+        self.buckets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A copy: what the bucket held at its start, whatever happens to `ts` meanwhile.
+        let ts = ts
+            .iter()
+            .map(Tensor::copy)
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Box::new(Deferred {
+            group: self.clone(),
+            ts,
+        }))
+    }
 }
 
 /// `f(rank, trainer, data)` on two ranks of `tc` joined by a [`ThreadGroup`], one thread each;
@@ -251,11 +283,22 @@ fn on_two_ranks<R: Send + 'static>(
     data: &std::path::Path,
     f: impl Fn(usize, &mut Trainer, &Packed) -> R + Send + Clone + 'static,
 ) -> Vec<R> {
+    on_two_ranks_counting(tc, data, f).0
+}
+
+/// [`on_two_ranks`], and how many buckets the ranks started (both counted).
+fn on_two_ranks_counting<R: Send + 'static>(
+    tc: &TrainConfig,
+    data: &std::path::Path,
+    f: impl Fn(usize, &mut Trainer, &Packed) -> R + Send + Clone + 'static,
+) -> (Vec<R>, usize) {
     let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![None, None]));
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let buckets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             let (slots, barrier, tc, f) = (slots.clone(), barrier.clone(), tc.clone(), f.clone());
+            let buckets = buckets.clone();
             let path = data.to_path_buf();
             std::thread::spawn(move || {
                 let data = Packed::open(&path).unwrap();
@@ -265,13 +308,15 @@ fn on_two_ranks<R: Send + 'static>(
                     world: 2,
                     slots,
                     barrier,
+                    buckets,
                 };
                 tr.set_group(Box::new(g)).unwrap();
                 f(rank, &mut tr, &data)
             })
         })
         .collect();
-    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    let out = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    (out, buckets.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 #[test]
@@ -353,6 +398,7 @@ fn the_global_batch_must_split_over_the_ranks() {
         world: 2,
         slots: Default::default(),
         barrier: std::sync::Arc::new(std::sync::Barrier::new(1)),
+        buckets: Default::default(),
     };
     let err = tr.set_group(Box::new(g)).unwrap_err().to_string();
     assert!(err.contains("--batch-size 6"), "{err}");
@@ -431,4 +477,184 @@ fn zero1_trains_bit_for_bit_like_plain_data_parallel_with_half_the_moments() {
     let mut tr = Trainer::resume(&zero_ckpt, None, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(tr.step, 6);
     assert!(tr.train_step(&data).unwrap().loss.is_finite());
+}
+
+/// Loss and gradient norm per step (before clipping: AdamW and clipping would hide a wrong
+/// scale) over `steps` steps, and the weights after them.
+fn steps_of(
+    tr: &mut Trainer,
+    data: &Packed,
+    steps: usize,
+) -> (Vec<(f64, f64)>, std::collections::HashMap<String, Tensor>) {
+    let stats = (0..steps)
+        .map(|_| {
+            let s = tr.train_step(data).unwrap();
+            (s.loss, s.grad_norm)
+        })
+        .collect();
+    (stats, tr.export_weights())
+}
+
+#[test]
+fn the_hand_step_on_two_ranks_trains_like_one_process_whatever_its_buckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pack(dir.path(), 12);
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let n = Trainer::new(&tiny(), &TrainConfig::default(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .parameters()
+        .count();
+    for grad_accum in [1, 2] {
+        let tc = TrainConfig {
+            batch_size: 8,
+            grad_accum,
+            steps: 6,
+            lr: 3e-3,
+            warmup_steps: 2,
+            dropout: 0.0,
+            step_kind: StepKind::Hand,
+            ..Default::default()
+        };
+        let mut single = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+        let (want, want_w) = steps_of(&mut single, &data, 6);
+        // Buckets of one tensor each, of a few, of all; plain data parallel and ZeRO-1.
+        let (each, few, all) = (Some(n), None, Some(1));
+        for (bucket_mb, zero1, per_step) in [
+            (1e-6, false, each),
+            (0.01, false, few),
+            (1e3, false, all),
+            (1e-6, true, each),
+            (1e3, true, all),
+        ] {
+            let c = TrainConfig {
+                bucket_mb,
+                zero1,
+                ..tc.clone()
+            };
+            let what = format!("grad_accum {grad_accum}, --bucket-mb {bucket_mb}, zero1 {zero1}");
+            let (results, buckets) =
+                on_two_ranks_counting(&c, &data.path, |_, tr, data| steps_of(tr, data, 6));
+            let started = buckets / 2 / 6;
+            match per_step {
+                Some(k) => assert_eq!(started, k, "{what}: buckets a step"),
+                None => assert!(1 < started && started < n, "{what}: {started} buckets"),
+            }
+            for (rank, (stats, weights)) in results.iter().enumerate() {
+                for (s, (a, b)) in stats.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a.0 - b.0).abs() < 1e-5,
+                        "{what}: rank {rank} step {s}: loss {a:?} vs {b:?}"
+                    );
+                    assert!(
+                        (a.1 - b.1).abs() < 1e-5 * b.1,
+                        "{what}: rank {rank} step {s}: grad norm {a:?} vs {b:?}"
+                    );
+                }
+                for (k, t) in &want_w {
+                    let err = flat(t)
+                        .iter()
+                        .zip(&flat(&weights[k]))
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err < 1e-4, "{what}: rank {rank} {k}: max difference {err}");
+                }
+            }
+            for (k, t) in &results[0].1 {
+                assert!(
+                    flat(t) == flat(&results[1].1[k]),
+                    "{what}: {k} differs between the ranks"
+                );
+            }
+        }
+    }
+}
+
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// One process posing as both ranks of a pair (a sum is twice the tensor), logging every
+/// bucket it starts.
+struct Recording(Log);
+
+impl Collective for Recording {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        2
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> anyhow::Result<Tensor> {
+        Ok((t * 2.0)?)
+    }
+    fn all_reduce_start(&self, ts: Vec<Tensor>) -> anyhow::Result<Box<dyn Pending>> {
+        self.0.lock().unwrap().push(format!("start {}", ts.len()));
+        let sums = ts.iter().map(|t| self.all_reduce_sum(t));
+        Ok(Box::new(Done(sums.collect::<anyhow::Result<_>>()?)))
+    }
+}
+
+/// Logs the trainer's `arpg::train::grads` trace: each gradient the backward reports final.
+struct GradTrace(Log);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for GradTrace {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if e.metadata().target() != "arpg::train::grads" {
+            return;
+        }
+        struct Param(String);
+        impl tracing::field::Visit for Param {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                if f.name() == "param" {
+                    self.0 = v.to_string();
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut p = Param(String::new());
+        e.record(&mut p);
+        self.0.lock().unwrap().push(format!("ready {}", p.0));
+    }
+}
+
+#[test]
+fn buckets_are_summed_while_the_backward_goes_on() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pack(dir.path(), 12);
+    for (grad_accum, bucket_mb) in [(1, 1e-6), (2, 1e-6), (1, 1e3)] {
+        let tc = TrainConfig {
+            batch_size: 4,
+            grad_accum,
+            dropout: 0.0,
+            step_kind: StepKind::Hand,
+            bucket_mb,
+            ..Default::default()
+        };
+        let log = Log::default();
+        let mut tr = Trainer::new(&tiny(), &tc, DType::F32, &Device::Cpu).unwrap();
+        tr.set_group(Box::new(Recording(log.clone()))).unwrap();
+        let traced = tracing_subscriber::registry().with(GradTrace(log.clone()));
+        tracing::subscriber::with_default(traced, || tr.train_step(&data).unwrap());
+        let log = log.lock().unwrap().clone();
+        let n = tr.parameters().count();
+        let at = |what: &str| -> Vec<usize> {
+            (0..log.len())
+                .filter(|&i| log[i].starts_with(what))
+                .collect()
+        };
+        let (ready, starts) = (at("ready "), at("start "));
+        assert_eq!(ready.len(), grad_accum * n, "{log:?}");
+        let last = *ready.last().unwrap();
+        if bucket_mb < 1.0 {
+            // One tensor a bucket: each starts right after the backward reports it, the
+            // first long before the last gradient; none while earlier micro-batches only
+            // accumulate.
+            assert_eq!(starts.len(), n, "{log:?}");
+            assert!(starts[0] < last, "{log:?}");
+            assert!(starts[0] > ready[(grad_accum - 1) * n], "{log:?}");
+            assert!(starts.iter().all(|&s| log[s - 1].starts_with("ready ")));
+        } else {
+            // One bucket for all: it can only start after the last gradient.
+            assert_eq!(starts.len(), 1, "{log:?}");
+            assert!(starts[0] > last, "{log:?}");
+        }
+    }
 }

@@ -171,6 +171,10 @@ pub struct ParityReport {
     /// embedding's gradient, the heads' layout changes with RoPE, the residual add + dropout +
     /// RMSNorm each way (bf16 where typed).
     pub fused_train_ops_rel_diff: Option<Vec<(&'static str, f64)>>,
+    /// CUDA with NCCL only: a one-rank communicator's bucket all-reduces (on NCCL's own
+    /// stream, while the device computes), all-reduce and broadcast against their inputs, the
+    /// largest difference ([`crate::train::dist::nccl_self_check`]; must be 0).
+    pub nccl_buckets_max_diff: Option<f64>,
 }
 
 impl ParityReport {
@@ -207,6 +211,11 @@ impl ParityReport {
             if v.is_nan() || *v > 3e-2 {
                 out.push(format!("fused training op: {op} {v:.3e} > 3e-2"));
             }
+        }
+        if let Some(d) = self.nccl_buckets_max_diff.filter(|d| *d != 0.0) {
+            out.push(format!(
+                "NCCL buckets: {d:.3e} from their inputs, expected 0"
+            ));
         }
         if let Some(h) = &self.hand_step {
             // The bars: 1e-5 in f32, 2e-2 in bf16, per tensor.
@@ -302,6 +311,7 @@ fn check_parsed(dir: &Path, j: &Value, dtype: DType, device: &Device) -> Result<
         fused_step_logits_rel_diff: crate::model::fused_step_rel_diff(device, dtype, false)?,
         hand_step: crate::train::hand_step_check(dtype, device)?,
         fused_train_ops_rel_diff: fused_train_ops(device)?,
+        nccl_buckets_max_diff: crate::train::dist::nccl_self_check(device)?,
     })
 }
 

@@ -9,10 +9,11 @@ use crate::kernels::dropout::{Dropout, Site};
 use crate::kernels::{attn_softmax, cross_entropy, decode, embedding, heads, residual_norm};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One micro-batch: the mean cross entropy (f32 scalar, not read back) and the gradient of
-/// `loss * loss_scale` for every parameter, by its state-dict name, in the compute dtype.
+/// `loss * loss_scale` for every parameter, by its state-dict name, in the compute dtype
+/// (none with a [`GradSink`]: each went there).
 pub struct LossAndGrads {
     pub loss: Tensor,
     pub grads: HashMap<String, Tensor>,
@@ -106,17 +107,59 @@ impl Angles {
     }
 }
 
-/// Gradients by parameter name, summed where a weight is used twice.
-#[derive(Default)]
-struct Grads(HashMap<String, Tensor>);
+/// Where [`Arpg::loss_and_grads_with`] hands each parameter's gradient (state-dict name,
+/// compute dtype) the moment it is final, after the weight's last use: every parameter once,
+/// in the order the backward finishes them (the data-parallel step all-reduces buckets of
+/// them while the backward goes on).
+pub type GradSink<'a> = dyn FnMut(&str, Tensor) -> Result<()> + 'a;
 
-impl Grads {
+/// Gradients by parameter name, summed where a weight is used twice; with a sink, those
+/// added since the last [`Grads::ready`] go there at that call (the layers' boundaries).
+#[derive(Default)]
+struct Grads<'s, 'f> {
+    map: HashMap<String, Tensor>,
+    /// Names added since the last `ready`, in the order they came.
+    fresh: Vec<String>,
+    /// Names already handed to the sink: a later `add` of one would be lost.
+    sent: HashSet<String>,
+    sink: Option<&'s mut GradSink<'f>>,
+}
+
+impl Grads<'_, '_> {
     fn add(&mut self, name: String, g: Tensor) -> Result<()> {
-        let g = match self.0.remove(&name) {
+        ensure!(
+            !self.sent.contains(&name),
+            "the gradient of {name} grew after it was reported final"
+        );
+        let g = match self.map.remove(&name) {
             Some(prev) => (prev + g)?,
-            None => g,
+            None => {
+                self.fresh.push(name.clone());
+                g
+            }
         };
-        self.0.insert(name, g);
+        self.map.insert(name, g);
+        Ok(())
+    }
+
+    /// Everything added since the last call is final (its weights are used no more): to the
+    /// sink, if there is one.
+    fn ready(&mut self) -> Result<()> {
+        let Grads {
+            map,
+            fresh,
+            sent,
+            sink,
+        } = self;
+        let Some(sink) = sink.as_mut() else {
+            fresh.clear();
+            return Ok(());
+        };
+        for name in fresh.drain(..) {
+            let g = map.remove(&name).context("a reported gradient")?;
+            sink(&name, g)?;
+            sent.insert(name);
+        }
         Ok(())
     }
 }
@@ -174,6 +217,20 @@ impl Arpg {
         targets: &Tensor,
         loss_scale: f64,
         drop: Option<Dropout>,
+    ) -> Result<LossAndGrads> {
+        self.loss_and_grads_with(tokens, pos, targets, loss_scale, drop, None)
+    }
+
+    /// [`Arpg::loss_and_grads`], handing each gradient to `sink` (when given) as soon as it
+    /// is final instead of returning it.
+    pub fn loss_and_grads_with(
+        &self,
+        tokens: &Tensor,
+        pos: Positions,
+        targets: &Tensor,
+        loss_scale: f64,
+        drop: Option<Dropout>,
+        sink: Option<&mut GradSink>,
     ) -> Result<LossAndGrads> {
         ensure!(
             self.control.is_none() && pos.control.is_none(),
@@ -251,7 +308,10 @@ impl Arpg {
             _ => cross_entropy::slow(&logits, targets, loss_scale / n as f64)?,
         };
         let loss = losses.to_dtype(DType::F32)?.mean_all()?;
-        let mut grads = Grads::default();
+        let mut grads = Grads {
+            sink,
+            ..Grads::default()
+        };
         grads.add("head.weight".into(), wgrad(&dlogits, &hf)?)?;
         let dhf = dlogits.matmul(&self.head.weight)?.reshape((b, l, d))?;
         let last = csaved.last().and_then(|s| s.m2);
@@ -264,6 +324,7 @@ impl Arpg {
             "norm.weight".into(),
             &mut grads,
         )?;
+        grads.ready()?;
         let (dq, dkeys, dvalues) = self.cross_backward(&csaved, dq, &qa, &mut grads)?;
         // The queries' gradient reaches the mask token's embedding (and positions).
         let dq0 = dq;
@@ -285,11 +346,13 @@ impl Arpg {
             "layers.norm.weight".into(),
             &mut grads,
         )?;
+        grads.ready()?;
         let dx0 = self.self_backward(&saved, &qkv_w, dx, m0, &ka, &mut grads)?;
         self.embed_backward(tokens, pos.keys, &dx0, &dq0, pos.queries, &mut grads)?;
+        grads.ready()?;
         Ok(LossAndGrads {
             loss,
-            grads: grads.0,
+            grads: grads.map,
         })
     }
 
@@ -382,6 +445,7 @@ impl Arpg {
                 name("attn_norm.weight"),
                 grads,
             )?;
+            grads.ready()?;
         }
         let total = |t: Option<Tensor>| t.context("a model without cross-attention blocks");
         Ok((dq.total, total(dkeys)?, total(dvalues)?))
@@ -434,6 +498,7 @@ impl Arpg {
                 name("attn_norm.weight"),
                 grads,
             )?;
+            grads.ready()?;
         }
         Ok(dx.dropped)
     }
@@ -541,5 +606,41 @@ impl Arpg {
             grads.add("pos_embeddings.weight".into(), dp)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_gradient_reported_final_cannot_grow() {
+        let mut got = Vec::new();
+        let mut sink = |name: &str, g: Tensor| -> Result<()> {
+            got.push((name.to_string(), g.to_vec1::<f32>()?));
+            Ok(())
+        };
+        let mut grads = Grads {
+            sink: Some(&mut sink),
+            ..Grads::default()
+        };
+        let t = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+        grads.add("a".into(), t.clone()).unwrap();
+        grads.add("b".into(), t.clone()).unwrap();
+        grads.add("a".into(), t.clone()).unwrap();
+        grads.ready().unwrap();
+        grads.ready().unwrap();
+        let e = grads.add("a".into(), t).unwrap_err().to_string();
+        assert!(e.contains("a grew after it was reported final"), "{e}");
+        assert!(grads.map.is_empty());
+        drop(grads);
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), vec![2.0; 2]),
+                ("b".to_string(), vec![1.0; 2])
+            ]
+        );
     }
 }
