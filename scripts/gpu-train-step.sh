@@ -10,6 +10,9 @@
 # (autograd is timed at batch 64 only unless AUTOGRAD_ALL=1)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64
+# An NCCL build (scripts/build-cuda.sh --nccl) finds libnccl.so.2 in PyTorch's wheel.
+NCCL_LIB=$(python3 -c 'import nvidia.nccl as n; print(n.__path__[0])' 2>/dev/null) &&
+  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$NCCL_LIB/lib
 export CUDA_CACHE_MAXSIZE=4294967296
 OUT=${OUT:-/tmp/train-step}; mkdir -p "$OUT"
 A=/tmp/arpg; [ -x $A ] || { xz -dc .bin/arpg.xz > $A && chmod +x $A; }
@@ -19,7 +22,7 @@ for d in f32 bf16; do
   echo "== check-parity $d"
   $A check-parity --device cuda:0 --dtype $d > "/tmp/parity-$d.json" 2> "/tmp/parity-$d.err"
   echo "rc $?"; grep -o '"hand_step":{[^}]*}' "/tmp/parity-$d.json" | cut -c1-700
-  grep -o '"fused_train_ops_rel_diff":[^]]*]*' "/tmp/parity-$d.json"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("fused_train_ops", j.get("fused_train_ops_rel_diff")); print("nccl_buckets_max_diff", j.get("nccl_buckets_max_diff"))' "/tmp/parity-$d.json"
   grep -o '"fused_decode_ops_rel_diff":[^]]*]*' "/tmp/parity-$d.json" | cut -c1-300
   grep -o '"greedy_equal[^]]*]' "/tmp/parity-$d.json"; tail -2 "/tmp/parity-$d.err"
 done; el

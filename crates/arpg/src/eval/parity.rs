@@ -339,6 +339,7 @@ fn fused_train_ops(device: &Device) -> Result<Option<Vec<(&'static str, f64)>>> 
             crate::kernels::heads::compare(device, DType::BF16)?,
         ),
     ];
+    ops.push(("widen", crate::kernels::widen::compare(device)?));
     if let Some(r) = crate::kernels::residual_norm::check(device)? {
         let names = [
             "residual_norm_sum",

@@ -1368,3 +1368,19 @@ __device__ void attn_softmax_bwd_reg(
 ATTN_SOFTMAX_REG(4)
 ATTN_SOFTMAX_REG(9)
 ATTN_SOFTMAX_REG(16)
+
+// bf16 -> f32 (exact), 8 values a thread (Rust side: kernels/widen.rs); n8 = n / 8 vectors,
+// the tail of n % 8 by the first threads.
+extern "C" __global__ void widen_bf16_f32(
+    const unsigned short *__restrict__ x, float *__restrict__ y, unsigned long long n) {
+    size_t n8 = n / 8;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v[8];
+        load_v<8>(x + 8 * i, v);
+        store_v<4>(y + 8 * i, v);
+        store_v<4>(y + 8 * i + 4, v + 4);
+    }
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n % 8) y[n8 * 8 + t] = bf2f(x[n8 * 8 + t]);
+}

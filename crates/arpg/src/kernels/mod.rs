@@ -27,6 +27,7 @@ pub mod residual_norm;
 pub mod rms_norm;
 pub mod rope;
 pub mod upsample;
+pub mod widen;
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;

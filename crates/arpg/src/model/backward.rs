@@ -164,6 +164,9 @@ impl Grads<'_, '_> {
     }
 }
 
+/// A residual stream and its norm (what the next layer reads).
+type Normed = (Tensor, Tensor);
+
 /// A residual stream's gradient, and the same after the dropout of the layer output that
 /// joined the stream there (`total` again where none did).
 struct Flow {
@@ -361,11 +364,11 @@ impl Arpg {
     /// by the keys' and values' norm.
     fn self_forward(
         &self,
-        mut x: (Tensor, Tensor),
+        mut x: Normed,
         ka: &Angles,
         mask: CausalMask,
         draw: &mut dyn FnMut() -> Option<Site>,
-    ) -> Result<(Vec<Saved>, Vec<Tensor>, (Tensor, Tensor))> {
+    ) -> Result<(Vec<Saved>, Vec<Tensor>, Normed)> {
         let (b, l, d) = x.0.dims3()?;
         let mut saved = Vec::with_capacity(self.self_dec.len());
         let mut qkv_w = Vec::with_capacity(self.self_dec.len());
@@ -514,11 +517,11 @@ impl Arpg {
         ffn_norm: &RmsNorm,
         ffn: &super::layers::FeedForward,
         next: &RmsNorm,
-        (x, xn): (Tensor, Tensor),
+        (x, xn): Normed,
         a: Tensor,
         attn: Attn,
         draw: &mut dyn FnMut() -> Option<Site>,
-    ) -> Result<(Saved, (Tensor, Tensor))> {
+    ) -> Result<(Saved, Normed)> {
         let (b, l, d) = x.dims3()?;
         let o = mm(&rows(&a)?, &proj)?.reshape((b, l, d))?;
         let m1 = draw();

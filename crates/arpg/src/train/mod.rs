@@ -803,7 +803,7 @@ impl Trainer {
             ensure!(!seen[i], "the backward reported {name} twice");
             seen[i] = true;
             tracing::trace!(target: "arpg::train::grads", param = name, "gradient final");
-            sink(i, g.to_dtype(DType::F32)?)
+            sink(i, crate::kernels::widen::to_f32(&g)?)
         };
         let out = model.loss_and_grads_with(
             &batch.tokens,
