@@ -1373,14 +1373,18 @@ ATTN_SOFTMAX_REG(16)
 // the tail of n % 8 by the first threads.
 extern "C" __global__ void widen_bf16_f32(
     const unsigned short *__restrict__ x, float *__restrict__ y, unsigned long long n) {
+    size_t start = (size_t)blockIdx.x * blockDim.x + threadIdx.x, step = (size_t)gridDim.x * blockDim.x;
+    // Vectors only where both buffers sit on 16-byte boundaries (else one value a thread).
+    if ((((unsigned long long)x) | ((unsigned long long)y)) % 16 != 0) {
+        for (size_t i = start; i < n; i += step) y[i] = bf2f(x[i]);
+        return;
+    }
     size_t n8 = n / 8;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8;
-         i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = start; i < n8; i += step) {
         float v[8];
         load_v<8>(x + 8 * i, v);
         store_v<4>(y + 8 * i, v);
         store_v<4>(y + 8 * i + 4, v + 4);
     }
-    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < n % 8) y[n8 * 8 + t] = bf2f(x[n8 * 8 + t]);
+    if (start < n % 8) y[n8 * 8 + start] = bf2f(x[n8 * 8 + start]);
 }
