@@ -60,7 +60,7 @@ fn fmix32(mut h: u32) -> u32 {
 }
 
 /// Whether element `i` survives (the CUDA kernels compute the same).
-pub(crate) fn keep(seed: u64, i: u32, threshold: u32) -> bool {
+fn keep(seed: u64, i: u32, threshold: u32) -> bool {
     let (lo, hi) = (seed as u32, (seed >> 32) as u32);
     (fmix32(fmix32(i ^ lo) ^ hi) >> 8) >= threshold
 }
@@ -85,6 +85,17 @@ pub fn add(x: &Tensor, y: &Tensor, site: Site) -> Result<Tensor> {
 /// The mask itself (`0` or the scale), for the autograd path's `x * mask`.
 pub fn mask(shape: &Shape, dtype: DType, device: &Device, site: Site) -> Result<Tensor> {
     apply(&Tensor::ones(shape, dtype, device)?, site)
+}
+
+/// The CPU ops' values: `x + y * mask` (`y * mask` without `x`), survivors rounded to `dt`,
+/// the sum not yet (the ops round once more on storing).
+pub(crate) fn cpu_values(
+    y: &[f32],
+    x: Option<&[f32]>,
+    site: Site,
+    dt: DType,
+) -> candle_core::Result<Vec<f32>> {
+    Drop { site }.cpu(y, x, dt)
 }
 
 /// Dropout of the op's first input (plus its second, as a binary op).

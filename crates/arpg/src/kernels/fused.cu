@@ -921,13 +921,16 @@ __device__ __forceinline__ unsigned int fmix32(unsigned int h) {
     h *= 0xc2b2ae35u;
     return h ^ (h >> 16);
 }
+__device__ __forceinline__ bool drop_keep(size_t i, unsigned int lo, unsigned int hi, unsigned int thr) {
+    return (fmix32(fmix32((unsigned int)i ^ lo) ^ hi) >> 8) >= thr;
+}
 template <typename T>
 __device__ __forceinline__ void dropout_impl(
     const T *__restrict__ y, const T *__restrict__ x, T *__restrict__ out, unsigned int n,
     unsigned int lo, unsigned int hi, unsigned int thr, float s, int add) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += gridDim.x * blockDim.x) {
-        bool keep = (fmix32(fmix32(i ^ lo) ^ hi) >> 8) >= thr;
+        bool keep = drop_keep(i, lo, hi, thr);
         float d = keep ? round_to(y, __fmul_rn(load_f32(y, i), s)) : 0.0f;
         store_f32(out, i, add ? __fadd_rn(load_f32(x, i), d) : d);
     }
@@ -1085,9 +1088,6 @@ extern "C" __global__ void heads_f32(
 // One block of 128 threads a row, 8 values a thread per pass (d % 8 == 0, d <= 4096: the Rust
 // side checks); the dropout hash of dropout_impl on the flat index (row * d + column).
 
-__device__ __forceinline__ bool drop_keep(size_t i, unsigned int lo, unsigned int hi, unsigned int thr) {
-    return (fmix32(fmix32((unsigned int)i ^ lo) ^ hi) >> 8) >= thr;
-}
 
 // Sum over a block of 128 threads; every thread gets it.
 __device__ __forceinline__ float block128_sum(float v, float *red) {

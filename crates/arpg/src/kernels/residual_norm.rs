@@ -183,13 +183,7 @@ mod cpu {
         let (dt, d) = (y.dtype(), w.elem_count());
         let mut s = values(y)?;
         if let Some(site) = site {
-            let (thr, scale) = (site.threshold(), site.scale(dt));
-            for (i, v) in s.iter_mut().enumerate() {
-                *v = match dropout::keep(site.seed, i as u32, thr) {
-                    true => round_to(dt, *v * scale),
-                    false => 0.0,
-                };
-            }
+            s = dropout::cpu_values(&s, None, site, dt)?;
         }
         if let Some(x) = x {
             for (v, a) in s.iter_mut().zip(values(x)?) {
@@ -244,18 +238,7 @@ mod cpu {
             }
         }
         let dropped = match site {
-            Some(site) => {
-                let (thr, scale) = (site.threshold(), site.scale(dt));
-                let v = total
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &t)| match dropout::keep(site.seed, i as u32, thr) {
-                        true => t * scale,
-                        false => 0.0,
-                    })
-                    .collect();
-                Some(tensor(v, x)?)
-            }
+            Some(site) => Some(tensor(dropout::cpu_values(&total, None, site, dt)?, x)?),
             None => None,
         };
         let total = tensor(total, x)?;

@@ -718,12 +718,17 @@ impl Trainer {
             };
             losses.push(loss.to_dtype(DType::F32)?.reshape(1)?);
         }
-        let grads = grads
+        let grads = self.received(grads)?;
+        Ok((grads, losses))
+    }
+
+    /// Every parameter's gradient, or an error naming one that received none.
+    fn received(&self, grads: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        grads
             .into_iter()
             .zip(&self.names)
             .map(|(g, name)| g.with_context(|| format!("parameter {name} received no gradient")))
-            .collect::<Result<_>>()?;
-        Ok((grads, losses))
+            .collect()
     }
 
     /// Whether this trainer's steps take the hand-written backward ([`StepKind`]).
@@ -743,11 +748,7 @@ impl Trainer {
             grads[i] = Some(g);
             Ok(())
         })?;
-        let grads = grads
-            .into_iter()
-            .zip(&self.names)
-            .map(|(g, name)| g.with_context(|| format!("parameter {name} received no gradient")))
-            .collect::<Result<_>>()?;
+        let grads = self.received(grads)?;
         Ok((loss, grads))
     }
 
